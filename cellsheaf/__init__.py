@@ -1,0 +1,22 @@
+"""cellsheaf: cellular sheaves on graphs — build them, compute with them, solve on them.
+
+Examples
+--------
+>>> import torch, cellsheaf as cs
+>>> S = cs.Sheaf()
+>>> S.add_vertex("u", 1); S.add_vertex("v", 1)
+>>> _ = S.add_edge("u", "v", torch.eye(1, dtype=torch.float64), torch.eye(1, dtype=torch.float64))
+>>> S.laplacian().to_dense()
+tensor([[ 1., -1.],
+        [-1.,  1.]], dtype=torch.float64)
+"""
+
+from . import maps, operators, potentials
+from ._version import __version__
+from .boundary import Boundary, ResolvedBoundary
+from .cochain import Cochain
+from .sheaf import Edge, Sheaf
+
+__all__ = [
+    "__version__", "maps", "operators", "potentials", "Boundary", "ResolvedBoundary", "Cochain", "Edge", "Sheaf",
+]

@@ -1,0 +1,102 @@
+"""0-cochains: one flat tensor ``(C0,)`` or ``(B, C0)`` with named views per vertex.
+
+Examples
+--------
+>>> import torch, cellsheaf as cs
+>>> S = cs.Sheaf(); S.add_vertex("u", 2); S.add_vertex("v", 1)
+>>> x = cs.Cochain.from_dict(S, {"u": torch.tensor([1.0, 2.0]), "v": torch.tensor([3.0])})
+>>> x.flat
+tensor([1., 2., 3.])
+>>> x["u"]
+tensor([1., 2.])
+"""
+
+from __future__ import annotations
+
+from typing import Any, Hashable, Mapping
+
+import torch
+from torch import Tensor
+
+__all__ = ["Cochain", "as_flat", "check_finite"]
+
+
+def check_finite(t: Tensor, what: str) -> None:
+    """Raise ``ValueError`` naming ``what`` if ``t`` has NaN or Inf entries."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{what} contains NaN or Inf values")
+
+
+class Cochain:
+    """A 0-cochain of a sheaf: ``flat`` is ``(C0,)`` or ``(B, C0)``; ``x[v]`` is the value at ``v``.
+
+    ``info`` carries the report of the solver that produced it (or ``None``).
+    """
+
+    __slots__ = ("sheaf", "flat", "info")
+
+    def __init__(self, sheaf, flat: Tensor, info: Any = None):
+        flat = torch.as_tensor(flat)
+        if flat.dim() not in (1, 2) or flat.shape[-1] != sheaf.C0:
+            raise ValueError(f"a cochain of this sheaf has shape (C0,) or (B, C0) with C0={sheaf.C0}, "
+                             f"got {tuple(flat.shape)}")
+        self.sheaf, self.flat, self.info = sheaf, flat, info
+
+    @classmethod
+    def from_dict(cls, sheaf, values: Mapping[Hashable, Tensor], fill: float | None = None) -> "Cochain":
+        """Assemble a cochain from ``{vertex: (d,) or (B, d)}``.
+
+        Every vertex needs a value unless ``fill`` is given (then missing ones get ``fill``).
+        """
+        unknown = [v for v in values if v not in sheaf._dims]
+        if unknown:
+            raise KeyError(f"unknown vertex {unknown[0]!r} in cochain values")
+        missing = [v for v in sheaf.vertices if v not in values and sheaf.dim(v) > 0]
+        if missing and fill is None:
+            raise KeyError(f"no value for vertex {missing[0]!r}; give every vertex or pass fill=")
+        tensors = {v: torch.as_tensor(t) for v, t in values.items()}
+        batch = {t.shape[0] for t in tensors.values() if t.dim() == 2}
+        if len(batch) > 1:
+            raise ValueError(f"cochain values have different batch sizes {sorted(batch)}")
+        dtype = sheaf.dtype
+        for t in tensors.values():
+            if t.is_floating_point():
+                dtype = t.dtype
+                break
+        device = next((t.device for t in tensors.values()), None)
+        shape = (batch.pop(), sheaf.C0) if batch else (sheaf.C0,)
+        flat = torch.full(shape, float(fill or 0.0), dtype=dtype, device=device)
+        for v, t in tensors.items():
+            d = sheaf.dim(v)
+            if t.shape[-1:] != (d,) or t.dim() > 2:
+                raise ValueError(f"value at vertex {v!r} has shape {tuple(t.shape)}; expected ({d},) or (B, {d})")
+            flat[..., sheaf.vertex_slice(v)] = t.to(dtype)
+        return cls(sheaf, flat)
+
+    def __getitem__(self, v: Hashable) -> Tensor:
+        return self.flat[..., self.sheaf.vertex_slice(v)]
+
+    def to_dict(self) -> dict[Hashable, Tensor]:
+        """``{vertex: value}`` views into :attr:`flat`."""
+        return {v: self[v] for v in self.sheaf.vertices}
+
+    @property
+    def batched(self) -> bool:
+        return self.flat.dim() == 2
+
+    def __repr__(self) -> str:
+        return f"Cochain(shape={tuple(self.flat.shape)}, dtype={self.flat.dtype})"
+
+
+def as_flat(sheaf, x) -> Tensor:
+    """The flat tensor of a :class:`Cochain`, tensor or dict ``x``, checked against ``sheaf``."""
+    if isinstance(x, Cochain):
+        if x.sheaf is not sheaf and x.sheaf.C0 != sheaf.C0:
+            raise ValueError("the cochain belongs to a sheaf with a different layout")
+        return x.flat
+    if isinstance(x, Mapping):
+        return Cochain.from_dict(sheaf, x).flat
+    x = torch.as_tensor(x)
+    if x.dim() not in (1, 2) or x.shape[-1] != sheaf.C0:
+        raise ValueError(f"expected a cochain of shape ({sheaf.C0},) or (B, {sheaf.C0}), got {tuple(x.shape)}")
+    return x

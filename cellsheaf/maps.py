@@ -1,0 +1,581 @@
+"""Restriction maps: linear, structured and nonlinear (state-dependent).
+
+Every map acts on the last axis of a batch ``(..., d_in) -> (..., d_out)`` and
+knows its *local adjoint*: the transposed Jacobian at a point (Sec. 4.2 of the
+paper). Linear maps ignore the point. Structured maps (identity, selection,
+diagonal, scaled identity) never materialise a dense matrix.
+
+Examples
+--------
+>>> import torch, cellsheaf as cs
+>>> F = cs.maps.Select([0, 2], 3)
+>>> F.apply(torch.tensor([1.0, 2.0, 3.0]))
+tensor([1., 3.])
+>>> cs.maps.ReLU(2).vjp(torch.tensor([-1.0, 2.0]), torch.ones(2))
+tensor([0., 1.])
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Map", "Linear", "Identity", "Scaled", "Select", "Diagonal", "HStack", "VStack",
+    "Compose", "Elementwise", "ReLU", "LeakyReLU", "Sigmoid", "Tanh", "Softmax",
+    "Function", "as_map",
+]
+
+
+def _as_tensor(M, name: str = "matrix") -> Tensor:
+    if isinstance(M, Tensor):
+        return M
+    if isinstance(M, np.ndarray) or np.isscalar(M) or isinstance(M, (list, tuple)):
+        return torch.as_tensor(np.asarray(M, dtype=np.float64))
+    try:
+        import scipy.sparse as sp
+
+        if sp.issparse(M):
+            coo = M.tocoo()
+            idx = torch.as_tensor(np.vstack([coo.row, coo.col]), dtype=torch.long)
+            return torch.sparse_coo_tensor(idx, torch.as_tensor(coo.data), coo.shape).coalesce()
+    except ImportError:  # pragma: no cover - scipy is a dependency
+        pass
+    raise TypeError(f"cannot use {type(M).__name__} as a {name}; give a torch tensor or numpy array")
+
+
+class Map:
+    """Base class of restriction maps ``R^{d_in} -> R^{d_out}``.
+
+    Subclasses implement :meth:`apply` and, if nonlinear, :meth:`vjp` and
+    :meth:`jvp`; linear ones implement :meth:`adjoint` and :meth:`matrix`.
+    """
+
+    d_in: int
+    d_out: int
+    linear: bool = True
+
+    def apply(self, x: Tensor) -> Tensor:
+        """Apply the map to ``x`` of shape ``(..., d_in)``."""
+        raise NotImplementedError
+
+    def adjoint(self, y: Tensor) -> Tensor:
+        """Apply the transpose of a linear map to ``y`` of shape ``(..., d_out)``."""
+        raise NotImplementedError(f"{type(self).__name__} is nonlinear: use vjp(x, y) at a point x")
+
+    def matrix(self) -> Tensor:
+        """Dense ``(d_out, d_in)`` matrix of a linear map."""
+        raise NotImplementedError(f"{type(self).__name__} is nonlinear: use jacobian(x) or linearize(x)")
+
+    def jvp(self, x: Tensor, v: Tensor) -> Tensor:
+        """Jacobian-vector product ``J(x) v``."""
+        return self.apply(v)
+
+    def vjp(self, x: Tensor, w: Tensor) -> Tensor:
+        """Local adjoint ``J(x)^T w`` (the transposed Jacobian at ``x``)."""
+        return self.adjoint(w)
+
+    def jacobian(self, x: Tensor) -> Tensor:
+        """Jacobian at ``x``: ``(..., d_out, d_in)`` for ``x`` of shape ``(..., d_in)``."""
+        M = self.matrix().to(dtype=x.dtype, device=x.device)
+        return M.expand(*x.shape[:-1], self.d_out, self.d_in)
+
+    def linearize(self, x: Tensor | None = None) -> "Map":
+        """The linear map ``J(x)`` at a single point ``x`` of shape ``(d_in,)``."""
+        return self
+
+    def coo(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Nonzero entries ``(rows, cols, values)`` of a linear map (numpy, float64)."""
+        M = self.matrix().detach().double().cpu().numpy()
+        r, c = np.nonzero(M)
+        return r, c, M[r, c]
+
+    def to(self, dtype: torch.dtype | None = None, device=None) -> "Map":
+        """A copy with tensors moved to ``dtype``/``device`` (self when nothing changes)."""
+        return self
+
+    def tensors(self) -> list[Tensor]:
+        """The tensors that hold this map's parameters."""
+        return []
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.apply(x)
+
+    def __eq__(self, other: object) -> bool:
+        if type(self) is not type(other) or (self.d_in, self.d_out) != (other.d_in, other.d_out):
+            return False
+        if self.linear:
+            return bool(torch.equal(self.matrix().double().cpu(), other.matrix().double().cpu()))
+        return self._key() == other._key()
+
+    def _key(self):
+        return ()
+
+    __hash__ = object.__hash__
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.d_in} -> {self.d_out})"
+
+
+class Linear(Map):
+    """A linear map given by a dense or sparse matrix of shape ``(d_out, d_in)``.
+
+    Parameters
+    ----------
+    M : tensor, numpy array or scipy sparse matrix
+    trainable : bool
+        Whether learning rules (:mod:`cellsheaf.learning`) may change it.
+    mask : tensor, optional
+        0/1 pattern of the entries that may change (a projection such as
+        "keep the diagonal of a block", Eq. 25 of the paper).
+
+    Examples
+    --------
+    >>> import torch, cellsheaf as cs
+    >>> cs.maps.Linear(torch.eye(2) * 3).apply(torch.ones(2))
+    tensor([3., 3.])
+    """
+
+    def __init__(self, M, trainable: bool = False, mask: Tensor | None = None):
+        M = _as_tensor(M)
+        if M.dim() != 2:
+            raise ValueError(f"a linear map needs a 2-d matrix, got shape {tuple(M.shape)}")
+        self.weight = M
+        self.d_out, self.d_in = M.shape
+        self.sparse = M.is_sparse
+        if trainable and self.sparse:
+            raise TypeError("a sparse matrix cannot be trainable: give a dense tensor")
+        self.trainable = trainable
+        if mask is not None:
+            mask = _as_tensor(mask).to(M.dtype)
+            if mask.shape != M.shape:
+                raise ValueError(f"mask shape {tuple(mask.shape)} does not match matrix {tuple(M.shape)}")
+        self.mask = mask
+
+    def apply(self, x: Tensor) -> Tensor:
+        if self.sparse:
+            flat = x.reshape(-1, self.d_in)
+            return torch.sparse.mm(self.weight, flat.T).T.reshape(*x.shape[:-1], self.d_out)
+        return x @ self.weight.T
+
+    def adjoint(self, y: Tensor) -> Tensor:
+        if self.sparse:
+            flat = y.reshape(-1, self.d_out)
+            return torch.sparse.mm(self.weight.t(), flat.T).T.reshape(*y.shape[:-1], self.d_in)
+        return y @ self.weight
+
+    def matrix(self) -> Tensor:
+        return self.weight.to_dense() if self.sparse else self.weight
+
+    def coo(self):
+        if self.sparse:
+            W = self.weight.coalesce()
+            i = W.indices().cpu().numpy()
+            return i[0], i[1], W.values().detach().double().cpu().numpy()
+        return super().coo()
+
+    def to(self, dtype=None, device=None):
+        W = self.weight.to(dtype=dtype or self.weight.dtype, device=device or self.weight.device)
+        if W is self.weight:
+            return self
+        out = Linear.__new__(Linear)
+        out.__dict__.update(self.__dict__, weight=W)
+        if self.mask is not None:
+            out.mask = self.mask.to(dtype=W.dtype, device=W.device)
+        return out
+
+    def tensors(self):
+        return [self.weight]
+
+
+class Identity(Map):
+    """The identity on ``R^d``."""
+
+    def __init__(self, d: int):
+        self.d_in = self.d_out = int(d)
+
+    def apply(self, x):
+        return x
+
+    def adjoint(self, y):
+        return y
+
+    def matrix(self):
+        return torch.eye(self.d_in, dtype=torch.get_default_dtype())
+
+    def coo(self):
+        r = np.arange(self.d_in)
+        return r, r, np.ones(self.d_in)
+
+
+class Scaled(Map):
+    """``c`` times the identity on ``R^d``."""
+
+    def __init__(self, c: float, d: int):
+        self.c, self.d_in, self.d_out = float(c), int(d), int(d)
+
+    def apply(self, x):
+        return self.c * x
+
+    adjoint = apply
+
+    def matrix(self):
+        return self.c * torch.eye(self.d_in, dtype=torch.get_default_dtype())
+
+    def coo(self):
+        r = np.arange(self.d_in)
+        return r, r, np.full(self.d_in, self.c)
+
+
+class Select(Map):
+    """Coordinate selection ``x -> x[indices]`` from ``R^{d_in}`` (a projection ``P_J``).
+
+    Examples
+    --------
+    >>> import torch, cellsheaf as cs
+    >>> cs.maps.Select([1], 2).adjoint(torch.tensor([5.0]))
+    tensor([0., 5.])
+    """
+
+    def __init__(self, indices: Sequence[int], d_in: int):
+        idx = torch.as_tensor(list(indices) if not isinstance(indices, Tensor) else indices, dtype=torch.long)
+        if idx.dim() != 1:
+            raise ValueError("Select needs a 1-d list of indices")
+        if idx.numel() and (idx.min() < 0 or idx.max() >= d_in):
+            raise IndexError(f"Select indices must lie in [0, {d_in}), got {idx.tolist()}")
+        self.indices, self.d_in, self.d_out = idx, int(d_in), int(idx.numel())
+
+    def apply(self, x):
+        return x[..., self.indices.to(x.device)]
+
+    def adjoint(self, y):
+        out = y.new_zeros(*y.shape[:-1], self.d_in)
+        return out.index_add(-1, self.indices.to(y.device), y)
+
+    def matrix(self):
+        M = torch.zeros(self.d_out, self.d_in, dtype=torch.get_default_dtype())
+        M[torch.arange(self.d_out), self.indices] = 1.0
+        return M
+
+    def coo(self):
+        return np.arange(self.d_out), self.indices.numpy(), np.ones(self.d_out)
+
+
+class Diagonal(Map):
+    """A diagonal map ``x -> v * x``."""
+
+    def __init__(self, v):
+        self.v = _as_tensor(v, "diagonal").reshape(-1)
+        self.d_in = self.d_out = self.v.numel()
+
+    def apply(self, x):
+        return x * self.v
+
+    adjoint = apply
+
+    def matrix(self):
+        return torch.diag(self.v)
+
+    def coo(self):
+        v = self.v.detach().double().cpu().numpy()
+        r = np.nonzero(v)[0]
+        return r, r, v[r]
+
+    def to(self, dtype=None, device=None):
+        v = self.v.to(dtype=dtype or self.v.dtype, device=device or self.v.device)
+        return self if v is self.v else Diagonal(v)
+
+    def tensors(self):
+        return [self.v]
+
+
+class _Blocks(Map):
+    """Shared machinery of :class:`HStack` and :class:`VStack`."""
+
+    def __init__(self, maps: Sequence):
+        self.maps = [as_map(m) for m in maps]
+        if not self.maps:
+            raise ValueError(f"{type(self).__name__} needs at least one map")
+        self.linear = all(m.linear for m in self.maps)
+
+    def to(self, dtype=None, device=None):
+        return type(self)([m.to(dtype, device) for m in self.maps])
+
+    def tensors(self):
+        return [t for m in self.maps for t in m.tensors()]
+
+    def _key(self):
+        return tuple(self.maps)
+
+
+class HStack(_Blocks):
+    """Block row ``[A_1 ... A_n]`` acting on a concatenated input ``[x_1; ...; x_n]``."""
+
+    def __init__(self, maps):
+        super().__init__(maps)
+        outs = {m.d_out for m in self.maps}
+        if len(outs) != 1:
+            raise ValueError(f"HStack blocks must share d_out, got {sorted(outs)}")
+        self.d_out = outs.pop()
+        self.sizes = [m.d_in for m in self.maps]
+        self.d_in = sum(self.sizes)
+
+    def _split(self, x):
+        return torch.split(x, self.sizes, dim=-1)
+
+    def apply(self, x):
+        return sum(m.apply(xi) for m, xi in zip(self.maps, self._split(x)))
+
+    def adjoint(self, y):
+        return torch.cat([m.adjoint(y) for m in self.maps], dim=-1)
+
+    def jvp(self, x, v):
+        return sum(m.jvp(xi, vi) for m, xi, vi in zip(self.maps, self._split(x), self._split(v)))
+
+    def vjp(self, x, w):
+        return torch.cat([m.vjp(xi, w) for m, xi in zip(self.maps, self._split(x))], dim=-1)
+
+    def matrix(self):
+        return torch.cat([m.matrix() for m in self.maps], dim=1)
+
+    def linearize(self, x=None):
+        return HStack([m.linearize(xi) for m, xi in zip(self.maps, self._split(x))]) if not self.linear else self
+
+
+class VStack(_Blocks):
+    """Block column ``[A_1; ...; A_n]``: outputs of maps on the same input, concatenated."""
+
+    def __init__(self, maps):
+        super().__init__(maps)
+        ins = {m.d_in for m in self.maps}
+        if len(ins) != 1:
+            raise ValueError(f"VStack blocks must share d_in, got {sorted(ins)}")
+        self.d_in = ins.pop()
+        self.sizes = [m.d_out for m in self.maps]
+        self.d_out = sum(self.sizes)
+
+    def apply(self, x):
+        return torch.cat([m.apply(x) for m in self.maps], dim=-1)
+
+    def adjoint(self, y):
+        return sum(m.adjoint(yi) for m, yi in zip(self.maps, torch.split(y, self.sizes, dim=-1)))
+
+    def jvp(self, x, v):
+        return torch.cat([m.jvp(x, v) for m in self.maps], dim=-1)
+
+    def vjp(self, x, w):
+        return sum(m.vjp(x, wi) for m, wi in zip(self.maps, torch.split(w, self.sizes, dim=-1)))
+
+    def matrix(self):
+        return torch.cat([m.matrix() for m in self.maps], dim=0)
+
+    def linearize(self, x=None):
+        return VStack([m.linearize(x) for m in self.maps]) if not self.linear else self
+
+
+class Compose(Map):
+    """``outer ∘ inner``, e.g. an activation after a projection (``φ ∘ P``)."""
+
+    def __init__(self, outer, inner):
+        self.outer, self.inner = as_map(outer), as_map(inner)
+        if self.inner.d_out != self.outer.d_in:
+            raise ValueError(f"Compose: inner d_out={self.inner.d_out} != outer d_in={self.outer.d_in}")
+        self.d_in, self.d_out = self.inner.d_in, self.outer.d_out
+        self.linear = self.outer.linear and self.inner.linear
+
+    def apply(self, x):
+        return self.outer.apply(self.inner.apply(x))
+
+    def adjoint(self, y):
+        return self.inner.adjoint(self.outer.adjoint(y))
+
+    def jvp(self, x, v):
+        return self.outer.jvp(self.inner.apply(x), self.inner.jvp(x, v))
+
+    def vjp(self, x, w):
+        return self.inner.vjp(x, self.outer.vjp(self.inner.apply(x), w))
+
+    def matrix(self):
+        return self.outer.matrix() @ self.inner.matrix()
+
+    def linearize(self, x=None):
+        if self.linear:
+            return self
+        return Compose(self.outer.linearize(self.inner.apply(x)), self.inner.linearize(x))
+
+    def to(self, dtype=None, device=None):
+        return Compose(self.outer.to(dtype, device), self.inner.to(dtype, device))
+
+    def tensors(self):
+        return self.outer.tensors() + self.inner.tensors()
+
+    def _key(self):
+        return (self.outer, self.inner)
+
+
+class Elementwise(Map):
+    """A nonlinear map applied coordinatewise, with closed-form derivative."""
+
+    linear = False
+
+    def __init__(self, d: int):
+        self.d_in = self.d_out = int(d)
+
+    def derivative(self, x: Tensor) -> Tensor:
+        """Coordinatewise derivative at ``x``."""
+        raise NotImplementedError
+
+    def jvp(self, x, v):
+        return self.derivative(x) * v
+
+    def vjp(self, x, w):
+        return self.derivative(x) * w
+
+    def jacobian(self, x):
+        return torch.diag_embed(self.derivative(x))
+
+    def linearize(self, x=None):
+        if x is None or x.dim() != 1:
+            raise ValueError(f"{type(self).__name__}.linearize needs one point of shape ({self.d_in},)")
+        return Diagonal(self.derivative(x))
+
+
+class ReLU(Elementwise):
+    """ReLU with the fast selection rule: the derivative is 1 where ``z >= 0`` (Eq. 12)."""
+
+    def apply(self, x):
+        return torch.relu(x)
+
+    def derivative(self, x):
+        return (x >= 0).to(x.dtype)
+
+
+class LeakyReLU(Elementwise):
+    """Leaky ReLU ``max(z, slope*z)``; derivative 1 where ``z >= 0``."""
+
+    def __init__(self, d: int, slope: float = 0.01):
+        super().__init__(d)
+        self.slope = float(slope)
+
+    def apply(self, x):
+        return torch.where(x >= 0, x, self.slope * x)
+
+    def derivative(self, x):
+        return torch.where(x >= 0, torch.ones_like(x), torch.full_like(x, self.slope))
+
+    def _key(self):
+        return (self.slope,)
+
+
+class Sigmoid(Elementwise):
+    """The logistic sigmoid."""
+
+    def apply(self, x):
+        return torch.sigmoid(x)
+
+    def derivative(self, x):
+        s = torch.sigmoid(x)
+        return s * (1 - s)
+
+
+class Tanh(Elementwise):
+    """The hyperbolic tangent."""
+
+    def apply(self, x):
+        return torch.tanh(x)
+
+    def derivative(self, x):
+        return 1 - torch.tanh(x) ** 2
+
+
+class Softmax(Map):
+    """Softmax over the stalk; Jacobian ``diag(p) - p pᵀ``."""
+
+    linear = False
+
+    def __init__(self, d: int):
+        self.d_in = self.d_out = int(d)
+
+    def apply(self, x):
+        return torch.softmax(x, dim=-1)
+
+    def jvp(self, x, v):
+        p = self.apply(x)
+        return p * (v - (p * v).sum(-1, keepdim=True))
+
+    vjp = jvp  # the Jacobian is symmetric
+
+    def jacobian(self, x):
+        p = self.apply(x)
+        return torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+
+    def linearize(self, x=None):
+        if x is None or x.dim() != 1:
+            raise ValueError(f"Softmax.linearize needs one point of shape ({self.d_in},)")
+        return Linear(self.jacobian(x))
+
+
+class Function(Map):
+    """Any differentiable callable ``fn: (..., d_in) -> (..., d_out)``; Jacobians by autograd.
+
+    Examples
+    --------
+    >>> import torch, cellsheaf as cs
+    >>> F = cs.maps.Function(lambda x: x ** 2, 2, 2)
+    >>> F.vjp(torch.tensor([1.0, 3.0]), torch.ones(2))
+    tensor([2., 6.])
+    """
+
+    linear = False
+
+    def __init__(self, fn: Callable[[Tensor], Tensor], d_in: int, d_out: int, name: str | None = None):
+        self.fn, self.d_in, self.d_out = fn, int(d_in), int(d_out)
+        self.name = name or getattr(fn, "__name__", "function")
+
+    def apply(self, x):
+        y = self.fn(x)
+        if not isinstance(y, Tensor) or y.shape != (*x.shape[:-1], self.d_out):
+            shape = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
+            raise ValueError(
+                f"map {self.name!r} returned {shape} for input {tuple(x.shape)}; "
+                f"expected {(*x.shape[:-1], self.d_out)}"
+            )
+        return y
+
+    def jvp(self, x, v):
+        return torch.func.jvp(self.apply, (x,), (v,))[1]
+
+    def vjp(self, x, w):
+        with torch.enable_grad():
+            return torch.func.vjp(self.apply, x)[1](w)[0]
+
+    def jacobian(self, x):
+        flat = x.reshape(-1, self.d_in)
+        J = torch.func.vmap(torch.func.jacrev(lambda z: self.apply(z.unsqueeze(0))[0]))(flat)
+        return J.reshape(*x.shape[:-1], self.d_out, self.d_in)
+
+    def linearize(self, x=None):
+        if x is None or x.dim() != 1:
+            raise ValueError(f"Function.linearize needs one point of shape ({self.d_in},)")
+        return Linear(self.jacobian(x))
+
+    def _key(self):
+        return (self.fn,)
+
+    def __repr__(self):
+        return f"Function({self.name!r}, {self.d_in} -> {self.d_out})"
+
+
+def as_map(F) -> Map:
+    """Coerce ``F`` (a :class:`Map`, tensor, numpy array or scipy sparse matrix) into a :class:`Map`.
+
+    Examples
+    --------
+    >>> import torch, cellsheaf as cs
+    >>> cs.maps.as_map(torch.eye(2)).d_out
+    2
+    """
+    return F if isinstance(F, Map) else Linear(F)
