@@ -15,8 +15,13 @@ from . import maps, operators, potentials
 from ._version import __version__
 from .boundary import Boundary, ResolvedBoundary
 from .cochain import Cochain
+from .diffusion import diffuse, stable_step
+from .energy import discord, energy
+from .harmonic import NonUniqueError, harmonic_extension
+from .results import Result, SolveInfo
 from .sheaf import Edge, Sheaf
 
 __all__ = [
     "__version__", "maps", "operators", "potentials", "Boundary", "ResolvedBoundary", "Cochain", "Edge", "Sheaf",
+    "diffuse", "stable_step", "discord", "energy", "harmonic_extension", "NonUniqueError", "Result", "SolveInfo",
 ]

@@ -175,6 +175,10 @@ class Sheaf:
         self._edges[name] = replace(e, **new)
         self._touch()
 
+    def invalidate(self) -> None:
+        """Drop cached operators; call it after changing map tensors in place."""
+        self._touch()
+
     def _touch(self) -> None:
         self._version += 1
         self._layout = None

@@ -1,0 +1,139 @@
+"""Energy of a 0-cochain: ``E(x) = Σ_e w_e U_e(F_v(x_v), F_u(x_u))``, per edge and in total.
+
+With the default quadratic potential ``U = ½‖F_v x_v − F_u x_u‖²`` the total is
+half the discord ``½‖δx‖²`` and its gradient is ``Lx``.
+
+Examples
+--------
+>>> import torch, cellsheaf as cs
+>>> S = cs.Sheaf(); S.add_vertex("a", 1); S.add_vertex("b", 1)
+>>> _ = S.add_edge("a", "b", torch.eye(1), torch.eye(1), name="e")
+>>> x = torch.tensor([0.0, 2.0])
+>>> cs.energy(S, x), cs.discord(S, x)
+(tensor(2.), {'e': tensor(2.)})
+"""
+
+from __future__ import annotations
+
+from typing import Hashable
+
+import torch
+from torch import Tensor
+
+from .cochain import as_flat
+from .operators import edge_weights, expressed, pullback
+
+__all__ = ["edge_energies", "energy", "discord", "forces", "gradient"]
+
+
+def _layout(S) -> tuple[Tensor, Tensor, list]:
+    """Edge id of every 1-cochain coordinate, mask of quadratic coordinates, special edges."""
+    if "energy_layout" not in S._cache:
+        ids = torch.cat([torch.full((e.dim,), k, dtype=torch.long) for k, e in enumerate(S.edge_items())]) \
+            if S.edges else torch.zeros(0, dtype=torch.long)
+        special = [(k, e, S.edge_slice(e.name)) for k, e in enumerate(S.edge_items()) if not e.quadratic]
+        quad = torch.ones(S.C1, dtype=torch.bool)
+        for _, _, sl in special:
+            quad[sl] = False
+        S._cache["energy_layout"] = (ids, quad, special)
+    return S._cache["energy_layout"]
+
+
+def _check(values: Tensor, S, what: str) -> None:
+    bad = ~torch.isfinite(values)
+    if bool(bad.any()):
+        k = int(torch.nonzero(bad.reshape(-1, values.shape[-1]).any(0))[0])
+        raise FloatingPointError(f"{what} of edge {S.edges[k]!r} is not finite (NaN or Inf); check the maps and "
+                                 "the potential at this point (e.g. log of a non-positive probability)")
+
+
+def edge_energies(S, x) -> Tensor:
+    """Weighted energy of every edge, ``(..., E)`` in edge order.
+
+    Examples
+    --------
+    >>> import torch, cellsheaf as cs
+    >>> S = cs.Sheaf(); S.add_vertex("a", 1); S.add_vertex("b", 1)
+    >>> _ = S.add_edge("a", "b", torch.eye(1), torch.eye(1), weight=3.0)
+    >>> from cellsheaf.energy import edge_energies
+    >>> edge_energies(S, torch.tensor([[0.0, 1.0]]))
+    tensor([[1.5000]])
+    """
+    xf = as_flat(S, x)
+    av, au = expressed(S, xf)
+    ids, quad, special = _layout(S)
+    w = edge_weights(S, av.dtype, av.device)
+    r = av - au
+    coord = torch.where(quad.to(av.device), 0.5 * w * r * r, torch.zeros_like(r))
+    out = coord.new_zeros(*coord.shape[:-1], len(S.edges)).index_add(-1, ids.to(av.device), coord)
+    if special:
+        k = torch.tensor([k for k, _, _ in special], device=av.device)
+        vals = torch.stack([e.weight * e.potential.pair_value(av[..., sl], au[..., sl]) for _, e, sl in special], -1)
+        out = out.index_add(-1, k, vals)
+    _check(out, S, "energy")
+    return out
+
+
+def energy(S, x) -> Tensor:
+    """Total energy ``E(x)``: a scalar, or ``(B,)`` for a batch ``(B, C0)``.
+
+    Examples
+    --------
+    >>> import torch, cellsheaf as cs
+    >>> S = cs.Sheaf(); S.add_vertex("a", 2); S.add_vertex("b", 2)
+    >>> _ = S.add_edge("a", "b", torch.eye(2), torch.eye(2))
+    >>> cs.energy(S, torch.tensor([[1.0, 1.0, 0.0, 0.0]]))
+    tensor([1.])
+    """
+    return edge_energies(S, x).sum(-1)
+
+
+def discord(S, x) -> dict[Hashable, Tensor]:
+    """``{edge: energy}`` (scalars, or ``(B,)`` for a batch).
+
+    Examples
+    --------
+    >>> import torch, cellsheaf as cs
+    >>> S = cs.Sheaf(); S.add_vertex("a", 1); S.add_vertex("b", 1)
+    >>> _ = S.add_edge("a", "b", torch.eye(1), torch.eye(1), name="e")
+    >>> cs.discord(S, torch.tensor([1.0, 0.0]))
+    {'e': tensor(0.5000)}
+    """
+    E = edge_energies(S, x)
+    return {name: E[..., k] for k, name in enumerate(S.edges)}
+
+
+def forces(S, x) -> tuple[Tensor, Tensor]:
+    """``(∂E/∂a_v, ∂E/∂a_u)``: the weighted potential gradients on both ends of every edge, ``(..., C1)``."""
+    xf = as_flat(S, x)
+    av, au = expressed(S, xf)
+    _, quad, special = _layout(S)
+    g = (av - au) * edge_weights(S, av.dtype, av.device)
+    if not special:
+        return g, -g
+    gv, gu = g.clone(), -g
+    for _, e, sl in special:
+        pv, pu = e.potential.pair_grad(av[..., sl], au[..., sl])
+        if not bool(torch.isfinite(pv).all() and torch.isfinite(pu).all()):
+            raise FloatingPointError(f"the potential gradient of edge {e.name!r} is not finite at this point")
+        gv[..., sl], gu[..., sl] = e.weight * pv, e.weight * pu
+    return gv, gu
+
+
+def gradient(S, x) -> Tensor:
+    """``∇E(x)`` on all coordinates, ``(..., C0)``: the nonlinear Laplacian ``δᵀ ∘ ∇U ∘ δ`` at ``x``.
+
+    For a linear sheaf with quadratic potentials this is ``Lx``.
+
+    Examples
+    --------
+    >>> import torch, cellsheaf as cs
+    >>> S = cs.Sheaf(); S.add_vertex("a", 1); S.add_vertex("b", 1)
+    >>> _ = S.add_edge("a", "b", torch.eye(1), cs.maps.ReLU(1))
+    >>> from cellsheaf.energy import gradient
+    >>> gradient(S, torch.tensor([0.0, 2.0]))
+    tensor([-2.,  2.])
+    """
+    xf = as_flat(S, x)
+    gv, gu = forces(S, xf)
+    return pullback(S, gv, gu, at=xf)
