@@ -191,6 +191,8 @@ def harmonic_extension(
     u = rb.values.to(dtype)
     A, AU = _free_blocks(S, rb)
     n = A.shape[0]
+    if n == 0:
+        return Cochain(S, _assemble(S, rb, u.new_zeros(*u.shape[:-1], 0), u), info=SolveInfo("direct", True, 0, 0.0))
     method = ("direct" if n <= _DIRECT_MAX else "cg") if method == "auto" else method
     infos: list[SolveInfo] = []
     nullspace, lam_min = None, None

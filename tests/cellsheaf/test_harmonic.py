@@ -1,0 +1,161 @@
+"""Harmonic extension against dense least squares, closed forms and its defining properties."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import cellsheaf as cs
+import cellsheaf.harmonic as harmonic
+
+F64 = torch.float64
+
+
+def random_sheaf(seed: int, n: int = 6, d: int = 2, extra: int = 3, de: int = 2) -> cs.Sheaf:
+    """A connected random sheaf: a cycle on ``n`` vertices plus ``extra`` random chords."""
+    g = torch.Generator().manual_seed(seed)
+    S = cs.Sheaf()
+    for v in range(n):
+        S.add_vertex(v, d)
+    pairs = [(v, (v + 1) % n) for v in range(n)]
+    pairs += [tuple(torch.randperm(n, generator=g)[:2].tolist()) for _ in range(extra)]
+    for u, v in pairs:
+        S.add_edge(u, v, torch.randn(de, d, generator=g, dtype=F64), torch.randn(de, d, generator=g, dtype=F64))
+    return S
+
+
+def dense_lstsq(S, rb):
+    """Minimise ‖δ_Ω ω + δ_U u‖ by numpy least squares, per batch item."""
+    D = S.coboundary(format="dense").numpy()
+    free, fixed = rb.free.numpy(), rb.fixed.numpy()
+    U = rb.values.numpy().reshape(-1, len(fixed))
+    W = np.linalg.lstsq(D[:, free], -(D[:, fixed] @ U.T), rcond=None)[0]
+    X = np.zeros((U.shape[0], S.C0))
+    X[:, free], X[:, fixed] = W.T, U
+    return X
+
+
+@pytest.mark.parametrize("method", ["direct", "cg"])
+def test_matches_dense_least_squares(method):
+    S = random_sheaf(0)
+    b = cs.Boundary().fix(0, torch.randn(5, 2, dtype=F64)).fix(3, torch.tensor([0.7], dtype=F64), coords=[1])
+    x = cs.harmonic_extension(S, b, method=method)
+    assert x.flat.shape == (5, S.C0)
+    np.testing.assert_allclose(x.flat.numpy(), dense_lstsq(S, b.resolve(S)), atol=1e-11)
+    assert x.info.converged and x.info.residual < 1e-10
+
+
+def test_sparse_lu_route_agrees(monkeypatch):
+    S = random_sheaf(1, n=8)
+    b = cs.Boundary().fix(2, torch.randn(3, 2, dtype=F64))
+    dense = cs.harmonic_extension(S, b).flat
+    monkeypatch.setattr(harmonic, "_DENSE_MAX", 0)
+    torch.testing.assert_close(cs.harmonic_extension(S, b, method="direct").flat, dense, rtol=0, atol=1e-12)
+
+
+def test_path_interpolates_linearly():
+    S = cs.Sheaf()
+    for v in range(5):
+        S.add_vertex(v, 3)
+    I = torch.eye(3, dtype=F64)
+    for v in range(4):
+        S.add_edge(v, v + 1, I, I)
+    a, z = torch.tensor([0.0, 1.0, -2.0], dtype=F64), torch.tensor([4.0, 1.0, 2.0], dtype=F64)
+    x = cs.harmonic_extension(S, cs.Boundary().fix(0, a).fix(4, z))
+    for k in range(5):
+        torch.testing.assert_close(x[k], a + (z - a) * k / 4)
+
+
+def test_all_boundary_returns_the_boundary():
+    S = random_sheaf(2, n=3)
+    vals = {v: torch.randn(2, dtype=F64) for v in S.vertices}
+    b = cs.Boundary()
+    for v, t in vals.items():
+        b.fix(v, t)
+    x = cs.harmonic_extension(S, b)
+    for v, t in vals.items():
+        torch.testing.assert_close(x[v], t)
+
+
+def test_nonunique_raises_and_reports_nullspace():
+    S = cs.Sheaf()
+    for v in "abc":
+        S.add_vertex(v, 2)
+    S.add_edge("a", "b", torch.eye(2, dtype=F64), torch.eye(2, dtype=F64))
+    S.add_edge("b", "c", torch.tensor([[1.0, 0.0]], dtype=F64), torch.tensor([[1.0, 0.0]], dtype=F64))
+    b = cs.Boundary().fix("a", torch.tensor([1.0, 2.0], dtype=F64))
+    with pytest.raises(cs.NonUniqueError, match="'c'"):
+        cs.harmonic_extension(S, b)
+    x = cs.harmonic_extension(S, b, allow_nonunique=True)
+    N = x.info.extra["nullspace"]
+    assert N.shape == (S.C0, 1)
+    torch.testing.assert_close(S.coboundary(format="dense") @ N, torch.zeros(S.C1, 1, dtype=F64))
+    assert N[:2].abs().max() == 0
+    torch.testing.assert_close(x["b"], torch.tensor([1.0, 2.0], dtype=F64))
+    torch.testing.assert_close(x["c"], torch.tensor([1.0, 0.0], dtype=F64))  # minimum norm
+
+
+def test_isolated_free_vertex_is_not_unique_for_every_method():
+    S = random_sheaf(3, n=4)
+    S.add_vertex("lonely", 1)
+    b = cs.Boundary().fix(0, torch.ones(2, dtype=F64))
+    for method in ("direct", "cg"):
+        with pytest.raises(cs.NonUniqueError, match="lonely"):
+            cs.harmonic_extension(S, b, method=method)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), scale=st.floats(1e-3, 1.0))
+def test_minimises_discord_against_perturbations(seed, scale):
+    S = random_sheaf(seed, n=5, extra=2)
+    b = cs.Boundary().fix(0, torch.randn(2, dtype=F64)).fix(2, torch.randn(1, dtype=F64), coords=[0])
+    x = cs.harmonic_extension(S, b).flat
+    free = b.resolve(S).free
+    g = torch.Generator().manual_seed(seed)
+    y = x.clone()
+    y[free] += scale * torch.randn(len(free), generator=g, dtype=F64)
+    assert cs.energy(S, y) > cs.energy(S, x)
+
+
+def test_float32():
+    S = cs.Sheaf()
+    S.add_vertex("a", 2)
+    S.add_vertex("b", 2)
+    S.add_edge("a", "b", torch.eye(2), 2 * torch.eye(2))
+    x = cs.harmonic_extension(S, cs.Boundary().fix("a", torch.tensor([2.0, 4.0])))
+    assert x.flat.dtype == torch.float32
+    torch.testing.assert_close(x["b"], torch.tensor([1.0, 2.0]))
+
+
+def test_gradcheck_boundary_and_maps():
+    M0 = torch.randn(3, 2, dtype=F64, generator=torch.Generator().manual_seed(4))
+
+    def solve(u, M):
+        S = cs.Sheaf()
+        for v in range(3):
+            S.add_vertex(v, 2)
+        S.add_edge(0, 1, M, torch.eye(3, 2, dtype=F64))
+        S.add_edge(1, 2, 2 * torch.eye(2, dtype=F64), torch.eye(2, dtype=F64))
+        S.add_edge(0, 2, torch.ones(1, 2, dtype=F64), torch.tensor([[1.0, -1.0]], dtype=F64))
+        return cs.harmonic_extension(S, cs.Boundary().fix(0, u)).flat
+
+    u = torch.randn(4, 2, dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(solve, (u, M0.clone().requires_grad_(True)))
+
+
+def test_bad_input():
+    S = random_sheaf(5, n=3)
+    with pytest.raises(ValueError, match="method"):
+        cs.harmonic_extension(S, cs.Boundary().fix(0, torch.ones(2)), method="magic")
+    with pytest.raises(KeyError, match="'nowhere'"):
+        cs.harmonic_extension(S, cs.Boundary().fix("nowhere", torch.ones(2)))
+    with pytest.raises(ValueError, match="NaN"):
+        cs.Boundary().fix(0, torch.tensor([float("nan"), 1.0]))
+    with pytest.raises(ValueError, match="stalk has dim 2"):
+        cs.harmonic_extension(S, cs.Boundary().fix(0, torch.ones(3)))
+    T = cs.Sheaf()
+    T.add_vertex("a", 1)
+    T.add_vertex("b", 1)
+    T.add_edge("a", "b", cs.maps.ReLU(1), torch.eye(1))
+    with pytest.raises(ValueError, match="minimize"):
+        cs.harmonic_extension(T, cs.Boundary().fix("a", torch.ones(1)))

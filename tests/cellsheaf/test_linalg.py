@@ -1,0 +1,37 @@
+"""Batched preconditioned CG against dense solves."""
+
+import torch
+
+from cellsheaf.linalg import cg
+
+
+def spd(n, seed, cond=100.0):
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    return Q @ torch.diag(torch.logspace(0, torch.log10(torch.tensor(cond)).item(), n, dtype=torch.float64)) @ Q.T
+
+
+def test_batched_cg_matches_solve():
+    A = spd(30, 0)
+    b = torch.randn(4, 30, dtype=torch.float64)
+    x, info = cg(lambda v: v @ A, b, precond=lambda r: r / torch.diagonal(A), tol=1e-13)
+    assert info.converged and info.residual <= 1e-13
+    torch.testing.assert_close(x, torch.linalg.solve(A, b.T).T, rtol=0, atol=1e-10)
+
+
+def test_cg_reports_non_convergence():
+    A = spd(50, 1, cond=1e8)
+    x, info = cg(lambda v: v @ A, torch.randn(2, 50, dtype=torch.float64), maxiter=3)
+    assert not info.converged and info.iterations == 3 and "tol" in info.message
+
+
+def test_cg_detects_indefinite():
+    A = torch.diag(torch.tensor([1.0, -1.0], dtype=torch.float64))
+    _, info = cg(lambda v: v @ A, torch.ones(1, 2, dtype=torch.float64))
+    assert not info.converged and "positive definite" in info.message
+
+
+def test_zero_rhs_and_unbatched():
+    A = spd(5, 2)
+    x, info = cg(lambda v: v @ A, torch.zeros(5, dtype=torch.float64))
+    assert info.converged and x.shape == (5,) and x.abs().max() == 0
