@@ -1,0 +1,109 @@
+"""Heat diffusion against closed forms (scipy expm), Thms 2.4/2.5, and its stability checks."""
+
+import numpy as np
+import pytest
+import scipy.linalg as sla
+import torch
+from hypothesis import given, settings, strategies as st
+
+import cellsheaf as cs
+
+from .test_harmonic import random_sheaf
+
+F64 = torch.float64
+
+
+def affine_flow(S, b, x0, alpha, t):
+    """Solve dω/dt = −α(Aω + c) by the exponential of the augmented matrix [[−αA, −αc], [0, 0]]."""
+    rb = b.resolve(S)
+    L = S.laplacian(format="dense").numpy()
+    free, fixed = rb.free.numpy(), rb.fixed.numpy()
+    A, c = L[np.ix_(free, free)], L[np.ix_(free, fixed)] @ rb.values.numpy()
+    n = len(free)
+    M = np.zeros((n + 1, n + 1))
+    M[:n, :n], M[:n, n] = -alpha * A, -alpha * c
+    w = sla.expm(M * t) @ np.append(x0[free], 1.0)
+    x = x0.copy()
+    x[free], x[fixed] = w[:n], rb.values.numpy()
+    return x
+
+
+def test_exact_matches_expm_and_rk4_and_euler_approach_it():
+    S = random_sheaf(0)
+    b = cs.Boundary().fix(1, torch.tensor([1.0, -1.0], dtype=F64))
+    x0 = torch.randn(S.C0, dtype=F64, generator=torch.Generator().manual_seed(0))
+    ref = affine_flow(S, b, x0.numpy(), alpha=0.7, t=0.9)
+    exact = cs.diffuse(S, x0, b, method="exact", t=0.9, alpha=0.7)
+    np.testing.assert_allclose(exact.x.flat.numpy(), ref, atol=1e-12)
+    rk4 = cs.diffuse(S, x0, b, method="rk4", t=0.9, alpha=0.7, dt=1e-3)
+    np.testing.assert_allclose(rk4.x.flat.numpy(), ref, atol=1e-10)
+    euler = cs.diffuse(S, x0, b, method="euler", t=0.9, alpha=0.7, dt=1e-4)
+    assert np.abs(euler.x.flat.numpy() - ref).max() < 1e-3
+    assert euler.steps == 9000 and abs(euler.t - 0.9) < 1e-12
+
+
+@pytest.mark.parametrize("method", ["euler", "rk4", "exact"])
+def test_without_boundary_converges_to_projection_on_h0(method):
+    S = cs.Sheaf()  # constant sheaf on a path plus one edge that kills a direction: H0 = span{(1,0) everywhere}
+    for v in range(4):
+        S.add_vertex(v, 2)
+    I = torch.eye(2, dtype=F64)
+    for v in range(3):
+        S.add_edge(v, v + 1, I, I)
+    S.add_edge(0, 3, torch.tensor([[0.0, 1.0]], dtype=F64), torch.tensor([[0.0, -1.0]], dtype=F64))
+    x0 = torch.randn(3, S.C0, dtype=F64, generator=torch.Generator().manual_seed(1))
+    H = np.linalg.svd(S.laplacian(format="dense").numpy())[2][-1:].T  # ker L (dim 1)
+    proj = (x0.numpy() @ H) @ H.T
+    res = cs.diffuse(S, x0, method=method, tol=1e-12)
+    assert res.converged
+    np.testing.assert_allclose(res.x.flat.numpy(), proj, atol=1e-10)
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10_000))
+def test_converges_to_harmonic_extension(seed):
+    S = random_sheaf(seed, n=5, extra=2)
+    b = cs.Boundary().fix(0, torch.randn(2, 2, dtype=F64)).fix(3, torch.randn(1, dtype=F64), coords=[1])
+    x0 = torch.randn(2, S.C0, dtype=F64, generator=torch.Generator().manual_seed(seed))
+    res = cs.diffuse(S, x0, b, method="rk4", tol=1e-11, max_steps=200_000)
+    assert res.converged
+    torch.testing.assert_close(res.x.flat, cs.harmonic_extension(S, b).flat, rtol=0, atol=1e-8)
+
+
+def test_euler_energy_decreases_and_is_recorded():
+    S = random_sheaf(2)
+    b = cs.Boundary().fix(0, torch.ones(2, dtype=F64))
+    res = cs.diffuse(S, torch.zeros(S.C0, dtype=F64), b, t=2.0, record=5)
+    traj = res.extra["trajectory"]
+    total = traj["edge_energy"].sum(-1)
+    assert traj["edge_energy"].shape[-1] == len(S.edges) and traj["step"][1] == 5
+    assert bool((total[1:] <= total[:-1] + 1e-15).all())
+
+
+def test_step_size_is_checked_against_the_spectrum():
+    S = random_sheaf(3)
+    lam = float(torch.linalg.eigvalsh(S.laplacian(format="dense")).max())
+    bound = cs.stable_step(S)
+    assert bound == pytest.approx(2 / lam, rel=1e-6)
+    with pytest.raises(ValueError, match="stability bound"):
+        cs.diffuse(S, torch.zeros(S.C0, dtype=F64), dt=1.01 * bound, t=1.0)
+
+
+def test_not_converged_is_reported():
+    S = random_sheaf(4)
+    res = cs.diffuse(S, torch.randn(S.C0, dtype=F64), cs.Boundary().fix(0, torch.ones(2, dtype=F64)), max_steps=3)
+    assert not res.converged and res.steps == 3 and "tol" in res.message
+
+
+def test_nonlinear_sheaf_flows_to_the_consistent_state():
+    # z = 2x (x fixed to -1 or 1), a = relu(z): a single-neuron network, gradient flow with the local adjoint.
+    S = cs.Sheaf()
+    for v in ("x", "z", "a"):
+        S.add_vertex(v, 1)
+    S.add_edge("x", "z", 2 * torch.eye(1, dtype=F64), torch.eye(1, dtype=F64))
+    S.add_edge("z", "a", cs.maps.ReLU(1), torch.eye(1, dtype=F64))
+    b = cs.Boundary().fix("x", torch.tensor([[-1.0], [1.0]], dtype=F64))
+    res = cs.diffuse(S, torch.zeros(2, 3, dtype=F64), b, tol=1e-12, dt=0.2)
+    assert res.converged
+    torch.testing.assert_close(res.x["a"], torch.tensor([[0.0], [2.0]], dtype=F64))
+    assert float(res.energy.max()) < 1e-20
