@@ -10,6 +10,7 @@ Examples
 >>> S = cs.Sheaf()
 >>> S.add_vertex("u", 2); S.add_vertex("v", 2)
 >>> S.add_edge("u", "v", torch.eye(2), torch.eye(2), name="e")
+'e'
 >>> S.cohomology().h0
 2
 """
@@ -78,8 +79,9 @@ class Sheaf:
     >>> S = cs.Sheaf()
     >>> S.add_vertex("a", 1); S.add_vertex("b", 1)
     >>> S.add_edge("a", "b", torch.ones(1, 1), 2 * torch.ones(1, 1))
+    'a->b'
     >>> S.coboundary().to_dense()
-    tensor([[-1.,  2.]], dtype=torch.float64)
+    tensor([[-1.,  2.]])
     """
 
     def __init__(self) -> None:
