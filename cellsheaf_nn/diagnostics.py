@@ -38,6 +38,7 @@ from torch import Tensor
 
 from cellsheaf.energy import edge_energies
 from cellsheaf.operators import apply_coboundary_jvp, edge_weights, expressed
+from cellsheaf.spectral import block_energy as _block_energy
 
 __all__ = [
     "edge_type", "edge_layer", "group_trace", "restricted_laplacians", "spectrum", "eigenpairs",
@@ -213,37 +214,29 @@ def spectrum(ns, X) -> Tensor:
         return torch.linalg.eigvalsh(restricted_laplacians(S, _fixed(ns), states))
 
 
-def _free_blocks(S, fixed: Tensor) -> dict[Hashable, Tensor]:
-    """``{vertex: positions within Ω of its free coordinates}`` for vertices with free coordinates."""
-    mask = torch.ones(S.C0, dtype=torch.bool)
-    mask[fixed.cpu()] = False
-    pos = torch.cumsum(mask.long(), 0) - 1
-    out = {}
-    for v in S.vertices:
-        sl = S.vertex_slice(v)
-        m = mask[sl]
-        if bool(m.any()):
-            out[v] = pos[sl][m]
-    return out
-
-
 def block_energy(S, fixed: Tensor, vectors: Tensor) -> dict[Hashable, Tensor]:
-    """Fraction of each vector's squared norm carried by each vertex's free coordinates.
+    """Fraction of each vector's squared norm on each vertex that has free coordinates, ``{vertex: (...)}``.
 
-    ``vectors`` is ``(..., n_free)`` over the free coordinates in flat order;
-    returns ``{vertex: (...)}``; the fractions sum to 1.
+    ``vectors`` is ``(n_free,)`` or ``(B, n_free)`` over the free coordinates in
+    flat order (as :func:`eigenpairs` returns them); a thin wrapper of
+    :func:`cellsheaf.spectral.block_energy` keyed by vertex.
 
     Examples
     --------
     >>> import torch, cellsheaf as cs
     >>> from cellsheaf_nn.diagnostics import block_energy
     >>> S = cs.Sheaf(); S.add_vertex("x", 1); S.add_vertex("z", 2)
-    >>> block_energy(S, torch.tensor([0]), torch.tensor([0.6, 0.8]))
-    {'z': tensor(1.)}
+    >>> block_energy(S, torch.tensor([0]), torch.tensor([0.6, 0.8], dtype=torch.float64))
+    {'z': tensor(1., dtype=torch.float64)}
     """
-    sq = vectors.pow(2)
-    total = sq.sum(-1).clamp_min(torch.finfo(sq.dtype).tiny)
-    return {v: sq[..., idx.to(sq.device)].sum(-1) / total for v, idx in _free_blocks(S, fixed).items()}
+    fixed = torch.as_tensor(fixed, dtype=torch.long).cpu()
+    E = _block_energy(S, vectors, boundary=fixed)
+    out = {}
+    for k, v in enumerate(S.vertices):
+        sl = S.vertex_slice(v)
+        if int(((fixed >= sl.start) & (fixed < sl.stop)).sum()) < S.dim(v):
+            out[v] = E[..., k]
+    return out
 
 
 def eigenvector_stability(vectors: Tensor) -> float:
