@@ -1,0 +1,275 @@
+"""Cohomology: H⁰, H¹, bases, rank decisions, relative H⁰, exact ranks."""
+
+import math
+import sys
+
+import networkx as nx
+import numpy as np
+import pytest
+import scipy.linalg as sla
+import sympy
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import cellsheaf as cs
+from cellsheaf.cohomology import DENSE_LIMIT
+from tests.conftest import (build_random_sheaf, constant_sheaf, dense_coboundary, dense_laplacian, holonomy_cycle,
+                            path_sheaf, random_point, random_sheaf)
+
+SETTINGS = settings(max_examples=25, deadline=None)
+
+
+def projector(B: np.ndarray) -> np.ndarray:
+    return B @ B.T
+
+
+def check_basis(B: torch.Tensor, A: np.ndarray, n: int, h: int) -> None:
+    """``B`` is an orthonormal ``(n, h)`` basis of ``ker A``."""
+    B = B.double().numpy()
+    assert B.shape == (n, h)
+    np.testing.assert_allclose(B.T @ B, np.eye(h), atol=1e-10)
+    if A.size:
+        np.testing.assert_allclose(A @ B, 0, atol=1e-9)
+
+
+@pytest.mark.parametrize("maps", ["dense", "integer", "mixed"])
+@pytest.mark.parametrize("seed", range(6))
+def test_matches_numpy(seed, maps):
+    S = build_random_sheaf(seed, n_vertices=5, n_edges=6, maps=maps, weights=True)
+    D = dense_coboundary(S)
+    H = cs.cohomology(S)
+    r = np.linalg.matrix_rank(D) if D.size else 0
+    assert (H.rank, H.h0, H.h1) == (r, S.C0 - r, S.C1 - r)
+    check_basis(H.H0, D, S.C0, H.h0)
+    check_basis(H.H1, D.T, S.C1, H.h1)
+    s = np.linalg.svd(D, compute_uv=False) if D.size else np.zeros(0)
+    np.testing.assert_allclose(H.singular_values.numpy(), s, atol=1e-12)
+    assert H.tol == pytest.approx(max(D.shape) * np.finfo(float).eps * (s.max() if s.size else 0.0))
+    assert H.decision.method == "dense"
+    torch.testing.assert_close(cs.global_sections(S), H.H0)
+    torch.testing.assert_close(S.global_sections(), H.H0)
+
+
+@SETTINGS
+@given(random_sheaf(maps="mixed", weights=True))
+def test_euler_characteristic_and_hodge(S):
+    H = S.cohomology()
+    assert H.h0 - H.h1 == S.C0 - S.C1 == H.euler_characteristic
+    # H¹ is counted from its basis: an independent check of the dimension formula
+    assert H.H0.shape[1] - H.H1.shape[1] == S.C0 - S.C1
+    # Hodge: ker δ = ker L (same orthogonal projector)
+    L = dense_laplacian(S)
+    w, V = np.linalg.eigh(L)
+    K = V[:, w <= max(L.shape[0], 1) * 1e-10 * max(abs(w).max(initial=0), 1.0)]
+    np.testing.assert_allclose(projector(H.H0.numpy()), projector(K), atol=1e-7)
+
+
+def connected_graph(draw_n: int, extra: int, seed: int) -> nx.Graph:
+    G = nx.gnm_random_graph(draw_n, extra, seed=seed)
+    nx.add_path(G, range(draw_n))  # connected
+    return G
+
+
+@SETTINGS
+@given(st.integers(1, 7), st.integers(0, 10), st.integers(1, 3), st.integers(0, 10_000))
+def test_constant_sheaf(n, extra, d, seed):
+    G = connected_graph(n, extra, seed)
+    S = constant_sheaf(G, d)
+    assert S.cohomology().h0 == d
+    Lg = nx.laplacian_matrix(G, nodelist=S.vertices).toarray()
+    np.testing.assert_allclose(S.laplacian(format="dense").numpy(), np.kron(Lg, np.eye(d)), atol=1e-12)
+    # H⁰ is spanned by the constant sections
+    const = np.kron(np.ones((n, 1)), np.eye(d)) / math.sqrt(n)
+    np.testing.assert_allclose(projector(S.global_sections().numpy()), projector(const), atol=1e-10)
+
+
+@pytest.mark.parametrize("n", [2, 3, 5])
+def test_holonomy(n):
+    assert cs.cohomology(holonomy_cycle(n, 0.7)).h0 == 0
+    assert cs.cohomology(holonomy_cycle(n, 0.7)).h1 == 0
+    assert cs.cohomology(holonomy_cycle(n, 2 * math.pi)).h0 == 2
+    # a reflection as holonomy keeps exactly the fixed line
+    S = holonomy_cycle(n, 0.0)
+    S.set_maps(f"e{n - 1}", Fu=torch.diag(torch.tensor([1.0, -1.0], dtype=torch.float64)))
+    assert S.cohomology().h0 == 1
+
+
+def test_disconnected_and_empty():
+    S = constant_sheaf(nx.Graph([(0, 1), (2, 3)]), 2)
+    H = S.cohomology()
+    assert (H.h0, H.h1) == (4, 0)
+    E = cs.Sheaf()
+    H = E.cohomology()
+    assert (H.h0, H.h1, tuple(H.H0.shape)) == (0, 0, (0, 0))
+    S = cs.Sheaf()
+    S.add_vertex("a", 3)
+    H = S.cohomology()
+    assert H.h0 == 3 and H.gap == math.inf
+    torch.testing.assert_close(H.H0 @ H.H0.T, torch.eye(3, dtype=H.H0.dtype))  # no tensors: default dtype
+
+
+def test_zero_maps():
+    S = cs.Sheaf()
+    S.add_vertex("a", 2); S.add_vertex("b", 1)
+    S.add_edge("a", "b", torch.zeros(2, 2, dtype=torch.float64), torch.zeros(2, 1, dtype=torch.float64))
+    for kw in ({}, {"exact": True}, {"method": "sparse"}):
+        H = S.cohomology(**kw)
+        assert (H.h0, H.h1) == (3, 2)
+        assert H.H1.shape == (2, 2)
+
+
+def test_gap_reports_how_clear_the_cut_is():
+    eps = 2.0 ** -30
+    S = cs.Sheaf()
+    S.add_vertex("a", 2); S.add_vertex("b", 2)
+    S.add_edge("a", "b", torch.tensor([[1.0, 1.0], [1.0, 1.0 + eps]], dtype=torch.float64),
+               torch.zeros(2, 2, dtype=torch.float64))
+    H = S.cohomology()
+    s = H.singular_values.numpy()
+    assert H.rank == 2 and H.gap == pytest.approx(s[1] / H.tol)  # nothing dropped: kept vs tolerance
+    assert H.gap < 1e7  # a weak decision, visible to the user
+    H = S.cohomology(tol=1e-6)
+    assert H.rank == 1
+    assert H.decision.smallest_kept == pytest.approx(s[0]) and H.decision.largest_dropped == pytest.approx(s[1])
+    assert H.gap == pytest.approx(s[0] / s[1])
+    clear = path_sheaf(4).cohomology()
+    assert clear.gap > 1e12
+
+
+def test_exact_rank_beats_floating_point():
+    # [[1, 1], [1, 1 + 2^-52]] has exact rank 2 but a singular value below the default tolerance
+    S = cs.Sheaf()
+    S.add_vertex("a", 2); S.add_vertex("b", 1)
+    M = torch.tensor([[1.0, 1.0], [1.0, 1.0 + 2.0 ** -52]], dtype=torch.float64)
+    S.add_edge("a", "b", M, torch.zeros(2, 1, dtype=torch.float64))
+    assert S.cohomology().rank == 1
+    H = S.cohomology(exact=True)
+    assert (H.rank, H.h0, H.h1) == (2, 1, 0)
+    assert H.decision.method == "exact" and H.gap is None and H.tol is None
+    check_basis(H.H0, dense_coboundary(S), 3, 1)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_exact_matches_sympy(seed):
+    S = build_random_sheaf(seed, n_vertices=5, n_edges=7, maps="integer")
+    D = dense_coboundary(S)
+    r = sympy.Matrix(D.astype(int)).rank()
+    H = S.cohomology(exact=True)
+    assert (H.rank, H.h0, H.h1) == (r, S.C0 - r, S.C1 - r)
+    check_basis(H.H0, D, S.C0, H.h0)
+    check_basis(H.H1, D.T, S.C1, H.h1)
+    assert H.rank == S.cohomology().rank
+
+
+def test_exact_needs_sympy(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sympy", None)
+    with pytest.raises(ImportError, match="pip install"):
+        path_sheaf(3).cohomology(exact=True)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_sparse_route_matches_dense(seed):
+    S = build_random_sheaf(seed, n_vertices=80, n_edges=90, maps="dense", dims=(1, 3), edge_dims=(1, 2),
+                           connected=True)
+    dense, sparse = S.cohomology(), S.cohomology(method="sparse", k=60)
+    assert (sparse.h0, sparse.h1) == (dense.h0, dense.h1)
+    assert sparse.decision.method == "sparse"
+    np.testing.assert_allclose(projector(sparse.H0.numpy()), projector(dense.H0.numpy()), atol=1e-6)
+    if sparse.H1 is not None:
+        np.testing.assert_allclose(projector(sparse.H1.numpy()), projector(dense.H1.numpy()), atol=1e-6)
+    assert sparse.singular_values[0] == pytest.approx(float(dense.singular_values[0]), rel=1e-8)
+
+
+def test_sparse_route_asks_for_larger_k():
+    S = constant_sheaf(nx.empty_graph(30), 1)
+    S.add_edge(0, 1, torch.ones(1, 1, dtype=torch.float64), torch.ones(1, 1, dtype=torch.float64))
+    with pytest.raises(ValueError, match="larger k="):
+        S.cohomology(method="sparse", k=4)
+    assert S.cohomology(method="sparse", k=30).h0 == 29
+
+
+def test_auto_route_threshold():
+    S = path_sheaf(DENSE_LIMIT + 1)
+    H = S.cohomology()
+    assert H.decision.method == "sparse" and H.h0 == 1
+    assert H.H1 is not None and H.H1.shape == (DENSE_LIMIT, 0)
+
+
+def test_nonlinear_needs_a_point():
+    S = build_random_sheaf(3, maps="nonlinear")
+    x = random_point(S, 1)
+    assert not S.linear
+    with pytest.raises(ValueError, match="at="):
+        S.cohomology()
+    H = S.cohomology(at=x)
+    L = S.linearize(x).cohomology()
+    assert (H.h0, H.h1) == (L.h0, L.h1)
+    check_basis(H.H0, dense_coboundary(S, x), S.C0, H.h0)
+
+
+def test_float32_sheaf_gives_float32_bases():
+    S = build_random_sheaf(2, maps="dense", dtype=torch.float32)
+    H = S.cohomology()
+    assert H.H0.dtype == torch.float32 and H.H1.dtype == torch.float32
+    assert H.h0 == build_random_sheaf(2, maps="dense").cohomology().h0
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"tol": -1.0}, "tol"), ({"tol": float("nan")}, "tol"), ({"method": "qr"}, "method"),
+    ({"exact": True, "tol": 1e-3}, "exact"), ({"method": "sparse", "k": 0}, "k must"),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        path_sheaf(3).cohomology(**kwargs)
+
+
+def test_non_finite_maps_are_reported():
+    S = path_sheaf(3)
+    S.set_maps("e0", Fu=torch.tensor([[float("nan")]], dtype=torch.float64))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        S.cohomology()
+
+
+# ---------------------------------------------------------------------------- relative cohomology
+
+
+@pytest.mark.parametrize("d", [1, 2])
+def test_relative_path_with_an_end_fixed_is_zero(d):
+    S = path_sheaf(5, d)
+    R = cs.relative_cohomology(S, cs.Boundary().fix(0, torch.zeros(d)))
+    assert R.dim == R.h0 == 0 and R.basis.shape == (5 * d, 0)
+    assert cs.relative_cohomology(S, []).dim == d
+    # fixing one coordinate of a stalk of dim 2 leaves the other free
+    if d == 2:
+        R = cs.relative_cohomology(S, cs.Boundary().fix(4, [1.0], coords=[1]))
+        assert R.dim == 1
+        B = R.basis.numpy()
+        assert np.allclose(B[S.vertex_slice(4).start + 1], 0)
+        np.testing.assert_allclose(dense_coboundary(S) @ B, 0, atol=1e-12)
+
+
+@SETTINGS
+@given(random_sheaf(maps="mixed"), st.data())
+def test_relative_matches_restricted_coboundary(S, data):
+    fixed = data.draw(st.lists(st.integers(0, S.C0 - 1), unique=True, max_size=S.C0))
+    R = cs.relative_cohomology(S, fixed)
+    free = np.setdiff1d(np.arange(S.C0), fixed)
+    D = dense_coboundary(S)[:, free]
+    r = np.linalg.matrix_rank(D) if D.size else 0
+    assert R.dim == free.size - r
+    np.testing.assert_array_equal(R.free.numpy(), free)
+    B = R.basis.numpy()
+    assert np.allclose(B[fixed], 0)
+    check_basis(torch.as_tensor(B[free]), D, free.size, R.dim)
+    assert R.dim == cs.relative_cohomology(S, fixed, exact=True).dim or R.gap < 1e8
+
+
+def test_relative_boundary_errors_name_the_vertex():
+    S = path_sheaf(3)
+    with pytest.raises(KeyError, match="'nope'"):
+        cs.relative_cohomology(S, cs.Boundary().fix("nope", [0.0]))
+    with pytest.raises(IndexError, match="vertex 0"):
+        cs.relative_cohomology(S, cs.Boundary().fix(0, [0.0], coords=[3]))
+    with pytest.raises(IndexError):
+        cs.relative_cohomology(S, [7])
