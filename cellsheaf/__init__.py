@@ -15,13 +15,18 @@ from . import maps, operators, potentials
 from ._version import __version__
 from .boundary import Boundary, ResolvedBoundary
 from .cochain import Cochain
+from .cohomology import Cohomology, RelativeCohomology, cohomology, global_sections, relative_cohomology
 from .diffusion import diffuse, stable_step
 from .energy import discord, energy
 from .harmonic import NonUniqueError, harmonic_extension
 from .results import Result, SolveInfo
 from .sheaf import Edge, Sheaf
+from .spectral import Eigenpairs, block_energy, eigenpairs, fiedler_vector, lambda_max, spectral_gap
 
 __all__ = [
     "__version__", "maps", "operators", "potentials", "Boundary", "ResolvedBoundary", "Cochain", "Edge", "Sheaf",
-    "diffuse", "stable_step", "discord", "energy", "harmonic_extension", "NonUniqueError", "Result", "SolveInfo",
+    "diffuse", "stable_step",
+    "Cohomology", "RelativeCohomology", "cohomology", "global_sections", "relative_cohomology",
+    "Eigenpairs", "eigenpairs", "spectral_gap", "fiedler_vector", "lambda_max", "block_energy",
+    "discord", "energy", "harmonic_extension", "NonUniqueError", "Result", "SolveInfo",
 ]

@@ -155,17 +155,23 @@ class Linear(Map):
                 raise ValueError(f"mask shape {tuple(mask.shape)} does not match matrix {tuple(M.shape)}")
         self.mask = mask
 
+    def _weight_like(self, x: Tensor) -> Tensor:
+        W = self.weight
+        return W if (W.dtype, W.device) == (x.dtype, x.device) else W.to(dtype=x.dtype, device=x.device)
+
     def apply(self, x: Tensor) -> Tensor:
+        W = self._weight_like(x)
         if self.sparse:
             flat = x.reshape(-1, self.d_in)
-            return torch.sparse.mm(self.weight, flat.T).T.reshape(*x.shape[:-1], self.d_out)
-        return x @ self.weight.T
+            return torch.sparse.mm(W, flat.T).T.reshape(*x.shape[:-1], self.d_out)
+        return x @ W.T
 
     def adjoint(self, y: Tensor) -> Tensor:
+        W = self._weight_like(y)
         if self.sparse:
             flat = y.reshape(-1, self.d_out)
-            return torch.sparse.mm(self.weight.t(), flat.T).T.reshape(*y.shape[:-1], self.d_in)
-        return y @ self.weight
+            return torch.sparse.mm(W.t(), flat.T).T.reshape(*y.shape[:-1], self.d_in)
+        return y @ W
 
     def matrix(self) -> Tensor:
         return self.weight.to_dense() if self.sparse else self.weight
@@ -223,7 +229,7 @@ class Scaled(Map):
     adjoint = apply
 
     def matrix(self):
-        return self.c * torch.eye(self.d_in, dtype=torch.get_default_dtype())
+        return self.c * torch.eye(self.d_in, dtype=torch.float64)  # exact: c is a Python float
 
     def coo(self):
         r = np.arange(self.d_in)
@@ -272,7 +278,7 @@ class Diagonal(Map):
         self.d_in = self.d_out = self.v.numel()
 
     def apply(self, x):
-        return x * self.v
+        return x * self.v.to(dtype=x.dtype, device=x.device)
 
     adjoint = apply
 
@@ -341,6 +347,9 @@ class HStack(_Blocks):
     def matrix(self):
         return torch.cat([m.matrix() for m in self.maps], dim=1)
 
+    def jacobian(self, x):
+        return torch.cat([m.jacobian(xi) for m, xi in zip(self.maps, self._split(x))], dim=-1)
+
     def linearize(self, x=None):
         return HStack([m.linearize(xi) for m, xi in zip(self.maps, self._split(x))]) if not self.linear else self
 
@@ -372,6 +381,9 @@ class VStack(_Blocks):
     def matrix(self):
         return torch.cat([m.matrix() for m in self.maps], dim=0)
 
+    def jacobian(self, x):
+        return torch.cat([m.jacobian(x) for m in self.maps], dim=-2)
+
     def linearize(self, x=None):
         return VStack([m.linearize(x) for m in self.maps]) if not self.linear else self
 
@@ -399,7 +411,14 @@ class Compose(Map):
         return self.inner.vjp(x, self.outer.vjp(self.inner.apply(x), w))
 
     def matrix(self):
-        return self.outer.matrix() @ self.inner.matrix()
+        A, B = self.outer.matrix(), self.inner.matrix()
+        dt = torch.promote_types(A.dtype, B.dtype)
+        return A.to(dt) @ B.to(dt)
+
+    def jacobian(self, x):
+        A, B = self.outer.jacobian(self.inner.apply(x)), self.inner.jacobian(x)
+        dt = torch.promote_types(A.dtype, B.dtype)
+        return A.to(dt) @ B.to(dt)
 
     def linearize(self, x=None):
         if self.linear:

@@ -158,7 +158,7 @@ def apply_coboundary_jvp(S, at, v) -> Tensor:
     if all(e.Fu.linear and e.Fv.linear for e, *_ in plan.singles):
         return apply_coboundary(S, v)
     vb, squeeze = _batch(S, v)
-    ab = _batch(S, at)[0].expand_as(vb)
+    ab = _batch(S, at)[0].to(vb.dtype).expand_as(vb)
     B, vt = vb.shape[0], vb.T
     pieces = []
     for g in plan.groups:
@@ -182,7 +182,7 @@ def pullback(S, gv: Tensor, gu: Tensor, at=None) -> Tensor:
     nonlinear = [e for e, *_ in plan.singles if not (e.Fu.linear and e.Fv.linear)]
     if nonlinear and at is None:
         raise ValueError(f"edge {nonlinear[0].name!r} has a nonlinear map: pass at= (the point of the Jacobian)")
-    ab = _batch(S, at)[0].expand(B, -1) if nonlinear else None
+    ab = _batch(S, at)[0].to(gvb.dtype).expand(B, -1) if nonlinear else None
     gvt, gut = gvb.T, gub.T
     pieces = []
     for g in plan.groups:
