@@ -1,0 +1,158 @@
+"""Spectral tools against dense numpy eigendecompositions and closed forms."""
+
+import math
+
+import networkx as nx
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import cellsheaf as cs
+from tests.conftest import build_random_sheaf, constant_sheaf, dense_laplacian, path_sheaf, random_point, random_sheaf
+
+
+def dense_normalized(L: np.ndarray, S: cs.Sheaf) -> np.ndarray:
+    """``D^{-1/2} L D^{-1/2}`` with the pseudo-inverse square root of each diagonal block."""
+    R = np.zeros_like(L)
+    for v in S.vertices:
+        sl = S.vertex_slice(v)
+        w, Q = np.linalg.eigh(L[sl, sl])
+        inv = np.array([1 / math.sqrt(x) if x > 1e-12 else 0.0 for x in w])
+        R[sl, sl] = (Q * inv) @ Q.T
+    return R @ L @ R
+
+
+def check_pairs(vals, vecs, A, expected):
+    vals, vecs = vals.double().numpy(), vecs.double().numpy()
+    np.testing.assert_allclose(vals, expected, atol=1e-9)
+    np.testing.assert_allclose(vecs.T @ vecs, np.eye(len(vals)), atol=1e-8)
+    np.testing.assert_allclose(A @ vecs, vecs * vals, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["dense", "sparse"])
+@pytest.mark.parametrize("seed", range(4))
+def test_eigenpairs_match_numpy(seed, method):
+    S = build_random_sheaf(seed, n_vertices=30, n_edges=45, maps="mixed", weights=True, connected=True)
+    L = dense_laplacian(S)
+    w = np.linalg.eigvalsh(L)
+    k = 4
+    check_pairs(*cs.eigenpairs(S, k, method=method), L, w[:k])
+    check_pairs(*cs.eigenpairs(S, k, which="largest", method=method), L, w[::-1][:k])
+
+
+@pytest.mark.parametrize("method", ["dense", "sparse"])
+def test_restricted_normalized_and_linearised(method):
+    S = build_random_sheaf(5, n_vertices=25, n_edges=40, maps="dense", connected=True)
+    L = dense_laplacian(S)
+    b = cs.Boundary().fix("v0", torch.zeros(S.dim("v0"))).fix("v3", [1.0], coords=[0])
+    free = b.resolve(S).free.numpy()
+    A = L[np.ix_(free, free)]
+    check_pairs(*cs.eigenpairs(S, 3, boundary=b, method=method), A, np.linalg.eigvalsh(A)[:3])
+    N = dense_normalized(L, S)
+    check_pairs(*cs.eigenpairs(S, 3, which="largest", normalized=True, method=method), N,
+                np.linalg.eigvalsh(N)[::-1][:3])
+    T = build_random_sheaf(6, n_vertices=20, n_edges=30, maps="nonlinear", connected=True)
+    x = random_point(T, 2)
+    LT = dense_laplacian(T, x)
+    check_pairs(*cs.eigenpairs(T, 2, at=x, method=method), LT, np.linalg.eigvalsh(LT)[:2])
+    with pytest.raises(ValueError, match="at="):
+        cs.eigenpairs(T, 2)
+
+
+def test_repeated_kernel_found_by_sparse_route():
+    # 40 isolated R^2 stalks plus a path: a kernel of dimension 82 (Lanczos alone misses multiplicities)
+    S = constant_sheaf(nx.disjoint_union(nx.empty_graph(40), nx.path_graph(60)), 2)
+    vals, vecs = cs.eigenpairs(S, 84, method="sparse")
+    w = np.linalg.eigvalsh(dense_laplacian(S))
+    np.testing.assert_allclose(vals.numpy(), w[:84], atol=1e-9)
+    assert int((vals.abs() < 1e-9).sum()) == 82
+
+
+@settings(max_examples=20, deadline=None)
+@given(random_sheaf(maps="mixed", weights=True))
+def test_laplacian_spectrum_is_nonnegative(S):
+    vals, vecs = cs.eigenpairs(S, S.C0)
+    assert float(vals.min()) > -1e-9
+    assert cs.lambda_max(S) == pytest.approx(float(vals.max()), rel=1e-9, abs=1e-12)
+    assert cs.lambda_max(S, method="bound") >= float(vals.max()) - 1e-9
+
+
+@pytest.mark.parametrize("n", [2, 5, 12])
+def test_path_graph_closed_forms(n):
+    S = path_sheaf(n)
+    gap = 2 - 2 * math.cos(math.pi / n)
+    assert cs.spectral_gap(S) == pytest.approx(gap, rel=1e-10)
+    assert cs.lambda_max(S) == pytest.approx(2 - 2 * math.cos(math.pi * (n - 1) / n), rel=1e-10)
+    f = cs.fiedler_vector(S).numpy()
+    ref = np.cos(math.pi * (np.arange(n) + 0.5) / n)
+    ref /= np.linalg.norm(ref)
+    assert abs(abs(f @ ref) - 1) < 1e-8
+    # one end fixed: L[Ω,Ω] is positive definite, its smallest eigenvalue 2 - 2cos(π/(2n-1))
+    b = cs.Boundary().fix(0, [0.0])
+    assert cs.spectral_gap(S, boundary=b) == pytest.approx(2 - 2 * math.cos(math.pi / (2 * n - 1)), rel=1e-9)
+
+
+def test_sparse_routes_on_a_long_path():
+    n = 400
+    S = path_sheaf(n, 2)
+    assert cs.spectral_gap(S, method="sparse") == pytest.approx(2 - 2 * math.cos(math.pi / n), rel=1e-8)
+    exact = 2 - 2 * math.cos(math.pi * (n - 1) / n)
+    assert cs.lambda_max(S, method="sparse") == pytest.approx(exact, rel=1e-9)
+    est = cs.lambda_max(S, method="lanczos")
+    assert est <= exact * (1 + 1e-12) and est == pytest.approx(exact, rel=1e-2)
+    assert cs.lambda_max(S, method="bound") >= exact
+
+
+def test_lambda_max_of_trivial_operators():
+    S = path_sheaf(3)
+    assert cs.lambda_max(S, boundary=[0, 1, 2]) == 0.0
+    E = cs.Sheaf()
+    E.add_vertex("a", 2)
+    assert cs.lambda_max(E) == 0.0
+    with pytest.raises(ValueError, match="no spectral gap"):
+        cs.spectral_gap(E)
+    with pytest.raises(ValueError, match="every coordinate is fixed"):
+        cs.spectral_gap(S, boundary=[0, 1, 2])
+
+
+@settings(max_examples=15, deadline=None)
+@given(random_sheaf(maps="dense"), st.integers(0, 3))
+def test_block_energy(S, batch):
+    x = random_point(S, 3, batch=batch or None)
+    e = cs.block_energy(S, x)
+    assert e.shape == (*x.shape[:-1], len(S.vertices))
+    ref = torch.stack([(x[..., S.vertex_slice(v)] ** 2).sum(-1) for v in S.vertices], -1)
+    ref = ref / (x ** 2).sum(-1, keepdim=True)
+    torch.testing.assert_close(e, ref)
+
+
+def test_block_energy_with_boundary_and_zero():
+    S = path_sheaf(4, 2)
+    b = cs.Boundary().fix(1, torch.zeros(2))
+    vals, vecs = cs.eigenpairs(S, 2, boundary=b)
+    e = cs.block_energy(S, vecs.T, boundary=b)
+    assert e.shape == (2, 4)
+    torch.testing.assert_close(e.sum(-1), torch.ones(2, dtype=torch.float64))
+    assert torch.all(e[:, 1] == 0)
+    torch.testing.assert_close(cs.block_energy(S, torch.zeros(8, dtype=torch.float64)),
+                               torch.zeros(4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="free coordinates"):
+        cs.block_energy(S, torch.zeros(8), boundary=b)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"k": 0}, "k must"), ({"k": 99}, "k must"), ({"k": 1.5}, "k must"), ({"k": 1, "which": "middle"}, "which"),
+    ({"k": 1, "method": "arnoldi"}, "method"),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        cs.eigenpairs(path_sheaf(3), **kwargs)
+
+
+def test_float32_sheaf():
+    S = build_random_sheaf(1, maps="dense", dtype=torch.float32, connected=True)
+    vals, vecs = cs.eigenpairs(S, 2)
+    assert vals.dtype == vecs.dtype == torch.float32
+    assert cs.fiedler_vector(S).dtype == torch.float32
