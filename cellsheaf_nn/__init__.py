@@ -1,0 +1,28 @@
+"""cellsheaf_nn: compile neural networks into cellular sheaves and run them as sheaves.
+
+``csnn.compile(model)`` turns a torch model into a :class:`NeuralSheaf` (Sec. 3 of
+Bosca & Ghrist): one vertex per quantity of the forward pass, one edge per
+computational step, the input and the bias "ones" blocks as boundary data. Every
+solve (inference, diffusion, pinned inference) goes through :mod:`cellsheaf`.
+
+Examples
+--------
+>>> import torch, cellsheaf_nn as csnn
+>>> model = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1)).double()
+>>> ns = csnn.compile(model)
+>>> ns.sheaf.vertices
+['x', 'z1', 'a1', 'z2']
+>>> x = torch.randn(3, 2, dtype=torch.float64)
+>>> torch.allclose(ns.infer(x), model(x))
+True
+"""
+
+from .builder import Builder, EdgeInfo, Value, VertexInfo
+from .compile import CompileError, compile
+from .neural import ConvergenceError, NeuralSheaf, NeuralState, Pin
+from .ops import UnsupportedOpError, register, supported_ops
+
+__all__ = [
+    "compile", "CompileError", "NeuralSheaf", "NeuralState", "Pin", "ConvergenceError",
+    "register", "supported_ops", "UnsupportedOpError", "Builder", "Value", "VertexInfo", "EdgeInfo",
+]

@@ -1,0 +1,552 @@
+"""``NeuralSheaf``: a compiled network — its sheaf, boundary, named vertices, inference and pins.
+
+Every solve goes through :mod:`cellsheaf` (:func:`cellsheaf.minimize`,
+:func:`cellsheaf.diffuse`); this module only lays out boundary data and reads
+results back by vertex name.
+
+Examples
+--------
+>>> import torch, cellsheaf_nn as csnn
+>>> _ = torch.manual_seed(0); model = torch.nn.Sequential(
+...     torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)).double()
+>>> ns = csnn.compile(model)
+>>> x = torch.randn(6, 3, dtype=torch.float64)
+>>> y, state = ns.infer(x, return_state=True)
+>>> torch.allclose(y, model(x)), state["a1"].shape, state.info.method
+(True, torch.Size([6, 4]), 'propagate')
+>>> pin = ns.pin("a1", [0], torch.tensor([2.0], dtype=torch.float64))     # hard pin of neuron 0 of a1
+>>> bool((ns.infer(x, return_state=True)[1]["a1"][:, 0] == 2.0).all())
+True
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Hashable, Sequence
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch import Tensor, nn
+
+import cellsheaf as cs
+from cellsheaf.minimize import default_tol
+from cellsheaf.operators import to_torch_sparse
+
+from .builder import Built, EdgeInfo, VertexInfo
+
+__all__ = ["NeuralSheaf", "NeuralState", "Pin", "ConvergenceError"]
+
+_MINIMIZE_METHODS = ("auto", "propagate", "newton", "euler")
+_INITS = ("random", "zeros", "forward_pass")
+
+
+class ConvergenceError(RuntimeError):
+    """A solve did not converge; ``.result`` holds the solver's report (and its last state)."""
+
+    def __init__(self, message: str, result: cs.Result):
+        super().__init__(message)
+        self.result = result
+
+
+class NeuralState(dict):
+    """Values of the forward-pass quantities after a solve: ``state["a1"]`` is ``(B, n)`` (neural block only).
+
+    Attributes
+    ----------
+    info : the solver's :class:`cellsheaf.Result` (method, converged, iterations, energy, residual, ...).
+    cochain : the full 0-cochain (with ones blocks, merge vertices and pin anchors).
+    """
+
+    def __init__(self, values: dict[str, Tensor], info: cs.Result, cochain: cs.Cochain):
+        super().__init__(values)
+        self.info = info
+        self.cochain = cochain
+
+
+@dataclass(frozen=True)
+class Pin:
+    """Handle of a pin (``kind`` ``"hard"`` or ``"soft"``) or of freed input coordinates (``"free"``)."""
+
+    id: int
+    kind: str
+    vertex: str
+    coords: tuple[int, ...]
+    values: Tensor | None = None
+    strength: float | None = None
+
+
+class NeuralSheaf:
+    """A network compiled into a cellular sheaf (Sec. 3.1); made by :func:`cellsheaf_nn.compile`.
+
+    Attributes
+    ----------
+    sheaf : cellsheaf.Sheaf
+        The network's sheaf (no pins): vertices ``x, z1, a1, ...``, edges ``weight:z1, act:a1, ...``.
+    layout : dict[str, VertexInfo]
+        Per vertex: kind, neural block and ones blocks within the stalk, per-sample shape, layer, module.
+    edge_info : dict[str, EdgeInfo]
+        Per edge: kind, endpoints, layer, module, the ones block its bias reads.
+    input, output : str
+        Names of the input and output vertices.
+    input_shape, output_shape : tuple of int
+        Per-sample shapes.
+
+    Boundary data (Sec. 3.2): the input's neural block holds ``x``; every ones
+    block holds ``1``. Pins add hard boundary coordinates or soft penalty edges
+    (:attr:`pinned_sheaf`).
+    """
+
+    def __init__(self, built: Built, *, model: nn.Module, input_vertex: str, output: str,
+                 input_shape: tuple[int, ...], output_shape: tuple[int, ...]):
+        self.sheaf = built.sheaf
+        self.layout: dict[str, VertexInfo] = built.vertices
+        self.edge_info: dict[str, EdgeInfo] = built.edges
+        self.input, self.output = input_vertex, output
+        self.input_shape, self.output_shape = tuple(input_shape), tuple(output_shape)
+        self._model = model
+        self._writebacks = built.writebacks
+        self._pins: dict[int, Pin] = {}
+        self._next_id = 0
+        self._pinned: tuple | None = None  # (key, sheaf, penalties)
+
+    # ------------------------------------------------------------------ layout
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the maps."""
+        return self.sheaf.dtype
+
+    @property
+    def n_in(self) -> int:
+        """Size of the input (``prod(input_shape)``)."""
+        return self.layout[self.input].n
+
+    @property
+    def n_out(self) -> int:
+        """Size of the output (``prod(output_shape)``)."""
+        return self.layout[self.output].n
+
+    @property
+    def edge_types(self) -> dict[str, str]:
+        """``{edge name: kind}`` for every edge of :attr:`pinned_sheaf` (``"weight"``, ``"act"``, ``"penalty"``, ...).
+
+        The kind is the prefix of the name before ``":"``.
+        """
+        return {name: str(name).split(":", 1)[0] for name in self.pinned_sheaf.edges}
+
+    def edges_of(self, kind: str) -> list[str]:
+        """Names of the network edges of one kind, in order (e.g. ``edges_of("weight")``)."""
+        return [n for n, e in self.edge_info.items() if e.kind == kind]
+
+    def coords(self, vertex: str, coords: Sequence[int] | None = None) -> Tensor:
+        """Flat indices in the 0-cochain of neural coordinates ``coords`` (default all) of ``vertex``."""
+        info = self._info(vertex)
+        idx = self._neural_coords(info, coords)
+        return torch.as_tensor(idx, dtype=torch.long) + self.sheaf.vertex_slice(vertex).start
+
+    def _info(self, vertex: str) -> VertexInfo:
+        try:
+            return self.layout[vertex]
+        except KeyError:
+            raise KeyError(f"unknown vertex {vertex!r}; the network's vertices are {list(self.layout)}") from None
+
+    @staticmethod
+    def _neural_coords(info: VertexInfo, coords: Sequence[int] | None) -> list[int]:
+        if coords is None:
+            return list(range(info.n))
+        idx = [int(c) for c in (coords.tolist() if isinstance(coords, Tensor) else coords)]
+        bad = [c for c in idx if not 0 <= c < info.n]
+        if bad:
+            raise IndexError(f"coordinates {bad} outside the {info.n} neurons of vertex {info.name!r}")
+        if len(set(idx)) != len(idx):
+            raise ValueError(f"repeated coordinates {idx} at vertex {info.name!r}")
+        return idx
+
+    def affine_parts(self, edge: str) -> tuple[Tensor, Tensor | None]:
+        """The current ``(W, b)`` of an affine edge, read off its extended map ``W̄ = (W | diag(b))`` (Eq. 10).
+
+        Examples
+        --------
+        >>> import torch, cellsheaf_nn as csnn
+        >>> lin = torch.nn.Linear(2, 3).double()
+        >>> W, b = csnn.compile(torch.nn.Sequential(lin)).affine_parts("weight:z1")
+        >>> torch.equal(W, lin.weight.detach()), torch.equal(b, lin.bias.detach())
+        (True, True)
+        """
+        info = self.edge_info[edge]
+        M = self.sheaf.edge(edge).Fu.matrix().detach()
+        W = M[:, : self.layout[info.u].n].clone()
+        if info.ones is None:
+            return W, None
+        idx = torch.arange(M.shape[0])
+        return W, M[idx, info.ones.start + idx].clone()
+
+    # ------------------------------------------------------------------ boundary
+    def _batch_input(self, x) -> tuple[Tensor, bool]:
+        x = torch.as_tensor(x).to(self.dtype)
+        if tuple(x.shape) == self.input_shape:
+            return x.reshape(1, -1), True
+        if x.dim() >= 1 and tuple(x.shape[1:]) == self.input_shape:
+            return x.reshape(x.shape[0], -1), False
+        raise ValueError(f"input of shape {tuple(x.shape)}; the network takes {self.input_shape} or "
+                         f"(B, {', '.join(map(str, self.input_shape))})")
+
+    def boundary(self, x) -> cs.Boundary:
+        """The boundary data for inputs ``x`` (``(B, *input_shape)``): input, ones blocks, hard pins, anchors.
+
+        Freed input coordinates (:meth:`free_input`) are left out.
+        """
+        xb, _ = self._batch_input(x)
+        return self._boundary(xb, self._penalties())
+
+    def _ones_boundary(self) -> cs.Boundary:
+        """Every ones block fixed at 1."""
+        b = cs.Boundary()
+        for info in self.layout.values():
+            if info.ones:
+                idx = [c for sl in info.ones for c in range(sl.start, sl.stop)]
+                b.fix(info.name, torch.ones(len(idx), dtype=self.dtype), coords=idx)
+        return b
+
+    def _boundary(self, xb: Tensor, penalties) -> cs.Boundary:
+        b = self._ones_boundary()
+        freed = {c for p in self._pins.values() if p.kind == "free" for c in p.coords}
+        keep = [c for c in range(self.n_in) if c not in freed]
+        if keep:
+            b.fix(self.input, xb[:, keep], coords=keep)
+        for p in self._pins.values():
+            if p.kind == "hard":
+                b.fix(p.vertex, p.values.to(self.dtype), coords=list(p.coords))
+        for pen in penalties:
+            pen.boundary(b)
+        return b
+
+    # ------------------------------------------------------------------ pins
+    def pin(self, vertex: str, coords: Sequence[int] | None = None, values=None,
+            strength: float | None = None) -> Pin:
+        """Pin neurons ``coords`` of ``vertex`` to ``values`` (Sec. 5.1); returns a handle for :meth:`unpin`.
+
+        Parameters
+        ----------
+        vertex : any named vertex (``"a1"``, ``"z2"``, the output ``"y"``, the input ``"x"``).
+        coords : neuron indices within the vertex's neural block (default: all).
+        values : ``(k,)``, ``(B, k)`` (one pin set per batch item) or a number.
+        strength : ``None`` for a hard pin (the coordinates join the boundary);
+            ``γ > 0`` for a soft pin: a penalty edge ``√γ·P_J`` to a stubborn anchor (Eq. 23).
+
+        Examples
+        --------
+        >>> import torch, cellsheaf_nn as csnn
+        >>> ns = csnn.compile(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU(),
+        ...                                       torch.nn.Linear(2, 1)).double())
+        >>> soft = ns.pin("z2", values=1.0, strength=10.0)    # pull the output toward 1
+        >>> ns.edge_types["penalty:z2"]
+        'penalty'
+        >>> ns.unpin(soft)
+        """
+        info = self._info(vertex)
+        idx = self._neural_coords(info, coords)
+        if values is None:
+            raise ValueError("pin() needs values")
+        values = torch.as_tensor(values, dtype=self.dtype)
+        values = values.expand(len(idx)) if values.dim() == 0 else values
+        if values.dim() not in (1, 2) or values.shape[-1] != len(idx):
+            raise ValueError(f"pin at vertex {vertex!r}: values of shape {tuple(values.shape)} for {len(idx)} "
+                             f"coordinates; expected ({len(idx)},) or (B, {len(idx)})")
+        cs.cochain.check_finite(values, f"pin values at vertex {vertex!r}")
+        if strength is None:
+            self._check_free(vertex, idx)
+            kind = "hard"
+        else:
+            strength = float(strength)
+            if not (strength > 0 and math.isfinite(strength)):
+                raise ValueError(f"pin strength must be positive and finite (or None for a hard pin), got {strength}")
+            kind = "soft"
+        return self._add(Pin(self._next_id, kind, vertex, tuple(idx), values, strength))
+
+    def clamp(self, vertex: str, values, coords: Sequence[int] | None = None) -> Pin:
+        """Hard-pin (clamp) coordinates of ``vertex``: ``pin(vertex, coords, values)`` (Note 5.1).
+
+        Together with :meth:`free_input` any mixture of inputs, hidden neurons and
+        outputs can be fixed and the rest completed (imputation, label-conditioned
+        reconstruction, neuron steering).
+        """
+        return self.pin(vertex, coords, values)
+
+    def free_input(self, coords: Sequence[int] | None = None) -> Pin:
+        """Free input coordinates (default: all): they are solved for instead of fixed to ``x``.
+
+        The values of ``x`` at freed coordinates are then only a starting point. Undo with :meth:`unpin`.
+        """
+        idx = self._neural_coords(self._info(self.input), coords)
+        taken = {c for p in self._pins.values() if p.kind in ("free", "hard") and p.vertex == self.input
+                 for c in p.coords}
+        if taken & set(idx):
+            raise ValueError(f"input coordinates {sorted(taken & set(idx))} are already freed or pinned")
+        return self._add(Pin(self._next_id, "free", self.input, tuple(idx)))
+
+    def _check_free(self, vertex: str, idx: list[int]) -> None:
+        """A hard pin must not overlap another hard pin, nor the fixed part of the input."""
+        taken = {c for p in self._pins.values() if p.kind == "hard" and p.vertex == vertex for c in p.coords}
+        if vertex == self.input:
+            freed = {c for p in self._pins.values() if p.kind == "free" for c in p.coords}
+            taken |= set(range(self.n_in)) - freed
+        clash = sorted(taken & set(idx))
+        if clash:
+            hint = "free them first with ns.free_input(...)" if vertex == self.input else "unpin the other pin first"
+            raise ValueError(f"coordinates {clash} of vertex {vertex!r} are already fixed; {hint}")
+
+    def _add(self, p: Pin) -> Pin:
+        self._pins[p.id] = p
+        self._next_id += 1
+        return p
+
+    def unpin(self, handle: Pin) -> None:
+        """Remove a pin (or undo a :meth:`free_input`)."""
+        if handle.id not in self._pins:
+            raise KeyError(f"pin {handle.id} ({handle.kind} at {handle.vertex!r}) is not active")
+        del self._pins[handle.id]
+
+    def clear_pins(self) -> None:
+        """Remove every pin and re-fix every input coordinate."""
+        self._pins.clear()
+
+    @property
+    def pins(self) -> list[Pin]:
+        """The active pins and freed inputs, in the order they were made."""
+        return list(self._pins.values())
+
+    @property
+    def pinned_sheaf(self) -> cs.Sheaf:
+        """:attr:`sheaf` plus the penalty edges and anchors of the soft pins (:attr:`sheaf` itself if none).
+
+        Penalty edges and anchors are named ``"penalty:{vertex}"`` (numbered when several).
+        The maps are shared with :attr:`sheaf`; the copy is rebuilt when the pins or the sheaf change.
+        """
+        return self._pinned_state()[0]
+
+    def _penalties(self) -> list[cs.Penalty]:
+        return self._pinned_state()[1]
+
+    def _pinned_state(self) -> tuple[cs.Sheaf, list[cs.Penalty]]:
+        soft = [p for p in self._pins.values() if p.kind == "soft"]
+        if not soft:
+            return self.sheaf, []
+        key = (self.sheaf._version, tuple(p.id for p in soft))
+        if self._pinned is None or self._pinned[0] != key:
+            S = self.sheaf.copy()
+            pens = []
+            for p in soft:
+                name, k = f"penalty:{p.vertex}", 1
+                while name in S._dims:
+                    name, k = f"penalty:{p.vertex}.{k}", k + 1
+                pens.append(cs.soft_pin(S, p.vertex, p.values, coords=list(p.coords), strength=p.strength,
+                                        name=name))
+            self._pinned = (key, S, pens)
+        return self._pinned[1], self._pinned[2]
+
+    # ------------------------------------------------------------------ inference
+    def infer(
+        self,
+        x,
+        method: str = "auto",
+        *,
+        return_state: bool = False,
+        init: str | None = None,
+        tol: float | None = None,
+        max_steps: int | None = None,
+        alpha: float = 1.0,
+        dt: float | None = None,
+        generator: torch.Generator | None = None,
+        record: bool | int = False,
+        check: bool = True,
+    ):
+        """Run the network as a sheaf: the minimiser of the discord with the boundary data (Prop. 3.4).
+
+        Parameters
+        ----------
+        x : tensor ``(B, *input_shape)`` or ``input_shape``
+            The inputs (values at freed input coordinates serve only as a starting point).
+        method : {"auto", "propagate", "newton", "euler", "diffusion"}
+            ``"auto"``: propagation when the sheaf is determined (no pins: the forward
+            pass, exact), Newton otherwise. ``"diffusion"``: the paper's Euler heat
+            equation (:func:`cellsheaf.diffuse`) from ``init``; ``"euler"`` is the same
+            flow through :func:`cellsheaf.minimize` (default start ``"forward_pass"``).
+        return_state : also return the :class:`NeuralState` (values at every vertex, solver report).
+        init : {"random", "zeros", "forward_pass"}
+            Starting point of the iterative methods: standard normal (``generator``),
+            zeros, or the unpinned forward pass. Default: ``"random"`` for diffusion,
+            ``"forward_pass"`` for ``newton``/``euler`` and for ``auto`` when pinned.
+        tol : gradient-norm tolerance (default ``1e-10`` in float64, ``1e-4`` in float32).
+        max_steps : step cap of ``euler``/``diffusion``, iteration cap of ``newton``.
+        alpha, dt : the diffusion rate and Euler step (``dt`` default ``1/(α λ_max)``).
+        record : record per-edge energies every ``record`` steps (``state.info.extra["trajectory"]``).
+        check : raise :class:`ConvergenceError` if the solver did not converge (else return what it found).
+
+        Returns
+        -------
+        y : tensor ``(B, *output_shape)`` (``output_shape`` for an unbatched ``x``)
+        state : NeuralState, only with ``return_state=True``.
+
+        Examples
+        --------
+        >>> import torch, cellsheaf_nn as csnn
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1)).double()
+        >>> ns = csnn.compile(model)
+        >>> x = torch.randn(4, 2, dtype=torch.float64)
+        >>> y, state = ns.infer(x, method="diffusion", return_state=True)
+        >>> torch.allclose(y, model(x), atol=1e-8), state.info.converged
+        (True, True)
+        """
+        xb, single = self._batch_input(x)
+        S, penalties = self._pinned_state()
+        bnd = self._boundary(xb, penalties)
+        if method == "diffusion":
+            x0 = self._start(init or "random", xb, S, bnd, generator)
+            res = cs.diffuse(S, x0, boundary=bnd, method="euler", dt=dt, alpha=alpha,
+                             tol=default_tol(self.dtype) if tol is None else tol,
+                             max_steps=100_000 if max_steps is None else max_steps, record=record)
+        elif method in _MINIMIZE_METHODS:
+            pinned = bool(self._pins)
+            start = init or ("forward_pass" if method in ("newton", "euler") or pinned else None)
+            x0 = None if start is None or method == "propagate" else self._start(start, xb, S, bnd, generator)
+            res = cs.minimize(S, bnd, method=method, x0=x0, tol=tol, max_iter=max_steps, dt=dt, alpha=alpha,
+                              record=record)
+        else:
+            raise ValueError(f"method must be one of {(*_MINIMIZE_METHODS, 'diffusion')}, got {method!r}")
+        if check and not res.converged:
+            raise ConvergenceError(f"infer(method={method!r}) did not converge: {res.message} "
+                                   "(pass check=False to get the last state, or raise max_steps)", res)
+        flat = res.x.flat if res.x.flat.dim() == 2 else res.x.flat.expand(xb.shape[0], -1)
+        y = flat[:, self.coords(self.output)].reshape(-1, *self.output_shape)
+        if single:
+            y = y[0]
+        if not return_state:
+            return y
+        values = {v: flat[:, self.coords(v)] for v in self.layout}
+        if single:
+            values = {v: t[0] for v, t in values.items()}
+        return y, NeuralState(values, res, res.x)
+
+    def _start(self, init: str, xb: Tensor, S: cs.Sheaf, bnd: cs.Boundary, generator) -> Tensor:
+        """Initial cochain of ``S`` (the pinned sheaf) for a batch: random, zeros or the forward pass."""
+        if init not in _INITS:
+            raise ValueError(f"init must be one of {_INITS}, got {init!r}")
+        B = xb.shape[0]
+        if init == "random":
+            x0 = torch.randn(B, S.C0, dtype=self.dtype, generator=generator)
+        else:
+            x0 = torch.zeros(B, S.C0, dtype=self.dtype)
+        if init == "forward_pass":
+            base = self._ones_boundary().fix(self.input, xb, coords=list(range(self.n_in)))
+            fwd = cs.minimize(self.sheaf, base, method="propagate")
+            x0[:, : self.sheaf.C0] = fwd.x.flat
+        return bnd.resolve(S, dtype=self.dtype).fill(x0)
+
+    # ------------------------------------------------------------------ structure at a point
+    def _at(self, x) -> tuple[cs.Sheaf, cs.Boundary, Tensor]:
+        xb, single = self._batch_input(x)
+        if xb.shape[0] != 1:
+            raise ValueError(f"structural checks take one input of shape {self.input_shape}, got a batch of "
+                             f"{xb.shape[0]}")
+        S, penalties = self._pinned_state()
+        state = self.infer(xb, return_state=True)[1]
+        return S, self._boundary(xb, penalties), state.cochain.flat.reshape(-1)
+
+    def restricted_coboundary(self, x, format: str = "dense"):
+        """``δ_Ω``: the coboundary at the activation pattern of input ``x`` (shape ``input_shape``),
+        restricted to the free coordinates (columns; all edges as rows).
+
+        Square and lower unitriangular in vertex/edge order for a network without
+        pins or penalty edges (Lemma 3.2); tall with soft pins.
+
+        Parameters
+        ----------
+        format : {"dense", "torch", "scipy"}
+
+        Examples
+        --------
+        >>> import torch, cellsheaf_nn as csnn
+        >>> ns = csnn.compile(torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(),
+        ...                                       torch.nn.Linear(3, 1)).double())
+        >>> D = ns.restricted_coboundary(torch.randn(2, dtype=torch.float64))
+        >>> D.shape, ns.coboundary_determinant(torch.randn(2, dtype=torch.float64))
+        (torch.Size([7, 7]), 1.0)
+        """
+        S, bnd, at = self._at(x)
+        D = cs.operators.coboundary(S, at=at, format="scipy")
+        D = D[:, bnd.resolve(S).free.numpy()]
+        return _export(D, format, self.dtype)
+
+    def coboundary_determinant(self, x) -> float:
+        """``det δ_Ω`` at the activation pattern of ``x`` (Lemma 3.2: exactly 1 for a compiled network).
+
+        When ``δ_Ω`` is lower triangular (always, for a network compiled without
+        pins) the determinant is the exact product of its diagonal; otherwise it
+        comes from an LU factorisation. Raises ``ValueError`` if ``δ_Ω`` is not square.
+        """
+        D = self.restricted_coboundary(x, format="scipy")
+        if D.shape[0] != D.shape[1]:
+            raise ValueError(f"δ_Ω is {D.shape[0]}×{D.shape[1]}, not square (penalty edges make it tall): it has "
+                             "no determinant; check restricted_laplacian(x) for positive definiteness instead")
+        if sp.triu(D, k=1).nnz == 0:
+            return float(np.prod(D.diagonal()))
+        sign, logdet = np.linalg.slogdet(D.toarray())
+        return float(sign * np.exp(logdet))
+
+    def restricted_laplacian(self, x, format: str = "dense"):
+        """``L[Ω,Ω]`` at the activation pattern of input ``x`` (positive definite, Lemma 3.2).
+
+        Built with :func:`cellsheaf.operators.restricted_laplacian`; ``format`` as there.
+
+        Examples
+        --------
+        >>> import torch, cellsheaf_nn as csnn
+        >>> ns = csnn.compile(torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(),
+        ...                                       torch.nn.Linear(3, 1)).double())
+        >>> L = ns.restricted_laplacian(torch.randn(2, dtype=torch.float64))
+        >>> bool(torch.linalg.eigvalsh(L).min() > 0)
+        True
+        """
+        S, bnd, at = self._at(x)
+        return cs.operators.restricted_laplacian(S, bnd, at=at, format=format, dtype=self.dtype)[0]
+
+    # ------------------------------------------------------------------ back to torch
+    def to_module(self) -> nn.Module:
+        """A torch module (a copy of the compiled model) carrying the sheaf's current weights.
+
+        Every affine edge compiled from module parameters writes its ``(W, b)``
+        (:meth:`affine_parts`) back; ``compile(ns.to_module())`` gives the same sheaf.
+
+        Examples
+        --------
+        >>> import torch, cellsheaf_nn as csnn
+        >>> ns = csnn.compile(torch.nn.Sequential(torch.nn.Linear(2, 2)).double())
+        >>> ns.sheaf.edge("weight:z1").Fu.weight.data[0, 0] = 5.0
+        >>> float(ns.to_module()[0].weight.detach()[0, 0])
+        5.0
+        """
+        model = copy.deepcopy(self._model)
+        with torch.no_grad():
+            for edge, path, writeback in self._writebacks:
+                writeback(model.get_submodule(path or ""), *self.affine_parts(edge))
+        return model
+
+    def __repr__(self) -> str:
+        kinds: dict[str, int] = {}
+        for e in self.edge_info.values():
+            kinds[e.kind] = kinds.get(e.kind, 0) + 1
+        return (f"NeuralSheaf({self.input_shape} -> {self.output_shape}, {len(self.layout)} vertices, "
+                f"edges {kinds}, {len(self._pins)} pins)")
+
+
+def _export(D: sp.spmatrix, format: str, dtype: torch.dtype):
+    if format == "scipy":
+        return D.tocsr()
+    if format == "torch":
+        return to_torch_sparse(D, dtype)
+    if format == "dense":
+        return torch.as_tensor(D.toarray()).to(dtype)
+    raise ValueError(f"format must be 'dense', 'torch' or 'scipy', got {format!r}")
