@@ -210,5 +210,7 @@ def propagate(S, x: Tensor, steps: list[PropagationStep]) -> Tensor:
         check_finite(value, f"the map {'Fu' if s.side == 'v' else 'Fv'} of edge {s.edge!r} (its output)")
         if s.scale is not None:
             value = value / s.scale.to(dtype=value.dtype, device=value.device)
+        elif value.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+            value = value.clone()  # an identity-like map returned a view of x: writing it back would alias
         x[:, s.targets.to(x.device)] = value.to(x.dtype)
     return x
