@@ -21,12 +21,13 @@ from .energy import discord, energy
 from .harmonic import NonUniqueError, harmonic_extension
 from .results import Result, SolveInfo
 from .sheaf import Edge, Sheaf
+from .spec import SheafSpec, SpecError
 from .spectral import Eigenpairs, block_energy, eigenpairs, fiedler_vector, lambda_max, spectral_gap
 
 __all__ = [
     "__version__", "maps", "operators", "potentials", "Boundary", "ResolvedBoundary", "Cochain", "Edge", "Sheaf",
     "diffuse", "stable_step",
     "Cohomology", "RelativeCohomology", "cohomology", "global_sections", "relative_cohomology",
-    "Eigenpairs", "eigenpairs", "spectral_gap", "fiedler_vector", "lambda_max", "block_energy",
+    "Eigenpairs", "eigenpairs", "spectral_gap", "fiedler_vector", "lambda_max", "block_energy", "SheafSpec", "SpecError",
     "discord", "energy", "harmonic_extension", "NonUniqueError", "Result", "SolveInfo",
 ]

@@ -1,0 +1,632 @@
+"""JSON description of a sheaf: validated pydantic models and a lossless round trip.
+
+A :class:`SheafSpec` lists the vertices (name, stalk dim) and the edges (name,
+endpoints ``u -> v``, weight, the two restriction maps, an optional
+potential). Maps are a discriminated union on their ``"type"`` field, one
+model per map class of :mod:`cellsheaf.maps` (:data:`MapSpec`); nested maps
+(``hstack``, ``vstack``, ``compose``) nest their specs. ``Function`` maps wrap
+arbitrary Python code and cannot be serialised.
+
+* Names of vertices and edges are JSON strings or integers (``"a"``, ``3``)
+  and keep their type through JSON; other hashables (tuples, ...) are refused.
+* Numbers are float64 and JSON keeps them exactly (shortest round-trip
+  representation); each tensor records its dtype (``"float32"`` maps come back
+  as float32). NaN and Inf are refused.
+* Potentials are stored by class name plus their attributes (``vars``):
+  ``{"name": "Huber", "params": {"tau": 0.5}}``; any subclass of
+  :class:`cellsheaf.potentials.Potential` is found by name (see
+  :func:`register_potential` for classes defined elsewhere). Tensor attributes
+  are stored as ``{"__tensor__": [...], "dtype": ...}``, potential attributes
+  (a potential wrapping another) as ``{"__potential__": {...}}``; attributes
+  holding callables cannot be serialised.
+
+Round trip: ``Sheaf.from_spec(S.to_spec()) == S``, and through JSON with
+``spec.model_dump_json()`` / ``SheafSpec.model_validate_json(text)`` (or
+``Sheaf.from_spec(text)``). Bad input raises :class:`SpecError` naming the
+vertex or edge at fault.
+
+Examples
+--------
+>>> import torch, cellsheaf as cs
+>>> S = cs.Sheaf(); S.add_vertex("a", 2); S.add_vertex("b", 1)
+>>> _ = S.add_edge("a", "b", cs.maps.Select([0], 2), torch.ones(1, 1, dtype=torch.float64), name="e")
+>>> text = S.to_spec().model_dump_json()
+>>> cs.Sheaf.from_spec(text) == S
+True
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, NonNegativeInt, StrictInt, StrictStr, \
+    ValidationError, model_validator
+
+from . import maps as M
+from .potentials import Potential
+
+__all__ = [
+    "SpecError", "SheafSpec", "VertexSpec", "EdgeSpec", "PotentialSpec", "MapSpec", "LinearSpec",
+    "SparseLinearSpec", "IdentitySpec", "ScaledSpec", "SelectSpec", "DiagonalSpec", "HStackSpec", "VStackSpec",
+    "ComposeSpec", "ReLUSpec", "LeakyReLUSpec", "SigmoidSpec", "TanhSpec", "SoftmaxSpec", "to_spec", "from_spec",
+    "map_to_spec", "register_potential",
+]
+
+Name = Union[StrictStr, StrictInt]
+"""A vertex or edge name: a string or an integer."""
+
+DType = Literal["float16", "bfloat16", "float32", "float64"]
+
+
+class SpecError(ValueError):
+    """A sheaf that cannot be serialised, or a spec that does not describe a valid sheaf."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    name = str(t.dtype).removeprefix("torch.")
+    if name not in DType.__args__:
+        raise SpecError(f"tensors of dtype {t.dtype} cannot be serialised; use a floating dtype")
+    return name
+
+
+def _tensor(data, dtype: str) -> torch.Tensor:
+    return torch.tensor(data, dtype=torch.float64).to(getattr(torch, dtype))
+
+
+def _finite_values(t: torch.Tensor) -> list:
+    arr = t.detach().cpu().double().numpy()
+    if not np.isfinite(arr).all():
+        raise SpecError("the tensor has NaN or Inf entries, which JSON cannot carry")
+    return arr.tolist()
+
+
+# ---------------------------------------------------------------------------- maps
+
+
+class LinearSpec(_Model):
+    """A dense :class:`~cellsheaf.maps.Linear` map: ``data`` is the ``(d_out, d_in)`` matrix, row by row."""
+
+    type: Literal["linear"] = "linear"
+    shape: tuple[NonNegativeInt, NonNegativeInt]
+    data: list[list[FiniteFloat]]
+    dtype: DType = "float64"
+    trainable: bool = False
+    mask: list[list[FiniteFloat]] | None = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        rows, cols = self.shape
+        for what, m in (("data", self.data), ("mask", self.mask)):
+            if m is not None and (len(m) != rows or any(len(r) != cols for r in m)):
+                raise ValueError(f"linear map: {what} is not a {rows}x{cols} matrix")
+        return self
+
+    def dims(self) -> tuple[int, int]:
+        return self.shape
+
+    def to_map(self) -> M.Map:
+        W = _tensor(self.data, self.dtype).reshape(self.shape)
+        mask = None if self.mask is None else _tensor(self.mask, self.dtype).reshape(self.shape)
+        return M.Linear(W, trainable=self.trainable, mask=mask)
+
+
+class SparseLinearSpec(_Model):
+    """A sparse :class:`~cellsheaf.maps.Linear` map in coordinate form (``rows``, ``cols``, ``values``)."""
+
+    type: Literal["sparse_linear"] = "sparse_linear"
+    shape: tuple[NonNegativeInt, NonNegativeInt]
+    rows: list[NonNegativeInt]
+    cols: list[NonNegativeInt]
+    values: list[FiniteFloat]
+    dtype: DType = "float64"
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not len(self.rows) == len(self.cols) == len(self.values):
+            raise ValueError("sparse linear map: rows, cols and values must have the same length")
+        if any(r >= self.shape[0] for r in self.rows) or any(c >= self.shape[1] for c in self.cols):
+            raise ValueError(f"sparse linear map: an entry lies outside the {self.shape[0]}x{self.shape[1]} shape")
+        return self
+
+    def dims(self) -> tuple[int, int]:
+        return self.shape
+
+    def to_map(self) -> M.Map:
+        idx = torch.tensor([self.rows, self.cols], dtype=torch.long).reshape(2, -1)
+        W = torch.sparse_coo_tensor(idx, _tensor(self.values, self.dtype), self.shape, check_invariants=True)
+        return M.Linear(W.coalesce())
+
+
+class IdentitySpec(_Model):
+    """:class:`~cellsheaf.maps.Identity` on ``R^dim``."""
+
+    type: Literal["identity"] = "identity"
+    dim: NonNegativeInt
+
+    def dims(self) -> tuple[int, int]:
+        return self.dim, self.dim
+
+    def to_map(self) -> M.Map:
+        return M.Identity(self.dim)
+
+
+class ScaledSpec(_Model):
+    """:class:`~cellsheaf.maps.Scaled`: ``c`` times the identity on ``R^dim``."""
+
+    type: Literal["scaled"] = "scaled"
+    c: FiniteFloat
+    dim: NonNegativeInt
+
+    def dims(self) -> tuple[int, int]:
+        return self.dim, self.dim
+
+    def to_map(self) -> M.Map:
+        return M.Scaled(self.c, self.dim)
+
+
+class SelectSpec(_Model):
+    """:class:`~cellsheaf.maps.Select`: coordinates ``indices`` of ``R^{d_in}``."""
+
+    type: Literal["select"] = "select"
+    indices: list[NonNegativeInt]
+    d_in: NonNegativeInt
+
+    @model_validator(mode="after")
+    def _check(self):
+        bad = [i for i in self.indices if i >= self.d_in]
+        if bad:
+            raise ValueError(f"select map: indices {bad} outside [0, {self.d_in})")
+        return self
+
+    def dims(self) -> tuple[int, int]:
+        return len(self.indices), self.d_in
+
+    def to_map(self) -> M.Map:
+        return M.Select(self.indices, self.d_in)
+
+
+class DiagonalSpec(_Model):
+    """:class:`~cellsheaf.maps.Diagonal` with the given diagonal ``values``."""
+
+    type: Literal["diagonal"] = "diagonal"
+    values: list[FiniteFloat]
+    dtype: DType = "float64"
+
+    def dims(self) -> tuple[int, int]:
+        return len(self.values), len(self.values)
+
+    def to_map(self) -> M.Map:
+        return M.Diagonal(_tensor(self.values, self.dtype))
+
+
+class HStackSpec(_Model):
+    """:class:`~cellsheaf.maps.HStack`: the block row ``[A_1 ... A_n]``."""
+
+    type: Literal["hstack"] = "hstack"
+    maps: list[MapSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _check(self):
+        outs = {m.dims()[0] for m in self.maps}
+        if len(outs) != 1:
+            raise ValueError(f"hstack: blocks must share d_out, got {sorted(outs)}")
+        return self
+
+    def dims(self) -> tuple[int, int]:
+        return self.maps[0].dims()[0], sum(m.dims()[1] for m in self.maps)
+
+    def to_map(self) -> M.Map:
+        return M.HStack([m.to_map() for m in self.maps])
+
+
+class VStackSpec(_Model):
+    """:class:`~cellsheaf.maps.VStack`: the block column ``[A_1; ...; A_n]``."""
+
+    type: Literal["vstack"] = "vstack"
+    maps: list[MapSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _check(self):
+        ins = {m.dims()[1] for m in self.maps}
+        if len(ins) != 1:
+            raise ValueError(f"vstack: blocks must share d_in, got {sorted(ins)}")
+        return self
+
+    def dims(self) -> tuple[int, int]:
+        return sum(m.dims()[0] for m in self.maps), self.maps[0].dims()[1]
+
+    def to_map(self) -> M.Map:
+        return M.VStack([m.to_map() for m in self.maps])
+
+
+class ComposeSpec(_Model):
+    """:class:`~cellsheaf.maps.Compose`: ``outer ∘ inner``."""
+
+    type: Literal["compose"] = "compose"
+    outer: MapSpec
+    inner: MapSpec
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.inner.dims()[0] != self.outer.dims()[1]:
+            raise ValueError(f"compose: inner maps to dim {self.inner.dims()[0]} but outer takes "
+                             f"dim {self.outer.dims()[1]}")
+        return self
+
+    def dims(self) -> tuple[int, int]:
+        return self.outer.dims()[0], self.inner.dims()[1]
+
+    def to_map(self) -> M.Map:
+        return M.Compose(self.outer.to_map(), self.inner.to_map())
+
+
+class _ElementwiseSpec(_Model):
+    dim: NonNegativeInt
+
+    def dims(self) -> tuple[int, int]:
+        return self.dim, self.dim
+
+
+class ReLUSpec(_ElementwiseSpec):
+    """:class:`~cellsheaf.maps.ReLU` on ``R^dim``."""
+
+    type: Literal["relu"] = "relu"
+
+    def to_map(self) -> M.Map:
+        return M.ReLU(self.dim)
+
+
+class LeakyReLUSpec(_ElementwiseSpec):
+    """:class:`~cellsheaf.maps.LeakyReLU` on ``R^dim`` with negative ``slope``."""
+
+    type: Literal["leaky_relu"] = "leaky_relu"
+    slope: FiniteFloat = 0.01
+
+    def to_map(self) -> M.Map:
+        return M.LeakyReLU(self.dim, self.slope)
+
+
+class SigmoidSpec(_ElementwiseSpec):
+    """:class:`~cellsheaf.maps.Sigmoid` on ``R^dim``."""
+
+    type: Literal["sigmoid"] = "sigmoid"
+
+    def to_map(self) -> M.Map:
+        return M.Sigmoid(self.dim)
+
+
+class TanhSpec(_ElementwiseSpec):
+    """:class:`~cellsheaf.maps.Tanh` on ``R^dim``."""
+
+    type: Literal["tanh"] = "tanh"
+
+    def to_map(self) -> M.Map:
+        return M.Tanh(self.dim)
+
+
+class SoftmaxSpec(_ElementwiseSpec):
+    """:class:`~cellsheaf.maps.Softmax` over ``R^dim``."""
+
+    type: Literal["softmax"] = "softmax"
+
+    def to_map(self) -> M.Map:
+        return M.Softmax(self.dim)
+
+
+MapSpec = Annotated[
+    Union[LinearSpec, SparseLinearSpec, IdentitySpec, ScaledSpec, SelectSpec, DiagonalSpec, HStackSpec, VStackSpec,
+          ComposeSpec, ReLUSpec, LeakyReLUSpec, SigmoidSpec, TanhSpec, SoftmaxSpec],
+    Field(discriminator="type"),
+]
+"""Any serialisable restriction map, discriminated by its ``"type"`` field."""
+
+for _model in (HStackSpec, VStackSpec, ComposeSpec):
+    _model.model_rebuild()
+
+
+def map_to_spec(F: M.Map):
+    """The :data:`MapSpec` of a restriction map; :class:`SpecError` for maps that cannot be serialised.
+
+    Examples
+    --------
+    >>> import cellsheaf as cs
+    >>> map_to_spec(cs.maps.Select([1], 3))
+    SelectSpec(type='select', indices=[1], d_in=3)
+    """
+    t = type(F)
+    if t is M.Linear:
+        if F.sparse:
+            r, c, v = F.coo()
+            if not np.isfinite(v).all():
+                raise SpecError("the matrix has NaN or Inf entries, which JSON cannot carry")
+            return SparseLinearSpec(shape=(F.d_out, F.d_in), rows=r.tolist(), cols=c.tolist(), values=v.tolist(),
+                                    dtype=_dtype_name(F.weight))
+        mask = None if F.mask is None else _finite_values(F.mask)
+        return LinearSpec(shape=(F.d_out, F.d_in), data=_finite_values(F.weight), dtype=_dtype_name(F.weight),
+                          trainable=F.trainable, mask=mask)
+    if t is M.Identity:
+        return IdentitySpec(dim=F.d_in)
+    if t is M.Scaled:
+        return ScaledSpec(c=F.c, dim=F.d_in)
+    if t is M.Select:
+        return SelectSpec(indices=F.indices.tolist(), d_in=F.d_in)
+    if t is M.Diagonal:
+        return DiagonalSpec(values=_finite_values(F.v), dtype=_dtype_name(F.v))
+    if t is M.HStack:
+        return HStackSpec(maps=[map_to_spec(m) for m in F.maps])
+    if t is M.VStack:
+        return VStackSpec(maps=[map_to_spec(m) for m in F.maps])
+    if t is M.Compose:
+        return ComposeSpec(outer=map_to_spec(F.outer), inner=map_to_spec(F.inner))
+    if t is M.LeakyReLU:
+        return LeakyReLUSpec(dim=F.d_in, slope=F.slope)
+    simple = {M.ReLU: ReLUSpec, M.Sigmoid: SigmoidSpec, M.Tanh: TanhSpec, M.Softmax: SoftmaxSpec}
+    if t in simple:
+        return simple[t](dim=F.d_in)
+    if t is M.Function:
+        raise SpecError(f"map {F!r} wraps Python code and cannot be serialised; replace it by a built-in map "
+                        "(cellsheaf.maps) to save this sheaf")
+    raise SpecError(f"maps of type {t.__name__} cannot be serialised (no spec model for them)")
+
+
+# ---------------------------------------------------------------------------- potentials
+
+_POTENTIALS: dict[str, type] = {}
+
+
+def register_potential(cls: type) -> type:
+    """Register a :class:`~cellsheaf.potentials.Potential` subclass under its class name (usable as a decorator).
+
+    Subclasses of ``Potential`` are also found by name without registering, once
+    their module is imported; registering resolves name clashes in favour of ``cls``.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Potential)):
+        raise TypeError("register_potential needs a subclass of cellsheaf.potentials.Potential")
+    _POTENTIALS[cls.__name__] = cls
+    return cls
+
+
+def _potential_class(name: str) -> type:
+    if name in _POTENTIALS:
+        return _POTENTIALS[name]
+    stack, seen = [Potential], set()
+    while stack:
+        c = stack.pop()
+        if c.__name__ == name and c is not Potential:
+            return c
+        for sub in c.__subclasses__():
+            if sub not in seen:
+                seen.add(sub)
+                stack.append(sub)
+    raise ValueError(f"unknown potential {name!r}: import the module that defines it, or register it with "
+                     "cellsheaf.spec.register_potential")
+
+
+def _encode(value: Any, where: str) -> Any:
+    """A JSON-ready form of a potential attribute."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        if not np.isfinite(value):
+            raise SpecError(f"{where} is {value}, which JSON cannot carry")
+        return value
+    if isinstance(value, torch.Tensor):
+        return {"__tensor__": _finite_values(value), "dtype": _dtype_name(value)}
+    if isinstance(value, Potential):
+        return {"__potential__": _potential_to_spec(value, where).model_dump()}
+    if isinstance(value, (list, tuple)):
+        return [_encode(v, where) for v in value]
+    raise SpecError(f"{where} holds a {type(value).__name__}, which cannot be serialised")
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, dict) and "__tensor__" in value:
+        return _tensor(value["__tensor__"], value.get("dtype", "float64"))
+    if isinstance(value, dict) and "__potential__" in value:
+        return PotentialSpec.model_validate(value["__potential__"]).to_potential()
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    return value
+
+
+class PotentialSpec(_Model):
+    """An edge potential: its class name and attributes."""
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    def to_potential(self) -> Potential:
+        cls = _potential_class(self.name)
+        pot = cls.__new__(cls)
+        vars(pot).update({k: _decode(v) for k, v in self.params.items()})
+        return pot
+
+
+def _potential_to_spec(p: Potential, where: str) -> PotentialSpec:
+    name = type(p).__name__
+    params = {k: _encode(v, f"{where}: attribute {k!r} of potential {name}") for k, v in vars(p).items()}
+    return PotentialSpec(name=name, params=params)
+
+
+# ---------------------------------------------------------------------------- the sheaf
+
+
+class VertexSpec(_Model):
+    """A vertex: its name and stalk dimension."""
+
+    name: Name
+    dim: NonNegativeInt
+
+
+class EdgeSpec(_Model):
+    """An oriented edge ``u -> v`` with its maps ``Fu``, ``Fv``, weight and optional potential."""
+
+    name: Name
+    u: Name
+    v: Name
+    Fu: MapSpec
+    Fv: MapSpec
+    weight: FiniteFloat = Field(default=1.0, gt=0)
+    potential: PotentialSpec | None = None
+
+
+class SheafSpec(_Model):
+    """A whole sheaf; vertices and edges in cochain order.
+
+    Examples
+    --------
+    >>> spec = SheafSpec.model_validate({
+    ...     "vertices": [{"name": "a", "dim": 1}, {"name": "b", "dim": 1}],
+    ...     "edges": [{"name": "e", "u": "a", "v": "b",
+    ...                "Fu": {"type": "identity", "dim": 1}, "Fv": {"type": "scaled", "c": 2.0, "dim": 1}}]})
+    >>> spec.to_sheaf().C1
+    1
+    """
+
+    format: Literal["cellsheaf.sheaf"] = "cellsheaf.sheaf"
+    version: Literal[1] = 1
+    vertices: list[VertexSpec] = Field(default_factory=list)
+    edges: list[EdgeSpec] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check(self):
+        dims: dict = {}
+        for vx in self.vertices:
+            if vx.name in dims:
+                raise ValueError(f"vertex {vx.name!r} is listed twice; vertex names must be unique")
+            dims[vx.name] = vx.dim
+        seen = set()
+        for e in self.edges:
+            if e.name in seen:
+                raise ValueError(f"edge {e.name!r} is listed twice; edge names must be unique")
+            seen.add(e.name)
+            for side, w, F in (("Fu", e.u, e.Fu), ("Fv", e.v, e.Fv)):
+                if w not in dims:
+                    raise ValueError(f"edge {e.name!r} names unknown vertex {w!r}")
+                if F.dims()[1] != dims[w]:
+                    raise ValueError(f"edge {e.name!r}: {side} takes inputs of dim {F.dims()[1]} but vertex {w!r} "
+                                     f"has stalk dim {dims[w]}")
+            if e.Fu.dims()[0] != e.Fv.dims()[0]:
+                raise ValueError(f"edge {e.name!r}: Fu maps to dim {e.Fu.dims()[0]} but Fv to dim {e.Fv.dims()[0]}")
+        return self
+
+    def to_sheaf(self):
+        """Build the :class:`~cellsheaf.Sheaf`."""
+        from .sheaf import Sheaf
+
+        S = Sheaf()
+        for vx in self.vertices:
+            S.add_vertex(vx.name, vx.dim)
+        for e in self.edges:
+            try:
+                pot = None if e.potential is None else e.potential.to_potential()
+            except (ValueError, TypeError) as err:
+                raise SpecError(f"edge {e.name!r}: {err}") from None
+            S.add_edge(e.u, e.v, e.Fu.to_map(), e.Fv.to_map(), name=e.name, weight=e.weight, potential=pot)
+        return S
+
+
+def _check_name(name, what: str):
+    if isinstance(name, bool) or not isinstance(name, (str, int)):
+        raise SpecError(f"{what} name {name!r} is a {type(name).__name__}; only str and int names can be serialised")
+    return name
+
+
+def to_spec(S) -> SheafSpec:
+    """The :class:`SheafSpec` of a sheaf (maps, weights, potentials).
+
+    Raises :class:`SpecError` naming the edge whose map or potential cannot be
+    serialised (``Function`` maps, potentials holding callables) and the
+    vertex or edge whose name is neither ``str`` nor ``int``.
+
+    Examples
+    --------
+    >>> import torch, cellsheaf as cs
+    >>> S = cs.Sheaf(); S.add_vertex(0, 1); S.add_vertex(1, 1)
+    >>> _ = S.add_edge(0, 1, cs.maps.Identity(1), cs.maps.Identity(1), name="e")
+    >>> to_spec(S).edges[0].Fu
+    IdentitySpec(type='identity', dim=1)
+    """
+    vertices = [VertexSpec(name=_check_name(v, "vertex"), dim=S.dim(v)) for v in S.vertices]
+    edges = []
+    for e in S.edge_items():
+        _check_name(e.name, "edge")
+        specs = {}
+        for side in ("Fu", "Fv"):
+            try:
+                specs[side] = map_to_spec(getattr(e, side))
+            except SpecError as err:
+                raise SpecError(f"edge {e.name!r}, map {side}: {err}") from None
+        pot = None if e.potential is None else _potential_to_spec(e.potential, f"edge {e.name!r}")
+        edges.append(EdgeSpec(name=e.name, u=e.u, v=e.v, weight=e.weight, potential=pot, **specs))
+    return SheafSpec(vertices=vertices, edges=edges)
+
+
+def _locate(loc: tuple, raw: Any) -> str:
+    """``edge 'e3'``/``vertex 'a'`` (or the position) for a validation-error location."""
+    if len(loc) >= 2 and loc[0] in ("vertices", "edges") and isinstance(loc[1], int):
+        kind = "vertex" if loc[0] == "vertices" else "edge"
+        try:
+            name = raw[loc[0]][loc[1]]["name"]
+        except (KeyError, IndexError, TypeError):
+            name = None
+        valid = isinstance(name, (str, int)) and not isinstance(name, bool)
+        head = f"{kind} {name!r}" if valid else f"{kind} #{loc[1]}"
+        rest = ".".join(str(p) for p in loc[2:])
+        return f"{head}{': ' + rest if rest else ''}"
+    return ".".join(str(p) for p in loc) or "spec"
+
+
+def _explain(err: ValidationError, raw: Any, source: str) -> SpecError:
+    lines = []
+    for e in err.errors():
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"  {_locate(tuple(e['loc']), raw)}: {msg}")
+    return SpecError(f"invalid sheaf spec{source} ({len(lines)} problem{'s' * (len(lines) > 1)}):\n"
+                     + "\n".join(lines))
+
+
+def from_spec(spec) -> Any:
+    """Build a :class:`~cellsheaf.Sheaf` from a :class:`SheafSpec`, a dict, a JSON string or a JSON file path.
+
+    Strings are parsed as JSON text; pass a :class:`pathlib.Path` (or other
+    ``os.PathLike``) to read a file. Problems raise :class:`SpecError` naming the
+    vertex or edge at fault.
+
+    Examples
+    --------
+    >>> import cellsheaf as cs
+    >>> S = from_spec('{"vertices": [{"name": "a", "dim": 2}], "edges": []}')
+    >>> S.vertices, S.C0
+    (['a'], 2)
+    """
+    source = ""
+    if isinstance(spec, os.PathLike):
+        source = f" in file {os.fspath(spec)!r}"
+        try:
+            spec = Path(spec).read_text()
+        except OSError as err:
+            raise SpecError(f"cannot read sheaf spec file {os.fspath(spec)!r}: {err}") from None
+    if isinstance(spec, (str, bytes)):
+        try:
+            raw = json.loads(spec)
+        except json.JSONDecodeError as err:
+            raise SpecError(f"malformed JSON{source}: {err}") from None
+        spec = raw
+    if not isinstance(spec, SheafSpec):
+        if not isinstance(spec, dict):
+            raise SpecError(f"a sheaf spec is a SheafSpec, dict, JSON string or path, got {type(spec).__name__}")
+        try:
+            spec = SheafSpec.model_validate(spec)
+        except ValidationError as err:
+            raise _explain(err, spec, source) from None
+    return spec.to_sheaf()
