@@ -28,6 +28,7 @@ __all__ = [
     "__version__", "maps", "operators", "potentials", "Boundary", "ResolvedBoundary", "Cochain", "Edge", "Sheaf",
     "diffuse", "stable_step",
     "Cohomology", "RelativeCohomology", "cohomology", "global_sections", "relative_cohomology",
-    "Eigenpairs", "eigenpairs", "spectral_gap", "fiedler_vector", "lambda_max", "block_energy", "SheafSpec", "SpecError",
+    "Eigenpairs", "eigenpairs", "spectral_gap", "fiedler_vector", "lambda_max", "block_energy",
+    "SheafSpec", "SpecError",
     "discord", "energy", "harmonic_extension", "NonUniqueError", "Result", "SolveInfo",
 ]
