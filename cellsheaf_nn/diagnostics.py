@@ -17,8 +17,7 @@ batch of inputs ``(B, n_in)``; nothing loops over the batch.
 Examples
 --------
 >>> import torch, cellsheaf_nn as csnn
->>> torch.manual_seed(0)
-<torch._C.Generator object at ...>
+>>> _ = torch.manual_seed(0)
 >>> net = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1)).double()
 >>> ns = csnn.compile(net)
 >>> X = torch.randn(5, 2, dtype=torch.float64)
@@ -36,6 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+import cellsheaf as cs
 from cellsheaf.energy import edge_energies
 from cellsheaf.operators import apply_coboundary_jvp, edge_weights, expressed
 from cellsheaf.spectral import block_energy as _block_energy
@@ -43,7 +43,8 @@ from cellsheaf.spectral import block_energy as _block_energy
 __all__ = [
     "edge_type", "edge_layer", "group_trace", "restricted_laplacians", "spectrum", "eigenpairs",
     "SpectralSummary", "spectral_summary", "block_energy", "eigenvector_stability", "SpectralTracker",
-    "discord", "discord_by", "discord_trace", "Residual", "residuals", "pinned_discord", "report",
+    "discord", "discord_by", "discord_trace", "diffusion_path", "Residual", "residuals", "PinnedDiscord", "pinned_discord",
+    "report", "edge_group",
 ]
 
 
@@ -86,23 +87,44 @@ def edge_layer(name: Hashable) -> str:
     return m.group(1) if m else target
 
 
-def group_trace(series: Mapping[Hashable, Any], by: str) -> dict[str, Any]:
-    """Sum per-edge values (scalars, arrays or tensors of equal shape) into groups.
+def edge_group(name: Hashable, by: str, ns=None) -> str:
+    """The group of edge ``name`` when discord is split ``by`` ``"type"``, ``"layer"`` or ``"edge"``.
 
-    ``by`` is ``"type"`` (:func:`edge_type`), ``"layer"`` (:func:`edge_layer`) or
-    ``"edge"`` (no grouping). Groups keep the order of first appearance.
+    A compiled network (``ns`` with ``edge_info``) answers from its layout (the
+    edge kind; the layer index ``ℓ`` of the Linear layer the edge belongs to);
+    edges it does not know (penalty edges of soft pins) and plain sheaves fall
+    back to the name (:func:`edge_type`, :func:`edge_layer`).
+
+    Examples
+    --------
+    >>> edge_group("act:a2", "layer")
+    '2'
+    """
+    if by not in ("type", "layer", "edge"):
+        raise ValueError(f"group by 'type', 'layer' or 'edge', got {by!r}")
+    if by == "edge":
+        return str(name)
+    info = getattr(ns, "edge_info", {}).get(name)
+    if info is None:
+        return edge_type(name) if by == "type" else edge_layer(name)
+    if by == "type":
+        return info.kind
+    return str(info.layer) if info.layer is not None else info.kind
+
+
+def group_trace(series: Mapping[Hashable, Any], by: str, ns=None) -> dict[str, Any]:
+    """Sum per-edge values (scalars, arrays or tensors of equal shape) into groups (:func:`edge_group`).
+
+    Groups keep the order of first appearance.
 
     Examples
     --------
     >>> group_trace({"weight:z1": 1.0, "act:a1": 2.0, "weight:z2": 3.0}, "type")
     {'weight': 4.0, 'act': 2.0}
     """
-    key = {"type": edge_type, "layer": edge_layer, "edge": str}.get(by)
-    if key is None:
-        raise ValueError(f"group by 'type', 'layer' or 'edge', got {by!r}")
     out: dict[str, Any] = {}
     for name, v in series.items():
-        k = key(name)
+        k = edge_group(name, by, ns)
         out[k] = v if k not in out else out[k] + v
     return out
 
@@ -111,31 +133,31 @@ def group_trace(series: Mapping[Hashable, Any], by: str) -> dict[str, Any]:
 
 
 def _sheaf(ns):
-    return getattr(ns, "sheaf", ns)
-
-
-def _fixed(ns) -> Tensor:
-    """Sorted flat indices of the coordinates the network holds fixed (inputs, ones blocks, pins)."""
-    return ns.fixed_indices()
-
-
-def _states(ns, X: Tensor) -> Tensor:
-    """The full cochains ``(B, C0)`` the network reaches on inputs ``X`` (its forward pass, pins respected)."""
-    X = _check_inputs(ns, X)
-    _, state = ns.infer(X, return_state=True)
-    return state.flat if hasattr(state, "flat") else state
+    """The sheaf a network solves on (with its soft-pin penalty edges), or a plain sheaf itself."""
+    return getattr(ns, "pinned_sheaf", getattr(ns, "sheaf", ns))
 
 
 def _check_inputs(ns, X) -> Tensor:
     X = torch.as_tensor(X)
     if not X.is_floating_point():
         X = X.to(_sheaf(ns).dtype)
-    n_in = getattr(ns, "n_in", None)
     if X.dim() == 1:
         X = X.unsqueeze(0)
+    n_in = getattr(ns, "n_in", None)
     if X.dim() != 2 or (n_in is not None and X.shape[1] != n_in):
         raise ValueError(f"inputs must have shape (B, {n_in}); got {tuple(X.shape)}")
     return X
+
+
+def _fixed(ns, X: Tensor) -> Tensor:
+    """Sorted flat indices of the coordinates the network holds fixed (inputs, ones blocks, pins)."""
+    return ns.boundary(X).resolve(_sheaf(ns)).fixed
+
+
+def _states(ns, X: Tensor) -> Tensor:
+    """The full cochains ``(B, C0)`` the network settles in on inputs ``X`` (the forward pass, pins respected)."""
+    _, state = ns.infer(X, return_state=True)
+    return state.cochain.flat.detach()
 
 
 # ---------------------------------------------------------------------------- spectra
@@ -180,11 +202,14 @@ def eigenpairs(ns, X) -> tuple[Tensor, Tensor]:
 
     The free coordinates ``Ω`` are in flat-cochain order (see :func:`block_energy`).
     """
-    S = _sheaf(ns)
+    return torch.linalg.eigh(_laplacians(ns, X))
+
+
+def _laplacians(ns, X) -> Tensor:
+    """``L[Ω,Ω]`` at the state each input settles in, ``(B, n, n)``."""
+    X = _check_inputs(ns, X)
     with torch.no_grad():
-        states = _states(ns, X).detach()
-        L = restricted_laplacians(S, _fixed(ns), states)
-        return torch.linalg.eigh(L)
+        return restricted_laplacians(_sheaf(ns), _fixed(ns, X), _states(ns, X))
 
 
 def spectrum(ns, X) -> Tensor:
@@ -208,10 +233,7 @@ def spectrum(ns, X) -> Tensor:
     >>> bool((lam[:, 0] > 0).all())
     True
     """
-    S = _sheaf(ns)
-    with torch.no_grad():
-        states = _states(ns, X).detach()
-        return torch.linalg.eigvalsh(restricted_laplacians(S, _fixed(ns), states))
+    return torch.linalg.eigvalsh(_laplacians(ns, X))
 
 
 def block_energy(S, fixed: Tensor, vectors: Tensor) -> dict[Hashable, Tensor]:
@@ -315,15 +337,14 @@ def spectral_summary(ns, X) -> SpectralSummary:
     Examples
     --------
     >>> import torch, cellsheaf_nn as csnn
-    >>> torch.manual_seed(0)
-    <torch._C.Generator object at ...>
-    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1)).double()
-    >>> s = csnn.diagnostics.spectral_summary(csnn.compile(net), torch.randn(20, 2, dtype=torch.float64))
-    >>> s.dominant_block("fiedler")
+    >>> from cellsheaf_nn.train import mlp
+    >>> ns = csnn.compile(mlp([2, 30, 1], seed=0))        # He initialisation, zero biases
+    >>> s = csnn.diagnostics.spectral_summary(ns, torch.randn(50, 2, dtype=torch.float64))
+    >>> s.dominant_block("fiedler")                        # the output pre-activation z_{k+1} (Fig. 15)
     'z2'
     """
-    S = _sheaf(ns)
-    fixed = _fixed(ns)
+    X = _check_inputs(ns, X)
+    S, fixed = _sheaf(ns), _fixed(ns, X)
     lam, V = eigenpairs(ns, X)
     fied, top = V[..., 0], V[..., -1]
     return SpectralSummary(
@@ -402,22 +423,60 @@ def discord_by(ns, state, by: str = "type") -> dict[str, Tensor]:
     >>> discord_by(S, torch.tensor([[0.0, 2.0]]))
     {'weight': tensor([2.])}
     """
-    return group_trace(discord(ns, state), by)
+    return group_trace(discord(ns, state), by, ns)
 
 
 def discord_trace(ns, trajectory) -> dict[Hashable, Tensor]:
-    """Per-edge discord along a trajectory ``(T, C0)`` or ``(T, B, C0)``, summed over the batch: ``{edge: (T,)}``.
+    """Per-edge discord along a trajectory of states, summed over the batch: ``{edge: (T,)}``.
 
-    The trajectory is what ``cs.diffuse(..., record=...)`` or
-    ``ns.infer(..., method="diffusion", return_state=True)`` keeps.
+    ``trajectory`` is ``(T, C0)`` or ``(T, B, C0)`` (e.g. from :func:`diffusion_path`),
+    or a solver result whose ``extra["trajectory"]`` holds the per-edge energies it
+    recorded (``ns.infer(..., record=k, return_state=True)[1].info``, ``cs.diffuse(..., record=k)``).
     """
     S = _sheaf(ns)
-    traj = torch.as_tensor(trajectory)
-    if traj.dim() not in (2, 3) or traj.shape[-1] != S.C0:
-        raise ValueError(f"a trajectory has shape (T, C0) or (T, B, C0) with C0={S.C0}; got {tuple(traj.shape)}")
-    T = traj.shape[0]
-    E = edge_energies(S, traj.reshape(-1, S.C0)).reshape(T, -1, len(S.edges)).sum(1)
+    recorded = getattr(trajectory, "extra", {}).get("trajectory")
+    if recorded is not None:
+        E = recorded["edge_energy"]
+        E = E.reshape(E.shape[0], -1, E.shape[-1]).sum(1)
+    else:
+        traj = torch.as_tensor(trajectory)
+        if traj.dim() not in (2, 3) or traj.shape[-1] != S.C0:
+            raise ValueError(f"a trajectory has shape (T, C0) or (T, B, C0) with C0={S.C0}; got {tuple(traj.shape)}")
+        T = traj.shape[0]
+        E = edge_energies(S, traj.reshape(-1, S.C0)).reshape(T, -1, len(S.edges)).sum(1)
+    if E.shape[-1] != len(S.edges):
+        raise ValueError(f"the recorded energies have {E.shape[-1]} edges but the sheaf has {len(S.edges)}")
     return {name: E[:, k] for k, name in enumerate(S.edges)}
+
+
+def diffusion_path(ns, X, *, steps: int = 2000, every: int = 10, dt: float | None = None, alpha: float = 1.0,
+                   generator: torch.Generator | None = None, x0: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """States along the paper's Euler heat equation (18) from a random start: ``(t (K,), states (K, B, C0))``.
+
+    Runs :func:`cellsheaf.diffuse` on the network's sheaf with its boundary data
+    for ``steps`` Euler steps of size ``dt`` (default ``1/(α λ_max)`` at the
+    start), keeping the state every ``every`` steps (and the first and last).
+    The start is standard normal (``generator``) on the free coordinates unless
+    ``x0`` (``(B, C0)``) is given. For stalk trajectories and phase planes
+    (Figs. 6, 12, 13); :func:`discord_trace` turns the states into discord.
+    """
+    X = _check_inputs(ns, X)
+    if steps < 1 or every < 1:
+        raise ValueError(f"steps and every must be positive, got steps={steps}, every={every}")
+    S = _sheaf(ns)
+    bnd = ns.boundary(X)
+    rb = bnd.resolve(S, dtype=X.dtype)
+    x = rb.fill(torch.randn(X.shape[0], S.C0, dtype=X.dtype, generator=generator) if x0 is None else x0)
+    if dt is None:
+        dt = 1.0 / (alpha * cs.lambda_max(S, boundary=rb, at=x[0]))
+    times, states, done = [0.0], [x], 0
+    while done < steps:
+        k = min(every, steps - done)
+        x = cs.diffuse(S, x, boundary=bnd, method="euler", t=k * dt, dt=dt, alpha=alpha).x.flat
+        done += k
+        times.append(done * dt)
+        states.append(x)
+    return torch.tensor(times, dtype=X.dtype), torch.stack(states)
 
 
 @dataclass
@@ -445,10 +504,20 @@ class Residual:
 
 
 def residuals(ns, state, types: tuple[str, ...] = ("weight", "act")) -> dict[Hashable, Residual]:
-    """Per-coordinate residuals of the weight and activation edges of a network state.
+    """Per-coordinate residuals of the weight and activation edges of a network state (Figs. 9, 19-21).
 
-    The pre-activation of a weight edge is the stalk it defines (its head);
-    that of an activation edge is the stalk it reads (its tail).
+    The pre-activation of a weight edge is the block it defines (``F_v x_v``);
+    that of an activation edge is the stalk it reads (the neural block of its tail).
+
+    Examples
+    --------
+    >>> import torch, cellsheaf_nn as csnn
+    >>> ns = csnn.compile(torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(),
+    ...                                       torch.nn.Linear(3, 1)).double())
+    >>> _, st = ns.infer(torch.randn(4, 2, dtype=torch.float64), return_state=True)
+    >>> r = csnn.diagnostics.residuals(ns, st.cochain)
+    >>> list(r), float(r["act:a1"].residual.abs().max())   # the forward pass is locally consistent
+    (['weight:z1', 'act:a1', 'weight:z2'], 0.0)
     """
     S = _sheaf(ns)
     x = torch.as_tensor(state.flat if hasattr(state, "flat") else state)
@@ -456,34 +525,82 @@ def residuals(ns, state, types: tuple[str, ...] = ("weight", "act")) -> dict[Has
     av, au = expressed(S, x)
     out = {}
     for e in S.edge_items():
-        kind = edge_type(e.name)
+        kind = edge_group(e.name, "type", ns)
         if kind not in types:
             continue
         sl = S.edge_slice(e.name)
-        end = e.v if kind == "weight" else e.u
-        z = x[:, S.vertex_slice(end)][:, : e.dim]
+        z = av[:, sl] if kind == "weight" else x[:, S.vertex_slice(e.u)][:, : e.dim]
         label = r"$(\bar W a)_j - z_j$" if kind == "weight" else r"$\phi(z_j) - a_j$"
         out[e.name] = Residual(e.name, z, au[:, sl] - av[:, sl], label)
     return out
 
 
-def pinned_discord(ns, X, Y, **infer_kw) -> dict[str, tuple[float, float]]:
-    """Per-edge discord with the output hard-pinned to the labels (Table 3): ``{edge: (mean, std)}``.
+def _mean_std(v: Tensor) -> tuple[float, float]:
+    return float(v.mean()), float(v.std()) if v.numel() > 1 else 0.0
 
-    Clamps the output of ``ns`` to ``Y``, lets the rest of the network settle
-    (``ns.infer`` with ``infer_kw``), and reports the mean and standard deviation
-    over the inputs of each edge's discord, plus ``"total"``. The network is
-    left as it was (the clamp is removed).
+
+@dataclass
+class PinnedDiscord:
+    """Discord of a network with its output hard-pinned to labels (Table 3).
+
+    Attributes
+    ----------
+    edges : ``{edge: (B,)}`` discord of every edge for every input.
+    info : the solver's report. Pinning can leave the network on a switching
+        surface of a ReLU (Note 5.1): a generalised (Clarke) critical point where
+        the gradient does not vanish. ``info.converged`` is then ``False`` and
+        ``info.message`` says so; the discord reported is that of this point.
+    """
+
+    edges: dict[str, Tensor]
+    info: Any
+
+    @property
+    def total(self) -> Tensor:
+        """Total discord per input, ``(B,)``."""
+        return sum(self.edges.values())
+
+    @property
+    def converged(self) -> bool:
+        return bool(self.info.converged)
+
+    def table(self) -> dict[str, tuple[float, float]]:
+        """``{edge: (mean, std)}`` over the inputs, plus ``"total"``."""
+        out = {k: _mean_std(v) for k, v in self.edges.items()}
+        out["total"] = _mean_std(self.total)
+        return out
+
+
+def pinned_discord(ns, X, Y, **infer_kw) -> PinnedDiscord:
+    """Per-edge discord with the output hard-pinned to the labels (Table 3).
+
+    Clamps the output of ``ns`` to ``Y`` (``(B, n_out)``), lets the rest of the
+    network settle (``ns.infer`` with ``infer_kw``; by default Newton from the
+    forward pass, which also finds the critical points on switching surfaces
+    that gradient flow only creeps towards), and returns every edge's discord
+    per input. The clamp is removed afterwards. Works for any network, trained
+    by SGD or as a sheaf.
+
+    Examples
+    --------
+    >>> import torch, cellsheaf_nn as csnn
+    >>> ns = csnn.compile(torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(),
+    ...                                       torch.nn.Linear(3, 1)).double())
+    >>> X = torch.randn(8, 2, dtype=torch.float64)
+    >>> pd = csnn.diagnostics.pinned_discord(ns, X, ns.infer(X))   # labels = predictions
+    >>> pd.converged, pd.table()["total"][0] < 1e-12
+    (True, True)
     """
     X = _check_inputs(ns, X)
-    Y = torch.as_tensor(Y, dtype=X.dtype)
-    with ns.clamped(Y):
-        _, state = ns.infer(X, return_state=True, **infer_kw)
-    d = discord(ns, state.flat if hasattr(state, "flat") else state)
-    out = {str(k): (float(v.mean()), float(v.std()) if v.numel() > 1 else 0.0) for k, v in d.items()}
-    total = sum(d.values())
-    out["total"] = (float(total.mean()), float(total.std()) if total.numel() > 1 else 0.0)
-    return out
+    Y = torch.as_tensor(Y, dtype=X.dtype).reshape(X.shape[0], -1)
+    if Y.shape[1] != ns.n_out:
+        raise ValueError(f"labels must have shape (B, {ns.n_out}) for the output {ns.output!r}; got {tuple(Y.shape)}")
+    pin = ns.clamp(ns.output, Y)
+    try:
+        _, state = ns.infer(X, return_state=True, check=False, **infer_kw)
+    finally:
+        ns.unpin(pin)
+    return PinnedDiscord({str(k): v for k, v in discord(ns, state.cochain).items()}, state.info)
 
 
 def report(ns, X, Y=None) -> str:
@@ -504,6 +621,9 @@ def report(ns, X, Y=None) -> str:
     if Y is not None:
         pinned = pinned_discord(ns, X, Y)
         lines.append("discord with the output pinned to the labels (mean ± std over inputs):")
-        for k, (m, sd) in pinned.items():
+        for k, (m, sd) in pinned.table().items():
             lines.append(f"  {k:<14} {m:.4g} ± {sd:.2g}")
+        if not pinned.converged:
+            lines.append("  (some inputs settled on a ReLU switching surface: a generalised critical point, "
+                         "Note 5.1)")
     return "\n".join(lines)
