@@ -59,11 +59,12 @@ def test_without_boundary_converges_to_projection_on_h0(method):
     np.testing.assert_allclose(res.x.flat.numpy(), proj, atol=1e-10)
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(seed=st.integers(0, 10_000))
 def test_converges_to_harmonic_extension(seed):
     S = random_sheaf(seed, n=5, extra=2)
-    b = cs.Boundary().fix(0, torch.randn(2, 2, dtype=F64)).fix(3, torch.randn(1, dtype=F64), coords=[1])
+    b = cs.Boundary().fix(0, torch.randn(2, 2, dtype=F64)).fix(3, torch.randn(2, dtype=F64)).fix(
+        2, torch.randn(1, dtype=F64), coords=[1])
     x0 = torch.randn(2, S.C0, dtype=F64, generator=torch.Generator().manual_seed(seed))
     res = cs.diffuse(S, x0, b, method="rk4", tol=1e-11, max_steps=200_000)
     assert res.converged
