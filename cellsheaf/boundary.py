@@ -42,8 +42,8 @@ class ResolvedBoundary:
     def fill(self, x: Tensor) -> Tensor:
         """``x`` (``(C0,)`` or ``(B, C0)``) with its fixed coordinates set to the boundary values."""
         x = x.clone() if self.values.dim() <= x.dim() else x.expand(self.values.shape[0], -1).clone()
-        x[..., self.fixed] = self.values.to(x.dtype)
-        return x
+        v = self.values.to(dtype=x.dtype, device=x.device).expand(*x.shape[:-1], -1)
+        return x.scatter_(-1, self.fixed.to(x.device).expand_as(v), v)  # much faster than x[..., fixed] = v
 
 
 def _common_batch(a: Tensor, b: Tensor, vertex) -> tuple[Tensor, Tensor]:
@@ -127,16 +127,16 @@ class Boundary:
                 if values.shape[-1] != d:
                     raise ValueError(f"boundary at vertex {vertex!r}: value of shape {tuple(values.shape)}, but the "
                                      f"stalk has dim {d}; pass coords= to fix part of it")
-                coords = list(range(d))
-            bad = [c for c in coords if not 0 <= c < d]
+            c = torch.arange(d) if coords is None else torch.as_tensor(coords, dtype=torch.long)
+            bad = c[(c < 0) | (c >= d)].tolist()
             if bad:
                 raise IndexError(f"boundary at vertex {vertex!r}: coordinates {bad} outside the stalk of dim {d}")
-            idx.extend(sl.start + c for c in coords)
+            idx.append(c + sl.start)
             vals.append(values if B is None or values.dim() == 2 else values.expand(B, -1))
         dtype = dtype or (vals[0].dtype if vals else sheaf.dtype)
-        fixed = torch.as_tensor(idx, dtype=torch.long)
+        fixed = torch.cat(idx) if idx else torch.zeros(0, dtype=torch.long)
         order = torch.argsort(fixed)
-        values = torch.cat([v.to(dtype) for v in vals], -1)[..., order] if vals else \
+        values = torch.cat([v.to(dtype) for v in vals], -1).index_select(-1, order) if vals else \
             torch.zeros((B, 0) if B else (0,), dtype=dtype)
         mask = torch.ones(sheaf.C0, dtype=torch.bool)
         mask[fixed] = False

@@ -202,15 +202,30 @@ def is_determined(S, boundary: Boundary | ResolvedBoundary | None = None) -> tup
     return True, ""
 
 
-def propagate(S, x: Tensor, steps: list[PropagationStep]) -> Tensor:
-    """Fill the free coordinates of ``x`` (``(B, C0)``, fixed ones already set) by forward substitution."""
-    x = x.clone()
+def propagate(S, x: Tensor, steps: list[PropagationStep], residuals: bool = False, inplace: bool = False):
+    """Fill the free coordinates of ``x`` (``(B, C0)``, fixed ones already set) by forward substitution.
+
+    With ``residuals=True`` also return ``{edge: r_e}``, the discrepancy ``F_v x_v − F_u x_u``
+    (``(B, d_e)``) of every scheduled edge at the result, from the values of the sweep
+    itself (each map is applied once): zero up to the rounding of the scale factors.
+    ``inplace=True`` writes into ``x`` instead of a copy.
+    """
+    x = x if inplace else x.clone()
+    res = {}
     for s in steps:
-        value = s.F.apply(x[:, s.source])
-        check_finite(value, f"the map {'Fu' if s.side == 'v' else 'Fv'} of edge {s.edge!r} (its output)")
+        name = f"the map {'Fu' if s.side == 'v' else 'Fv'} of edge {s.edge!r}"
+        try:
+            raw = s.F.apply(x[:, s.source])
+        except Exception as err:
+            raise ValueError(f"{name} failed on its input: {err}") from err
+        check_finite(raw, f"{name} (its output)")
+        targets = s.targets.to(x.device)
         if s.scale is not None:
-            value = value / s.scale.to(dtype=value.dtype, device=value.device)
-        elif value.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
-            value = value.clone()  # an identity-like map returned a view of x: writing it back would alias
-        x[:, s.targets.to(x.device)] = value.to(x.dtype)
-    return x
+            x[:, targets] = (raw / s.scale.to(dtype=raw.dtype, device=raw.device)).to(x.dtype)
+        else:  # clone a view of x (identity-like maps) so that writing it back does not alias
+            same = raw.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+            x[:, targets] = (raw.clone() if same else raw).to(x.dtype)
+        if residuals:
+            own = x[:, targets] if s.scale is None else x[:, targets] * s.scale.to(dtype=x.dtype, device=x.device)
+            res[s.edge] = own - raw if s.side == "v" else raw - own
+    return (x, res) if residuals else x
