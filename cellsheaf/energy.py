@@ -47,6 +47,14 @@ def _check(values: Tensor, S, what: str) -> None:
                                  "the potential at this point (e.g. log of a non-positive probability)")
 
 
+def _potential(e, method: str, a_v: Tensor, a_u: Tensor):
+    """``e.potential.<method>(a_v, a_u)``, with errors (a potential undefined at the point) naming the edge."""
+    try:
+        return getattr(e.potential, method)(a_v, a_u)
+    except ValueError as err:
+        raise ValueError(f"edge {e.name!r}: {err}") from err
+
+
 def edge_energies(S, x) -> Tensor:
     """Weighted energy of every edge, ``(..., E)`` in edge order.
 
@@ -68,7 +76,8 @@ def edge_energies(S, x) -> Tensor:
     out = coord.new_zeros(*coord.shape[:-1], len(S.edges)).index_add(-1, ids.to(av.device), coord)
     if special:
         k = torch.tensor([k for k, _, _ in special], device=av.device)
-        vals = torch.stack([e.weight * e.potential.pair_value(av[..., sl], au[..., sl]) for _, e, sl in special], -1)
+        vals = torch.stack([e.weight * _potential(e, "pair_value", av[..., sl], au[..., sl])
+                            for _, e, sl in special], -1)
         out = out.index_add(-1, k, vals)
     _check(out, S, "energy")
     return out
@@ -113,7 +122,7 @@ def forces(S, x) -> tuple[Tensor, Tensor]:
         return g, -g
     gv, gu = g.clone(), -g
     for _, e, sl in special:
-        pv, pu = e.potential.pair_grad(av[..., sl], au[..., sl])
+        pv, pu = _potential(e, "pair_grad", av[..., sl], au[..., sl])
         if not bool(torch.isfinite(pv).all() and torch.isfinite(pu).all()):
             raise FloatingPointError(f"the potential gradient of edge {e.name!r} is not finite at this point")
         gv[..., sl], gu[..., sl] = e.weight * pv, e.weight * pu

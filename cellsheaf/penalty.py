@@ -139,8 +139,8 @@ def soft_pin(
     >>> import torch, cellsheaf as cs
     >>> S = cs.Sheaf(); S.add_vertex("h", 3)
     >>> pin = cs.soft_pin(S, "h", torch.tensor([1.0]), coords=[2], strength=4.0)
-    >>> S.edge(pin.edge).Fv.matrix()
-    tensor([[0., 0., 2.]])
+    >>> S.edge(pin.edge).Fv.matrix().tolist()
+    [[0.0, 0.0, 2.0]]
     """
     d = S.dim(vertex)
     strength = float(strength)

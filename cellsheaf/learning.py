@@ -1,0 +1,391 @@
+"""Learning restriction maps: the joint state/map dynamics of Sec. 5.2 and App. B.1.
+
+A trainable map is a dense :class:`cellsheaf.maps.Linear` with ``trainable=True``
+and an optional 0/1 ``mask`` of the entries that may change (the projection
+``Π_W``, e.g. "keep the diagonal of the bias block", Eq. 25). The energy
+gradient with respect to a map is *local* (Eq. 24): for ``e = u -> v`` with
+weight ``w`` and potential forces ``g_v = ∂U/∂a_v``, ``g_u = ∂U/∂a_u``,
+
+    ``∂E/∂F_v = w Σ_b g_v xᵥᵀ``  and  ``∂E/∂F_u = w Σ_b g_u x_uᵀ``
+
+(summed over the batch ``b``), which for the quadratic potential is
+``(F_v x_v − F_u x_u) x_vᵀ`` and ``−(F_v x_v − F_u x_u) x_uᵀ``: each map moves
+using only its own edge's discrepancy and the stalk at its own vertex.
+
+The joint dynamics Eq. (26), regularised as Eq. (42), are
+
+    ``dω/dt = −α P_Ω (∇_ω E + λ(ω − ω₀))``,   ``dF/dt = −β Π_W (∇_F E + μ(F − F₀))``,
+
+integrated by forward Euler in :func:`joint_step` / :func:`joint_flow`. The state
+term ``λ`` is the same as reluctance edges (:func:`cellsheaf.reluctance`); the map
+term ``μ`` is reluctance on the parameter sheaf. The map tensors are ordinary
+torch tensors, so a torch optimizer can drive them instead
+(:func:`parameters`, :func:`optimizer_step`).
+
+Maps are keyed ``(edge, side)`` with ``side`` in ``{"u", "v"}``. Where an
+argument takes such a dictionary (anchors), a bare edge name also works when
+only one side of that edge is trainable.
+
+Examples
+--------
+>>> import torch, cellsheaf as cs
+>>> S = cs.Sheaf(); S.add_vertex("u", 1); S.add_vertex("v", 1)
+>>> one = torch.ones(1, 1, dtype=torch.float64)
+>>> _ = S.add_edge("u", "v", cs.maps.Linear(one.clone(), trainable=True), one, name="e")
+>>> x = torch.tensor([2.0, 1.0], dtype=torch.float64)     # discrepancy 1·1 − 1·2 = −1
+>>> cs.learning.map_gradients(S, x)
+{('e', 'u'): tensor([[2.]], dtype=torch.float64)}
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Hashable, Mapping
+
+import torch
+from torch import Tensor
+
+from .boundary import Boundary, ResolvedBoundary
+from .cochain import Cochain, as_flat, check_finite
+from .energy import edge_energies, forces
+from .maps import Linear
+from .operators import pullback
+from .results import Result
+
+__all__ = [
+    "MapKey", "set_trainable", "trainable_maps", "parameters", "map_gradients", "snapshot",
+    "assign_gradients", "optimizer_step", "joint_step", "joint_flow",
+]
+
+MapKey = tuple  # (edge name, "u" | "v")
+
+
+def set_trainable(S, edge: Hashable, side: str = "u", mask=None, trainable: bool = True) -> Linear:
+    """Mark the map on ``side`` (``"u"`` or ``"v"``) of ``edge`` as trainable, with an optional 0/1 ``mask``.
+
+    The map must be a dense :class:`~cellsheaf.maps.Linear` (a tensor map); it is
+    replaced by a trainable copy holding its own tensor, which is returned.
+
+    Examples
+    --------
+    >>> import torch, cellsheaf as cs
+    >>> S = cs.Sheaf(); S.add_vertex("a", 2); S.add_vertex("b", 2)
+    >>> _ = S.add_edge("a", "b", torch.eye(2), torch.eye(2), name="e")
+    >>> cs.learning.set_trainable(S, "e", "u", mask=torch.eye(2)).trainable
+    True
+    """
+    if side not in ("u", "v"):
+        raise ValueError(f"side must be 'u' or 'v', got {side!r}")
+    e = S.edge(edge)
+    F = e.Fu if side == "u" else e.Fv
+    if not isinstance(F, Linear) or F.sparse:
+        kind = "a sparse Linear" if isinstance(F, Linear) else type(F).__name__
+        raise TypeError(f"edge {edge!r}: the map F{side} is {kind}, not a dense tensor map, so it cannot be "
+                        f"trainable; replace it by cs.maps.Linear(F.matrix(), trainable=True) if it is linear")
+    new = Linear(F.weight.detach().clone(), trainable=trainable, mask=mask if mask is not None else F.mask)
+    S.set_maps(edge, **{f"F{side}": new})
+    return new
+
+
+def trainable_maps(S) -> dict[MapKey, Linear]:
+    """``{(edge, side): map}`` for every map with ``trainable=True``, in edge order.
+
+    Examples
+    --------
+    >>> import torch, cellsheaf as cs
+    >>> S = cs.Sheaf(); S.add_vertex("a", 1); S.add_vertex("b", 1)
+    >>> _ = S.add_edge("a", "b", cs.maps.Linear(torch.eye(1), trainable=True), torch.eye(1), name="e")
+    >>> list(cs.learning.trainable_maps(S))
+    [('e', 'u')]
+    """
+    out = {}
+    for e in S.edge_items():
+        for side, F in (("u", e.Fu), ("v", e.Fv)):
+            if getattr(F, "trainable", False):
+                out[(e.name, side)] = F
+    return out
+
+
+def parameters(S) -> list[Tensor]:
+    """The tensors of the trainable maps, for a torch optimizer (see :func:`optimizer_step`)."""
+    return [F.weight for F in trainable_maps(S).values()]
+
+
+def _resolve_keys(S, values: Mapping | None, maps: dict[MapKey, Linear], what: str) -> dict[MapKey, Tensor]:
+    """Normalise ``{(edge, side) or edge: tensor}`` to ``(edge, side)`` keys of trainable maps."""
+    out = {}
+    for k, val in (values or {}).items():
+        if isinstance(k, tuple) and k in maps:
+            out[k] = val
+            continue
+        sides = [key for key in maps if key[0] == k]
+        if len(sides) != 1:
+            why = "has no trainable map" if not sides else "has trainable maps on both sides: key it by (edge, side)"
+            raise KeyError(f"{what}: edge {k!r} {why}")
+        out[sides[0]] = val
+    return out
+
+
+def snapshot(S) -> dict[MapKey, Tensor]:
+    """Copies of the current trainable maps: the anchors ``F₀`` of Eq. (41)."""
+    return {k: F.weight.detach().clone() for k, F in trainable_maps(S).items()}
+
+
+def _local_gradients(S, x: Tensor, gv: Tensor, gu: Tensor, maps: dict[MapKey, Linear]) -> dict[MapKey, Tensor]:
+    """Eq. (24) for every trainable map from the forces ``gv, gu`` (weights included) at ``x``."""
+    xb = x if x.dim() == 2 else x.unsqueeze(0)
+    gvb = gv if gv.dim() == 2 else gv.unsqueeze(0)
+    gub = gu if gu.dim() == 2 else gu.unsqueeze(0)
+    out = {}
+    for (name, side), F in maps.items():
+        e = S.edge(name)
+        se = S.edge_slice(name)
+        g = (gvb if side == "v" else gub)[:, se]
+        xs = xb[:, S.vertex_slice(e.v if side == "v" else e.u)]
+        G = g.T @ xs.to(g.dtype)
+        out[(name, side)] = G if F.mask is None else G * F.mask.to(dtype=G.dtype, device=G.device)
+    return out
+
+
+def map_gradients(S, x, mu: float = 0.0, anchors: Mapping | None = None) -> dict[MapKey, Tensor]:
+    """``Π_W ∇_F`` of the energy (summed over a batch) for every trainable map, by Eq. (24).
+
+    With ``mu > 0`` adds the structure regularisation ``μ(F − F₀)`` of Eq. (42)
+    (anchors ``F₀`` from :func:`snapshot`; default zero, Eq. 29).
+
+    Parameters
+    ----------
+    S : Sheaf
+    x : Cochain or tensor ``(C0,)`` / ``(B, C0)``
+    mu : float
+    anchors : ``{(edge, side) or edge: tensor}``, optional
+
+    Returns
+    -------
+    dict
+        ``{(edge, side): tensor}`` of the maps' shapes, masked by each map's ``mask``.
+
+    Examples
+    --------
+    >>> import torch, cellsheaf as cs
+    >>> S = cs.Sheaf(); S.add_vertex("u", 2); S.add_vertex("v", 1)
+    >>> W = cs.maps.Linear(torch.zeros(1, 2, dtype=torch.float64), trainable=True)
+    >>> _ = S.add_edge("u", "v", W, torch.eye(1, dtype=torch.float64), name="e")
+    >>> cs.learning.map_gradients(S, torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float64))[("e", "u")]
+    tensor([[-3., -6.]], dtype=torch.float64)
+    """
+    xf = as_flat(S, x)
+    maps = trainable_maps(S)
+    gv, gu = forces(S, xf)
+    return _regularised(S, _local_gradients(S, xf, gv, gu, maps), maps, mu, anchors)
+
+
+def _regularised(S, grads: dict, maps: dict, mu: float, anchors: Mapping | None) -> dict:
+    if mu == 0:
+        return grads
+    ref = _resolve_keys(S, anchors, maps, "map anchors")
+    for k, F in maps.items():
+        F0 = ref.get(k)
+        diff = F.weight.detach() - (F0.to(F.weight.dtype) if F0 is not None else 0.0)
+        reg = mu * (diff if F.mask is None else diff * F.mask.to(diff.dtype))
+        grads[k] = grads[k] + reg
+    return grads
+
+
+def assign_gradients(S, x, mu: float = 0.0, anchors: Mapping | None = None) -> dict[MapKey, Tensor]:
+    """Write :func:`map_gradients` into the ``.grad`` of every trainable map tensor (and return them),
+    so that a torch optimizer over :func:`parameters` can step."""
+    grads = map_gradients(S, x, mu, anchors)
+    for k, F in trainable_maps(S).items():
+        F.weight.grad = grads[k].to(F.weight.dtype)
+    return grads
+
+
+def optimizer_step(S, x, optimizer: torch.optim.Optimizer, mu: float = 0.0,
+                   anchors: Mapping | None = None) -> dict[MapKey, Tensor]:
+    """One map update by a torch optimizer: local gradients (Eq. 24), ``optimizer.step()``, masked
+    entries restored (``Π_W`` even with weight decay), cached operators dropped.
+
+    Examples
+    --------
+    >>> import torch, cellsheaf as cs
+    >>> S = cs.Sheaf(); S.add_vertex("u", 1); S.add_vertex("v", 1)
+    >>> one = torch.ones(1, 1, dtype=torch.float64)
+    >>> _ = S.add_edge("u", "v", cs.maps.Linear(one.clone(), trainable=True), one, name="e")
+    >>> opt = torch.optim.SGD(cs.learning.parameters(S), lr=0.1)
+    >>> x = torch.tensor([2.0, 1.0], dtype=torch.float64)
+    >>> _ = cs.learning.optimizer_step(S, x, opt)
+    >>> S.edge("e").Fu.weight
+    tensor([[0.8000]], dtype=torch.float64)
+    """
+    maps = trainable_maps(S)
+    frozen = {k: F.weight.detach().clone() for k, F in maps.items() if F.mask is not None}
+    optimizer.zero_grad()
+    grads = assign_gradients(S, x, mu, anchors)
+    optimizer.step()
+    with torch.no_grad():
+        for k, W0 in frozen.items():
+            W, m = maps[k].weight, maps[k].mask.to(dtype=W0.dtype, device=W0.device)
+            W.copy_(m * W + (1 - m) * W0)
+    _maps_changed(S, maps)
+    return grads
+
+
+def _maps_changed(S, maps: dict[MapKey, Linear]) -> None:
+    for (name, side), F in maps.items():
+        check_finite(F.weight, f"the trainable map F{side} of edge {name!r} (diverged: use a smaller step)")
+    S.invalidate()
+
+
+def _free_of(S, boundary, like: Tensor) -> Tensor:
+    if isinstance(boundary, Tensor):
+        return boundary.to(device=like.device, dtype=torch.long)
+    if isinstance(boundary, ResolvedBoundary):
+        return boundary.free.to(like.device)
+    return (boundary or Boundary()).resolve(S).free.to(like.device)
+
+
+def _joint_gradients(S, x: Tensor, maps: dict, lam: float, mu: float, x_anchor, map_anchors):
+    """``(∇_x E + λ(x − x₀), {map: Π_W(∇_F E + μ(F − F₀))})`` sharing one evaluation of the forces."""
+    gv, gu = forces(S, x)
+    g = pullback(S, gv, gu, at=x)
+    if lam:
+        g = g + lam * (x - (0.0 if x_anchor is None else as_flat(S, x_anchor).to(x.dtype)))
+    return g, _regularised(S, _local_gradients(S, x, gv, gu, maps), maps, mu, map_anchors)
+
+
+def joint_step(
+    S,
+    x,
+    boundary: Boundary | ResolvedBoundary | Tensor | None = None,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+    dt: float = 0.01,
+    lam: float = 0.0,
+    mu: float = 0.0,
+    x_anchor=None,
+    map_anchors: Mapping | None = None,
+) -> Tensor:
+    """One forward-Euler step of the joint dynamics Eq. (26) (Eq. (42) with ``lam``, ``mu``).
+
+    Both updates use the gradients at the current point; the trainable maps are
+    changed in place (and the sheaf's cached operators dropped); the new state
+    is returned.
+
+    Parameters
+    ----------
+    S : Sheaf
+    x : Cochain or tensor ``(C0,)`` / ``(B, C0)``, the current state (fixed coordinates already set).
+    boundary : Boundary, ResolvedBoundary, or a tensor of the *free* coordinate indices
+        The coordinates that move (``P_Ω``); None: all of them.
+    alpha, beta, dt : rates of the state and the maps, and the time step.
+    lam, x_anchor : state regularisation ``λ(ω − ω₀)`` (``ω₀`` default 0); the same as reluctance edges.
+    mu, map_anchors : map regularisation ``μ(F − F₀)`` (``F₀`` default 0, or from :func:`snapshot`).
+
+    Examples
+    --------
+    >>> import torch, cellsheaf as cs
+    >>> S = cs.Sheaf(); S.add_vertex("u", 1); S.add_vertex("v", 1)
+    >>> one = torch.ones(1, 1, dtype=torch.float64)
+    >>> _ = S.add_edge("u", "v", cs.maps.Linear(one.clone(), trainable=True), one, name="e")
+    >>> b = cs.Boundary().fix("u", [2.0]).fix("v", [1.0])
+    >>> x = cs.learning.joint_step(S, torch.tensor([2.0, 1.0], dtype=torch.float64), b, beta=1.0, dt=0.1)
+    >>> S.edge("e").Fu.weight                       # 1 − 0.1 · (−(1 − 2)) · 2
+    tensor([[0.8000]], dtype=torch.float64)
+    """
+    for name, val in (("alpha", alpha), ("beta", beta), ("dt", dt), ("lam", lam), ("mu", mu)):
+        if not (val >= 0 and math.isfinite(val)):
+            raise ValueError(f"joint_step: {name} must be non-negative and finite, got {val}")
+    xf = as_flat(S, x)
+    free = _free_of(S, boundary, xf)
+    maps = trainable_maps(S)
+    g, map_grads = _joint_gradients(S, xf, maps, lam, mu, x_anchor, map_anchors)
+    x_new = xf.clone()
+    x_new[..., free] = xf[..., free] - dt * alpha * g[..., free]
+    with torch.no_grad():
+        for k, F in maps.items():
+            F.weight -= (dt * beta) * map_grads[k].to(F.weight.dtype)
+    _maps_changed(S, maps)
+    check_finite(x_new, "the state after a joint step (diverged: use a smaller dt)")
+    return x_new
+
+
+def joint_flow(
+    S,
+    x0,
+    boundary: Boundary | None = None,
+    steps: int = 1000,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+    dt: float = 0.01,
+    lam: float = 0.0,
+    mu: float = 0.0,
+    x_anchor=None,
+    map_anchors: Mapping | None = None,
+    tol: float | None = None,
+    record: bool | int = True,
+) -> Result:
+    """Integrate the joint dynamics for ``steps`` Euler steps (or until the energy stops changing).
+
+    Returns a :class:`~cellsheaf.results.Result` with the final state ``x``; the maps
+    are trained in place. ``extra["energy"]`` is the total energy ``(K,)`` of the
+    regularised objective (Eq. 41, summed over the batch) every ``record`` steps and
+    ``extra["step"]`` the step numbers; ``residual`` is the norm of the joint
+    gradient ``(P_Ω ∇_ω, Π_W ∇_F)`` at the end. With ``tol`` it stops
+    (``converged=True``) once the energy changes by less than ``tol`` in a step;
+    without, ``converged`` means the ``steps`` were taken.
+
+    Examples
+    --------
+    >>> import torch, cellsheaf as cs
+    >>> S = cs.Sheaf(); S.add_vertex("u", 1); S.add_vertex("v", 1)
+    >>> one = torch.ones(1, 1, dtype=torch.float64)
+    >>> _ = S.add_edge("u", "v", cs.maps.Linear(one.clone(), trainable=True), one, name="e")
+    >>> b = cs.Boundary().fix("u", [2.0]).fix("v", [1.0])
+    >>> res = cs.learning.joint_flow(S, torch.zeros(2, dtype=torch.float64), b, steps=500, dt=0.1)
+    >>> round(float(res.energy), 8), round(float(S.edge("e").Fu.weight), 6)    # learned to lie: F_u = 1/2
+    (0.0, 0.5)
+    """
+    xf = as_flat(S, x0)
+    if boundary is not None:
+        rb = boundary.resolve(S, dtype=xf.dtype)
+        xf = rb.fill(xf)
+    else:
+        rb = Boundary().resolve(S)
+    every = int(record)
+    maps = trainable_maps(S)
+
+    def objective(x: Tensor) -> float:
+        E = float(edge_energies(S, x).sum())
+        if lam:
+            ref = 0.0 if x_anchor is None else as_flat(S, x_anchor)
+            E += 0.5 * lam * float(((x - ref)[..., rb.free] ** 2).sum())
+        if mu:
+            ref_maps = _resolve_keys(S, map_anchors, maps, "map anchors")
+            E += 0.5 * mu * sum(float((((F.weight - ref_maps.get(k, 0.0)) ** 2) *
+                                       (1 if F.mask is None else F.mask)).sum()) for k, F in maps.items())
+        return E
+
+    hist_step, hist_E = [], []
+    x, previous, converged, step = xf, objective(xf), False, 0
+    if every:
+        hist_step.append(0)
+        hist_E.append(previous)
+    while step < steps:
+        x = joint_step(S, x, rb, alpha, beta, dt, lam, mu, x_anchor, map_anchors)
+        step += 1
+        E = objective(x)
+        if every and step % every == 0:
+            hist_step.append(step)
+            hist_E.append(E)
+        if tol is not None and abs(previous - E) <= tol:
+            converged = True
+            break
+        previous = E
+    g, map_grads = _joint_gradients(S, x, maps, lam, mu, x_anchor, map_anchors)
+    residual = math.sqrt(float((g[..., rb.free] ** 2).sum()) + sum(float((G ** 2).sum()) for G in map_grads.values()))
+    msg = "" if converged or tol is None else f"energy still changing after {steps} steps"
+    res = Result("joint", converged or tol is None, step, residual, energy=edge_energies(S, x).sum(-1), message=msg,
+                 x=Cochain(S, x), t=step * dt)
+    res.extra.update(step=torch.tensor(hist_step), energy=torch.tensor(hist_E, dtype=torch.float64))
+    return res
