@@ -211,7 +211,8 @@ def _linear_terms(b: Builder, terms: list[tuple[Any, float]], what: str) -> Valu
     if not values:
         raise UnsupportedOpError(f"{what} of constants only")
     x = values[0][0]
-    const = sum((_constant(t, x, what) * c for t, c in terms if not isinstance(t, Value)), None)
+    consts = [_constant(t, x, what).to(b.dtype) * c for t, c in terms if not isinstance(t, Value)]
+    const = sum(consts[1:], consts[0]) if consts else None
     if len(values) == 1:
         c = values[0][1]
         return b.affine(x, c * torch.eye(x.dim), const, kind="affine" if const is not None else "scale",
