@@ -338,6 +338,8 @@ class Weighted(Potential):
         return self.potential.smooth
 
     def _w(self, like: Tensor) -> Tensor:
+        if self.weights.dim() == 1 and self.weights.shape[0] != like.shape[-1]:
+            raise ValueError(f"Weighted: {self.weights.shape[0]} weights for an edge stalk of dim {like.shape[-1]}")
         return self.weights.to(dtype=like.dtype, device=like.device)
 
     def elementwise(self, r: Tensor) -> Tensor:

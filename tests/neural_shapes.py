@@ -1,8 +1,8 @@
 """Neural-network-shaped sheaves written by hand (paper Sec. 3.1), for the nonlinear-solver tests.
 
-Import from any test module (pytest puts ``tests/`` on ``sys.path``)::
+Import from any test module (tests is a package)::
 
-    from neural_shapes import NeuralShape
+    from tests.neural_shapes import NeuralShape
 
 ``NeuralShape(widths, seed)`` builds the extended-stalk sheaf of a ReLU network
 with layer widths ``widths = (n0, n1, ..., n_{k+1})``: vertices ``x``, ``z1``,
