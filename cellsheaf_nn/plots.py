@@ -27,7 +27,7 @@ import networkx as nx
 import numpy as np
 import torch
 
-from .diagnostics import edge_layer, edge_type, group_trace
+from .diagnostics import edge_type, group_trace
 
 __all__ = [
     "sheaf_graph", "discord_convergence", "stalk_trajectories", "phase_plane", "residual_scatter",
@@ -214,7 +214,7 @@ def _network_boundary(ns):
 
 
 def discord_convergence(trace: Mapping[Hashable, Any], t=None, *, output=None, forward=None,
-                        groups: Sequence[str] = ("total", "type", "layer"), path=None,
+                        groups: Sequence[str] = ("total", "type", "layer"), ns=None, path=None,
                         title: str | None = None):
     """Discord against time on a log scale: total, by edge type, by layer (Figs. 6, 12).
 
@@ -229,6 +229,8 @@ def discord_convergence(trace: Mapping[Hashable, Any], t=None, *, output=None, f
     forward : (d,), optional
         The forward-pass value of the output, drawn as black dashed lines.
     groups : which discord panels to draw, from ``"total"``, ``"type"``, ``"layer"``.
+    ns : NeuralSheaf, optional
+        Groups edges by its layout (:func:`cellsheaf_nn.diagnostics.edge_group`) instead of by name.
 
     Examples
     --------
@@ -250,7 +252,7 @@ def discord_convergence(trace: Mapping[Hashable, Any], t=None, *, output=None, f
     fig, axes = _figure(1, n, size=(4.0 * n, 3.3))
     tiny = np.finfo(float).tiny
     for ax, g in zip(axes[0], groups):
-        parts = {"total": sum(series.values())} if g == "total" else group_trace(series, g)
+        parts = {"total": sum(series.values())} if g == "total" else group_trace(series, g, ns)
         seen: dict[str, str] = {}
         for name, vals in parts.items():
             color = "black" if g == "total" else (_color(name, seen) if g == "type" else None)

@@ -1,0 +1,184 @@
+"""The cellsheaf-nn command end to end in a temp folder: subprocess runs of every subcommand and error paths."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import cellsheaf as cs
+import cellsheaf_nn as csnn
+from cellsheaf_nn import cli
+
+F64 = torch.float64
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``python -m cellsheaf_nn ARGS`` in ``cwd`` (the installed package, as a user runs it)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "cellsheaf_nn", *args], cwd=cwd, capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def in_process(capsys, *args: str) -> tuple[int, str, str]:
+    code = cli.main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture
+def model_files(tmp_path):
+    """A trained-looking [2, 5, 1] model saved whole, as a state dict, and as a JSON spec with weights."""
+    from cellsheaf_nn.train import mlp
+
+    model = mlp([2, 5, 1], seed=3)
+    with torch.no_grad():
+        model[0].bias.copy_(torch.linspace(-0.5, 0.5, 5, dtype=F64))
+    torch.save(model, tmp_path / "model.pt")
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    (tmp_path / "arch.json").write_text(json.dumps({"sizes": [2, 5, 1], "weights": "weights.pt"}))
+    X = torch.randn(7, 2, dtype=F64, generator=torch.Generator().manual_seed(0))
+    np.savetxt(tmp_path / "x.csv", X.numpy(), delimiter=",", header="x1,x2", comments="")
+    np.savetxt(tmp_path / "y.csv", model(X).detach().numpy() + 0.2, delimiter=",")
+    return model, X
+
+
+# ---------------------------------------------------------------------------- subcommands
+
+
+def test_help_of_every_command(capsys):
+    for cmd in ("demo", "compile", "infer", "diagnose", "train"):
+        with pytest.raises(SystemExit) as exc:
+            cli.main([cmd, "--help"])
+        assert exc.value.code == 0
+        assert f"usage: cellsheaf-nn {cmd}" in capsys.readouterr().out
+    code, out, _ = in_process(capsys)
+    assert code == 2 and "Start with: cellsheaf-nn demo" in out
+
+
+def test_compile_spec_and_saved_model_agree(tmp_path, model_files, capsys):
+    model, _ = model_files
+    res = run("compile", "arch.json", "--spec-out", "out/sheaf.json", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "4 vertices, 3 edges (2 weight, 1 act)" in res.stdout and "det δ_Ω   1" in res.stdout
+    S = cs.Sheaf.from_spec((tmp_path / "out" / "sheaf.json").read_text())
+    assert S == csnn.compile(model).sheaf
+    code, out, _ = in_process(capsys, "compile", str(tmp_path / "model.pt"))
+    assert code == 0 and out.splitlines()[1] == res.stdout.splitlines()[1]
+
+
+def test_infer_matches_model_and_pins(tmp_path, model_files, capsys):
+    model, X = model_files
+    res = run("infer", "model.pt", "x.csv", "--out", "y_hat.csv", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    y = np.loadtxt(tmp_path / "y_hat.csv", delimiter=",", ndmin=2)
+    np.testing.assert_allclose(y, model(X).detach().numpy(), atol=1e-12)
+    code, out, _ = in_process(capsys, "infer", str(tmp_path / "arch.json"), str(tmp_path / "x.csv"),
+                              "--pin", "a1:0,1=0.5")
+    assert code == 0
+    ns = csnn.compile(model)
+    ns.pin("a1", [0, 1], torch.tensor([0.5, 0.5], dtype=F64))
+    np.testing.assert_allclose(np.loadtxt(out.splitlines(), delimiter=",", ndmin=2),
+                               ns.infer(X, check=False).numpy(), atol=1e-8)
+
+
+def test_diagnose_writes_report_and_figures(tmp_path, model_files):
+    res = run("diagnose", "model.pt", "x.csv", "--labels", "y.csv", "--out", "diag", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "lambda_1" in res.stdout and "discord with the output pinned" in res.stdout
+    for name in ("report.txt", "spectrum.json", "pinned_discord.json", "sheaf_graph.png", "spectrum.png",
+                 "residuals.png"):
+        assert (tmp_path / "diag" / name).stat().st_size > 0, name
+    table = json.loads((tmp_path / "diag" / "pinned_discord.json").read_text())
+    assert set(table) == {"weight:z1", "act:a1", "weight:z2", "total"} and table["total"][0] > 0
+
+
+def test_train_sgd_config(tmp_path):
+    (tmp_path / "cfg.json").write_text(json.dumps(
+        {"task": "paraboloid", "method": "sgd", "steps": 60, "n_train": 60,
+         "model": {"sizes": [2, 6, 1]}, "options": {"optimizer": "adam", "lr": 0.01}}))
+    res = run("train", "cfg.json", "--out", "run", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "sgd training on paraboloid [2, 6, 1]: 60 steps" in res.stdout
+    hist = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert hist["train_loss"][-1] < hist["train_loss"][0]
+    model = torch.load(tmp_path / "run" / "model.pt", weights_only=False)
+    assert isinstance(model, torch.nn.Module) and (tmp_path / "run" / "surface.png").exists()
+
+
+def test_demo_quick_end_to_end(tmp_path):
+    res = run("demo", "--quick", "--out", "demo", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert [ln[:2] for ln in lines if ln[:1].isdigit()] == ["1.", "2.", "3.", "4.", "5.", "6."]
+    assert "det δ_Ω = 1" in res.stdout
+    for name in ("report.txt", "sheaf_graph.png", "convergence.png", "phase_plane.png", "training.png",
+                 "surface.png", "spectrum.png", "residuals.png"):
+        assert (tmp_path / "demo" / name).stat().st_size > 0, name
+    assert "written to" in lines[-1] and str((tmp_path / "demo").resolve()) in lines[-1]
+
+
+# ---------------------------------------------------------------------------- what mistakes get
+
+
+def _user_error(capsys, *args) -> str:
+    code, _, err = in_process(capsys, *args)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 2 and lines[1].startswith("hint: ") and "Traceback" not in err
+    return lines[0]
+
+
+def test_unreadable_and_wrong_format_model_files(tmp_path, model_files, capsys):
+    (tmp_path / "garbage.pt").write_bytes(b"\x00\x01 definitely not a torch file")
+    msg = _user_error(capsys, "compile", str(tmp_path / "garbage.pt"))
+    assert "cannot read model file" in msg and "not a torch file" in msg
+    assert "not found" in _user_error(capsys, "compile", str(tmp_path / "missing.pt"))
+    assert "holds a state dict" in _user_error(capsys, "compile", str(tmp_path / "weights.pt"))
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    assert "holds a Tensor, not a torch.nn.Module" in _user_error(capsys, "compile", str(tmp_path / "tensor.pt"))
+    assert "is a folder" in _user_error(capsys, "compile", str(tmp_path))
+
+
+def test_spec_validation_errors_name_the_field(tmp_path, capsys):
+    (tmp_path / "bad.json").write_text(json.dumps({"sizes": [2, 0, 1], "outptu": "sigmoid"}))
+    msg = _user_error(capsys, "compile", str(tmp_path / "bad.json"))
+    assert "fails validation" in msg and "sizes.1: Input should be greater than 0" in msg and "outptu" in msg
+    (tmp_path / "broken.json").write_text("{sizes: [2, 1]")
+    assert "is not valid JSON" in _user_error(capsys, "compile", str(tmp_path / "broken.json"))
+    (tmp_path / "cfg.json").write_text(json.dumps({"task": "mnist", "steps": -1}))
+    msg = _user_error(capsys, "train", str(tmp_path / "cfg.json"), "--out", str(tmp_path / "o"))
+    assert "task:" in msg and "steps:" in msg
+
+
+def test_unwritable_output_and_wrong_input_width(tmp_path, model_files, capsys):
+    (tmp_path / "file").write_text("")
+    msg = _user_error(capsys, "diagnose", str(tmp_path / "model.pt"), str(tmp_path / "x.csv"),
+                      "--out", str(tmp_path / "file" / "sub"))
+    assert msg.startswith("cellsheaf-nn diagnose: error: cannot write to folder")
+    np.savetxt(tmp_path / "x3.csv", np.ones((4, 3)), delimiter=",")
+    msg = _user_error(capsys, "infer", str(tmp_path / "model.pt"), str(tmp_path / "x3.csv"))
+    assert "have 3 columns but the model takes 2" in msg
+    (tmp_path / "x.txt2").write_text("1,2")
+    assert "unknown format" in _user_error(capsys, "infer", str(tmp_path / "model.pt"), str(tmp_path / "x.txt2"))
+    (tmp_path / "nan.csv").write_text("1,nan\n")
+    assert "NaN" in _user_error(capsys, "infer", str(tmp_path / "model.pt"), str(tmp_path / "nan.csv"))
+    assert "cannot read pin" in _user_error(capsys, "infer", str(tmp_path / "model.pt"), str(tmp_path / "x.csv"),
+                                            "--pin", "a1=3")
+    assert "cannot pin 'q9:0=1'" in _user_error(capsys, "infer", str(tmp_path / "model.pt"),
+                                                str(tmp_path / "x.csv"), "--pin", "q9:0=1")
+
+
+def test_subprocess_error_has_no_traceback_unless_debug(tmp_path):
+    res = run("infer", "nothing.pt", "x.csv", cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.splitlines()[0] == "cellsheaf-nn infer: error: model file nothing.pt not found"
+    res = run("--debug", "infer", "nothing.pt", "x.csv", cwd=tmp_path)
+    assert res.returncode != 0 and "Traceback" in res.stderr and "UserError" in res.stderr
