@@ -26,6 +26,10 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+import cellsheaf as cs
+from cellsheaf import learning
+from cellsheaf.energy import edge_energies
+
 from . import losses as _losses
 
 __all__ = ["History", "he_init", "mlp", "output_activation", "train_sgd", "make_optimizer"]
@@ -225,17 +229,6 @@ def _evaluation_steps(steps: int, eval_every: int | None) -> set[int]:
     return set(range(0, steps + 1, every)) | {steps}
 
 
-def _batches(n: int, batch_size: int | None, generator: torch.Generator):
-    """Endless index batches: everything, or shuffled minibatches epoch after epoch."""
-    if batch_size is None or batch_size >= n:
-        while True:
-            yield None
-    while True:
-        perm = torch.randperm(n, generator=generator)
-        for i in range(0, n - batch_size + 1, batch_size):
-            yield perm[i:i + batch_size]
-
-
 def _record(hist: History, step: int, wall: float, evaluate: Callable[[Tensor, Tensor], tuple[float, float | None]],
             train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor] | None) -> None:
     loss, acc = evaluate(*train)
@@ -281,7 +274,8 @@ def train_sgd(model: nn.Module, X: Tensor, Y: Tensor, loss: str | _losses.Loss =
     optimizer : None, "sgd", "adam", factory or torch optimizer
         Default: full-batch gradient descent (``torch.optim.SGD`` without momentum).
     batch_size : int, optional
-        Minibatch size (shuffled each epoch with ``seed``); ``None`` means the full batch.
+        Minibatch size (a fresh permutation each epoch, drawn from ``seed`` and the epoch number);
+        ``None`` means the full batch.
     X_val, Y_val : Tensor, optional
         Validation data, evaluated with the training data every ``eval_every`` steps (default: 100 times).
     callbacks : sequence of callables ``cb(step, history, model)``
@@ -311,12 +305,11 @@ def train_sgd(model: nn.Module, X: Tensor, Y: Tensor, loss: str | _losses.Loss =
     val = check_data(X_val, Y_val, n_in, n_out, dtype, loss, "validation") if X_val is not None else None
     opt = make_optimizer(optimizer, params, lr if lr is not None else default_lr(loss))
     evaluate = _evaluator(model, loss)
-    batches = _batches(len(X), batch_size, torch.Generator().manual_seed(seed))
     hist, when, bar, t0 = History(), _evaluation_steps(steps, eval_every), _progress(steps, progress, "sgd"), \
         time.perf_counter()
     _record(hist, 0, 0.0, evaluate, (X, Yt), val)
     for step in range(1, steps + 1):
-        idx = next(batches)
+        idx = _batch_index(step - 1, len(X), batch_size, seed)
         xb, yb = (X, Yt) if idx is None else (X[idx], Yt[idx])
         opt.zero_grad(set_to_none=True)
         value = loss(model(xb), yb)
@@ -334,3 +327,432 @@ def train_sgd(model: nn.Module, X: Tensor, Y: Tensor, loss: str | _losses.Loss =
     if bar is not None:
         bar.close()
     return hist
+
+
+# ====================================================================== sheaf training
+
+_MODES = ("joint", "equilibrium", "nudged")
+_INITS = ("random", "forward_pass")
+_OUTPUT_MAPS = {"Sigmoid": "sigmoid", "Softmax": "softmax", "Tanh": "tanh"}
+
+
+def _batch_index(step: int, n: int, batch_size: int | None, seed: int) -> Tensor | None:
+    """Indices of the minibatch of update ``step`` (``None``: the full batch).
+
+    Stateless: epoch ``e`` is a permutation drawn from ``seed`` and ``e``, so a resumed
+    run draws the same batches as an uninterrupted one.
+    """
+    if batch_size is None or batch_size >= n:
+        return None
+    per_epoch = n // batch_size
+    epoch, k = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return perm[k * batch_size:(k + 1) * batch_size]
+
+
+def _output_activation_of(ns) -> str:
+    """Output activation of a compiled network, read off its output edge (``"identity"`` without one)."""
+    out = ns.edges_of("out")
+    if not out:
+        return "identity"
+    F = ns.sheaf.edge(out[-1]).Fu
+    return _OUTPUT_MAPS.get(type(F).__name__, type(F).__name__.lower())
+
+
+def _parameter_names(info) -> tuple[str, str | None]:
+    """``model.named_parameters()`` names of the ``nn.Linear`` behind a weight edge."""
+    prefix = f"{info.module}." if info.module else ""
+    return prefix + "weight", (prefix + "bias") if info.ones is not None else None
+
+
+class SheafTrainer:
+    """Train a compiled network by local updates on its sheaf (Sec. 5.2 of the paper, and faster variants).
+
+    Every weight map changes only from the discrepancy on its own edge and the
+    stalks at its two ends (Eqs. 24-25); the bias diagonal of ``W̄ = (W | diag(b))``
+    keeps its pattern (the maps' masks, Eq. 25).
+
+    Parameters
+    ----------
+    ns : NeuralSheaf
+        Trained in place: its weight maps change (read them back with ``ns.to_module()``).
+    mode : {"joint", "equilibrium", "nudged"}
+        ``"joint"``: the paper's joint dynamics Eq. (26) (Eq. (42) with ``lam``/``mu``), forward Euler with
+        step ``dt``: stalks and weights move together, the output clamped to the targets.
+        ``"equilibrium"``: before each weight update the stalks relax to equilibrium with the current
+        weights (output clamped; warm-started Newton, :func:`cellsheaf.minimize`): the ``α ≫ β`` limit of
+        Sec. 5.3. ``"nudged"``: the output is pulled toward the target by a loss edge of small weight
+        ``gamma``; the local update divided by ``gamma`` tends to the gradient of the loss as
+        ``gamma → 0`` (the equilibrium-propagation argument: at the free equilibrium every edge has zero
+        discord).
+    loss : str or Loss
+        On the output edge (:mod:`cellsheaf_nn.losses`); must fit the output activation.
+    optimizer : None, "sgd", "adam", factory or torch optimizer
+        Local modes only: consumes the local directions (scaled as gradients of the batch-mean loss).
+        Default plain gradient descent with ``lr``.
+    lr : float, optional
+        Local modes: learning rate (default 0.005 regression, 0.01 classification).
+    alpha, beta, dt : float
+        Joint mode: stalk rate α, weight rate β (default ``1/M`` for a batch of ``M``, Sec. 5.3), Euler step.
+    gamma : float, optional
+        Nudged mode: weight of the loss edge (default ``1e-6`` in float64, ``1e-3`` in float32): the
+        local update has a relative bias of order ``gamma``.
+    init : {"random", "forward_pass"}
+        Joint and equilibrium modes: initial stalks, ``N(0, 1/d_v)`` per coordinate of a vertex of dim
+        ``d_v`` (unit-norm stalks on average, Sec. 5.3), or the forward pass.
+    warm_start : bool
+        Whether a later :meth:`fit` continues from the stalks of the previous one (default) or
+        initialises them again.
+    lam, mu : float
+        Joint mode regularisation, Eq. (28) (``anchor="zero"``) or Eq. (41)/(42) (``anchor="initial"``:
+        the stalks and weights at the start).
+    batch_size : int, optional
+        Minibatches (a permutation per epoch drawn from ``seed``); ``None``: the full batch.
+    tol, max_iter : optional
+        Gradient-norm tolerance and iteration cap of the relaxations (default tolerance ``1e-4 · gamma``
+        in the nudged mode, where the nudge is of order ``gamma``, and ``1e-6`` in the equilibrium mode).
+    seed : int
+        Seeds the random initial stalks and the minibatch order.
+
+    Examples
+    --------
+    >>> import torch, cellsheaf_nn as csnn
+    >>> task = csnn.datasets.paraboloid(seed=0)
+    >>> ns = csnn.compile(csnn.mlp(task.sizes("1H"), seed=0))
+    >>> trainer = csnn.SheafTrainer(ns, mode="joint", loss="mse", dt=0.005)
+    >>> hist = trainer.fit(task.X_train, task.Y_train, steps=200, progress=False)
+    >>> hist.train_loss[-1] < hist.train_loss[0]
+    True
+    """
+
+    def __init__(self, ns, mode: str = "joint", loss: str | _losses.Loss = "mse", optimizer=None,
+                 lr: float | None = None, *, alpha: float = 1.0, beta: float | None = None, dt: float = 0.005,
+                 gamma: float | None = None, init: str = "random", warm_start: bool = True, lam: float = 0.0,
+                 mu: float = 0.0, anchor: str = "zero", batch_size: int | None = None, tol: float | None = None,
+                 max_iter: int | None = None, seed: int = 0):
+        if mode not in _MODES:
+            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+        if init not in _INITS:
+            raise ValueError(f"init must be one of {_INITS}, got {init!r}")
+        if anchor not in ("zero", "initial"):
+            raise ValueError(f"anchor must be 'zero' (Eq. 28) or 'initial' (Eq. 41), got {anchor!r}")
+        gamma = gamma if gamma is not None else (1e-6 if ns.dtype == torch.float64 else 1e-3)
+        for name, value in (("alpha", alpha), ("dt", dt), ("gamma", gamma)):
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be positive and finite, got {value}")
+        if beta is not None and not (beta > 0 and math.isfinite(beta)):
+            raise ValueError(f"beta must be positive and finite, got {beta}")
+        if lam < 0 or mu < 0:
+            raise ValueError(f"regularisation strengths must be non-negative, got lam={lam}, mu={mu}")
+        if mode == "joint" and optimizer is not None:
+            raise ValueError("mode='joint' is the paper's Euler dynamics with rate beta; optimizers drive the "
+                             "local modes 'equilibrium' and 'nudged'")
+        self.ns, self.mode = ns, mode
+        self.loss = _losses.get(loss)
+        self.loss.check_output(_output_activation_of(ns))
+        self.alpha, self.beta, self.dt, self.gamma = float(alpha), beta, float(dt), float(gamma)
+        self.init, self.warm_start, self.lam, self.mu, self.anchor = init, warm_start, float(lam), float(mu), anchor
+        self.batch_size, self.tol, self.max_iter, self.seed = batch_size, tol, max_iter, int(seed)
+        self.lr = lr if lr is not None else default_lr(self.loss)
+        self.sheaf, self.target = self._training_sheaf()
+        self.weights = {edge: F for (edge, side), F in learning.trainable_maps(self.sheaf).items()
+                        if side == "u" and edge in ns.edge_info}
+        if not self.weights:
+            raise ValueError("the network has no trainable weight maps (compile it from a model with nn.Linear)")
+        self.optimizer = make_optimizer(optimizer, [F.weight for F in self.weights.values()], self.lr) \
+            if mode != "joint" else None
+        self.history = History()
+        self.step = 0
+        self.stalks: Tensor | None = None
+        self._free: Tensor | None = None  # free coordinates of the training sheaf (the same for every batch)
+        self._anchors: tuple[Tensor, dict[str, Tensor]] | None = None
+
+    # ------------------------------------------------------------------ the training sheaf
+    def _training_sheaf(self):
+        """The network's sheaf with the loss on the output edge, and the vertex that holds the targets.
+
+        Clamped modes fix the output vertex to the targets and give the edges into it the loss
+        potential (reading the logits for BCE/CE, Eq. 27). The nudged mode adds a target vertex
+        and a loss edge of weight ``gamma`` from the prediction.
+        """
+        ns, loss = self.ns, self.loss
+        S = ns.pinned_sheaf.copy()
+        out = ns.edges_of("out")
+        pred_edge = S.edge(out[-1]) if out else None
+        if self.mode == "nudged":
+            src = pred_edge.u if pred_edge is not None else ns.output
+            Fu = cs.maps.Identity(S.dim(src)) if pred_edge is None or loss.logits else pred_edge.Fu
+            S.add_vertex("target", ns.n_out)
+            S.add_edge(src, "target", Fu, cs.maps.Identity(ns.n_out), name="loss:target", weight=self.gamma,
+                       potential=loss.potential())
+            return S, "target"
+        for e in [e for e in S.edge_items() if e.v == ns.output]:
+            if loss.potential().quadratic and not loss.logits:
+                continue
+            Fu = cs.maps.Identity(S.dim(e.u)) if loss.logits else e.Fu
+            S.remove_edge(e.name)
+            S.add_edge(e.u, e.v, Fu, e.Fv, name=e.name, weight=e.weight, potential=loss.potential())
+        return S, ns.output
+
+    def _boundary(self, X: Tensor, Y: Tensor) -> cs.Boundary:
+        b = self.ns.boundary(X)
+        return b.fix(self.target, Y, coords=list(range(self.ns.n_out)))
+
+    def _initial_stalks(self, X: Tensor, Y: Tensor) -> Tensor:
+        S = self.sheaf
+        if self.init == "random":
+            g = torch.Generator().manual_seed(self.seed)
+            scale = torch.cat([torch.full((S.dim(v),), 1.0 / math.sqrt(max(S.dim(v), 1)), dtype=self.ns.dtype)
+                               for v in S.vertices])
+            x0 = torch.randn(len(X), S.C0, generator=g, dtype=self.ns.dtype) * scale
+        else:
+            x0 = torch.zeros(len(X), S.C0, dtype=self.ns.dtype)
+            x0[:, : self.ns.sheaf.C0] = self._forward_state(X)
+        return self._boundary(X, Y).resolve(S, dtype=self.ns.dtype).fill(x0)
+
+    def _forward_state(self, X: Tensor) -> Tensor:
+        """The forward pass as a cochain of the network's sheaf (propagation, Prop. 3.4)."""
+        self.ns.sheaf.invalidate()
+        return self.ns.infer(X, return_state=True)[1].cochain.flat
+
+    # ------------------------------------------------------------------ fitting
+    def fit(self, X: Tensor, Y: Tensor, X_val: Tensor | None = None, Y_val: Tensor | None = None,
+            steps: int = 1000, progress: bool = True, callbacks: Sequence[Callback] = (),
+            eval_every: int | None = None, record_every: int | None = None) -> History:
+        """Run ``steps`` updates on ``(X, Y)``; returns :attr:`history` (accumulated across calls).
+
+        Parameters
+        ----------
+        X, Y : Tensor
+            Inputs ``(N, n_in)`` in the network's dtype, targets as the loss takes them.
+        X_val, Y_val : Tensor, optional
+            Validation data, evaluated every ``eval_every`` updates (default: 100 evaluations per call).
+        steps : int
+            Number of updates (Euler steps in joint mode).
+        progress : bool
+            Show a tqdm progress bar.
+        callbacks : callables ``cb(step, history, trainer)``
+            Called at every evaluation; returning ``True`` stops training.
+        record_every : int, optional
+            Also append ``{"step", "energy", "weight_norm"}`` to ``history.records`` every so many updates.
+
+        Raises
+        ------
+        FloatingPointError
+            When stalks or weights become non-finite: the step, and a smaller ``dt``/``beta``/``lr`` to try.
+        """
+        ns = self.ns
+        X, Yt = check_data(X, Y, ns.n_in, ns.n_out, ns.dtype, self.loss)
+        val = check_data(X_val, Y_val, ns.n_in, ns.n_out, ns.dtype, self.loss, "validation") \
+            if X_val is not None else None
+        if self.mode != "nudged" and (self.stalks is None or not self.warm_start or len(self.stalks) != len(X)):
+            self.stalks = self._initial_stalks(X, Yt)
+        self._free = self._boundary(X[:1], Yt[:1]).resolve(self.sheaf).free
+        if self._anchors is None and self.mode == "joint":
+            ref = self.stalks.clone() if self.anchor == "initial" else torch.zeros_like(self.stalks)
+            self._anchors = (ref, {k: (F.weight.detach().clone() if self.anchor == "initial"
+                                       else torch.zeros_like(F.weight)) for k, F in self.weights.items()})
+        evaluate = _evaluator(lambda x: ns.infer(x), self.loss)
+        when = {self.step + s for s in _evaluation_steps(steps, eval_every)}
+        bar, t0 = _progress(steps, progress, f"sheaf {self.mode}"), time.perf_counter()
+        wall0 = self.history.wall[-1] if self.history.wall else 0.0
+        if not self.history.step or self.history.step[-1] != self.step:
+            self._evaluate(evaluate, (X, Yt), val, wall0)
+        for _ in range(steps):
+            idx = _batch_index(self.step, len(X), self.batch_size, self.seed)
+            xb, yb = (X, Yt) if idx is None else (X[idx], Yt[idx])
+            self._update(xb, yb, idx)
+            self.step += 1
+            if bar is not None:
+                bar.update()
+            if record_every and self.step % record_every == 0:
+                self._record_step()
+            if self.step in when:
+                self._evaluate(evaluate, (X, Yt), val, wall0 + time.perf_counter() - t0)
+                if any(cb(self.step, self.history, self) is True for cb in callbacks):
+                    break
+        if bar is not None:
+            bar.close()
+        return self.history
+
+    def _evaluate(self, evaluate, train, val, wall: float) -> None:
+        self.ns.sheaf.invalidate()
+        _record(self.history, self.step, wall, evaluate, train, val)
+        if self.stalks is not None:
+            for kind, value in self.discord().items():
+                self.history.discord.setdefault(kind, []).append(value)
+
+    def discord(self) -> dict[str, float]:
+        """Energy of the current training stalks per edge kind (``"weight"``, ``"act"``, ``"loss"``, ...),
+        summed over the batch."""
+        if self.stalks is None:
+            raise RuntimeError("no training stalks yet: call fit() first")
+        out: dict[str, float] = {}
+        for name, value in zip(self.sheaf.edges, edge_energies(self.sheaf, self.stalks).sum(0).tolist()):
+            kind = str(name).split(":", 1)[0]
+            out[kind] = out.get(kind, 0.0) + value
+        return out
+
+    # ------------------------------------------------------------------ one update
+    def _update(self, X: Tensor, Y: Tensor, idx: Tensor | None) -> None:
+        if self.mode == "joint":
+            x = self.stalks if idx is None else self.stalks[idx]
+            x = self._joint_step(x, X, Y, idx)
+        else:
+            start = None if self.mode == "nudged" else (self.stalks if idx is None else self.stalks[idx])
+            x, grads = self._local_directions(X, Y, start)
+            self._check_finite(x)
+            for name, F in self.weights.items():
+                F.weight.grad = grads[name]
+            self.optimizer.step()
+            self._maps_changed()
+        self._check_finite(x)
+        if self.mode == "nudged" or idx is None:
+            self.stalks = x
+        else:
+            self.stalks[idx] = x
+
+    def _joint_step(self, x: Tensor, X: Tensor, Y: Tensor, idx: Tensor | None) -> Tensor:
+        """One forward-Euler step of the joint dynamics, Eq. (26) / (42) (:mod:`cellsheaf.learning`)."""
+        ref, map_ref = self._anchors
+        try:
+            x_new = learning.joint_step(
+                self.sheaf, x, self._free, alpha=self.alpha,
+                beta=self.beta if self.beta is not None else 1.0 / len(X), dt=self.dt, lam=self.lam, mu=self.mu,
+                x_anchor=ref if idx is None else ref[idx], map_anchors={(k, "u"): W for k, W in map_ref.items()})
+        except ValueError as err:  # cellsheaf.learning refuses non-finite stalks or maps
+            self._diverged(str(err))
+        self.ns.sheaf.invalidate()
+        return x_new
+
+    def _local_directions(self, X: Tensor, Y: Tensor, start: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Relax the stalks with the current weights and read off every weight edge's local update.
+
+        Returns the relaxed stalks and ``{edge: direction}``, each direction scaled as the gradient
+        of the batch-mean loss (divided by ``gamma`` in the nudged mode).
+        """
+        b = self._boundary(X, Y)
+        if self.mode == "nudged":
+            start = torch.zeros(len(X), self.sheaf.C0, dtype=self.ns.dtype)
+            start[:, : self.ns.sheaf.C0] = self._forward_state(X)
+            tol = self.tol if self.tol is not None else 1e-4 * self.gamma
+        else:
+            tol = self.tol if self.tol is not None else 1e-6
+        res = cs.minimize(self.sheaf, b, method="newton", x0=start, tol=tol, max_iter=self.max_iter)
+        x = res.x.flat
+        scale = self.loss.scale(self.ns.n_out) / len(X) / (self.gamma if self.mode == "nudged" else 1.0)
+        return x, self._map_gradients(x, scale)
+
+    def _map_gradients(self, x: Tensor, scale: float) -> dict[str, Tensor]:
+        """``scale · Π_W ∇_W E`` at stalks ``x`` for every weight edge (Eq. 24, :mod:`cellsheaf.learning`)."""
+        grads = learning.map_gradients(self.sheaf, x)
+        return {name: scale * grads[(name, "u")] for name in self.weights}
+
+    def _maps_changed(self) -> None:
+        """Weights changed in place: drop the operators cached from the old values."""
+        self.sheaf.invalidate()
+        self.ns.sheaf.invalidate()
+
+    def _check_finite(self, x: Tensor) -> None:
+        bad = [name for name, F in self.weights.items() if not bool(torch.isfinite(F.weight).all())]
+        if bad:
+            where = f"weights on edge {bad[0]!r}"
+        elif not bool(torch.isfinite(x).all()):
+            col = int(torch.nonzero(~torch.isfinite(x).all(0))[0])
+            vertex = next(v for v in self.sheaf.vertices if col < self.sheaf.vertex_slice(v).stop)
+            where = f"stalks at vertex {vertex!r}"
+        else:
+            return
+        self._diverged(f"non-finite {where}")
+
+    def _diverged(self, what: str) -> None:
+        hint = (f"a smaller dt (now {self.dt:g}) or beta (now {self.beta or 'auto 1/M'})" if self.mode == "joint"
+                else f"a smaller lr (now {self.lr:g})")
+        raise FloatingPointError(f"sheaf training (mode={self.mode!r}) diverged at step {self.step + 1}: {what}; "
+                                 f"training stopped. Try {hint}")
+
+    def _record_step(self) -> None:
+        energy = float(edge_energies(self.sheaf, self.stalks).sum()) if self.stalks is not None else float("nan")
+        norm = math.sqrt(sum(float((F.weight ** 2).sum()) for F in self.weights.values()))
+        self.history.records.append({"step": self.step, "energy": energy, "weight_norm": norm})
+
+    # ------------------------------------------------------------------ local gradients
+    def local_gradients(self, X: Tensor, Y: Tensor) -> dict[str, Tensor]:
+        """The local update of every trainable map on ``(X, Y)``, keyed like ``ns.to_module().named_parameters()``.
+
+        Scaled as an estimate of the gradient of the batch-mean loss: in the nudged mode it tends to
+        the backprop gradient as ``gamma → 0``. The weights do not change.
+
+        Examples
+        --------
+        >>> import torch, cellsheaf_nn as csnn
+        >>> task = csnn.datasets.paraboloid(seed=0)
+        >>> model = csnn.mlp([2, 8, 1], seed=0)
+        >>> trainer = csnn.SheafTrainer(csnn.compile(model), mode="nudged", loss="mse")
+        >>> g = trainer.local_gradients(task.X_train[:50], task.Y_train[:50])
+        >>> sorted(g), g["0.weight"].shape
+        (['0.bias', '0.weight', '2.bias', '2.weight'], torch.Size([8, 2]))
+        """
+        ns = self.ns
+        X, Yt = check_data(X, Y, ns.n_in, ns.n_out, ns.dtype, self.loss)
+        if self.mode == "joint":
+            if self.stalks is None or len(self.stalks) != len(X):
+                raise RuntimeError("joint mode: local_gradients reads the current stalks; fit() on this batch first")
+            scale = self.loss.scale(ns.n_out) / len(X)
+            grads = self._map_gradients(self.stalks, scale)
+        else:
+            start = self.stalks if self.mode == "equilibrium" and self.stalks is not None \
+                and len(self.stalks) == len(X) else None
+            if self.mode == "equilibrium" and start is None:
+                start = self._initial_stalks(X, Yt)
+            grads = self._local_directions(X, Yt, start)[1]
+        out: dict[str, Tensor] = {}
+        for edge, G in grads.items():
+            info = ns.edge_info[edge]
+            w_name, b_name = _parameter_names(info)
+            out[w_name] = G[:, : ns.layout[info.u].n].clone()
+            if b_name is not None:
+                k = torch.arange(G.shape[0])
+                out[b_name] = G[k, info.ones.start + k].clone()
+        return out
+
+    # ------------------------------------------------------------------ save / load
+    def state_dict(self) -> dict:
+        """Weights, stalks, step, history, optimizer state and regularisation anchors."""
+        return {"mode": self.mode, "step": self.step,
+                "weights": {k: F.weight.detach().clone() for k, F in self.weights.items()},
+                "stalks": None if self.stalks is None else self.stalks.clone(),
+                "history": self.history.to_dict(),
+                "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+                "anchors": self._anchors}
+
+    def load_state_dict(self, state: dict) -> "SheafTrainer":
+        """Restore a :meth:`state_dict` (same network architecture and mode); returns ``self``."""
+        if state["mode"] != self.mode:
+            raise ValueError(f"the saved trainer ran mode={state['mode']!r}, this one mode={self.mode!r}")
+        if set(state["weights"]) != set(self.weights):
+            raise ValueError(f"the saved weights are for edges {sorted(state['weights'])}, this network has "
+                             f"{sorted(self.weights)}")
+        for k, F in self.weights.items():
+            W = state["weights"][k]
+            if W.shape != F.weight.shape:
+                raise ValueError(f"saved weights of edge {k!r} have shape {tuple(W.shape)}, the network's "
+                                 f"{tuple(F.weight.shape)}")
+            F.weight.data.copy_(W)
+        self._maps_changed()
+        self.step, self.stalks, self._anchors = int(state["step"]), state["stalks"], state["anchors"]
+        self.history = History.from_dict(state["history"])
+        if self.optimizer is not None and state["optimizer"] is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        return self
+
+    def save(self, path) -> None:
+        """Save :meth:`state_dict` to ``path`` (``torch.save``)."""
+        torch.save(self.state_dict(), path)
+
+    def load(self, path) -> "SheafTrainer":
+        """Load a state saved by :meth:`save` into this trainer (and its network); returns ``self``.
+
+        A loaded trainer continues exactly as the saved one would have.
+        """
+        return self.load_state_dict(torch.load(path, weights_only=True))

@@ -1,0 +1,199 @@
+"""Training benchmark: the paper's Table 1 (Sec. 6.2, App. C.2), our fast local modes, digits, β·M collapse.
+
+One command runs everything and writes a markdown table and JSON under ``benchmarks/results/``::
+
+    python benchmarks/bench_train.py            # the paper's step counts (long)
+    python benchmarks/bench_train.py --quick    # 1/20 of the steps: minutes
+
+For each of the 8 task × depth configurations: SGD (full batch, the paper's
+learning rates, He initialisation, as many updates as the joint run), the
+paper's joint dynamics (``mode="joint"``: α = 1, β = 1/300, dt = 0.005 (1H) /
+0.01 (2H)), and the local modes ``"nudged"`` and ``"equilibrium"`` driven by
+Adam. Every method starts from the same initial network. Ratios are test loss
+over SGD's test loss and wall time over the joint run's, measured in this
+process. Then: scikit-learn's digits with a local mode and with SGD, and the
+β·M collapse of Fig. 8a (final loss of the joint dynamics against β·M).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import cellsheaf_nn as csnn
+from cellsheaf_nn import datasets, losses
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TASKS = ("paraboloid", "saddle", "circular", "blobs")
+DEPTHS = ("1H", "2H")
+JOINT_DT = {"1H": 0.005, "2H": 0.01}
+JOINT_STEPS = {"1H": 100_000, "2H": 200_000}
+
+
+def _evaluate(forward, task, loss) -> dict:
+    with torch.no_grad():
+        out_tr, out_te = forward(task.X_train), forward(task.X_test)
+    row = {"train_loss": float(loss(out_tr, task.Y_train)), "test_loss": float(loss(out_te, task.Y_test))}
+    row["test_acc"] = losses.accuracy(out_te, task.Y_test) if task.classification else None
+    return row
+
+
+def run_sgd(task, depth: str, steps: int, seed: int, **kw) -> dict:
+    model = csnn.mlp(task.sizes(depth), output=task.output, seed=seed)
+    t0 = time.perf_counter()
+    csnn.train_sgd(model, task.X_train, task.Y_train, loss=task.loss, steps=steps, progress=False,
+                   eval_every=steps, **kw)
+    wall = time.perf_counter() - t0
+    return dict(_evaluate(model, task, losses.get(task.loss)), wall=wall, steps=steps)
+
+
+def run_sheaf(task, depth: str, mode: str, steps: int, seed: int, **kw) -> dict:
+    ns = csnn.compile(csnn.mlp(task.sizes(depth), output=task.output, seed=seed))
+    trainer = csnn.SheafTrainer(ns, mode=mode, loss=task.loss, seed=seed, **kw)
+    t0 = time.perf_counter()
+    trainer.fit(task.X_train, task.Y_train, steps=steps, progress=False, eval_every=steps)
+    wall = time.perf_counter() - t0
+    return dict(_evaluate(ns.infer, task, losses.get(task.loss)), wall=wall, steps=steps)
+
+
+def local_settings(task, depth: str, quick: bool) -> dict:
+    """Step budgets and Adam rates of the fast local modes."""
+    lr = 0.01 if task.classification else 0.02
+    return {
+        "nudged": dict(steps=60 if quick else 600, optimizer="adam", lr=lr),
+        "equilibrium": dict(steps=20 if quick else 200, optimizer="adam", lr=lr),
+    }
+
+
+def table1(quick: bool, seed: int, tasks, depths) -> list[dict]:
+    rows = []
+    for name in tasks:
+        task = datasets.load(name, seed=seed)
+        for depth in depths:
+            steps = JOINT_STEPS[depth] // (20 if quick else 1)
+            init = "forward_pass" if task.classification else "random"
+            runs = {"sgd": run_sgd(task, depth, steps, seed),
+                    "joint": run_sheaf(task, depth, "joint", steps, seed, alpha=1.0, beta=1 / 300,
+                                       dt=JOINT_DT[depth], init=init)}
+            for mode, cfg in local_settings(task, depth, quick).items():
+                runs[mode] = run_sheaf(task, depth, mode, seed=seed, **cfg)
+            sgd, joint = runs["sgd"], runs["joint"]
+            for method, r in runs.items():
+                r.update(task=name, depth=depth, method=method, ratio_sgd=r["test_loss"] / sgd["test_loss"],
+                         time_vs_joint=r["wall"] / joint["wall"])
+                rows.append(r)
+                print(f"{name:10s} {depth} {method:11s} steps={r['steps']:>7d} train={r['train_loss']:.4g} "
+                      f"test={r['test_loss']:.4g} ratio={r['ratio_sgd']:.2f}x wall={r['wall']:.1f}s "
+                      f"({r['time_vs_joint']:.3f} of joint)", flush=True)
+    return rows
+
+
+def digits(quick: bool, seed: int) -> list[dict]:
+    task = datasets.digits(seed=seed)
+    steps_sgd, steps_local = (300, 150) if quick else (3000, 1500)
+    rows = [dict(run_sgd(task, "1H", steps_sgd, seed, optimizer="adam", lr=0.01, batch_size=128), method="sgd"),
+            dict(run_sheaf(task, "1H", "nudged", steps_local, seed, optimizer="adam", lr=0.01, batch_size=128),
+                 method="nudged")]
+    for r in rows:
+        r.update(task="digits", depth="1H")
+        print(f"digits     1H {r['method']:11s} steps={r['steps']:>7d} test_acc={r['test_acc']:.4f} "
+              f"wall={r['wall']:.1f}s", flush=True)
+    return rows
+
+
+def collapse(quick: bool, seed: int) -> list[dict]:
+    """Fig. 8a: final training loss of the joint dynamics against β·M on the paraboloid (1H)."""
+    steps = 2_000 if quick else 20_000
+    rows = []
+    for M in (75, 150, 300):
+        task = datasets.paraboloid(seed=seed, n_train=M)
+        for bm in (0.05, 0.2, 1.0, 4.0):
+            ns = csnn.compile(csnn.mlp(task.sizes("1H"), seed=seed))
+            trainer = csnn.SheafTrainer(ns, mode="joint", loss="mse", alpha=1.0, beta=bm / M, dt=0.005,
+                                        init="random", seed=seed)
+            try:
+                trainer.fit(task.X_train, task.Y_train, steps=steps, progress=False, eval_every=steps)
+                final = trainer.history.train_loss[-1]
+            except FloatingPointError:
+                final = float("inf")
+            rows.append(dict(M=M, beta=bm / M, beta_M=bm, steps=steps, train_loss=final))
+            print(f"collapse M={M:3d} beta*M={bm:<5} loss={final:.4g}", flush=True)
+    return rows
+
+
+def _fmt(v, spec=".4g") -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def markdown(results: dict) -> str:
+    out = [f"Command: `{results['command']}` ({results['machine']}, torch {results['torch']}, "
+           f"{results['threads']} thread(s), float64).", ""]
+    out += ["| task | depth | method | updates | train loss | test loss | test acc | wall (s) | test / SGD | "
+            "time / joint |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results["table1"]:
+        out.append(f"| {r['task']} | {r['depth']} | {r['method']} | {r['steps']} | {_fmt(r['train_loss'])} | "
+                   f"{_fmt(r['test_loss'])} | {_fmt(r['test_acc'], '.3f')} | {r['wall']:.1f} | "
+                   f"{r['ratio_sgd']:.2f}× | {r['time_vs_joint']:.3f} |")
+    if results.get("digits"):
+        out += ["", "| digits | method | updates | test loss | test acc | wall (s) |", "|---|---|---|---|---|---|"]
+        for r in results["digits"]:
+            out.append(f"| 1H | {r['method']} | {r['steps']} | {_fmt(r['test_loss'])} | {r['test_acc']:.4f} | "
+                       f"{r['wall']:.1f} |")
+    if results.get("collapse"):
+        Ms = sorted({r["M"] for r in results["collapse"]})
+        bms = sorted({r["beta_M"] for r in results["collapse"]})
+        out += ["", "Final training loss of the joint dynamics (paraboloid 1H) by β·M (rows) and M (columns):", "",
+                "| β·M | " + " | ".join(f"M = {M}" for M in Ms) + " |", "|---" * (len(Ms) + 1) + "|"]
+        for bm in bms:
+            vals = {r["M"]: r["train_loss"] for r in results["collapse"] if r["beta_M"] == bm}
+            out.append(f"| {bm:g} | " + " | ".join(_fmt(vals[M]) for M in Ms) + " |")
+    if results.get("summary"):
+        out += ["", *results["summary"]]
+    return "\n".join(out) + "\n"
+
+
+def summary(rows: list[dict]) -> list[str]:
+    lines = []
+    for (task, depth) in sorted({(r["task"], r["depth"]) for r in rows}):
+        local = [r for r in rows if (r["task"], r["depth"]) == (task, depth) and r["method"] in ("nudged", "equilibrium")]
+        best = min(local, key=lambda r: r["test_loss"])
+        ok = best["ratio_sgd"] <= 1.5 and best["time_vs_joint"] <= 0.1
+        lines.append(f"- {task} {depth}: best local mode `{best['method']}` at {best['ratio_sgd']:.2f}× SGD's test "
+                     f"loss in {best['time_vs_joint']:.3f} of the joint run's time — target "
+                     f"{'met' if ok else 'NOT met'}")
+    return lines
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="1/20 of the paper's steps, smaller local budgets")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tasks", nargs="*", default=list(TASKS))
+    p.add_argument("--depths", nargs="*", default=list(DEPTHS))
+    p.add_argument("--skip", nargs="*", default=[], choices=["digits", "collapse"])
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    results = {"command": "python benchmarks/bench_train.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+               "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+               "threads": torch.get_num_threads(), "quick": args.quick}
+    results["table1"] = table1(args.quick, args.seed, args.tasks, args.depths)
+    results["summary"] = summary(results["table1"])
+    if "digits" not in args.skip:
+        results["digits"] = digits(args.quick, args.seed)
+    if "collapse" not in args.skip:
+        results["collapse"] = collapse(args.quick, args.seed)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = "bench_train_quick" if args.quick else "bench_train"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    (RESULTS / f"{stem}.md").write_text(markdown(results))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
