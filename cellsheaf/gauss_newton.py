@@ -167,7 +167,7 @@ def newton(S, x: Tensor, free: Tensor, tol: float, max_iter: int = 100,
     gnorm = g.norm(dim=-1)
     mu = torch.full((B,), opt.damping, dtype=x.dtype, device=x.device)
     stalled = torch.zeros(B, dtype=torch.bool, device=x.device)
-    best = E.clone()
+    best, best_g = E.clone(), gnorm.clone()
     since_best = torch.zeros(B, dtype=torch.long, device=x.device)
     it, cg_its = 0, 0
     while True:
@@ -194,17 +194,23 @@ def newton(S, x: Tensor, free: Tensor, tol: float, max_iter: int = 100,
         p, info = cg(apply, -ga, precond=lambda r: r / precond_diag, tol=eta,
                      maxiter=opt.cg_maxiter or max(2 * n, 50))
         cg_its += info.iterations
-        slope = (ga * p).sum(-1)
-        bad = ~(slope < 0) | ~torch.isfinite(p).all(-1)
-        p[bad] = -ga[bad] / precond_diag[bad]  # fall back to a scaled gradient step
-        slope = (ga * p).sum(-1)
-        t, accepted, x_new, E_new = _armijo(S, xa, p, free, Ea, slope, opt)
+        bad = ~((ga * p).sum(-1) < 0) | ~torch.isfinite(p).all(-1)
+        p[bad] = -ga[bad] / precond_diag[bad]  # not a descent direction: use the scaled gradient
+        t, accepted, x_new, E_new = _armijo(S, xa, p, free, Ea, ga, opt)
+        short = torch.nonzero(~accepted | (t < 0.25)).flatten()
+        if short.numel():  # a kink or a poor model cut the Newton step: try steepest descent as well
+            q = -ga[short] / precond_diag[short]
+            _, acc_q, x_q, E_q = _armijo(S, xa[short], q, free, Ea[short], ga[short], opt)
+            better = acc_q & (E_q < E_new[short])
+            pick = short[better]
+            x_new[pick], E_new[pick], accepted[pick] = x_q[better], E_q[better], True
         mua = torch.where(accepted & (t == 1.0), mua / 10, mua * 10).clamp(opt.damping * 1e-4, opt.max_damping)
         x[act] = x_new
         E_act, g_act = _free_gradient(S, x_new, free)
+        gn_act = g_act.norm(dim=-1)
         E[act], g[act], mu[act] = E_act, g_act, mua
-        improved = E_act < best[act] - 1e-15 * best[act].abs().clamp_min(1.0)
-        best[act] = torch.minimum(best[act], E_act)
+        improved = (E_act < best[act] - _noise(best[act])) | (gn_act < 0.5 * best_g[act])
+        best[act], best_g[act] = torch.minimum(best[act], E_act), torch.minimum(best_g[act], gn_act)
         since_best[act] = torch.where(improved, 0, since_best[act] + 1)
         stalled[act] = (since_best[act] >= opt.stall_iterations) | (~accepted & (mua >= opt.max_damping))
         gnorm = g.norm(dim=-1)
@@ -216,9 +222,17 @@ def newton(S, x: Tensor, free: Tensor, tol: float, max_iter: int = 100,
     return x, report
 
 
-def _armijo(S, x: Tensor, p: Tensor, free: Tensor, E0: Tensor, slope: Tensor, opt: NewtonOptions):
-    """Batched backtracking ``t ∈ {1, ½, ¼, ...}`` until ``E(x + t p) <= E0 + c₁ t ∇E·p`` per item."""
+def _noise(E: Tensor) -> Tensor:
+    """The rounding level of energy values ``E``: decreases below it are invisible."""
+    return 16 * torch.finfo(E.dtype).eps * E.abs()
+
+
+def _armijo(S, x: Tensor, p: Tensor, free: Tensor, E0: Tensor, g: Tensor, opt: NewtonOptions):
+    """Batched backtracking ``t ∈ {1, ½, ¼, ...}`` until ``E(x + t p) <= E0 + c₁ t ∇E·p`` per item
+    (up to the rounding level of ``E``, so that steps near the minimum whose decrease is invisible
+    in floating point are still taken)."""
     B = x.shape[0]
+    slope = (g * p).sum(-1)
     t = torch.ones(B, dtype=x.dtype, device=x.device)
     done = torch.zeros(B, dtype=torch.bool, device=x.device)
     x_out, E_out = x.clone(), E0.clone()
@@ -232,7 +246,7 @@ def _armijo(S, x: Tensor, p: Tensor, free: Tensor, E0: Tensor, slope: Tensor, op
             Et = edge_energies(S, trial).sum(-1)
         except (ValueError, FloatingPointError):  # a trial point outside a potential's domain: shorten
             Et = torch.full_like(E0[todo], float("inf"))
-        ok = Et <= E0[todo] + opt.armijo * t[todo] * slope[todo]
+        ok = Et <= E0[todo] + opt.armijo * t[todo] * slope[todo] + _noise(E0[todo])
         idx = todo[ok]
         x_out[idx], E_out[idx], done[idx] = trial[ok], Et[ok], True
         t[todo[~ok]] /= 2

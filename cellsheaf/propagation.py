@@ -142,6 +142,13 @@ def _build(S, fixed: Tensor) -> list[PropagationStep]:
             break
     if not known.all():
         i = int(np.nonzero(~known)[0][0])
+        for name, sides in candidates.items():
+            for side, own, other, targets, scales, other_F in sides:
+                if i in targets and name not in used and known[targets].any():
+                    raise NotDeterminedError(
+                        f"free {_coordinate_name(S, i)} would be defined by edge {name!r}, but that edge also "
+                        "selects coordinates that are fixed or defined by another edge (a hard pin on a computed "
+                        "coordinate over-constrains them: δ_Ω is tall)")
         raise NotDeterminedError(
             f"free {_coordinate_name(S, i)} is not defined by any edge: no edge whose map on its side is a coordinate "
             "selection (Identity/Select) computes it from already-determined values (or such edges form a cycle)")
