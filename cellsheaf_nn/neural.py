@@ -452,12 +452,16 @@ class NeuralSheaf:
             raise ValueError(f"structural checks take one input of shape {self.input_shape}, got a batch of "
                              f"{xb.shape[0]}")
         S, penalties = self._pinned_state()
-        state = self.infer(xb, return_state=True)[1]
+        state = self.infer(xb, return_state=True, check=False)[1]  # a pinned equilibrium may sit on a kink
         return S, self._boundary(xb, penalties), state.cochain.flat.reshape(-1)
 
     def restricted_coboundary(self, x, format: str = "dense"):
         """``δ_Ω``: the coboundary at the activation pattern of input ``x`` (shape ``input_shape``),
         restricted to the free coordinates (columns; all edges as rows).
+
+        The pattern is the one at the point :meth:`infer` returns for ``x`` with the
+        current pins (the forward pass without pins; with pins, the solver's last
+        point even if it stopped on a switching surface, Note 5.1).
 
         Square and lower unitriangular in vertex/edge order for a network without
         pins or penalty edges (Lemma 3.2); tall with soft pins.

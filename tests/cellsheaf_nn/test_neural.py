@@ -1,0 +1,286 @@
+"""NeuralSheaf: inference equals the forward pass (Prop. 3.4), diffusion converges to it (Thms 4.1, 4.2),
+Lemma 3.2 on compiled networks, pins and clamping (Sec. 5.1, Note 5.1)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from torch import nn
+
+import cellsheaf as cs
+import cellsheaf_nn as csnn
+
+from .nets import mlp, mlps, residual_mlp, residual_mlps
+
+F64 = torch.float64
+
+
+# ---------------------------------------------------------------------------- inference = forward pass
+
+
+@settings(max_examples=25, deadline=None)
+@given(mlps())
+def test_infer_equals_model_float64(case):
+    model, x = case
+    ns = csnn.compile(model)
+    y, state = ns.infer(x, return_state=True)
+    torch.testing.assert_close(y, model(x).detach(), atol=1e-10, rtol=1e-10)
+    assert state.info.converged and state.info.method == "propagate"
+
+
+@settings(max_examples=10, deadline=None)
+@given(mlps(max_depth=4, max_width=32, dtype=torch.float32))
+def test_infer_equals_model_float32(case):
+    model, x = case
+    y = csnn.compile(model).infer(x)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, model(x).detach(), atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=15, deadline=None)
+@given(residual_mlps())
+def test_infer_equals_residual_model(case):
+    model, x = case
+    torch.testing.assert_close(csnn.compile(model).infer(x), model(x).detach(), atol=1e-10, rtol=1e-10)
+
+
+def test_state_holds_every_quantity():
+    model = mlp([3, 4, 2], output="softmax")
+    ns = csnn.compile(model)
+    x = torch.randn(5, 3, dtype=F64)
+    y, state = ns.infer(x, return_state=True)
+    assert set(state) == set(ns.layout)
+    z1 = model[0](x)
+    torch.testing.assert_close(state["z1"], z1, atol=1e-12, rtol=0)
+    torch.testing.assert_close(state["a1"], torch.relu(z1), atol=1e-12, rtol=0)
+    assert state["x"].shape == (5, 3) and state["y"].shape == (5, 2)
+    assert float(state.info.energy.max()) < 1e-20 and state.cochain.flat.shape == (5, ns.sheaf.C0)
+    y1, s1 = ns.infer(x[0], return_state=True)  # one unbatched input
+    assert y1.shape == (2,) and s1["a1"].shape == (4,)
+    torch.testing.assert_close(y1, y[0])
+
+
+@pytest.mark.parametrize("method", ["newton", "euler"])
+def test_iterative_minimisers_reach_the_forward_pass(method):
+    model = mlp([2, 5, 3], output="sigmoid", seed=3)
+    ns = csnn.compile(model)
+    x = torch.randn(4, 2, dtype=F64)
+    y, state = ns.infer(x, method=method, init="random", generator=torch.Generator().manual_seed(0),
+                        return_state=True)
+    assert state.info.method == method and state.info.converged
+    torch.testing.assert_close(y, model(x).detach(), atol=1e-8, rtol=0)
+
+
+# ---------------------------------------------------------------------------- diffusion (Thms 4.1, 4.2)
+
+
+@pytest.mark.parametrize("widths, output", [([2, 6, 1], "identity"), ([2, 5, 4, 1], "identity"),
+                                            ([3, 4, 2], "sigmoid"), ([2, 4, 3], "softmax")])
+def test_diffusion_converges_to_forward_pass_from_random_starts(widths, output):
+    model = mlp(widths, output=output, seed=1)
+    ns = csnn.compile(model)
+    x = torch.randn(3, widths[0], dtype=F64, generator=torch.Generator().manual_seed(2))
+    for seed in range(2):
+        y, state = ns.infer(x, method="diffusion", tol=1e-9, generator=torch.Generator().manual_seed(seed),
+                            return_state=True)
+        assert state.info.converged and state.info.method == "euler"
+        torch.testing.assert_close(y, model(x).detach(), atol=1e-7, rtol=0)
+
+
+def test_diffusion_inits_and_residual_net():
+    model = residual_mlp(2, 3, 1, 1, seed=4)
+    ns = csnn.compile(model)
+    x = torch.randn(2, 2, dtype=F64)
+    for init in ("zeros", "forward_pass"):  # "random" is covered above
+        y, state = ns.infer(x, method="diffusion", init=init, tol=1e-9, return_state=True)
+        torch.testing.assert_close(y, model(x).detach(), atol=1e-7, rtol=0)
+    assert state.info.iterations == 0  # started at the answer
+
+
+def test_non_convergence_is_reported():
+    ns = csnn.compile(mlp([2, 4, 1]))
+    x = torch.randn(2, 2, dtype=F64)
+    with pytest.raises(csnn.ConvergenceError, match="did not converge") as err:
+        ns.infer(x, method="diffusion", max_steps=3)
+    assert err.value.result.iterations == 3 and not err.value.result.converged
+    y, state = ns.infer(x, method="diffusion", max_steps=3, check=False, return_state=True)
+    assert not state.info.converged and y.shape == (2, 1)
+
+
+# ---------------------------------------------------------------------------- Lemma 3.2
+
+
+def _check_lemma_32(ns, x):
+    D = ns.restricted_coboundary(x)
+    assert D.shape[0] == D.shape[1]
+    assert torch.equal(torch.tril(D), D) and bool((torch.diagonal(D) == 1).all())  # unitriangular
+    assert ns.coboundary_determinant(x) == 1.0
+    sign, logdet = torch.linalg.slogdet(D)
+    assert float(sign) == 1.0 and abs(float(logdet)) < 1e-9
+    L = ns.restricted_laplacian(x)
+    torch.testing.assert_close(L, D.T @ D, atol=1e-10, rtol=1e-10)
+    assert float(torch.linalg.eigvalsh(L).min()) > 0
+
+
+@settings(max_examples=12, deadline=None)
+@given(mlps(max_depth=4, max_width=10))
+def test_lemma_32_on_mlps(case):
+    model, x = case
+    ns = csnn.compile(model)
+    for xi in x[:2]:
+        _check_lemma_32(ns, xi)
+
+
+@settings(max_examples=8, deadline=None)
+@given(residual_mlps(max_blocks=2, max_width=8))
+def test_lemma_32_on_residual_nets(case):
+    model, x = case
+    _check_lemma_32(csnn.compile(model), x[0])
+
+
+def test_unitriangular_at_arbitrary_activation_patterns():
+    ns = csnn.compile(residual_mlp(3, 4, 2, 2, output="sigmoid"))
+    S = ns.sheaf
+    free = ns.boundary(torch.zeros(3, dtype=F64)).resolve(S).free
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):  # random cochains: random ReLU patterns, not only the forward pass's
+        D = cs.operators.coboundary(S, at=torch.randn(S.C0, dtype=F64, generator=g), format="dense")[:, free]
+        assert torch.equal(torch.tril(D), D) and torch.equal(torch.diagonal(D), torch.ones(len(free), dtype=F64))
+
+
+# ---------------------------------------------------------------------------- pins (Sec. 5.1)
+
+
+def _pinned_net():
+    return mlp([3, 6, 6, 2], seed=11)
+
+
+def _energy(model, state, pinned=None):
+    """The discord of an MLP state written out from the model's weights (an independent formula)."""
+    lin = [m for m in model if isinstance(m, nn.Linear)]
+    E, a = 0.0, state["x"]
+    for ell, layer in enumerate(lin, 1):
+        z = state[f"z{ell}"]
+        E = E + 0.5 * ((z - layer(a)) ** 2).sum()
+        if ell < len(lin):
+            a = state[f"a{ell}"]
+            E = E + 0.5 * ((a - torch.relu(z)) ** 2).sum()
+    return E
+
+
+def test_hard_pin_moves_upstream_vertices():
+    model = _pinned_net()
+    ns = csnn.compile(model)
+    x = torch.randn(1, 3, dtype=F64, generator=torch.Generator().manual_seed(5))
+    _, free = ns.infer(x, return_state=True)
+    target = free["a1"][0, 2] + 1.5
+    pin = ns.pin("a1", [2], target.reshape(1))
+    _, pinned = ns.infer(x, return_state=True)
+    assert pinned.info.converged and pinned.info.method == "newton"
+    assert pinned["a1"][0, 2] == target
+    assert (pinned["z1"] - free["z1"]).abs().max() > 1e-3  # bidirectional: the pin reaches upstream
+    assert (pinned["z3"] - free["z3"]).abs().max() > 1e-3  # ... and downstream
+    assert torch.equal(pinned["x"], x)  # the input stays fixed
+    # first-order conditions: the gradient of the independently written energy vanishes on the free coordinates
+    leaves = {k: v.detach().clone().requires_grad_(k != "x") for k, v in pinned.items()}
+    grads = torch.autograd.grad(_energy(model, leaves), [leaves[k] for k in ("z1", "a1", "z2", "a2", "z3")])
+    grads[1][0, 2] = 0.0  # the pinned coordinate is not free
+    assert max(float(g.abs().max()) for g in grads) < 1e-8
+    ns.unpin(pin)
+    torch.testing.assert_close(ns.infer(x), model(x).detach(), atol=1e-12, rtol=0)
+
+
+def test_soft_pins_interpolate_between_free_and_hard():
+    model = _pinned_net()
+    ns = csnn.compile(model)
+    x = torch.randn(1, 3, dtype=F64, generator=torch.Generator().manual_seed(5))
+    free = ns.infer(x, return_state=True)[1]["a2"][0, 1]
+    target = free - 1.0
+    hard = ns.pin("a2", [1], target.reshape(1))
+    hard_state = ns.infer(x, return_state=True)[1]
+    ns.unpin(hard)
+    values, gaps = [], []
+    for gamma in (1e-3, 1e-1, 1.0, 10.0, 1e3, 1e6):
+        soft = ns.pin("a2", [1], target.reshape(1), strength=gamma)
+        assert "penalty:a2" in ns.pinned_sheaf.edges and ns.edge_types["penalty:a2"] == "penalty"
+        state = ns.infer(x, return_state=True)
+        values.append(float(state[1]["a2"][0, 1]))
+        gaps.append(float(max((state[1][v] - hard_state[v]).abs().max() for v in ("z1", "a1", "z2", "z3"))))
+        ns.unpin(soft)
+    assert ns.pinned_sheaf is ns.sheaf
+    assert abs(values[0] - float(free)) < 1e-2 and abs(values[-1] - float(target)) < 1e-5
+    assert all(a >= b for a, b in zip(values, values[1:]))  # moves monotonically from free to target
+    assert all(a >= b - 1e-12 for a, b in zip(gaps, gaps[1:])) and gaps[-1] < 1e-4  # ... to the hard equilibrium
+
+
+def test_soft_pin_makes_coboundary_tall_and_laplacian_stays_pd():
+    ns = csnn.compile(mlp([3, 6, 6, 2], hidden="tanh", seed=11))
+    x = torch.randn(3, dtype=F64)
+    ns.pin("z3", values=torch.tensor([1.0, -1.0], dtype=F64), strength=2.0)
+    D = ns.restricted_coboundary(x)
+    assert D.shape[0] == D.shape[1] + 2
+    with pytest.raises(ValueError, match="not square"):
+        ns.coboundary_determinant(x)
+    assert float(torch.linalg.eigvalsh(ns.restricted_laplacian(x)).min()) > 0
+
+
+def test_batched_pin_sets_match_single_solves():
+    ns = csnn.compile(mlp([3, 6, 6, 2], hidden="tanh", seed=11))  # smooth: no equilibria on kinks (Note 5.1)
+    x = torch.randn(3, 3, dtype=F64, generator=torch.Generator().manual_seed(1))
+    values = torch.tensor([[0.0], [0.5], [-0.7]], dtype=F64)  # inside the range of tanh
+    ns.pin("a1", [0], values)
+    soft = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 2.0]], dtype=F64)
+    ns.pin("z3", None, soft, strength=5.0)
+    y = ns.infer(x, tol=1e-8)  # an energy line search cannot resolve gradients far below √eps·E
+    ns.clear_pins()
+    for i in range(3):
+        ns.pin("a1", [0], values[i])
+        ns.pin("z3", None, soft[i], strength=5.0)
+        torch.testing.assert_close(ns.infer(x[i : i + 1], tol=1e-8), y[i : i + 1], atol=1e-7, rtol=0)
+        ns.clear_pins()
+
+
+def test_clamp_output_and_free_inputs_imputes():
+    model = mlp([3, 8, 1], hidden="leaky", seed=2)
+    ns = csnn.compile(model)
+    x = torch.randn(4, 3, dtype=F64, generator=torch.Generator().manual_seed(3))
+    hidden = x.clone()
+    hidden[:, 0] += 0.5
+    target = model(hidden).detach()  # reachable by changing input 0
+    free = ns.free_input([0])
+    ns.clamp(ns.output, target)
+    y, state = ns.infer(x, return_state=True, tol=1e-9)
+    assert state.info.converged and torch.equal(y, target)
+    assert torch.equal(state["x"][:, 1:], x[:, 1:])  # the observed input coordinates are kept
+    torch.testing.assert_close(model(state["x"]).detach(), target, atol=1e-8, rtol=0)  # a consistent completion
+    ns.unpin(free)
+    with pytest.raises(ValueError, match="free_input"):
+        ns.clamp("x", torch.zeros(1, dtype=F64), coords=[0])
+
+
+def test_pin_errors():
+    ns = csnn.compile(_pinned_net())
+    with pytest.raises(KeyError, match="unknown vertex 'a9'"):
+        ns.pin("a9", [0], 1.0)
+    with pytest.raises(IndexError, match="outside the 6 neurons"):
+        ns.pin("a1", [6], 1.0)
+    with pytest.raises(ValueError, match="values of shape"):
+        ns.pin("a1", [0, 1], torch.ones(3, dtype=F64))
+    with pytest.raises(ValueError, match="NaN"):
+        ns.pin("a1", [0], float("nan"))
+    with pytest.raises(ValueError, match="strength"):
+        ns.pin("a1", [0], 1.0, strength=-1.0)
+    p = ns.pin("a1", [0, 1], 1.0)
+    with pytest.raises(ValueError, match="already fixed"):
+        ns.pin("a1", [1], 0.0)
+    ns.unpin(p)
+    with pytest.raises(KeyError, match="not active"):
+        ns.unpin(p)
+    with pytest.raises(ValueError, match="network takes"):
+        ns.infer(torch.zeros(2, 4, dtype=F64))
+    with pytest.raises(ValueError, match="method must be"):
+        ns.infer(torch.zeros(2, 3, dtype=F64), method="magic")
+    ns.pin("a1", [0], 1.0)
+    with pytest.raises(cs.NotDeterminedError):
+        ns.infer(torch.zeros(2, 3, dtype=F64), method="propagate")
