@@ -39,7 +39,7 @@ from torch import Tensor
 
 from .energy import _layout, edge_energies, forces
 from .linalg import cg
-from .maps import Elementwise
+from .maps import Compose, Elementwise, LeakyReLU, ReLU
 from .operators import _plan, apply_coboundary_jvp, edge_weights, expressed, pullback
 
 __all__ = ["GaussNewton", "newton"]
@@ -138,7 +138,8 @@ class NewtonOptions:
     max_backtracks: int = 40    # halvings of the step before a line search fails
     damping: float = 1e-10      # initial μ relative to the Jacobi diagonal
     max_damping: float = 1e8
-    stall_iterations: int = 8   # iterations without energy decrease before giving up
+    stall_iterations: int = 8   # iterations without progress before giving up
+    max_releases: int = 10      # times an item may free coordinates held on kinks (guards against cycling)
     cg_maxiter: int | None = None
 
 
@@ -148,13 +149,88 @@ def _free_gradient(S, x: Tensor, free: Tensor) -> tuple[Tensor, Tensor]:
     return edge_energies(S, x).sum(-1), pullback(S, gv, gu, at=x)[:, free]
 
 
+def _kink_mask(S, free: Tensor) -> Tensor:
+    """Which free coordinates feed a ReLU / leaky ReLU directly (kink at 0), as a bool mask over ``free``."""
+    from .propagation import _scaled_selection
+
+    key = ("kinks", free.cpu().numpy().tobytes())
+    if key not in S._cache:
+        flat = torch.zeros(S.C0, dtype=torch.bool)
+        for e in S.edge_items():
+            for F, w in ((e.Fu, e.u), (e.Fv, e.v)):
+                start = S.vertex_slice(w).start
+                if isinstance(F, (ReLU, LeakyReLU)):
+                    flat[start:start + F.d_in] = True
+                elif isinstance(F, Compose) and isinstance(F.outer, (ReLU, LeakyReLU)):
+                    sel = _scaled_selection(F.inner)
+                    if sel is not None:
+                        flat[start + torch.as_tensor(sel[0])] = True
+        S._cache[key] = flat[free.cpu()]
+    return S._cache[key].to(free.device)
+
+
+def _stationarity(S, x: Tensor, free: Tensor, g: Tensor, held: Tensor) -> tuple[Tensor, Tensor]:
+    """Clarke stationarity ``dist(0, ∂E)`` per item, and which held coordinates should leave their kink.
+
+    ``g`` is the gradient with the fast selection rule (the right derivative at a ReLU
+    kink); for coordinates ``held`` at a kink the left derivative comes from the same
+    point nudged to the smallest negative number, and the coordinate contributes the
+    distance from 0 to the interval between the two one-sided derivatives.
+    """
+    smooth = g.masked_fill(held, 0.0)
+    if not bool(held.any()):
+        return smooth.norm(dim=-1), held
+    left = x.clone()
+    xf = left[:, free]
+    xf[held] = -torch.finfo(x.dtype).tiny
+    left[:, free] = xf
+    g_left = pullback(S, *forces(S, left), at=left)[:, free]
+    d = torch.where(g_left > 0, g_left, torch.where(g < 0, g, torch.zeros_like(g))).masked_fill(~held, 0.0)
+    return (smooth.square().sum(-1) + d.square().sum(-1)).sqrt(), held & (d != 0)
+
+
+def _direction(S, xa: Tensor, free: Tensor, ga: Tensor, held: Tensor, mu: Tensor, opt: NewtonOptions):
+    """Damped Gauss–Newton direction on the coordinates not held at kinks, by Jacobi-preconditioned CG."""
+    model = GaussNewton(S, xa)
+    diag = model.diagonal()[:, free]
+    scale = diag.mean(-1, keepdim=True).clamp_min(torch.finfo(xa.dtype).tiny)
+    damp = mu.unsqueeze(-1) * (diag + scale)
+    precond_diag = (diag + damp).masked_fill(held, 1.0)
+
+    def apply(p: Tensor) -> Tensor:
+        full = xa.new_zeros(xa.shape)
+        full[:, free] = p.masked_fill(held, 0.0)
+        return torch.where(held, p, model.matvec(full)[:, free] + damp * p)
+
+    eta = float(torch.clamp(ga.norm(dim=-1), max=0.1).min().clamp_min(1e-14))
+    p, info = cg(apply, -ga, precond=lambda r: r / precond_diag, tol=eta,
+                 maxiter=opt.cg_maxiter or max(2 * free.numel(), 50))
+    bad = ~((ga * p).sum(-1) < 0) | ~torch.isfinite(p).all(-1)
+    p[bad] = -ga[bad] / precond_diag[bad]  # not a descent direction: use the scaled gradient
+    return p, precond_diag, info.iterations
+
+
+def _set_free(x: Tensor, free: Tensor, mask: Tensor, value: float) -> Tensor:
+    xf = x[:, free]
+    xf[mask] = value
+    x[:, free] = xf
+    return x
+
+
 def newton(S, x: Tensor, free: Tensor, tol: float, max_iter: int = 100,
            options: NewtonOptions | None = None, record: bool | int = False) -> tuple[Tensor, dict]:
     """Minimise the energy over the coordinates ``free`` of ``x`` (``(B, C0)``; the others stay fixed).
 
+    Active set for ReLU kinks: a coordinate that feeds a ReLU and zigzags across
+    its kink is held at the kink, Newton continues on the others, and the
+    coordinate is let go when a one-sided derivative says that leaving the kink
+    lowers the energy. Stationarity is measured in the Clarke sense, so an
+    equilibrium on a switching surface (Note 5.1) is recognised as one.
+
     Returns the final point and a report: ``converged`` (bool per item),
-    ``iterations``, ``energy`` and ``grad_norm`` per item, ``cg_iterations``
-    (total), ``stalled`` (bool per item) and, with ``record``, the ``trajectory``
+    ``iterations``, ``energy`` and ``grad_norm`` (the Clarke stationarity) per item,
+    ``on_kinks`` (coordinates held at kinks per item), ``cg_iterations`` (total),
+    ``stalled`` (bool per item) and, with ``record``, the ``trajectory``
     ``{"step": (K,), "edge_energy": (K, B, E)}`` every ``record`` iterations. Use
     :func:`cellsheaf.minimize` for the public interface.
     """
@@ -162,61 +238,69 @@ def newton(S, x: Tensor, free: Tensor, tol: float, max_iter: int = 100,
     trace_steps, trace = [], []
     opt = options or NewtonOptions()
     B, n = x.shape[0], free.numel()
+    dev = x.device
     x = x.clone()
+    kinks = _kink_mask(S, free)
+    held = torch.zeros(B, n, dtype=torch.bool, device=dev)
+    flips = torch.zeros(B, n, dtype=torch.long, device=dev)
+    releases = torch.zeros(B, dtype=torch.long, device=dev)
     E, g = _free_gradient(S, x, free)
-    gnorm = g.norm(dim=-1)
-    mu = torch.full((B,), opt.damping, dtype=x.dtype, device=x.device)
-    stalled = torch.zeros(B, dtype=torch.bool, device=x.device)
-    best, best_g = E.clone(), gnorm.clone()
-    since_best = torch.zeros(B, dtype=torch.long, device=x.device)
+    measure, _ = _stationarity(S, x, free, g, held)
+    mu = torch.full((B,), opt.damping, dtype=x.dtype, device=dev)
+    stalled = torch.zeros(B, dtype=torch.bool, device=dev)
+    best, best_g = E.clone(), measure.clone()
+    since_best = torch.zeros(B, dtype=torch.long, device=dev)
     it, cg_its = 0, 0
     while True:
         if every and it % every == 0:
             trace_steps.append(it)
             trace.append(edge_energies(S, x).detach())
-        act = torch.nonzero((gnorm > tol) & ~stalled).flatten()
+        act = torch.nonzero((measure > tol) & ~stalled).flatten()
         if it >= max_iter or act.numel() == 0:
             break
         it += 1
-        xa, ga, Ea, mua = x[act], g[act], E[act], mu[act]
-        model = GaussNewton(S, xa)
-        diag = model.diagonal()[:, free]
-        scale = diag.mean(-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
-        damp = mua.unsqueeze(-1) * (diag + scale)
-        precond_diag = diag + damp
-
-        def apply(p: Tensor) -> Tensor:
-            full = xa.new_zeros(xa.shape)
-            full[:, free] = p
-            return model.matvec(full)[:, free] + damp * p
-
-        eta = float(torch.clamp(ga.norm(dim=-1), max=0.1).min().clamp_min(1e-14))
-        p, info = cg(apply, -ga, precond=lambda r: r / precond_diag, tol=eta,
-                     maxiter=opt.cg_maxiter or max(2 * n, 50))
-        cg_its += info.iterations
-        bad = ~((ga * p).sum(-1) < 0) | ~torch.isfinite(p).all(-1)
-        p[bad] = -ga[bad] / precond_diag[bad]  # not a descent direction: use the scaled gradient
+        xa, Ea, mua, ha = x[act], E[act], mu[act], held[act]
+        ga = g[act].masked_fill(ha, 0.0)
+        p, precond_diag, its = _direction(S, xa, free, ga, ha, mua, opt)
+        cg_its += its
         t, accepted, x_new, E_new = _armijo(S, xa, p, free, Ea, ga, opt)
+        # Safeguards, kept when they lower the energy more than the Newton step: the plain gradient step
+        # (it leaves the kinks of non-smooth potentials, where the curvature model is huge) and, where a kink
+        # or a poor model cut the Newton step short, the Jacobi-scaled gradient step.
         short = torch.nonzero(~accepted | (t < 0.25)).flatten()
-        if short.numel():  # a kink or a poor model cut the Newton step: try steepest descent as well
-            q = -ga[short] / precond_diag[short]
-            _, acc_q, x_q, E_q = _armijo(S, xa[short], q, free, Ea[short], ga[short], opt)
-            better = acc_q & (E_q < E_new[short])
-            pick = short[better]
+        everyone = torch.arange(len(act), device=dev)
+        for rows, q in ((everyone, -ga), (short, (-ga / precond_diag)[short])):
+            if rows.numel() == 0:
+                continue
+            _, acc_q, x_q, E_q = _armijo(S, xa[rows], q, free, Ea[rows], ga[rows], opt)
+            better = acc_q & (E_q < E_new[rows])
+            pick = rows[better]
             x_new[pick], E_new[pick], accepted[pick] = x_q[better], E_q[better], True
         mua = torch.where(accepted & (t == 1.0), mua / 10, mua * 10).clamp(opt.damping * 1e-4, opt.max_damping)
-        x[act] = x_new
+        # a kink coordinate that crossed 0 on two steps running is zigzagging across a switching surface: hold it
+        crossed = kinks & ((xa[:, free] >= 0) != (x_new[:, free] >= 0))
+        fa = torch.where(crossed, flips[act] + 1, torch.zeros_like(flips[act]))
+        newly = (fa >= 2) & ~ha & (releases[act] < opt.max_releases).unsqueeze(-1)
+        ha = ha | newly
+        x_new = _set_free(x_new, free, ha, 0.0)
         E_act, g_act = _free_gradient(S, x_new, free)
-        gn_act = g_act.norm(dim=-1)
-        E[act], g[act], mu[act] = E_act, g_act, mua
-        improved = (E_act < best[act] - _noise(best[act])) | (gn_act < 0.5 * best_g[act])
-        best[act], best_g[act] = torch.minimum(best[act], E_act), torch.minimum(best_g[act], gn_act)
+        m_act, leave = _stationarity(S, x_new, free, g_act, ha)
+        # let go of held coordinates that a one-sided derivative pushes off the kink, once the rest has settled
+        smooth = g_act.masked_fill(ha, 0.0).norm(dim=-1)
+        go = leave & (smooth <= torch.clamp(0.1 * m_act, min=tol)).unsqueeze(-1)
+        releases[act] += go.any(-1).long()
+        ha = ha & ~go
+        x[act], E[act], g[act], mu[act], held[act], flips[act] = x_new, E_act, g_act, mua, ha, fa.masked_fill(newly, 0)
+        measure[act] = m_act
+        changed = newly.any(-1) | go.any(-1)
+        improved = (E_act < best[act] - _noise(best[act])) | (m_act < 0.5 * best_g[act]) | changed
+        best[act] = torch.where(changed, E_act, torch.minimum(best[act], E_act))
+        best_g[act] = torch.where(changed, m_act, torch.minimum(best_g[act], m_act))
         since_best[act] = torch.where(improved, 0, since_best[act] + 1)
         stalled[act] = (since_best[act] >= opt.stall_iterations) | (~accepted & (mua >= opt.max_damping))
-        gnorm = g.norm(dim=-1)
-    converged = gnorm <= tol
-    report = {"converged": converged, "iterations": it, "energy": E, "grad_norm": gnorm,
-              "cg_iterations": cg_its, "stalled": stalled & ~converged}
+    converged = measure <= tol
+    report = {"converged": converged, "iterations": it, "energy": E, "grad_norm": measure,
+              "cg_iterations": cg_its, "stalled": stalled & ~converged, "on_kinks": held.sum(-1)}
     if every:
         report["trajectory"] = {"step": torch.tensor(trace_steps), "edge_energy": torch.stack(trace)}
     return x, report

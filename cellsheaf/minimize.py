@@ -189,11 +189,19 @@ def minimize(
         out, residuals = propagate(S, xb, steps, residuals=True, inplace=True)  # x is a fresh tensor
         return _verify_propagation(S, out if x.dim() == 2 else out[0], rb.free, tol, why, residuals)
     out, report = newton(S, xb, rb.free, tol, 100 if max_iter is None else max_iter, options, record=record)
-    extra = {"cg_iterations": report["cg_iterations"], "stalled": report["stalled"]}
+    extra = {"cg_iterations": report["cg_iterations"], "stalled": report["stalled"], "on_kinks": report["on_kinks"]}
     if record:
         extra["trajectory"] = report["trajectory"]
-    return _finish(S, out if x.dim() == 2 else out[0], rb.free, "newton", tol, report["iterations"],
-                   _newton_message(report, tol), extra, why)
+    one = (lambda t: t) if x.dim() == 2 else (lambda t: t[0])
+    res = _finish(S, one(out), rb.free, "newton", tol, report["iterations"], _newton_message(report, tol), extra,
+                  why, grad_norm=one(report["grad_norm"]), energy=one(report["energy"]))
+    kinks = report["on_kinks"][report["converged"]]
+    if res.converged and bool((kinks > 0).any()):
+        res.message = (f"converged; {int((kinks > 0).sum())} item(s) rest on ReLU switching surfaces (Note 5.1): "
+                       "coordinates held at z = 0 where a ≠ relu(z) is possible, so the point is stationary in the "
+                       "Clarke sense (grad_norm measures the distance of 0 to the Clarke subdifferential), not a "
+                       "global section")
+    return res
 
 
 def _newton_message(report: dict, tol: float) -> str:
@@ -202,10 +210,10 @@ def _newton_message(report: dict, tol: float) -> str:
         return ""
     n, worst = int(bad.sum()), float(report["grad_norm"][bad].max())
     if bool(report["stalled"].any()):
-        return (f"{n} item(s) not converged: Newton stopped decreasing the energy with gradient norm up to "
-                f"{worst:.3g} > tol {tol:.3g}. The point is a generalised (Clarke) critical point on a switching "
-                "surface of a piecewise-linear map (Note 5.1) or a kink of a non-smooth potential, not a smooth "
-                "stationary point")
+        return (f"{n} item(s) not converged: Newton stopped decreasing the energy with a stationarity measure up "
+                f"to {worst:.3g} > tol {tol:.3g}. The point is likely near a kink of a non-smooth potential (L1) "
+                "or a switching surface of a piecewise-linear map other than a coordinate ReLU (Note 5.1), not a "
+                "smooth stationary point")
     return f"{n} item(s) not converged after {report['iterations']} Newton steps: gradient norm {worst:.3g} > tol"
 
 

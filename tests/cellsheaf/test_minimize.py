@@ -234,32 +234,51 @@ def test_newton_with_non_quadratic_penalty_edges(potential):
     torch.testing.assert_close(res.x.flat, flow.x.flat, rtol=0, atol=1e-7)
 
 
-def test_switching_surface_is_reported_honestly():
-    """Note 5.1: pinning a post-activation below zero forces z onto the ReLU kink with a ≠ relu(z)."""
+def test_switching_surface_equilibrium_is_found_and_reported():
+    """Note 5.1: pinning a post-activation below zero puts z on the ReLU kink with a ≠ relu(z)."""
     net = NeuralShape([2, 3, 1], seed=0)
+    S = net.S
     X = net.random_input(4)
-    pin = cs.soft_pin(net.S, "a1", _t([-1.0, -1.0, -1.0]), coords=[0, 1, 2], strength=10.0)
+    pin = cs.soft_pin(S, "a1", _t([-1.0, -1.0, -1.0]), coords=[0, 1, 2], strength=10.0)
     b = pin.boundary(net.boundary(X))
-    res = cs.minimize(net.S, b)
-    assert res.method == "newton" and not res.converged
-    assert "switching surface" in res.message and bool(res.extra["stalled"].any())
-    assert res.residual == pytest.approx(float(_free_grad_norm(net.S, b, res.x.flat).max()))
-    z = res.x["z1"][res.extra["stalled"]]
-    assert float(z.abs().min()) < 1e-6  # it stopped on a kink z_j = 0
-    flow = cs.minimize(net.S, b, method="euler", max_iter=1000)
-    assert not flow.converged and "gradient norm" in flow.message
-    assert bool((res.energy <= flow.energy + 1e-9).all())
+    res = cs.minimize(S, b)
+    assert res.method == "newton" and res.converged and "switching surfaces" in res.message
+    held = res.extra["on_kinks"]
+    assert bool((held > 0).all())
+    x = res.x.flat
+    z, a = res.x["z1"], res.x["a1"][:, :3]
+    on_kink = z == 0
+    assert int(on_kink.sum()) == int(held.sum()) and bool((a[on_kink].abs() > 1e-3).all())  # not a global section
+    assert float(gradient(S, x)[:, b.resolve(S).free].norm(dim=-1).max()) > 1e-3  # no smooth stationarity there
+    for i, j in zip(*torch.nonzero(on_kink, as_tuple=True)):  # a local minimum along each held coordinate
+        col = S.vertex_slice("z1").start + int(j)
+        for h in (1e-5, -1e-5):
+            y = x[i].clone()
+            y[col] += h
+            assert float(cs.energy(S, y)) >= float(res.energy[i]) - 1e-13
+    flow = cs.minimize(S, b, method="euler", max_iter=1000)
+    assert not flow.converged and "gradient norm" in flow.message  # the flow only creeps along the surface
+    assert bool((res.energy <= flow.energy + 1e-12).all())
 
 
-def test_l1_minimum_on_a_kink_is_found_but_not_claimed_smooth():
+def test_l1_minimum_on_a_kink():
     S = cs.Sheaf()
     for v in "abcm":
         S.add_vertex(v, 1)
     for u in "abc":
         S.add_edge(u, "m", M.Identity(1), M.Identity(1), potential=P.L1())
     b = cs.Boundary().fix("a", _t([0.0])).fix("b", _t([1.0])).fix("c", _t([5.0]))
-    res = cs.minimize(S, b)  # the median
-    assert abs(float(res.x["m"]) - 1.0) < 1e-6 and not res.converged and "kink" in res.message
+    res = cs.minimize(S, b)  # the median, where 0 ∈ ∂E = {−1 + [−1, 1] + 1}
+    assert res.converged and float(res.x["m"]) == 1.0
+
+
+def test_stalling_on_a_non_smooth_potential_is_reported():
+    S = cs.Sheaf(); S.add_vertex("data", 3); S.add_vertex("w", 3)
+    S.add_edge("data", "w", M.Identity(3), M.Identity(3))
+    reg = cs.reluctance(S, ["w"], strength=1.0, potential=P.L1())  # soft thresholding: w = (2, 0, −1)
+    res = cs.minimize(S, reg.boundary(cs.Boundary().fix("data", _t([3.0, 0.5, -2.0]))))
+    assert not res.converged and "non-smooth potential" in res.message and bool(res.extra["stalled"].all())
+    torch.testing.assert_close(res.x["w"], _t([2.0, 0.0, -1.0]), atol=1e-3, rtol=0)
 
 
 def test_newton_record_and_batched_subsetting():
