@@ -303,6 +303,12 @@ def stalk_trajectories(values, t=None, *, forward=None, labels: Sequence[str] | 
     return save(fig, path)
 
 
+def _unit_norm():
+    from matplotlib.colors import Normalize
+
+    return Normalize(0.0, 1.0)
+
+
 def _crossings(traj: np.ndarray) -> np.ndarray:
     """Points of a ``(T, 2)`` path just after a coordinate changes sign."""
     s = traj >= 0
@@ -314,7 +320,7 @@ def phase_plane(traj, *, fixed_point=None, ax=None, labels: tuple[str, str] = ("
                 title: str | None = None):
     """A phase plane of two pre-activation coordinates (Fig. 13).
 
-    Trajectories fade from light (early) to dark (late); dashed grey lines are
+    Trajectories go from light (early, start circled) to dark (late); dashed grey lines are
     the ReLU switching lines ``z_j = 0``; red crosses mark where a trajectory
     crosses one; the gold star is the forward-pass fixed point.
 
@@ -345,8 +351,11 @@ def phase_plane(traj, *, fixed_point=None, ax=None, labels: tuple[str, str] = ("
     T = P.shape[0]
     for b in range(P.shape[1]):
         seg = np.stack([P[:-1, b], P[1:, b]], axis=1)
-        lc = LineCollection(seg, cmap="Blues", array=np.linspace(0.25, 1.0, max(T - 1, 1)), lw=1.6)
+        lc = LineCollection(seg, cmap="Blues", norm=_unit_norm(), array=np.linspace(0.35, 1.0, max(T - 1, 1)),
+                            lw=1.8)
         ax.add_collection(lc)
+        ax.scatter(P[:1, b, 0], P[:1, b, 1], s=18, facecolors="none", edgecolors="#6baed6", zorder=3,
+                   label="start" if b == 0 else None)
         cr = _crossings(P[:, b])
         if len(cr):
             ax.scatter(cr[:, 0], cr[:, 1], marker="x", color="red", s=30, zorder=3,
