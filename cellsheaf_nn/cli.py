@@ -99,8 +99,10 @@ class TrainConfig(BaseModel):
 
     Example: ``{"task": "paraboloid", "method": "sheaf", "steps": 2000}``. Without
     ``model`` the task's architecture of depth ``depth`` is used. ``options``
-    are passed on to :class:`cellsheaf_nn.SheafTrainer` (``method="sheaf"``) or
-    :func:`cellsheaf_nn.train_sgd` (``method="sgd"``).
+    are passed on to :class:`cellsheaf_nn.train.SheafTrainer` (``method="sheaf"``,
+    e.g. ``mode``, ``dt``, ``init``) or :func:`cellsheaf_nn.train.train_sgd`
+    (``method="sgd"``, e.g. ``optimizer``, ``lr``); ``eval_every`` defaults to
+    a twentieth of the steps.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -487,15 +489,19 @@ def train_from_config(cfg: TrainConfig, out: Path, progress: bool, base: Path = 
                         f"({X.shape[1]} inputs, {task.n_classes or 1} outputs)",
                         "fix model.sizes, or leave model out to use the task's architecture")
     model = spec.build(base)
+    options = dict(cfg.options)
+    eval_every = options.pop("eval_every", max(1, cfg.steps // 20))
     t0 = time.perf_counter()
     try:
         if cfg.method == "sgd":
             hist = tr.train_sgd(model, X, Y, loss=task.loss, steps=cfg.steps, X_val=task.X_test,
-                                Y_val=task.Y_test, seed=cfg.seed, progress=progress, **cfg.options)
+                                Y_val=task.Y_test, seed=cfg.seed, progress=progress, eval_every=eval_every,
+                                **options)
         else:
             ns = _compile(model)
-            trainer = tr.SheafTrainer(ns, loss=task.loss, seed=cfg.seed, **cfg.options)
-            hist = trainer.fit(X, Y, steps=cfg.steps, X_val=task.X_test, Y_val=task.Y_test, progress=progress)
+            trainer = tr.SheafTrainer(ns, loss=task.loss, seed=cfg.seed, **options)
+            hist = trainer.fit(X, Y, steps=cfg.steps, X_val=task.X_test, Y_val=task.Y_test, progress=progress,
+                               eval_every=eval_every)
             model = ns.to_module()
     except TypeError as err:
         raise UserError(f"bad training option: {err}", "see the documentation of the trainer for its options") \
@@ -558,7 +564,7 @@ def _demo(out: Path, seed: int, progress: bool, quick: bool) -> str:
     sizes = [2, 16, 1]
 
     with _stage("training a small network by SGD", progress):
-        steps = 300 if quick else 1500
+        steps = 100 if quick else 1500
         model = tr.mlp(sizes, seed=seed)
         hist = tr.train_sgd(model, task.X_train, task.Y_train, loss="mse", steps=steps, optimizer="adam", lr=0.01,
                             X_val=task.X_test, Y_val=task.Y_test, eval_every=steps // 10, seed=seed,
@@ -578,7 +584,7 @@ def _demo(out: Path, seed: int, progress: bool, quick: bool) -> str:
 
     with _stage("diffusing from random stalks", progress):
         Xd = X[:6]
-        steps = 1500 if quick else 6000
+        steps = 600 if quick else 6000
         t, path = dg.diffusion_path(ns, Xd, steps=steps, every=steps // 300, generator=g)
         trace = dg.discord_trace(ns, path)
         out_traj = path[:, 0, ns.coords(ns.output)]
@@ -608,7 +614,7 @@ def _demo(out: Path, seed: int, progress: bool, quick: bool) -> str:
         f"move by up to {dz1:.3f}: the constraint spreads both ways (Sec. 5.1)")
 
     with _stage("training with local updates (joint dynamics)", progress):
-        steps, n = (300, 100) if quick else (2000, 300)
+        steps, n = (100, 50) if quick else (2000, 300)
         ns_local = _compile(tr.mlp(sizes, seed=seed + 1))
         trainer = tr.SheafTrainer(ns_local, mode="joint", loss="mse", dt=0.02, init="forward_pass", seed=seed)
         lhist = trainer.fit(task.X_train[:n], task.Y_train[:n], X_val=task.X_test, Y_val=task.Y_test, steps=steps,
@@ -621,7 +627,7 @@ def _demo(out: Path, seed: int, progress: bool, quick: bool) -> str:
                           title="sheaf-trained regression surface")
 
     with _stage("spectral and discord diagnostics", progress):
-        Xs, Ys = task.X_test[:50], task.Y_test[:50]
+        Xs, Ys = task.X_test[: 20 if quick else 50], task.Y_test[: 20 if quick else 50]
         summary = dg.spectral_summary(ns, Xs)
         s = summary.as_dict()
         pinned = dg.pinned_discord(ns, Xs, Ys)
@@ -630,7 +636,7 @@ def _demo(out: Path, seed: int, progress: bool, quick: bool) -> str:
             _, st = ns.infer(Xs, return_state=True, check=False)
         finally:
             ns.unpin(pin)
-    say(f"6. spectrum of L[Ω,Ω] over 50 inputs: λ₁ median {s['lambda_1']['median']:.4f}, "
+    say(f"6. spectrum of L[Ω,Ω] over {len(Xs)} inputs: λ₁ median {s['lambda_1']['median']:.4f}, "
         f"λ_max median {s['lambda_max']['median']:.3f}, condition {s['condition']['median']:.1f}; "
         f"Fiedler vector on {s['fiedler_block']} ({s['fiedler_energy'][s['fiedler_block']]:.0%})")
     table = pinned.table()

@@ -27,7 +27,7 @@ def main() -> None:
 
     # --8<-- [start:compile]
     model = mlp([2, 12, 1], seed=0)                     # He initialisation, zero biases
-    train_sgd(model, X, Y, loss="mse", steps=200 if QUICK else 1000, optimizer="adam", lr=0.01, progress=False)
+    train_sgd(model, X, Y, loss="mse", steps=50 if QUICK else 1000, optimizer="adam", lr=0.01, progress=False)
     model.requires_grad_(False)                         # trained: from here on we only evaluate it
     ns = csnn.compile(model)
     print(ns)
@@ -80,19 +80,19 @@ def main() -> None:
     # --8<-- [start:train]
     fresh = csnn.compile(mlp([2, 12, 1], seed=1))
     trainer = SheafTrainer(fresh, mode="joint", loss="mse", dt=0.01, seed=0)
-    n = 60 if QUICK else 300
-    hist = trainer.fit(X[:n], Y[:n], X_val=task.X_test, Y_val=task.Y_test, steps=100 if QUICK else 1000,
+    n = 40 if QUICK else 300
+    hist = trainer.fit(X[:n], Y[:n], X_val=task.X_test, Y_val=task.Y_test, steps=30 if QUICK else 1000,
                        progress=False)
     print(f"sheaf training (joint dynamics, Eq. 26): test loss {hist.val_loss[0]:.4f} -> {hist.val_loss[-1]:.4f}")
     trained = fresh.to_module()                         # back to an ordinary torch module
     # --8<-- [end:train]
 
     # --8<-- [start:diagnose]
-    probe = task.X_test[:50]
+    probe = task.X_test[: 10 if QUICK else 50]
     summary = diagnostics.spectral_summary(ns, probe)   # L[Ω,Ω] at each input's activation pattern
     print(f"λ₁ median {float(summary.lambda_1.median()):.4f}, λ_max median {float(summary.lambda_max.median()):.2f}, "
           f"Fiedler vector on {summary.dominant_block('fiedler')}")
-    pinned_table = diagnostics.pinned_discord(ns, probe, task.Y_test[:50]).table()   # Table 3
+    pinned_table = diagnostics.pinned_discord(ns, probe, task.Y_test[: len(probe)]).table()   # Table 3
     print("discord with the output pinned to the labels:",
           {k: round(m, 5) for k, (m, _) in pinned_table.items()})
     # --8<-- [end:diagnose]

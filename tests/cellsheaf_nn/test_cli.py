@@ -27,6 +27,15 @@ def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           env=env, timeout=300)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small networks: one torch thread is faster than contending ones (restored afterwards)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def in_process(capsys, *args: str) -> tuple[int, str, str]:
     code = cli.main(list(args))
     out = capsys.readouterr()
@@ -65,19 +74,21 @@ def test_help_of_every_command(capsys):
 
 def test_compile_spec_and_saved_model_agree(tmp_path, model_files, capsys):
     model, _ = model_files
-    res = run("compile", "arch.json", "--spec-out", "out/sheaf.json", cwd=tmp_path)
-    assert res.returncode == 0, res.stderr
-    assert "4 vertices, 3 edges (2 weight, 1 act)" in res.stdout and "det δ_Ω   1" in res.stdout
+    code, out, _ = in_process(capsys, "compile", str(tmp_path / "arch.json"), "--spec-out",
+                              str(tmp_path / "out" / "sheaf.json"))
+    assert code == 0
+    assert "4 vertices, 3 edges (2 weight, 1 act)" in out and "det δ_Ω   1" in out
     S = cs.Sheaf.from_spec((tmp_path / "out" / "sheaf.json").read_text())
     assert S == csnn.compile(model).sheaf
-    code, out, _ = in_process(capsys, "compile", str(tmp_path / "model.pt"))
-    assert code == 0 and out.splitlines()[1] == res.stdout.splitlines()[1]
+    code, out2, _ = in_process(capsys, "compile", str(tmp_path / "model.pt"))
+    assert code == 0 and out2.splitlines()[1] == out.splitlines()[1]
 
 
 def test_infer_matches_model_and_pins(tmp_path, model_files, capsys):
     model, X = model_files
-    res = run("infer", "model.pt", "x.csv", "--out", "y_hat.csv", cwd=tmp_path)
-    assert res.returncode == 0, res.stderr
+    code, _, err = in_process(capsys, "infer", str(tmp_path / "model.pt"), str(tmp_path / "x.csv"),
+                              "--out", str(tmp_path / "y_hat.csv"))
+    assert code == 0 and "converged=True" in err
     y = np.loadtxt(tmp_path / "y_hat.csv", delimiter=",", ndmin=2)
     np.testing.assert_allclose(y, model(X).detach().numpy(), atol=1e-12)
     code, out, _ = in_process(capsys, "infer", str(tmp_path / "arch.json"), str(tmp_path / "x.csv"),
@@ -100,17 +111,27 @@ def test_diagnose_writes_report_and_figures(tmp_path, model_files):
     assert set(table) == {"weight:z1", "act:a1", "weight:z2", "total"} and table["total"][0] > 0
 
 
-def test_train_sgd_config(tmp_path):
-    (tmp_path / "cfg.json").write_text(json.dumps(
-        {"task": "paraboloid", "method": "sgd", "steps": 60, "n_train": 60,
-         "model": {"sizes": [2, 6, 1]}, "options": {"optimizer": "adam", "lr": 0.01}}))
-    res = run("train", "cfg.json", "--out", "run", cwd=tmp_path)
-    assert res.returncode == 0, res.stderr
-    assert "sgd training on paraboloid [2, 6, 1]: 60 steps" in res.stdout
-    hist = json.loads((tmp_path / "run" / "history.json").read_text())
+def test_train_configs(tmp_path, capsys):
+    cfg = {"task": "paraboloid", "steps": 40, "n_train": 40, "model": {"sizes": [2, 6, 1]}}
+    (tmp_path / "sgd.json").write_text(json.dumps({**cfg, "method": "sgd",
+                                                   "options": {"optimizer": "adam", "lr": 0.01}}))
+    code, out, _ = in_process(capsys, "train", str(tmp_path / "sgd.json"), "--out", str(tmp_path / "sgd"))
+    assert code == 0 and "sgd training on paraboloid [2, 6, 1]: 40 steps" in out
+    hist = json.loads((tmp_path / "sgd" / "history.json").read_text())
     assert hist["train_loss"][-1] < hist["train_loss"][0]
-    model = torch.load(tmp_path / "run" / "model.pt", weights_only=False)
-    assert isinstance(model, torch.nn.Module) and (tmp_path / "run" / "surface.png").exists()
+    model = torch.load(tmp_path / "sgd" / "model.pt", weights_only=False)
+    assert isinstance(model, torch.nn.Module) and (tmp_path / "sgd" / "surface.png").exists()
+    (tmp_path / "sheaf.json").write_text(json.dumps({**cfg, "method": "sheaf",
+                                                     "options": {"mode": "joint", "dt": 0.02}}))
+    code, out, _ = in_process(capsys, "train", str(tmp_path / "sheaf.json"), "--out", str(tmp_path / "sheaf"))
+    assert code == 0 and "sheaf training" in out
+    hist = json.loads((tmp_path / "sheaf" / "history.json").read_text())
+    assert hist["train_loss"][-1] < hist["train_loss"][0]
+    trained = torch.load(tmp_path / "sheaf" / "model.pt", weights_only=False)
+    assert trained[0].weight.shape == (6, 2)
+    (tmp_path / "bad.json").write_text(json.dumps({**cfg, "method": "sheaf", "options": {"mdoe": "joint"}}))
+    msg = _user_error(capsys, "train", str(tmp_path / "bad.json"), "--out", str(tmp_path / "bad"))
+    assert "bad training option" in msg and "mdoe" in msg
 
 
 def test_demo_quick_end_to_end(tmp_path):
@@ -176,9 +197,9 @@ def test_unwritable_output_and_wrong_input_width(tmp_path, model_files, capsys):
                                                 str(tmp_path / "x.csv"), "--pin", "q9:0=1")
 
 
-def test_subprocess_error_has_no_traceback_unless_debug(tmp_path):
+def test_subprocess_error_has_no_traceback_unless_debug(tmp_path, capsys):
     res = run("infer", "nothing.pt", "x.csv", cwd=tmp_path)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert res.stderr.splitlines()[0] == "cellsheaf-nn infer: error: model file nothing.pt not found"
-    res = run("--debug", "infer", "nothing.pt", "x.csv", cwd=tmp_path)
-    assert res.returncode != 0 and "Traceback" in res.stderr and "UserError" in res.stderr
+    with pytest.raises(cli.UserError, match="not found"):
+        cli.main(["--debug", "infer", str(tmp_path / "nothing.pt"), "x.csv"])
