@@ -33,7 +33,7 @@ __all__ = [
 def _as_tensor(M, name: str = "matrix") -> Tensor:
     if isinstance(M, Tensor):
         return M
-    if isinstance(M, np.ndarray) or np.isscalar(M) or isinstance(M, (list, tuple)):
+    if isinstance(M, (np.ndarray, list, tuple)) or (np.isscalar(M) and not isinstance(M, (str, bytes))):
         return torch.as_tensor(np.asarray(M, dtype=np.float64))
     try:
         import scipy.sparse as sp
@@ -41,7 +41,7 @@ def _as_tensor(M, name: str = "matrix") -> Tensor:
         if sp.issparse(M):
             coo = M.tocoo()
             idx = torch.as_tensor(np.vstack([coo.row, coo.col]), dtype=torch.long)
-            return torch.sparse_coo_tensor(idx, torch.as_tensor(coo.data), coo.shape).coalesce()
+            return torch.sparse_coo_tensor(idx, torch.as_tensor(coo.data), coo.shape, check_invariants=True).coalesce()
     except ImportError:  # pragma: no cover - scipy is a dependency
         pass
     raise TypeError(f"cannot use {type(M).__name__} as a {name}; give a torch tensor or numpy array")
