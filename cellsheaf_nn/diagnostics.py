@@ -546,10 +546,10 @@ class PinnedDiscord:
     Attributes
     ----------
     edges : ``{edge: (B,)}`` discord of every edge for every input.
-    info : the solver's report. Pinning can leave the network on a switching
-        surface of a ReLU (Note 5.1): a generalised (Clarke) critical point where
-        the gradient does not vanish. ``info.converged`` is then ``False`` and
-        ``info.message`` says so; the discord reported is that of this point.
+    info : the solver's report. Pinning can leave some inputs on a switching
+        surface of a ReLU (Note 5.1): a generalised (Clarke) critical point, not
+        a global section. :attr:`on_kinks` counts them; ``info.message`` says
+        more, and ``info.converged`` is ``False`` if the solver stalled.
     """
 
     edges: dict[str, Tensor]
@@ -563,6 +563,12 @@ class PinnedDiscord:
     @property
     def converged(self) -> bool:
         return bool(self.info.converged)
+
+    @property
+    def on_kinks(self) -> int:
+        """Number of inputs whose clamped state rests on a ReLU switching surface (0 if not reported)."""
+        kinks = self.info.extra.get("on_kinks") if isinstance(self.info.extra, dict) else None
+        return int((torch.as_tensor(kinks) > 0).sum()) if kinks is not None else 0
 
     def table(self) -> dict[str, tuple[float, float]]:
         """``{edge: (mean, std)}`` over the inputs, plus ``"total"``."""
@@ -624,6 +630,8 @@ def report(ns, X, Y=None) -> str:
         for k, (m, sd) in pinned.table().items():
             lines.append(f"  {k:<14} {m:.4g} ± {sd:.2g}")
         if not pinned.converged:
-            lines.append("  (some inputs settled on a ReLU switching surface: a generalised critical point, "
-                         "Note 5.1)")
+            lines.append(f"  (the clamped solve did not converge: {pinned.info.message})")
+        elif pinned.on_kinks:
+            lines.append(f"  ({pinned.on_kinks} of {len(X)} inputs rest on a ReLU switching surface: Clarke-stationary, "
+                         "not a global section, Note 5.1)")
     return "\n".join(lines)

@@ -279,7 +279,7 @@ def test_pinned_discord_table_3():
     ns.unpin(pin)
     ref = cs.harmonic_extension(ns.sheaf.linearize(st.cochain.flat[0]), b)
     torch.testing.assert_close(st.cochain.flat, ref.flat, atol=1e-9, rtol=0)
-    assert not pd.converged and "switching surface" in pd.info.message  # input 7 ends on a kink (Note 5.1)
+    assert pd.converged and pd.on_kinks >= 1 and zero.on_kinks == 0  # some inputs end on a kink (Note 5.1)
     with pytest.raises(ValueError, match=r"labels must have shape \(B, 1\)"):
         dg.pinned_discord(ns, X, torch.zeros(12, 2, dtype=F64))
 
