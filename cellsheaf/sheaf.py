@@ -320,14 +320,19 @@ class Sheaf:
         """Build a sheaf from a networkx graph whose nodes carry ``dim`` and edges ``Fu``/``Fv``.
 
         Optional edge attributes ``name``, ``weight`` and ``potential`` are used when present.
-        Undirected graphs are oriented as their edges are listed.
+        Undirected graphs are oriented as their edges are listed. Edges are added in the
+        order of their ``index`` attribute when every edge has one (as :meth:`to_networkx`
+        writes, so the cochain order survives a round trip), else as networkx lists them.
         """
         S = cls()
         for n, data in G.nodes(data=True):
             if dim not in data:
                 raise KeyError(f"node {n!r} has no {dim!r} attribute (its stalk dimension)")
             S.add_vertex(n, data[dim])
-        for u, v, data in G.edges(data=True):
+        edges = list(G.edges(data=True))
+        if edges and all("index" in data for *_, data in edges):
+            edges.sort(key=lambda edge: edge[2]["index"])
+        for u, v, data in edges:
             if Fu not in data or Fv not in data:
                 raise KeyError(f"edge {u!r}->{v!r} needs {Fu!r} and {Fv!r} attributes (its restriction maps)")
             S.add_edge(u, v, data[Fu], data[Fv], name=data.get("name"), weight=data.get("weight", 1.0),
@@ -336,12 +341,13 @@ class Sheaf:
 
     def to_networkx(self) -> nx.MultiDiGraph:
         """A new ``MultiDiGraph`` with ``dim`` on nodes and ``Fu``, ``Fv``, ``name``, ``weight``,
-        ``potential`` on edges (keys are edge names)."""
+        ``potential`` and ``index`` (position in the cochain order) on edges (keys are edge names)."""
         G = nx.MultiDiGraph()
         for v, d in self._dims.items():
             G.add_node(v, dim=d)
-        for e in self._edges.values():
-            G.add_edge(e.u, e.v, key=e.name, Fu=e.Fu, Fv=e.Fv, name=e.name, weight=e.weight, potential=e.potential)
+        for k, e in enumerate(self._edges.values()):
+            G.add_edge(e.u, e.v, key=e.name, Fu=e.Fu, Fv=e.Fv, name=e.name, weight=e.weight, potential=e.potential,
+                       index=k)
         return G
 
     # ------------------------------------------------------------------ operators
