@@ -314,7 +314,7 @@ def train_sgd(model: nn.Module, X: Tensor, Y: Tensor, loss: str | _losses.Loss =
         opt.zero_grad(set_to_none=True)
         value = loss(model(xb), yb)
         if not bool(torch.isfinite(value)):
-            raise FloatingPointError(f"train_sgd diverged at step {step}: the loss is {float(value)}; "
+            raise FloatingPointError(f"train_sgd diverged at step {step}: the loss is {float(value.detach())}; "
                                      "use a smaller learning rate")
         value.backward()
         opt.step()
@@ -409,8 +409,9 @@ class SheafTrainer:
     batch_size : int, optional
         Minibatches (a permutation per epoch drawn from ``seed``); ``None``: the full batch.
     tol, max_iter : optional
-        Gradient-norm tolerance and iteration cap of the relaxations (default tolerance ``1e-4 · gamma``
-        in the nudged mode, where the nudge is of order ``gamma``, and ``1e-6`` in the equilibrium mode).
+        Gradient-norm tolerance and Newton iteration cap (default 20) of the relaxations (default tolerance
+        ``1e-4 · gamma`` in the nudged mode, where the nudge is of order ``gamma``, and ``1e-6`` in the
+        equilibrium mode). A relaxation that stops on a ReLU switching surface (Note 5.1) is used as it is.
     seed : int
         Seeds the random initial stalks and the minibatch order.
 
@@ -638,7 +639,8 @@ class SheafTrainer:
             tol = self.tol if self.tol is not None else 1e-4 * self.gamma
         else:
             tol = self.tol if self.tol is not None else 1e-6
-        res = cs.minimize(self.sheaf, b, method="newton", x0=start, tol=tol, max_iter=self.max_iter)
+        res = cs.minimize(self.sheaf, b, method="newton", x0=start, tol=tol,
+                          max_iter=self.max_iter if self.max_iter is not None else 20)
         x = res.x.flat
         scale = self.loss.scale(self.ns.n_out) / len(X) / (self.gamma if self.mode == "nudged" else 1.0)
         return x, self._map_gradients(x, scale)

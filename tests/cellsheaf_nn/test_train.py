@@ -104,3 +104,181 @@ def test_sgd_bad_input():
 def test_output_activation_names():
     assert output_activation(mlp([2, 3, 1])) == "identity"
     assert output_activation(mlp([2, 3, 2], output="softmax")) == "softmax"
+
+
+# ---------------------------------------------------------------- sheaf training
+
+import numpy as np  # noqa: E402
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+import cellsheaf_nn as csnn  # noqa: E402
+from cellsheaf_nn.train import SheafTrainer  # noqa: E402
+
+
+def _numpy_joint_step(W1, b1, W2, b2, X, Z1, A1, Y, alpha, beta, dt):
+    """One Euler step of Eq. (26) for a [n0, n1, n2] ReLU net, written out by hand (numpy, batch rows)."""
+    relu_mask = (Z1 >= 0).astype(float)              # the fast selection rule, Eq. (12)
+    r1 = Z1 - (X @ W1.T + b1)                        # weight edge 1: z1 − W̄1 x̄
+    ra = A1 - relu_mask * Z1                         # activation edge: P ā1 − R z1
+    r2 = Y - (A1 @ W2.T + b2)                        # weight edge 2, output clamped to Y: z2 − W̄2 ā1
+    dZ1 = r1 - relu_mask * ra                        # ∂E/∂z1
+    dA1 = ra - r2 @ W2                               # ∂E/∂a1 (neural block; the ones block is fixed)
+    # ∂E/∂W̄ = −Σ_b r x̄ᵀ, projected onto (W | diag(b)) (Eq. 25)
+    W1n, b1n = W1 + dt * beta * r1.T @ X, b1 + dt * beta * r1.sum(0)
+    W2n, b2n = W2 + dt * beta * r2.T @ A1, b2 + dt * beta * r2.sum(0)
+    return W1n, b1n, W2n, b2n, Z1 - dt * alpha * dZ1, A1 - dt * alpha * dA1
+
+
+def test_joint_dynamics_equal_a_hand_computed_euler_step():
+    g = torch.Generator().manual_seed(0)
+    model = mlp([2, 3, 1], seed=0)
+    with torch.no_grad():
+        model[0].bias.copy_(torch.randn(3, generator=g, dtype=D))
+        model[2].bias.copy_(torch.randn(1, generator=g, dtype=D))
+    ns = csnn.compile(model)
+    X, Y = torch.randn(4, 2, generator=g, dtype=D), torch.randn(4, 1, generator=g, dtype=D)
+    trainer = SheafTrainer(ns, mode="joint", loss="mse", alpha=0.7, beta=0.3, dt=0.05, init="random", seed=3)
+    trainer.fit(X, Y, steps=0, progress=False)   # lays out the initial stalks only
+    S, x0 = trainer.sheaf, trainer.stalks.clone()
+    Z1, A1 = x0[:, S.vertex_slice("z1")], x0[:, S.vertex_slice("a1")][:, :3]
+    assert torch.equal(x0[:, S.vertex_slice("z2")], Y) and bool((x0[:, S.vertex_slice("a1")][:, 3:] == 1).all())
+    n = lambda t: t.detach().numpy().copy()  # noqa: E731
+    expected = _numpy_joint_step(n(model[0].weight), n(model[0].bias), n(model[2].weight), n(model[2].bias),
+                                 n(X), n(Z1), n(A1), n(Y), 0.7, 0.3, 0.05)
+    trainer.fit(X, Y, steps=1, progress=False)
+    got = ns.to_module()
+    x1 = trainer.stalks
+    actual = (got[0].weight, got[0].bias, got[2].weight, got[2].bias,
+              x1[:, S.vertex_slice("z1")], x1[:, S.vertex_slice("a1")][:, :3])
+    for a, e in zip(actual, expected):
+        np.testing.assert_allclose(n(a), e, rtol=1e-12, atol=1e-13)
+    # the zero entries of W̄ = (W | diag(b)) stay zero (Eq. 25), the boundary does not move
+    Wbar = S.edge("weight:z1").Fu.weight
+    assert bool((Wbar[:, 2:] - torch.diag(got[0].bias.detach()) == 0).all())
+    fixed = [c for v in ("x", "z2") for c in range(S.vertex_slice(v).start, S.vertex_slice(v).stop)]
+    assert torch.equal(x1[:, fixed], x0[:, fixed])
+
+
+@pytest.mark.parametrize("name", ["paraboloid", "saddle", "circular", "blobs"])
+def test_every_mode_reduces_the_loss(name):
+    task = datasets.load(name, seed=0, n_train=60)
+    init = "forward_pass" if task.classification else "random"
+    for mode, steps, kw in [("joint", 150, dict(dt=0.02, init=init)),
+                            ("nudged", 6, dict(optimizer="adam", lr=0.05)),
+                            ("equilibrium", 2, dict(optimizer="adam", lr=0.05, init="forward_pass"))]:
+        ns = csnn.compile(mlp(task.sizes("1H"), output=task.output, seed=0))
+        hist = SheafTrainer(ns, mode=mode, loss=task.loss, **kw).fit(task.X_train, task.Y_train, steps=steps,
+                                                                      progress=False)
+        assert hist.train_loss[-1] < 0.9 * hist.train_loss[0], (name, mode, hist.train_loss)
+        assert hist.step[-1] == steps and set(hist.discord) >= {"weight"}
+
+
+@pytest.mark.parametrize("mode,kw", [("joint", dict(dt=0.01, batch_size=20)),
+                                     ("nudged", dict(optimizer="adam", lr=0.01, batch_size=20)),
+                                     ("equilibrium", dict(optimizer="sgd", lr=0.01, init="forward_pass"))])
+def test_resume_equals_uninterrupted(tmp_path, mode, kw):
+    task = datasets.blobs(seed=0, n_train=40)
+    model = mlp(task.sizes("2H"), output="softmax", seed=1)
+    steps = 4 if mode != "joint" else 20
+    full = SheafTrainer(csnn.compile(model), mode=mode, loss="ce", seed=2, **kw)
+    full.fit(task.X_train, task.Y_train, steps=steps, progress=False)
+    first = SheafTrainer(csnn.compile(model), mode=mode, loss="ce", seed=2, **kw)
+    first.fit(task.X_train, task.Y_train, steps=steps // 2, progress=False)
+    first.save(tmp_path / "ckpt.pt")
+    second = SheafTrainer(csnn.compile(model), mode=mode, loss="ce", seed=2, **kw).load(tmp_path / "ckpt.pt")
+    second.fit(task.X_train, task.Y_train, steps=steps - steps // 2, progress=False)
+    for k, F in full.weights.items():
+        assert torch.equal(F.weight, second.weights[k].weight), k
+    assert torch.equal(full.stalks, second.stalks)
+    assert second.step == steps and second.history.train_loss[-1] == full.history.train_loss[-1]
+    # the same trainer continued in place
+    first.fit(task.X_train, task.Y_train, steps=steps - steps // 2, progress=False)
+    assert all(torch.equal(F.weight, first.weights[k].weight) for k, F in full.weights.items())
+
+
+class _Residual(torch.nn.Module):
+    def __init__(self, n_in, width, n_out, depth=2):
+        super().__init__()
+        self.inp = torch.nn.Linear(n_in, width)
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(width, width) for _ in range(depth))
+        self.out = torch.nn.Linear(width, n_out)
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x))
+        for block in self.blocks:
+            h = h + torch.relu(block(h))
+        return self.out(h)
+
+
+def _autograd(model, X, Y, loss):
+    model.zero_grad()
+    loss(model(X), Y).backward()
+    return {k: p.grad for k, p in model.named_parameters()}
+
+
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 1000), case=st.sampled_from(["mse", "huber", "bce", "ce", "residual"]),
+       widths=st.lists(st.integers(1, 12), min_size=1, max_size=3))
+def test_nudged_local_gradients_match_autograd(seed, case, widths):
+    g = torch.Generator().manual_seed(seed)
+    n_out = {"bce": 1, "ce": 3}.get(case, 2)
+    output = {"bce": "sigmoid", "ce": "softmax"}.get(case, "identity")
+    model = _Residual(3, widths[0] + 1, n_out).double() if case == "residual" else \
+        mlp([3, *widths, n_out], output=output)
+    csnn.he_init(model, seed)
+    with torch.no_grad():   # nonzero biases: no pre-activation sits exactly on a ReLU kink, where the
+        for p in model.parameters():   # sheaf's R(0) = 1 (Eq. 12) and torch's relu'(0) = 0 differ
+            if p.dim() == 1:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g, dtype=D))
+    X = torch.randn(16, 3, generator=g, dtype=D)
+    Y = {"bce": (torch.rand(16, 1, generator=g, dtype=D) > 0.5).double(),
+         "ce": torch.randint(0, 3, (16,), generator=g)}.get(case, torch.randn(16, n_out, generator=g, dtype=D))
+    loss = losses.get("huber", tau=0.5) if case == "huber" else losses.get("mse" if case == "residual" else case)
+    trainer = SheafTrainer(csnn.compile(model), mode="nudged", loss=loss)
+    local = trainer.local_gradients(X, Y)
+    exact = _autograd(csnn.compile(model).to_module(), X, Y, loss)
+    assert set(local) == set(exact)
+    for k in exact:
+        if float(exact[k].norm()) < 1e-12:   # e.g. a layer behind dead ReLUs
+            assert float(local[k].norm()) < 1e-8
+            continue
+        cos = torch.nn.functional.cosine_similarity(local[k].flatten(), exact[k].flatten(), dim=0)
+        assert float(cos) > 0.999, (k, float(cos))
+        assert float((local[k] - exact[k]).norm()) <= 1e-3 * float(exact[k].norm())
+
+
+def test_trainer_bad_input():
+    task = datasets.blobs(seed=0, n_train=40)
+    ns = csnn.compile(mlp(task.sizes("1H"), output="softmax", seed=0))
+    with pytest.raises(ValueError, match="needs a sigmoid output"):
+        SheafTrainer(ns, loss="bce")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        SheafTrainer(ns, mode="backprop", loss="ce")
+    with pytest.raises(ValueError, match="optimizers drive the local modes"):
+        SheafTrainer(ns, mode="joint", loss="ce", optimizer="adam")
+    trainer = SheafTrainer(ns, loss="ce")
+    with pytest.raises(ValueError, match="outside the classes"):
+        trainer.fit(task.X_train, task.Y_train + 4, steps=1, progress=False)
+    with pytest.raises(TypeError, match="float32"):
+        trainer.fit(task.X_train.float(), task.Y_train, steps=1, progress=False)
+    with pytest.raises(ValueError, match=r"the network takes \(B, 2\)"):
+        trainer.fit(task.X_train[:, :1], task.Y_train, steps=1, progress=False)
+    bad = task.X_train.clone()
+    bad[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        trainer.fit(bad, task.Y_train, steps=1, progress=False)
+    reg = datasets.paraboloid(seed=0, n_train=40)
+    diverging = SheafTrainer(csnn.compile(mlp([2, 30, 1], seed=0)), loss="mse", dt=5.0, beta=1.0)
+    with pytest.raises(FloatingPointError, match=r"diverged at step \d+.*smaller dt"):
+        diverging.fit(reg.X_train, reg.Y_train, steps=200, progress=False)
+
+
+def test_callbacks_records_and_progress():
+    task = datasets.paraboloid(seed=0, n_train=50)
+    trainer = SheafTrainer(csnn.compile(mlp([2, 8, 1], seed=0)), loss="mse", dt=0.01)
+    seen = []
+    hist = trainer.fit(task.X_train, task.Y_train, X_val=task.X_test, Y_val=task.Y_test, steps=40, eval_every=10,
+                       record_every=5, callbacks=[lambda step, h, t: seen.append(step) or step >= 20])
+    assert seen == [10, 20] and hist.step == [0, 10, 20] and len(hist.val_loss) == 3
+    assert [r["step"] for r in hist.records] == [5, 10, 15, 20]
+    assert trainer.discord().keys() == {"weight", "act"}
