@@ -357,19 +357,25 @@ def spectral_summary(ns, X) -> SpectralSummary:
 class SpectralTracker:
     """Records spectral statistics of a network on fixed probe inputs as it trains (Figs. 16-18).
 
-    Call :meth:`record` (or the tracker itself) with the step and the network;
-    :attr:`stats` then holds ``(S, 3)`` arrays of (q25, median, q75) per
-    statistic, ready for :func:`cellsheaf_nn.plots.spectral_tracking`.
+    Use it as a training callback — ``train_sgd(..., callbacks=[tracker])`` or
+    ``SheafTrainer.fit(..., callbacks=[tracker])``: it is called with
+    ``(step, history, owner)`` at every evaluation, where ``owner`` is the trainer
+    (its ``ns`` is used) or the torch model (compiled on the fly) — or call
+    :meth:`record` yourself. :attr:`stats` then holds ``(S, 3)`` arrays of
+    (q25, median, q75) per statistic, ready for
+    :func:`cellsheaf_nn.plots.spectral_tracking`; :attr:`lambda_1_values` keeps
+    every probe's gap per record (the distributions of Fig. 18).
 
     Examples
     --------
     >>> import torch, cellsheaf_nn as csnn
-    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1)).double()
-    >>> ns = csnn.compile(net)
-    >>> tr = csnn.diagnostics.SpectralTracker(torch.randn(10, 2, dtype=torch.float64))
-    >>> tr.record(0, ns); tr.record(1, ns)
-    >>> tr.stats["lambda_1"].shape
-    (2, 3)
+    >>> task = csnn.datasets.paraboloid(seed=0)
+    >>> model = csnn.mlp([2, 8, 1], seed=0)
+    >>> tracker = csnn.diagnostics.SpectralTracker(task.X_test[:20])
+    >>> _ = csnn.train_sgd(model, task.X_train, task.Y_train, steps=20, eval_every=10, progress=False,
+    ...                    callbacks=[tracker])
+    >>> tracker.steps, tracker.stats["lambda_1"].shape
+    ([10, 20], (2, 3))
     """
 
     names = ("lambda_1", "lambda_max", "condition")
@@ -382,7 +388,7 @@ class SpectralTracker:
         self._q: dict[str, list[np.ndarray]] = {k: [] for k in self.names}
 
     def record(self, step: int, ns, loss: float | None = None) -> None:
-        """Compute the spectrum on the probe inputs and append its quartiles."""
+        """Compute the spectrum of ``ns`` on the probe inputs and append its quartiles (and ``loss``)."""
         lam = spectrum(ns, self.X)
         values = {"lambda_1": lam[:, 0], "lambda_max": lam[:, -1], "condition": lam[:, -1] / lam[:, 0]}
         for k in self.names:
@@ -392,10 +398,19 @@ class SpectralTracker:
         if loss is not None:
             self.loss.append(float(loss))
 
-    __call__ = record
+    def __call__(self, step: int, history, owner) -> None:
+        """The training-callback form: records at ``step`` with the latest training loss."""
+        ns = getattr(owner, "ns", owner)
+        if isinstance(ns, torch.nn.Module):
+            from .compile import compile as compile_model
+
+            ns = compile_model(ns)
+        losses = getattr(history, "train_loss", None)
+        self.record(step, ns, losses[-1] if losses else None)
 
     @property
     def stats(self) -> dict[str, np.ndarray]:
+        """``{statistic: (S, 3)}`` quartiles per recorded step."""
         return {k: np.array(v).reshape(-1, 3) for k, v in self._q.items()}
 
 

@@ -214,11 +214,33 @@ def test_spectral_tracker_records_quartiles():
     with torch.no_grad():
         ns.sheaf.edge("weight:z2").Fu.weight.mul_(3.0)
     ns.sheaf._touch()
-    tr(5, ns, loss=0.5)
+    tr.record(5, ns, loss=0.5)
     st = tr.stats
-    assert tr.steps == [0, 5] and st["lambda_max"].shape == (2, 3)
+    assert tr.steps == [0, 5] and tr.loss == [1.0, 0.5] and st["lambda_max"].shape == (2, 3)
     assert (np.diff(st["lambda_1"], axis=1) >= 0).all()  # q25 <= median <= q75
     assert st["lambda_max"][1, 1] > st["lambda_max"][0, 1]  # larger weights, larger λ_max
+    ref = torch.quantile(dg.spectrum(ns, X)[:, 0], 0.5)
+    assert st["lambda_1"][1, 1] == pytest.approx(float(ref))
+
+
+def test_spectral_tracker_as_training_callback():
+    import cellsheaf_nn as csnn
+    from cellsheaf_nn.train import SheafTrainer, train_sgd
+
+    task = csnn.datasets.paraboloid(seed=0)
+    X, Y = task.X_train[:40], task.Y_train[:40]
+    model = _mlp([2, 5, 1], seed=0)
+    sgd = dg.SpectralTracker(task.X_test[:10])
+    hist = train_sgd(model, X, Y, steps=6, eval_every=3, progress=False, callbacks=[sgd])
+    assert hist.step == [0, 3, 6] and sgd.steps == [3, 6]  # called at every evaluation after the first
+    assert sgd.loss == pytest.approx(hist.train_loss[1:])
+    assert sgd.stats["lambda_1"][-1, 1] == pytest.approx(
+        float(torch.quantile(dg.spectrum(csnn.compile(model), task.X_test[:10])[:, 0], 0.5)))
+    ns = csnn.compile(_mlp([2, 5, 1], seed=1))
+    local = dg.SpectralTracker(task.X_test[:10])
+    SheafTrainer(ns, mode="joint", dt=0.01).fit(X, Y, steps=4, eval_every=2, progress=False, callbacks=[local])
+    assert local.steps == [2, 4]
+    assert len(local.lambda_1_values) == len(local.steps) and local.lambda_1_values[0].shape == (10,)
 
 
 def test_network_discord_by_layer_uses_layout_and_forward_pass_is_consistent():
