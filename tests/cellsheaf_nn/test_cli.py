@@ -100,10 +100,11 @@ def test_infer_matches_model_and_pins(tmp_path, model_files, capsys):
                                ns.infer(X, check=False).numpy(), atol=1e-8)
 
 
-def test_diagnose_writes_report_and_figures(tmp_path, model_files):
-    res = run("diagnose", "model.pt", "x.csv", "--labels", "y.csv", "--out", "diag", cwd=tmp_path)
-    assert res.returncode == 0, res.stderr
-    assert "lambda_1" in res.stdout and "discord with the output pinned" in res.stdout
+def test_diagnose_writes_report_and_figures(tmp_path, model_files, capsys):
+    code, out, err = in_process(capsys, "diagnose", str(tmp_path / "model.pt"), str(tmp_path / "x.csv"),
+                                "--labels", str(tmp_path / "y.csv"), "--out", str(tmp_path / "diag"))
+    assert code == 0, err
+    assert "lambda_1" in out and "discord with the output pinned" in out
     for name in ("report.txt", "spectrum.json", "pinned_discord.json", "sheaf_graph.png", "spectrum.png",
                  "residuals.png"):
         assert (tmp_path / "diag" / name).stat().st_size > 0, name
