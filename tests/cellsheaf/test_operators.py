@@ -50,7 +50,7 @@ def test_laplacian_is_symmetric_psd_and_hodge(S):
     x = random_point(S, 1)
     # xᵀLx = ‖W^{1/2} δ x‖² ≥ 0, and L x = 0 exactly on ker δ
     r = dense_coboundary(S) @ x.numpy()
-    w = ops.edge_weights(S).numpy()
+    w = ops.edge_weights(S, F64).numpy()
     assert float(x @ ops.apply_laplacian(S, x)) == pytest.approx(float((w * r * r).sum()), rel=1e-9, abs=1e-12)
     H = S.global_sections()
     np.testing.assert_allclose(L @ H.numpy(), 0, atol=1e-9)
