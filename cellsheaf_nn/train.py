@@ -507,12 +507,14 @@ class SheafTrainer:
                                for v in S.vertices])
             x0 = torch.randn(len(X), S.C0, generator=g, dtype=self.ns.dtype) * scale
         else:
+            fwd = self._forward_state(X)
             x0 = torch.zeros(len(X), S.C0, dtype=self.ns.dtype)
-            x0[:, : self.ns.sheaf.C0] = self._forward_state(X)
+            x0[:, : fwd.shape[1]] = fwd
         return self._boundary(X, Y).resolve(S, dtype=self.ns.dtype).fill(x0)
 
     def _forward_state(self, X: Tensor) -> Tensor:
-        """The forward pass as a cochain of the network's sheaf (propagation, Prop. 3.4)."""
+        """The forward pass (with the network's pins, if any) as a cochain of ``ns.pinned_sheaf``, whose
+        vertices come first in the training sheaf (propagation, Prop. 3.4)."""
         self.ns.sheaf.invalidate()
         return self.ns.infer(X, return_state=True)[1].cochain.flat
 
@@ -634,8 +636,9 @@ class SheafTrainer:
         """
         b = self._boundary(X, Y)
         if self.mode == "nudged":
+            fwd = self._forward_state(X)
             start = torch.zeros(len(X), self.sheaf.C0, dtype=self.ns.dtype)
-            start[:, : self.ns.sheaf.C0] = self._forward_state(X)
+            start[:, : fwd.shape[1]] = fwd
             tol = self.tol if self.tol is not None else 1e-4 * self.gamma
         else:
             tol = self.tol if self.tol is not None else 1e-6

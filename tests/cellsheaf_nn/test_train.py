@@ -115,21 +115,23 @@ import cellsheaf_nn as csnn  # noqa: E402
 from cellsheaf_nn.train import SheafTrainer  # noqa: E402
 
 
-def _numpy_joint_step(W1, b1, W2, b2, X, Z1, A1, Y, alpha, beta, dt):
-    """One Euler step of Eq. (26) for a [n0, n1, n2] ReLU net, written out by hand (numpy, batch rows)."""
+def _numpy_joint_step(W1, b1, W2, b2, X, Z1, A1, Y, alpha, beta, dt, lam, mu):
+    """One Euler step of Eq. (26) (Eq. 29 with lam, mu) for a [n0, n1, n2] ReLU net, written out by hand
+    (numpy, batch rows)."""
     relu_mask = (Z1 >= 0).astype(float)              # the fast selection rule, Eq. (12)
     r1 = Z1 - (X @ W1.T + b1)                        # weight edge 1: z1 − W̄1 x̄
     ra = A1 - relu_mask * Z1                         # activation edge: P ā1 − R z1
     r2 = Y - (A1 @ W2.T + b2)                        # weight edge 2, output clamped to Y: z2 − W̄2 ā1
-    dZ1 = r1 - relu_mask * ra                        # ∂E/∂z1
-    dA1 = ra - r2 @ W2                               # ∂E/∂a1 (neural block; the ones block is fixed)
+    dZ1 = r1 - relu_mask * ra + lam * Z1             # ∂E/∂z1
+    dA1 = ra - r2 @ W2 + lam * A1                    # ∂E/∂a1 (neural block; the ones block is fixed)
     # ∂E/∂W̄ = −Σ_b r x̄ᵀ, projected onto (W | diag(b)) (Eq. 25)
-    W1n, b1n = W1 + dt * beta * r1.T @ X, b1 + dt * beta * r1.sum(0)
-    W2n, b2n = W2 + dt * beta * r2.T @ A1, b2 + dt * beta * r2.sum(0)
+    W1n, b1n = W1 - dt * beta * (-r1.T @ X + mu * W1), b1 - dt * beta * (-r1.sum(0) + mu * b1)
+    W2n, b2n = W2 - dt * beta * (-r2.T @ A1 + mu * W2), b2 - dt * beta * (-r2.sum(0) + mu * b2)
     return W1n, b1n, W2n, b2n, Z1 - dt * alpha * dZ1, A1 - dt * alpha * dA1
 
 
-def test_joint_dynamics_equal_a_hand_computed_euler_step():
+@pytest.mark.parametrize("lam,mu", [(0.0, 0.0), (0.3, 0.2)])
+def test_joint_dynamics_equal_a_hand_computed_euler_step(lam, mu):
     g = torch.Generator().manual_seed(0)
     model = mlp([2, 3, 1], seed=0)
     with torch.no_grad():
@@ -137,14 +139,15 @@ def test_joint_dynamics_equal_a_hand_computed_euler_step():
         model[2].bias.copy_(torch.randn(1, generator=g, dtype=D))
     ns = csnn.compile(model)
     X, Y = torch.randn(4, 2, generator=g, dtype=D), torch.randn(4, 1, generator=g, dtype=D)
-    trainer = SheafTrainer(ns, mode="joint", loss="mse", alpha=0.7, beta=0.3, dt=0.05, init="random", seed=3)
+    trainer = SheafTrainer(ns, mode="joint", loss="mse", alpha=0.7, beta=0.3, dt=0.05, init="random", seed=3,
+                           lam=lam, mu=mu)
     trainer.fit(X, Y, steps=0, progress=False)   # lays out the initial stalks only
     S, x0 = trainer.sheaf, trainer.stalks.clone()
     Z1, A1 = x0[:, S.vertex_slice("z1")], x0[:, S.vertex_slice("a1")][:, :3]
     assert torch.equal(x0[:, S.vertex_slice("z2")], Y) and bool((x0[:, S.vertex_slice("a1")][:, 3:] == 1).all())
     n = lambda t: t.detach().numpy().copy()  # noqa: E731
     expected = _numpy_joint_step(n(model[0].weight), n(model[0].bias), n(model[2].weight), n(model[2].bias),
-                                 n(X), n(Z1), n(A1), n(Y), 0.7, 0.3, 0.05)
+                                 n(X), n(Z1), n(A1), n(Y), 0.7, 0.3, 0.05, lam, mu)
     trainer.fit(X, Y, steps=1, progress=False)
     got = ns.to_module()
     x1 = trainer.stalks
