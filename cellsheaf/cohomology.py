@@ -17,8 +17,9 @@ so one can see how clear the decision was. Three routes:
     ``max(C1, C0) · eps · σ_max`` with ``eps`` the float64 machine epsilon (δ is
     always assembled in float64, whatever the dtype of the maps).
 ``"sparse"``
-    For large sheaves: the ``k`` smallest eigenpairs of ``δᵀδ`` by ARPACK
-    shift-invert (``scipy.sparse.linalg.eigsh``), ``σ = sqrt(λ)``. Eigenvalues
+    For large sheaves: the ``k`` smallest eigenpairs of ``δᵀδ``, ``σ = sqrt(λ)``, by
+    block inverse iteration on one sparse LU (see :mod:`cellsheaf.spectral`; it
+    finds kernels of any multiplicity, and needs an LU that does not fill in). Eigenvalues
     carry absolute errors of order ``eps · σ_max²``, so singular values below
     ``sqrt(eps) · σ_max`` cannot be resolved: the default tolerance is
     ``sqrt(max(C1, C0) · eps) · σ_max``. If all ``k`` computed singular values
@@ -241,7 +242,7 @@ def _check_k(k: int | None, n: int) -> int:
 
 
 def _sparse(D: sp.csr_matrix, tol: float | None, k: int | None, left: bool):
-    """Shift-invert eigsh route on ``DᵀD`` (and ``DDᵀ`` for the left null space)."""
+    """Sparse route: smallest eigenpairs of ``DᵀD`` (and ``DDᵀ`` for the left null space)."""
     m, n = D.shape
     k = _check_k(k, n)
     G = (D.T @ D).tocsr()
@@ -282,14 +283,12 @@ def _exact(D: sp.csr_matrix):
     for i, j, x in zip(coo.row.tolist(), coo.col.tolist(), coo.data.tolist()):
         if x == 0:
             continue
-        if not math.isfinite(x):
-            raise ValueError("the coboundary has NaN or Inf entries: check the restriction maps")
         f = Fraction(x)
         q = QQ(f.numerator, f.denominator)
         rows.setdefault(i, {})[j] = q
         rows_t.setdefault(j, {})[i] = q
     A = DomainMatrix(rows, (m, n), QQ)
-    rank = int(A.rank()) if m and n else 0
+    rank = int(A.rank())
 
     def null(M: DomainMatrix, size: int) -> np.ndarray:
         if M.shape[0] == 0:
@@ -315,6 +314,8 @@ def _null_spaces(D: sp.csr_matrix, tol, exact, method, k, left):
         raise ValueError(f"method must be 'auto', 'dense' or 'sparse', got {method!r}")
     if tol is not None and not (tol >= 0 and math.isfinite(tol)):
         raise ValueError(f"tol must be a non-negative finite number, got {tol!r}")
+    if exact and tol is not None:
+        raise ValueError("exact=True decides the rank exactly: do not pass tol")
     if not np.isfinite(D.data).all():
         raise ValueError("the coboundary has NaN or Inf entries: check the restriction maps")
     m, n = D.shape
@@ -323,8 +324,6 @@ def _null_spaces(D: sp.csr_matrix, tol, exact, method, k, left):
             _decide(np.zeros(min(m, n)), tol or 0.0, "dense" if method == "auto" else method)
         return dec, np.eye(n), np.eye(m)
     if exact:
-        if tol is not None:
-            raise ValueError("exact=True decides the rank exactly: do not pass tol")
         return _exact(D)
     if method == "dense" or (method == "auto" and max(D.shape) <= DENSE_LIMIT):
         return _dense(D, tol)
