@@ -46,7 +46,8 @@ def table_2(seeds: int, n_inputs: int) -> None:
             b = summary.dominant_block("fiedler")
             blocks.setdefault(b, []).append(float(summary.block_energy["fiedler"][b].mean()))
         m = float(np.mean(medians))
-        where = ", ".join(f"{b} ×{len(v)} ({np.mean(v):.0%})" for b, v in sorted(blocks.items(), key=lambda kv: -len(kv[1])))
+        ranked = sorted(blocks.items(), key=lambda kv: -len(kv[1]))
+        where = ", ".join(f"{b} ×{len(v)} ({np.mean(v):.0%})" for b, v in ranked)
         print(f"{str(list(sizes)):<18}{m:>16.4f}{f'[{min(medians):.4f}, {max(medians):.4f}]':>22}"
               f"{np.mean(stds):>17.4f}{ref:>9.4f}{m / ref:>7.2f}  {where}")
 

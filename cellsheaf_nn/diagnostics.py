@@ -43,7 +43,8 @@ from cellsheaf.spectral import block_energy as _block_energy
 __all__ = [
     "edge_type", "edge_layer", "group_trace", "restricted_laplacians", "spectrum", "eigenpairs",
     "SpectralSummary", "spectral_summary", "block_energy", "eigenvector_stability", "SpectralTracker",
-    "discord", "discord_by", "discord_trace", "diffusion_path", "Residual", "residuals", "PinnedDiscord", "pinned_discord",
+    "discord", "discord_by", "discord_trace", "diffusion_path", "Residual", "residuals", "PinnedDiscord",
+    "pinned_discord",
     "report", "edge_group",
 ]
 
@@ -647,6 +648,6 @@ def report(ns, X, Y=None) -> str:
         if not pinned.converged:
             lines.append(f"  (the clamped solve did not converge: {pinned.info.message})")
         elif pinned.on_kinks:
-            lines.append(f"  ({pinned.on_kinks} of {len(X)} inputs rest on a ReLU switching surface: Clarke-stationary, "
-                         "not a global section, Note 5.1)")
+            lines.append(f"  ({pinned.on_kinks} of {len(X)} inputs rest on a ReLU switching surface: "
+                         "Clarke-stationary, not a global section, Note 5.1)")
     return "\n".join(lines)

@@ -31,8 +31,8 @@ from .diagnostics import edge_type, group_trace
 
 __all__ = [
     "sheaf_graph", "discord_convergence", "stalk_trajectories", "phase_plane", "residual_scatter",
-    "discord_residuals", "spectral_summary", "spectral_tracking", "training_curves", "decision_surface",
-    "save",
+    "discord_residuals", "spectral_summary", "spectral_tracking", "gap_distributions", "training_curves",
+    "decision_surface", "save", "vertex_states",
 ]
 
 #: vertex colours of Figs. 1-2: stubborn (boundary), partly stubborn, free
@@ -504,6 +504,43 @@ def spectral_tracking(steps, stats: Mapping[str, Any], *, loss=None, path=None, 
     axes[0, 0].legend(fontsize=7, loc="lower left")
     if title:
         fig.suptitle(title)
+    return save(fig, path)
+
+
+def gap_distributions(samples: Mapping[str, Any], *, bins: int = 20, ax=None, path=None,
+                      title: str | None = None):
+    """Histograms of the spectral gap ``λ₁`` over inputs at several training stages (Fig. 18).
+
+    ``samples`` maps a label (``"1k steps"``) to the ``λ₁`` of every probe input;
+    bins are log-spaced and shared. :attr:`cellsheaf_nn.diagnostics.SpectralTracker.lambda_1_values`
+    holds one such sample per record.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from cellsheaf_nn.plots import gap_distributions
+    >>> fig = gap_distributions({"early": np.array([0.2, 0.3]), "late": np.array([0.05, 0.07])})
+    >>> len(fig.axes[0].patches) > 0
+    True
+    """
+    data = {k: _np(v).ravel() for k, v in samples.items()}
+    values = np.concatenate(list(data.values())) if data else np.zeros(0)
+    if values.size == 0 or not (values > 0).all():
+        raise ValueError("gap_distributions needs positive spectral gaps")
+    edges = np.geomspace(values.min(), values.max() * 1.0001, bins + 1) if values.max() > values.min() else \
+        np.array([values.min() * 0.9, values.min() * 1.1])
+    if ax is None:
+        fig, axes = _figure(size=(4.6, 3.4))
+        ax = axes[0, 0]
+    fig = ax.figure
+    for k, v in data.items():
+        ax.hist(v, bins=edges, alpha=0.55, label=str(k))
+    ax.set_xscale("log")
+    ax.set_xlabel(r"$\lambda_1$")
+    ax.set_ylabel("inputs")
+    ax.legend(fontsize=7)
+    if title:
+        ax.set_title(title)
     return save(fig, path)
 
 

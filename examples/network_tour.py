@@ -90,7 +90,8 @@ def main() -> None:
     # --8<-- [start:diagnose]
     probe = task.X_test[: 10 if QUICK else 50]
     summary = diagnostics.spectral_summary(ns, probe)   # L[Ω,Ω] at each input's activation pattern
-    print(f"λ₁ median {float(summary.lambda_1.median()):.4f}, λ_max median {float(summary.lambda_max.median()):.2f}, "
+    print(f"λ₁ median {float(summary.lambda_1.median()):.4f}, "
+          f"λ_max median {float(summary.lambda_max.median()):.2f}, "
           f"Fiedler vector on {summary.dominant_block('fiedler')}")
     pinned_table = diagnostics.pinned_discord(ns, probe, task.Y_test[: len(probe)]).table()   # Table 3
     print("discord with the output pinned to the labels:",

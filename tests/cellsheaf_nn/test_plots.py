@@ -112,6 +112,10 @@ def test_residuals_and_spectral_figures_from_diagnostics(tmp_path):
     fig = plots.spectral_tracking(steps, {"lambda_1": q, "condition": q}, loss=[1.0, 0.5, 0.3, 0.2],
                                   path=tmp_path / "track.svg")
     assert (tmp_path / "track.svg").exists() and len(fig.axes) == 3
+    fig = plots.gap_distributions({"1k": lam[:, 0], "20k": lam[:, 0] / 2}, path=tmp_path / "gaps.png")
+    assert fig.axes[0].get_xscale() == "log" and len(fig.axes[0].patches) == 40
+    with pytest.raises(ValueError, match="positive"):
+        plots.gap_distributions({"bad": np.array([0.0, 1.0])})
 
 
 def test_training_curves_and_decision_surfaces(tmp_path):
