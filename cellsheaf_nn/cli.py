@@ -196,17 +196,19 @@ def _compile(model: nn.Module):
     try:
         return compile_model(model)
     except (CompileError, UnsupportedOpError) as err:
-        lines = str(err).strip().splitlines()
-        raise UserError(f"cannot compile the model: {lines[0]}",
-                        "register an op compiler for it (see docs/extending.md)") from None
+        cause = str(err).strip().splitlines()[0].split(". Supported:")[0]
+        raise UserError(f"cannot compile the model: {cause}",
+                        "register an op compiler for it (docs/extending.md); cellsheaf_nn.supported_ops() lists "
+                        "the built-in ones") from None
 
 
 def load_array(path: str | Path, what: str = "inputs", width: int | None = None,
                dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """A 2-d float tensor from ``.csv`` (optional header line), ``.npy``, ``.pt``/``.pth`` or ``.json``.
 
-    ``width`` checks the number of columns. A 1-d file is one column when
-    ``width == 1`` and otherwise one row.
+    ``width`` checks the number of columns (the model's input width for
+    ``what="inputs"``, its output width otherwise). A 1-d file is one column
+    when ``width == 1`` and otherwise one row.
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -251,8 +253,10 @@ def load_array(path: str | Path, what: str = "inputs", width: int | None = None,
         raise UserError(f"{what} in {path} have shape {tuple(t.shape)}; expected a non-empty 2-d array (B, d)",
                         "one sample per row")
     if width is not None and t.shape[1] != width:
-        raise UserError(f"{what} in {path} have {t.shape[1]} columns but the model takes {width}",
-                        f"give one sample of {width} values per row")
+        role = "takes" if what == "inputs" else "outputs"
+        hint = f"give one sample of {width} values per row" + ("" if what == "inputs" else
+                                                               " (one-hot rows for class labels)")
+        raise UserError(f"{what} in {path} have {t.shape[1]} columns but the model {role} {width}", hint)
     t = t.to(dtype)
     if not bool(torch.isfinite(t).all()):
         raise UserError(f"{what} in {path} contain NaN or Inf values", "clean the data first")
@@ -308,17 +312,6 @@ def _stage(name: str, progress: bool) -> Iterator[None]:
     yield
     if progress:
         print(f"  done in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
-
-
-def _bar(total: int, desc: str, progress: bool):
-    """A tqdm bar on stderr, or ``None`` without tqdm / when not wanted."""
-    if not progress:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False)
 
 
 def sheaf_summary(ns) -> str:

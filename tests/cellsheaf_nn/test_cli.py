@@ -169,6 +169,20 @@ def test_unreadable_and_wrong_format_model_files(tmp_path, model_files, capsys):
     assert "is a folder" in _user_error(capsys, "compile", str(tmp_path))
 
 
+class CumSum(torch.nn.Module):
+    """An operation the compiler has no op compiler for."""
+
+    def forward(self, x):
+        return x.cumsum(-1)
+
+
+def test_model_with_unsupported_op(tmp_path, capsys):
+    torch.save(torch.nn.Sequential(torch.nn.Linear(2, 3), CumSum()).double(), tmp_path / "odd.pt")
+    msg = _user_error(capsys, "compile", str(tmp_path / "odd.pt"))
+    assert msg.startswith("cellsheaf-nn compile: error: cannot compile the model:") and "cumsum" in msg
+    assert "Supported" not in msg  # the list of supported ops is left to the hint
+
+
 def test_spec_validation_errors_name_the_field(tmp_path, capsys):
     (tmp_path / "bad.json").write_text(json.dumps({"sizes": [2, 0, 1], "outptu": "sigmoid"}))
     msg = _user_error(capsys, "compile", str(tmp_path / "bad.json"))
@@ -188,6 +202,9 @@ def test_unwritable_output_and_wrong_input_width(tmp_path, model_files, capsys):
     np.savetxt(tmp_path / "x3.csv", np.ones((4, 3)), delimiter=",")
     msg = _user_error(capsys, "infer", str(tmp_path / "model.pt"), str(tmp_path / "x3.csv"))
     assert "have 3 columns but the model takes 2" in msg
+    msg = _user_error(capsys, "diagnose", str(tmp_path / "model.pt"), str(tmp_path / "x.csv"), "--labels",
+                      str(tmp_path / "x.csv"), "--out", str(tmp_path / "d"))
+    assert "labels in" in msg and "have 2 columns but the model outputs 1" in msg
     (tmp_path / "x.txt2").write_text("1,2")
     assert "unknown format" in _user_error(capsys, "infer", str(tmp_path / "model.pt"), str(tmp_path / "x.txt2"))
     (tmp_path / "nan.csv").write_text("1,nan\n")
