@@ -230,8 +230,10 @@ def edge_weights(S, dtype=None, device=None) -> Tensor:
     """Per-coordinate edge weights ``(C1,)``: each edge's weight repeated over its stalk."""
     key = ("weights", dtype, device)
     if key not in S._cache:
-        w = [torch.full((e.dim,), e.weight, dtype=dtype or S.dtype, device=device) for e in S.edge_items()]
-        S._cache[key] = torch.cat(w) if w else torch.zeros(0, dtype=dtype or S.dtype, device=device)
+        edges = list(S.edge_items())
+        w = torch.tensor([e.weight for e in edges], dtype=torch.float64)
+        dims = torch.tensor([e.dim for e in edges], dtype=torch.long)
+        S._cache[key] = torch.repeat_interleave(w, dims).to(dtype=dtype or S.dtype, device=device)
     return S._cache[key]
 
 
