@@ -407,7 +407,8 @@ def _cmd_infer(args) -> int:
 
     t0 = time.perf_counter()
     try:
-        y, state = ns.infer(X, method=args.method, return_state=True, check=not args.allow_unconverged)
+        y, state = ns.infer(X, method=args.method, return_state=True, check=not args.allow_unconverged,
+                            max_steps=args.max_steps, tol=args.tol)
     except ConvergenceError as err:
         raise UserError(str(err).split(" (pass")[0], "raise --max-steps, or pass --allow-unconverged to keep the "
                         "last state") from None
@@ -434,26 +435,23 @@ def _cmd_diagnose(args) -> int:
         raise UserError(f"{len(Y)} labels for {len(X)} inputs", "give one label row per input row")
     progress = _want_progress(args)
     with _stage("spectra and discord", progress):
-        text = dg.report(ns, X, Y)
         summary = dg.spectral_summary(ns, X)
-    figs = _figures(progress)
-    with _stage("figures", progress):
-        written = [figs.sheaf_graph(ns, path=out / "sheaf_graph.png"),
-                   figs.spectral_summary(summary, path=out / "spectrum.png")]
-        if Y is not None:
-            pinned = dg.pinned_discord(ns, X, Y)
-            pin = ns.clamp(ns.output, Y)
-            try:
-                _, st = ns.infer(X, return_state=True, check=False)
-            finally:
-                ns.unpin(pin)
-            figs.discord_residuals(dg.residuals(ns, st.cochain), path=out / "residuals.png",
-                                   title="residuals with the output pinned to the labels")
-            (out / "pinned_discord.json").write_text(json.dumps(pinned.table(), indent=1))
+        pinned = dg.pinned_discord(ns, X, Y) if Y is not None else None
+        text = dg.report(ns, X, Y, summary=summary, pinned=pinned)
     (out / "report.txt").write_text(text + "\n")
     (out / "spectrum.json").write_text(json.dumps(summary.as_dict(), indent=1))
+    if pinned is not None:
+        (out / "pinned_discord.json").write_text(json.dumps(pinned.table(), indent=1))
+    figs = _figures(progress)
+    with _stage("figures", progress):
+        figs.sheaf_graph(ns, path=out / "sheaf_graph.png")
+        figs.spectral_summary(summary, path=out / "spectrum.png")
+        if pinned is not None:
+            figs.discord_residuals(dg.residuals(ns, pinned.state), path=out / "residuals.png",
+                                   title="residuals with the output pinned to the labels")
     print(text)
-    print(f"report and figures written to {out}/" if written else f"report written to {out}/")
+    files = sorted(f.name for f in out.iterdir() if not f.name.startswith("."))
+    print(f"written to {out}/: {', '.join(files)}")
     return EXIT_OK
 
 
@@ -624,11 +622,6 @@ def _demo(out: Path, seed: int, progress: bool, quick: bool) -> str:
         summary = dg.spectral_summary(ns, Xs)
         s = summary.as_dict()
         pinned = dg.pinned_discord(ns, Xs, Ys)
-        pin = ns.clamp(ns.output, Ys)
-        try:
-            _, st = ns.infer(Xs, return_state=True, check=False)
-        finally:
-            ns.unpin(pin)
     say(f"6. spectrum of L[Ω,Ω] over {len(Xs)} inputs: λ₁ median {s['lambda_1']['median']:.4f}, "
         f"λ_max median {s['lambda_max']['median']:.3f}, condition {s['condition']['median']:.1f}; "
         f"Fiedler vector on {s['fiedler_block']} ({s['fiedler_energy'][s['fiedler_block']]:.0%})")
@@ -636,7 +629,7 @@ def _demo(out: Path, seed: int, progress: bool, quick: bool) -> str:
     say("   discord with the output pinned to the labels (mean per input, Table 3): "
         + ", ".join(f"{k} {m:.2g}" for k, (m, _) in table.items()))
     figs.spectral_summary(summary, path=out / "spectrum.png", title="spectrum of L[Ω,Ω] of the SGD-trained network")
-    figs.discord_residuals(dg.residuals(ns, st.cochain), path=out / "residuals.png",
+    figs.discord_residuals(dg.residuals(ns, pinned.state), path=out / "residuals.png",
                            title="per-coordinate residuals with the output pinned to the labels")
     return "\n".join(lines)
 
@@ -699,6 +692,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--pin", action="append", default=[], metavar="VERTEX:COORDS=VALUES",
                    help="pin neurons, e.g. a1:0=1.5 (repeatable)")
     c.add_argument("--strength", type=float, default=None, help="soft pins with this strength γ (default: hard)")
+    c.add_argument("--max-steps", type=int, default=None, help="step / iteration cap of the iterative methods")
+    c.add_argument("--tol", type=float, default=None, help="gradient-norm tolerance of the iterative methods")
     c.add_argument("--allow-unconverged", action="store_true", help="return the last state if the solver stalls")
     c.add_argument("--out", help="write the outputs here (.csv, .npy, .pt, .json)")
     c.set_defaults(run=_cmd_infer)

@@ -562,6 +562,7 @@ class PinnedDiscord:
     Attributes
     ----------
     edges : ``{edge: (B,)}`` discord of every edge for every input.
+    state : ``(B, C0)`` the clamped states (for :func:`residuals`).
     info : the solver's report. Pinning can leave some inputs on a switching
         surface of a ReLU (Note 5.1): a generalised (Clarke) critical point, not
         a global section. :attr:`on_kinks` counts them; ``info.message`` says
@@ -569,6 +570,7 @@ class PinnedDiscord:
     """
 
     edges: dict[str, Tensor]
+    state: Tensor
     info: Any
 
     @property
@@ -622,13 +624,25 @@ def pinned_discord(ns, X, Y, **infer_kw) -> PinnedDiscord:
         _, state = ns.infer(X, return_state=True, check=False, **infer_kw)
     finally:
         ns.unpin(pin)
-    return PinnedDiscord({str(k): v for k, v in discord(ns, state.cochain).items()}, state.info)
+    flat = state.cochain.flat
+    return PinnedDiscord({str(k): v for k, v in discord(ns, flat).items()}, flat, state.info)
 
 
-def report(ns, X, Y=None) -> str:
-    """A short text report: sheaf size, spectral statistics and discord by type (and pinned, given labels)."""
+def report(ns, X, Y=None, *, summary: SpectralSummary | None = None, pinned: PinnedDiscord | None = None) -> str:
+    """A short text report: sheaf size, spectral statistics, and (given labels) the pinned discord.
+
+    ``summary`` and ``pinned`` reuse results of :func:`spectral_summary` and
+    :func:`pinned_discord` instead of computing them again.
+
+    Examples
+    --------
+    >>> import torch, cellsheaf_nn as csnn
+    >>> ns = csnn.compile(csnn.mlp([2, 6, 1], seed=0))
+    >>> print(csnn.diagnostics.report(ns, torch.randn(20, 2, dtype=torch.float64)).splitlines()[0])
+    sheaf: 4 vertices, 3 edges, C0=22, C1=13, free=13
+    """
     S = _sheaf(ns)
-    s = spectral_summary(ns, X).as_dict()
+    s = (summary or spectral_summary(ns, X)).as_dict()
     lines = [
         f"sheaf: {len(S.vertices)} vertices, {len(S.edges)} edges, C0={S.C0}, C1={S.C1}, free={s['n_free']}",
         f"spectrum of L[Ω,Ω] over {s['inputs']} inputs:",
@@ -640,14 +654,15 @@ def report(ns, X, Y=None) -> str:
                  f"stability {s['fiedler_stability']:.3f}")
     lines.append(f"  λ_max vector lives on {s['top_block']} ({s['top_energy'][s['top_block']]:.0%}), "
                  f"stability {s['top_stability']:.3f}")
-    if Y is not None:
+    if pinned is None and Y is not None:
         pinned = pinned_discord(ns, X, Y)
+    if pinned is not None:
         lines.append("discord with the output pinned to the labels (mean ± std over inputs):")
         for k, (m, sd) in pinned.table().items():
             lines.append(f"  {k:<14} {m:.4g} ± {sd:.2g}")
         if not pinned.converged:
             lines.append(f"  (the clamped solve did not converge: {pinned.info.message})")
         elif pinned.on_kinks:
-            lines.append(f"  ({pinned.on_kinks} of {len(X)} inputs rest on a ReLU switching surface: "
+            lines.append(f"  ({pinned.on_kinks} of {len(pinned.state)} inputs rest on a ReLU switching surface: "
                          "Clarke-stationary, not a global section, Note 5.1)")
     return "\n".join(lines)

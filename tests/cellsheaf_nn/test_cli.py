@@ -209,6 +209,9 @@ def test_unwritable_output_and_wrong_input_width(tmp_path, model_files, capsys):
     assert "unknown format" in _user_error(capsys, "infer", str(tmp_path / "model.pt"), str(tmp_path / "x.txt2"))
     (tmp_path / "nan.csv").write_text("1,nan\n")
     assert "NaN" in _user_error(capsys, "infer", str(tmp_path / "model.pt"), str(tmp_path / "nan.csv"))
+    msg = _user_error(capsys, "infer", str(tmp_path / "model.pt"), str(tmp_path / "x.csv"), "--method", "diffusion",
+                      "--max-steps", "3")
+    assert "did not converge" in msg
     assert "cannot read pin" in _user_error(capsys, "infer", str(tmp_path / "model.pt"), str(tmp_path / "x.csv"),
                                             "--pin", "a1=3")
     assert "cannot pin 'q9:0=1'" in _user_error(capsys, "infer", str(tmp_path / "model.pt"),
