@@ -272,3 +272,11 @@ def test_relative_boundary_errors_name_the_vertex():
         cs.relative_cohomology(S, cs.Boundary().fix(0, [0.0], coords=[3]))
     with pytest.raises(IndexError):
         cs.relative_cohomology(S, [7])
+
+
+def test_docstring_examples_run():
+    import doctest
+    import sys
+
+    result = doctest.testmod(sys.modules["cellsheaf.cohomology"], optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0 and result.attempted > 0

@@ -210,3 +210,11 @@ def test_map_to_spec_and_sheaf_methods():
     S = build_random_sheaf(4, maps="mixed")
     assert cs.Sheaf.from_spec(S.to_spec()) == S
     assert S.to_spec() == to_spec(S)
+
+
+def test_docstring_examples_run():
+    import doctest
+    import sys
+
+    result = doctest.testmod(sys.modules["cellsheaf.spec"], optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0 and result.attempted > 0

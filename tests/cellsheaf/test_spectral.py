@@ -156,3 +156,11 @@ def test_float32_sheaf():
     vals, vecs = cs.eigenpairs(S, 2)
     assert vals.dtype == vecs.dtype == torch.float32
     assert cs.fiedler_vector(S).dtype == torch.float32
+
+
+def test_docstring_examples_run():
+    import doctest
+    import sys
+
+    result = doctest.testmod(sys.modules["cellsheaf.spectral"], optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0 and result.attempted > 0
