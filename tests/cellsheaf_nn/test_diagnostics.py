@@ -314,3 +314,18 @@ def test_report_mentions_gap_and_pinned_discord():
     X = _inputs(10)
     text = dg.report(ns, X, model(X).detach() + 0.1)
     assert "lambda_1" in text and "Fiedler vector lives on z2" in text and "total" in text
+
+
+def test_float32_networks_agree_with_float64():
+    import cellsheaf_nn as csnn
+
+    X = _inputs(6, 5)
+    ns32 = csnn.compile(csnn.mlp([2, 6, 3, 1], seed=0, dtype=torch.float32))
+    ns64 = csnn.compile(csnn.mlp([2, 6, 3, 1], seed=0))
+    lam32 = dg.spectrum(ns32, X.float())
+    assert lam32.dtype == torch.float32
+    torch.testing.assert_close(lam32.double(), dg.spectrum(ns64, X), atol=1e-5, rtol=1e-4)
+    Y = ns64.infer(X) + 0.1
+    t32 = dg.pinned_discord(ns32, X.float(), Y.float()).table()["total"][0]
+    t64 = dg.pinned_discord(ns64, X, Y).table()["total"][0]
+    assert t32 == pytest.approx(t64, rel=1e-3)
