@@ -25,7 +25,7 @@ What is here
 ``random_point(S, seed, batch=None)``
     A random 0-cochain.
 
-Fixtures: ``rng`` (a seeded numpy ``Generator``) and ``small_sheaf`` (a fixed mixed sheaf).
+Fixture: ``small_sheaf`` (a fixed connected sheaf with weights and every linear map type).
 """
 
 from __future__ import annotations
@@ -261,12 +261,6 @@ def random_point(S: cs.Sheaf, seed: int = 0, batch: int | None = None,
     rng = np.random.default_rng(seed)
     shape = (S.C0,) if batch is None else (batch, S.C0)
     return torch.as_tensor(rng.standard_normal(shape), dtype=dtype)
-
-
-@pytest.fixture
-def rng() -> np.random.Generator:
-    """A seeded numpy generator."""
-    return np.random.default_rng(12345)
 
 
 @pytest.fixture

@@ -205,7 +205,8 @@ def test_malformed_files(tmp_path):
     assert S.vertices == ["a", "b"] and S.edges == ["e"]
 
 
-def test_map_to_spec_and_sheaf_methods():
+def test_map_to_spec_and_sheaf_methods(small_sheaf):
+    round_trips(small_sheaf)
     assert map_to_spec(M.Scaled(2.0, 3)).model_dump() == {"type": "scaled", "c": 2.0, "dim": 3}
     S = build_random_sheaf(4, maps="mixed")
     assert cs.Sheaf.from_spec(S.to_spec()) == S
