@@ -135,12 +135,14 @@ class Boundary:
             vals.append(values if B is None or values.dim() == 2 else values.expand(B, -1))
         dtype = dtype or (vals[0].dtype if vals else sheaf.dtype)
         fixed = torch.cat(idx) if idx else torch.zeros(0, dtype=torch.long)
-        order = torch.argsort(fixed)
-        values = torch.cat([v.to(dtype) for v in vals], -1).index_select(-1, order) if vals else \
+        values = torch.cat([v.to(dtype) for v in vals], -1) if vals else \
             torch.zeros((B, 0) if B else (0,), dtype=dtype)
+        if not bool((fixed[1:] > fixed[:-1]).all()):  # skip the gather when fixed in cochain order already
+            order = torch.argsort(fixed)
+            fixed, values = fixed[order], values.index_select(-1, order)
         mask = torch.ones(sheaf.C0, dtype=torch.bool)
         mask[fixed] = False
-        res = ResolvedBoundary(fixed[order], torch.nonzero(mask).flatten(), values)
+        res = ResolvedBoundary(fixed, torch.nonzero(mask).flatten(), values)
         if device is not None:
             res = ResolvedBoundary(res.fixed.to(device), res.free.to(device), res.values.to(device))
         return res

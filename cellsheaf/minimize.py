@@ -235,13 +235,19 @@ def _finish(S, x: Tensor, free: Tensor, method: str, tol: float, iterations: int
 def _verify_propagation(S, x: Tensor, free: Tensor, tol: float, why: str, residuals: dict) -> Result:
     """Check the zero discord of a propagated cochain (up to rounding in the maps' scale).
 
-    The discrepancies come from the sweep (each map applied once). Where they are
-    exactly zero so is the energy gradient (every potential of a determined sheaf is
-    minimised at zero discrepancy), so no extra pass over the maps is needed.
+    The discrepancies come from the sweep (each map applied once; edges left out of
+    ``residuals`` hold exactly). Where they are exactly zero so is the energy gradient
+    (every potential of a determined sheaf is minimised at zero discrepancy), so no
+    extra pass over the maps is needed.
     """
     xb = x if x.dim() == 2 else x.unsqueeze(0)
     rs = [r if r.dim() == 2 else r.unsqueeze(0) for r in residuals.values()]
     zero = xb.new_zeros(xb.shape[0])
+    if all(not bool(r.any()) for r in rs):  # zero discord, zero energy, zero gradient
+        out = zero[0] if x.dim() == 1 else zero
+        res = _finish(S, x, free, "propagate", tol, 1, "", {}, why, grad_norm=out, energy=out)
+        res.extra["discord"] = out
+        return res
     inf = float("inf")
     discord = torch.stack([torch.linalg.vector_norm(r, inf, -1) if r.shape[-1] else zero for r in rs]).amax(0) \
         if rs else zero
@@ -250,11 +256,9 @@ def _verify_propagation(S, x: Tensor, free: Tensor, tol: float, why: str, residu
     for name, r in zip(residuals, rs):
         e = S.edge(name)
         energy += e.weight * (0.5 * (r * r).sum(-1) if e.potential is None else e.potential.value(r))
-    exact = all(not bool(r.any()) for r in rs)
-    grad_norm = zero if exact else None
     if x.dim() == 1:
-        discord, ok, energy, grad_norm = discord[0], ok[0], energy[0], None if grad_norm is None else grad_norm[0]
-    res = _finish(S, x, free, "propagate", tol, 1, "", {}, why, grad_norm=grad_norm, energy=energy)
+        discord, ok, energy = discord[0], ok[0], energy[0]
+    res = _finish(S, x, free, "propagate", tol, 1, "", {}, why, energy=energy)
     res.extra["discord"] = discord
     res.converged = bool(ok.all())
     res.extra["converged"] = ok

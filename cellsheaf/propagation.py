@@ -29,6 +29,7 @@ tensor([[1., 0.]], dtype=torch.float64)
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass
 from typing import Hashable
@@ -64,6 +65,7 @@ class PropagationStep:
     scale: Tensor | None
     F: Map
     source: slice
+    span: slice | None = None  # ``targets`` as a slice when they are consecutive (a cheaper write)
 
 
 def _scaled_selection(F: Map) -> tuple[np.ndarray, np.ndarray] | None:
@@ -134,8 +136,10 @@ def _build(S, fixed: Tensor) -> list[PropagationStep]:
             known[targets] = True
             unknown_count[own] -= len(targets)
             scale = None if np.all(scales == 1.0) else torch.as_tensor(scales)
+            consecutive = len(targets) and bool(np.all(np.diff(targets) == 1))
+            span = slice(int(targets[0]), int(targets[0]) + len(targets)) if consecutive else None
             steps.append(PropagationStep(name, side, torch.as_tensor(targets, dtype=torch.long), scale, other_F,
-                                         S.vertex_slice(other)))
+                                         S.vertex_slice(other), span))
             used.add(name)
             if unknown_count[own] == 0:
                 queue.extend(incident[own])
@@ -213,8 +217,10 @@ def propagate(S, x: Tensor, steps: list[PropagationStep], residuals: bool = Fals
     """Fill the free coordinates of ``x`` (``(B, C0)``, fixed ones already set) by forward substitution.
 
     With ``residuals=True`` also return ``{edge: r_e}``, the discrepancy ``F_v x_v − F_u x_u``
-    (``(B, d_e)``) of every scheduled edge at the result, from the values of the sweep
-    itself (each map is applied once): zero up to the rounding of the scale factors.
+    (``(B, d_e)``) at the result, from the values of the sweep itself (each map is applied
+    once), for the edges whose written values can differ from their map's output: scaled
+    selections and writes into a lower precision. Every other scheduled edge holds
+    exactly (its coordinates are a copy of the map's output), so it is left out.
     ``inplace=True`` writes into ``x`` instead of a copy.
     """
     x = x if inplace else x.clone()
@@ -225,14 +231,16 @@ def propagate(S, x: Tensor, steps: list[PropagationStep], residuals: bool = Fals
             raw = s.F.apply(x[:, s.source])
         except Exception as err:
             raise ValueError(f"{name} failed on its input: {err}") from err
-        check_finite(raw, f"{name} (its output)")
-        targets = s.targets.to(x.device)
+        if not math.isfinite(float(raw.sum())):  # a cheap screen; check_finite finds the bad entries
+            check_finite(raw, f"{name} (its output)")
+        targets = s.span if s.span is not None and x.device == s.targets.device else s.targets.to(x.device)
         if s.scale is not None:
             x[:, targets] = (raw / s.scale.to(dtype=raw.dtype, device=raw.device)).to(x.dtype)
         else:  # clone a view of x (identity-like maps) so that writing it back does not alias
             same = raw.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
             x[:, targets] = (raw.clone() if same else raw).to(x.dtype)
-        if residuals:
+        inexact = s.scale is not None or torch.promote_types(raw.dtype, x.dtype) != x.dtype
+        if residuals and inexact:
             own = x[:, targets] if s.scale is None else x[:, targets] * s.scale.to(dtype=x.dtype, device=x.device)
             res[s.edge] = own - raw if s.side == "v" else raw - own
     return (x, res) if residuals else x

@@ -422,12 +422,14 @@ class Builder:
 
 
 def _source_map(e: _Edge, src: VertexInfo, ones: slice | None) -> M.Map:
-    """``Fu`` on the whole stalk of ``src``: ``(A | 0 | diag(b))`` for linear ``A`` (Eq. 10), ``A ∘ P_n`` otherwise."""
+    """``Fu`` on the whole stalk of ``src``: ``(A | 0 | diag(b))`` for a bias or a trainable map (Eq. 10),
+    ``A ∘ P_n`` otherwise."""
     n, D = src.n, src.dim
-    if D == n and not e.trainable:
-        return e.Fu
-    if not e.Fu.linear:
-        return M.Compose(e.Fu, M.Select(range(n), D))
+    if ones is None and not e.trainable:
+        if D == n:
+            return e.Fu
+        P = M.Select(range(n), D)  # P_n: read the neural block only
+        return P if isinstance(e.Fu, M.Identity) else M.Compose(e.Fu, P)
     A = e.Fu.matrix()
     W = A.new_zeros(A.shape[0], D)
     W[:, :n] = A

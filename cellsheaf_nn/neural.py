@@ -201,9 +201,11 @@ class NeuralSheaf:
         xb, _ = self._batch_input(x)
         return self._boundary(xb, self._penalties())
 
-    def _ones_boundary(self) -> cs.Boundary:
-        """Every ones block fixed at 1."""
+    def _input_boundary(self, xb: Tensor, keep: list[int]) -> cs.Boundary:
+        """The input coordinates ``keep`` fixed to ``xb`` and every ones block fixed at 1 (in cochain order)."""
         b = cs.Boundary()
+        if keep:
+            b.fix(self.input, xb if len(keep) == self.n_in else xb[:, keep], coords=keep)
         for info in self.layout.values():
             if info.ones:
                 idx = [c for sl in info.ones for c in range(sl.start, sl.stop)]
@@ -211,11 +213,8 @@ class NeuralSheaf:
         return b
 
     def _boundary(self, xb: Tensor, penalties) -> cs.Boundary:
-        b = self._ones_boundary()
         freed = {c for p in self._pins.values() if p.kind == "free" for c in p.coords}
-        keep = [c for c in range(self.n_in) if c not in freed]
-        if keep:
-            b.fix(self.input, xb[:, keep], coords=keep)
+        b = self._input_boundary(xb, [c for c in range(self.n_in) if c not in freed])
         for p in self._pins.values():
             if p.kind == "hard":
                 b.fix(p.vertex, p.values.to(self.dtype), coords=list(p.coords))
@@ -440,7 +439,7 @@ class NeuralSheaf:
         else:
             x0 = torch.zeros(B, S.C0, dtype=self.dtype)
         if init == "forward_pass":
-            base = self._ones_boundary().fix(self.input, xb, coords=list(range(self.n_in)))
+            base = self._input_boundary(xb, list(range(self.n_in)))
             fwd = cs.minimize(self.sheaf, base, method="propagate")
             x0[:, : self.sheaf.C0] = fwd.x.flat
         return bnd.resolve(S, dtype=self.dtype).fill(x0)

@@ -1,0 +1,145 @@
+"""Benchmark neural-sheaf inference against torch (float64, CPU; ratios measured in one run).
+
+1. ``ns.infer(x)`` (auto = propagation) vs ``model(x)``: MLP [784, 512, 512, 10] and a residual
+   MLP (4 blocks of width 256), B = 256. Target: ≤ 3× the forward time, error ≤ 1e-10.
+2. ``ns.infer(x, method="diffusion")`` (the paper's Euler heat equation, α = 1) from random
+   starts to a gradient norm of 1e-10: steps and time for [2, 30, 1] and [2, 10, 8, 1].
+3. Pinned inference on [64, 128, 128, 10], B = 256 (a hidden neuron hard-pinned, one soft-pinned,
+   the output soft-pinned): Newton vs the Euler flow run until it reaches Newton's final energy.
+
+Run: ``python benchmarks/bench_infer.py`` (``--quick`` for a smaller, faster run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+
+import cellsheaf as cs
+import cellsheaf_nn as csnn
+
+F64 = torch.float64
+
+
+def mlp(widths, seed=0):
+    torch.manual_seed(seed)
+    layers = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        layers += [nn.Linear(a, b)] + ([nn.ReLU()] if i < len(widths) - 2 else [])
+    return nn.Sequential(*layers).double().eval()
+
+
+class Block(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        return torch.relu(x + self.fc2(torch.relu(self.fc1(x))))
+
+
+def residual_mlp(n_in, d, blocks, n_out, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(n_in, d), nn.ReLU(), *[Block(d) for _ in range(blocks)],
+                         nn.Linear(d, n_out)).double().eval()
+
+
+def paired(f, g, reps: int) -> tuple[float, float, float]:
+    """Median times of ``f`` and ``g`` and the median of their per-pair ratio (robust to machine load)."""
+    f(), g()
+    tf, tg, ratio = [], [], []
+    for _ in range(reps):
+        t0 = time.perf_counter(); f(); t1 = time.perf_counter(); g(); t2 = time.perf_counter()
+        tf.append(t1 - t0); tg.append(t2 - t1); ratio.append((t2 - t1) / (t1 - t0))
+    return statistics.median(tf), statistics.median(tg), statistics.median(ratio)
+
+
+def bench_forward(quick: bool) -> None:
+    print("== 1. infer (propagation) vs torch forward, B = 256, float64 ==")
+    B, reps = (64, 5) if quick else (256, 15)
+    cases = [("MLP [784, 512, 512, 10]", mlp([784, 512, 512, 10]), 784),
+             ("residual MLP, 4 blocks of 256", residual_mlp(256, 256, 4, 10), 256)]
+    for name, model, n_in in cases:
+        ns = csnn.compile(model)
+        x = torch.randn(B, n_in, dtype=F64, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            err = float((ns.infer(x) - model(x)).abs().max())
+            tf, ti, r = paired(lambda: model(x), lambda: ns.infer(x), reps)
+        print(f"  {name:32s} torch {tf * 1e3:7.2f} ms   sheaf {ti * 1e3:7.2f} ms   ratio {r:5.2f}x   "
+              f"max error {err:.1e}")
+
+
+def bench_diffusion(quick: bool) -> None:
+    print("== 2. diffusion (Euler heat equation, alpha = 1, random start) to gradient norm 1e-10 ==")
+    B = 16 if quick else 64
+    for widths in ([2, 30, 1], [2, 10, 8, 1]):
+        model = mlp(widths, seed=1)
+        ns = csnn.compile(model)
+        x = torch.randn(B, 2, dtype=F64, generator=torch.Generator().manual_seed(1))
+        t0 = time.perf_counter()
+        y, state = ns.infer(x, method="diffusion", alpha=1.0, tol=1e-10, generator=torch.Generator().manual_seed(2),
+                            return_state=True)
+        dt = time.perf_counter() - t0
+        with torch.no_grad():
+            err = float((y - model(x)).abs().max())
+        info = state.info
+        print(f"  {str(widths):14s} B={B}: {info.iterations:6d} steps (dt = {info.t / max(info.iterations, 1):.3g}), "
+              f"{dt:6.2f} s, converged={info.converged}, max error vs torch {err:.1e}")
+
+
+def bench_pinned(quick: bool) -> None:
+    print("== 3. pinned inference [64, 128, 128, 10]: Newton vs Euler flow to the same final energy ==")
+    B = 32 if quick else 256
+    model = mlp([64, 128, 128, 10], seed=3)
+    ns = csnn.compile(model)
+    x = torch.randn(B, 64, dtype=F64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        h = torch.relu(model[0](x))
+        ns.pin("a1", [3], h[:, 3:4] + 1.0)                                   # hard pin of a hidden neuron
+        ns.pin("a2", [7], torch.full((B, 1), 0.5, dtype=F64), strength=10.0)  # soft pin of another
+        ns.pin("z3", None, model(x) + 0.5, strength=1.0)                      # soft pin of the output
+    t0 = time.perf_counter()
+    _, newton = ns.infer(x, method="newton", tol=1e-8, return_state=True, check=False)
+    t_newton = time.perf_counter() - t0
+    target = newton.info.energy
+    print(f"  newton: {newton.info.iterations} iterations, {t_newton:.2f} s, converged={newton.info.converged} "
+          f"(grad norm {newton.info.residual:.1e}), total energy {float(target.sum()):.10g}")
+    # Euler flow from the same start (the unpinned forward pass), in chunks, until it matches Newton's energy
+    S = ns.pinned_sheaf
+    bnd = ns.boundary(x)
+    state = ns.infer(x, method="euler", max_steps=0, return_state=True, check=False)[1].cochain.flat
+    steps, t_euler, chunk = 0, 0.0, 200 if quick else 500
+    budget = 20_000 if quick else 100_000
+    while steps < budget:
+        t0 = time.perf_counter()
+        res = cs.diffuse(S, state, boundary=bnd, method="euler", max_steps=chunk, tol=1e-10)
+        t_euler += time.perf_counter() - t0
+        steps += res.iterations
+        state = res.x.flat
+        if bool((res.energy <= target + 1e-9 * (1 + target.abs())).all()) or res.converged:
+            break
+    reached = bool((res.energy <= target + 1e-9 * (1 + target.abs())).all())
+    print(f"  euler:  {steps} steps, {t_euler:.2f} s, reached Newton's energy: {reached}, "
+          f"total energy {float(res.energy.sum()):.10g}; time ratio euler/newton {t_euler / t_newton:.1f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller batches and fewer repetitions")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's); 1 gives stable ratios on a loaded machine")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    bench_forward(args.quick)
+    bench_diffusion(args.quick)
+    bench_pinned(args.quick)
+
+
+if __name__ == "__main__":
+    main()
