@@ -210,6 +210,11 @@ def _direction(S, xa: Tensor, free: Tensor, ga: Tensor, held: Tensor, mu: Tensor
     return p, precond_diag, info.iterations
 
 
+def _kink_band(xf: Tensor) -> Tensor:
+    """How close to a kink (relative to the largest free coordinate) counts as on it."""
+    return torch.finfo(xf.dtype).eps ** 0.5 * (1 + xf.abs().amax(-1, keepdim=True))
+
+
 def _set_free(x: Tensor, free: Tensor, mask: Tensor, value: float) -> Tensor:
     xf = x[:, free]
     xf[mask] = value
@@ -273,7 +278,7 @@ def newton(S, x: Tensor, free: Tensor, tol: float, max_iter: int = 100,
             if rows.numel() == 0:
                 continue
             _, acc_q, x_q, E_q = _armijo(S, xa[rows], q, free, Ea[rows], ga[rows], opt)
-            better = acc_q & (E_q < E_new[rows])
+            better = acc_q & (E_q < E_new[rows] - _noise(E_new[rows], xa[rows]))
             pick = rows[better]
             x_new[pick], E_new[pick], accepted[pick] = x_q[better], E_q[better], True
         mua = torch.where(accepted & (t == 1.0), mua / 10, mua * 10).clamp(opt.damping * 1e-4, opt.max_damping)
@@ -293,10 +298,23 @@ def newton(S, x: Tensor, free: Tensor, tol: float, max_iter: int = 100,
         x[act], E[act], g[act], mu[act], held[act], flips[act] = x_new, E_act, g_act, mua, ha, fa.masked_fill(newly, 0)
         measure[act] = m_act
         changed = newly.any(-1) | go.any(-1)
-        improved = (E_act < best[act] - _noise(best[act])) | (m_act < 0.5 * best_g[act]) | changed
+        improved = (E_act < best[act] - _noise(best[act], x_new)) | (m_act < 0.5 * best_g[act]) | changed
         best[act] = torch.where(changed, E_act, torch.minimum(best[act], E_act))
         best_g[act] = torch.where(changed, m_act, torch.minimum(best_g[act], m_act))
         since_best[act] = torch.where(improved, 0, since_best[act] + 1)
+        # no progress: hold the kink coordinates that sit (nearly) on their kink before giving up
+        stuck = ~accepted | (since_best[act] >= opt.stall_iterations // 2)
+        xf = x[act][:, free]
+        near = kinks & ~ha & (xf.abs() <= _kink_band(xf)) & (stuck & (releases[act] < opt.max_releases)).unsqueeze(-1)
+        if bool(near.any()):
+            rows = near.any(-1)
+            x[act] = _set_free(x[act], free, near, 0.0)
+            held[act] = ha | near
+            E_n, g_n = _free_gradient(S, x[act][rows], free)
+            idx = act[rows]
+            E[idx], g[idx] = E_n, g_n
+            measure[idx] = _stationarity(S, x[idx], free, g_n, held[idx])[0]
+            best[idx], best_g[idx], since_best[idx] = E_n, measure[idx], 0
         stalled[act] = (since_best[act] >= opt.stall_iterations) | (~accepted & (mua >= opt.max_damping))
     converged = measure <= tol
     report = {"converged": converged, "iterations": it, "energy": E, "grad_norm": measure,
@@ -306,9 +324,13 @@ def newton(S, x: Tensor, free: Tensor, tol: float, max_iter: int = 100,
     return x, report
 
 
-def _noise(E: Tensor) -> Tensor:
-    """The rounding level of energy values ``E``: decreases below it are invisible."""
-    return 16 * torch.finfo(E.dtype).eps * E.abs()
+def _noise(E: Tensor, x: Tensor) -> Tensor:
+    """The rounding level of energy values ``E`` at points ``x``: decreases below it are invisible.
+
+    A discrepancy ``r`` computed from values of size ``|x|`` carries an error of about
+    ``ε|x|``, so ``½‖r‖²`` is uncertain by about ``ε ‖r‖ |x| ≈ ε √(2E) ‖x‖``.
+    """
+    return 16 * torch.finfo(E.dtype).eps * (E.abs() + (2 * E.abs()).sqrt() * x.norm(dim=-1))
 
 
 def _armijo(S, x: Tensor, p: Tensor, free: Tensor, E0: Tensor, g: Tensor, opt: NewtonOptions):
@@ -330,7 +352,7 @@ def _armijo(S, x: Tensor, p: Tensor, free: Tensor, E0: Tensor, g: Tensor, opt: N
             Et = edge_energies(S, trial).sum(-1)
         except (ValueError, FloatingPointError):  # a trial point outside a potential's domain: shorten
             Et = torch.full_like(E0[todo], float("inf"))
-        ok = Et <= E0[todo] + opt.armijo * t[todo] * slope[todo] + _noise(E0[todo])
+        ok = Et <= E0[todo] + opt.armijo * t[todo] * slope[todo] + _noise(E0[todo], x[todo])
         idx = todo[ok]
         x_out[idx], E_out[idx], done[idx] = trial[ok], Et[ok], True
         t[todo[~ok]] /= 2
