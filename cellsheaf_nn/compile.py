@@ -86,8 +86,7 @@ def _unsupported(what: str) -> UnsupportedOpError:
 class _Compiler:
     """Walks a model, keeps the layer counter and the names, and drives the builder."""
 
-    def __init__(self, root: nn.Module, dtype: torch.dtype):
-        self.root = root
+    def __init__(self, dtype: torch.dtype):
         self.b = Builder(dtype)
         self.names: set[str] = set()
         self.layer = 0
@@ -104,13 +103,12 @@ class _Compiler:
         comp = lookup(module)
         where = f"module {path or '<root>'!r} ({type(module).__name__})"
         if comp is not None:
-            return self.emit(comp, where, type(module).__name__.lower(), path, (module,), args, {},
-                             lambda *a, **k: module(*a, **k))
+            return self.emit(comp, where, type(module).__name__.lower(), path, (module,), args, {}, module)
         if type(module).forward is nn.Sequential.forward:
             for name, child in module.named_children():
                 args = [self.module(child, f"{path}.{name}" if path else name, args)]
             return args[0]
-        if lookup(module) is None and _is_torch_leaf(module):
+        if _is_torch_leaf(module):
             raise _unsupported(where)
         return self.graph(module, path, args)
 
@@ -151,12 +149,12 @@ class _Compiler:
         kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
         has_value = any(isinstance(q.value, Value) for q in _leaves((args, kwargs)))
         sub = f"{path}.{node.target}" if path and node.op == "call_module" else str(node.target)
-        if node.op == "call_module":
+        if node.op == "call_module":  # a leaf: a registered module or a torch.nn module
             module = gm.get_submodule(node.target)
-            if lookup(module) is None:
-                return self.module(module, sub, [a for a in args])  # a container traced as a leaf by fx
             comp = lookup(module)
             where = f"module {sub!r} ({type(module).__name__})"
+            if comp is None:
+                raise _unsupported(where)
             return self.emit(comp, where, node.name, sub, (module,), args, kwargs, module)
         if node.op == "call_method":
             run = _method_runner(node.target)
@@ -165,12 +163,9 @@ class _Compiler:
             run = node.target
             where = f"function {getattr(node.target, '__name__', node.target)} (node {node.name!r})"
             comp = lookup(node.target)
-        if not has_value:
-            probe = _run(run, _probe(args), _probe(kwargs), where)
-            return _Q(probe, probe)
         probe = _run(run, _probe(args), _probe(kwargs), where)
-        if not isinstance(probe, Tensor):
-            return _Q(probe, probe)  # a shape query such as x.size(0)
+        if not has_value or not isinstance(probe, Tensor):
+            return _Q(probe, probe)  # a constant, or a shape query such as x.size(0)
         if comp is None:
             raise _unsupported(where)
         return self.emit(comp, where, node.name, None, (), args, kwargs, run, probe)
@@ -268,9 +263,9 @@ def _guess_input_shape(model: nn.Module) -> tuple[int, ...]:
 
 def compile(
     model: nn.Module,
+    dtype: torch.dtype | None = None,
     *,
     input_shape: Sequence[int] | None = None,
-    dtype: torch.dtype | None = None,
 ) -> NeuralSheaf:
     """Compile ``model`` into a :class:`NeuralSheaf` (the paper's construction, Sec. 3.1).
 
@@ -280,11 +275,11 @@ def compile(
         An ``nn.Sequential`` or any module torch.fx can trace, with one input and
         one output tensor. It is copied and put in eval mode (dropout off,
         batch norm with running statistics); the original is not touched.
+    dtype : torch dtype, optional
+        Dtype of the sheaf's maps (default: the model's parameter dtype).
     input_shape : sequence of int, optional
         Per-sample input shape (no batch axis). Default: ``(in_features,)`` of the
         first ``Linear`` (or ``BatchNorm1d``).
-    dtype : torch dtype, optional
-        Dtype of the sheaf's maps (default: the model's parameter dtype).
 
     Returns
     -------
@@ -314,7 +309,7 @@ def compile(
     model = copy.deepcopy(model).eval().to(dtype)
     shape = tuple(int(s) for s in input_shape) if input_shape is not None else _guess_input_shape(model)
     probe = torch.randn(_PROBE_BATCH, *shape, dtype=dtype, generator=torch.Generator().manual_seed(0))
-    c = _Compiler(model, dtype)
+    c = _Compiler(dtype)
     x = c.b.input(math.prod(shape), shape, name=c.unique("x"))
     out = c.module(model, "", [_Q(x, probe)])
     y: Value = out.value

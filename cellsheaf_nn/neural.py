@@ -66,7 +66,7 @@ class NeuralState(dict):
         self.cochain = cochain
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Pin:
     """Handle of a pin (``kind`` ``"hard"`` or ``"soft"``) or of freed input coordinates (``"free"``)."""
 
