@@ -111,6 +111,9 @@ class NeuralSheaf:
         self._pins: dict[int, Pin] = {}
         self._next_id = 0
         self._pinned: tuple | None = None  # (key, sheaf, penalties)
+        self._ones = {  # vertex -> (ones coordinates in its stalk, a vector of ones)
+            info.name: (idx, torch.ones(len(idx), dtype=torch.float64))
+            for info in self.layout.values() if (idx := [c for sl in info.ones for c in range(sl.start, sl.stop)])}
 
     # ------------------------------------------------------------------ layout
     @property
@@ -206,10 +209,8 @@ class NeuralSheaf:
         b = cs.Boundary()
         if keep:
             b.fix(self.input, xb if len(keep) == self.n_in else xb[:, keep], coords=keep)
-        for info in self.layout.values():
-            if info.ones:
-                idx = [c for sl in info.ones for c in range(sl.start, sl.stop)]
-                b.fix(info.name, torch.ones(len(idx), dtype=self.dtype), coords=idx)
+        for name, (idx, ones) in self._ones.items():
+            b.fix(name, ones.to(xb.dtype), coords=idx)
         return b
 
     def _boundary(self, xb: Tensor, penalties) -> cs.Boundary:
