@@ -19,6 +19,10 @@ from .cohomology import Cohomology, RelativeCohomology, cohomology, global_secti
 from .diffusion import diffuse, stable_step
 from .energy import discord, energy
 from .harmonic import NonUniqueError, harmonic_extension
+from . import gauss_newton, learning, propagation
+from .minimize import minimize
+from .penalty import Penalties, Penalty, reluctance, soft_pin
+from .propagation import NotDeterminedError
 from .results import Result, SolveInfo
 from .sheaf import Edge, Sheaf
 from .spec import SheafSpec, SpecError
@@ -27,6 +31,8 @@ from .spectral import Eigenpairs, block_energy, eigenpairs, fiedler_vector, lamb
 __all__ = [
     "__version__", "maps", "operators", "potentials", "Boundary", "ResolvedBoundary", "Cochain", "Edge", "Sheaf",
     "diffuse", "stable_step",
+    "minimize", "soft_pin", "reluctance", "Penalty", "Penalties", "NotDeterminedError",
+    "gauss_newton", "learning", "propagation",
     "Cohomology", "RelativeCohomology", "cohomology", "global_sections", "relative_cohomology",
     "Eigenpairs", "eigenpairs", "spectral_gap", "fiedler_vector", "lambda_max", "block_energy",
     "SheafSpec", "SpecError",
