@@ -724,7 +724,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USER
-    torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
     try:
         return args.run(args)
     except UserError as err:
