@@ -41,11 +41,10 @@ from cellsheaf.operators import apply_coboundary_jvp, edge_weights, expressed
 from cellsheaf.spectral import block_energy as _block_energy
 
 __all__ = [
-    "edge_type", "edge_layer", "group_trace", "restricted_laplacians", "spectrum", "eigenpairs",
+    "edge_type", "edge_layer", "edge_group", "group_trace", "restricted_laplacians", "spectrum", "eigenpairs",
     "SpectralSummary", "spectral_summary", "block_energy", "eigenvector_stability", "SpectralTracker",
     "discord", "discord_by", "discord_trace", "diffusion_path", "Residual", "residuals", "PinnedDiscord",
-    "pinned_discord",
-    "report", "edge_group",
+    "pinned_discord", "report",
 ]
 
 
