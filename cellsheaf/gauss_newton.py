@@ -10,14 +10,21 @@ Laplacian ``L[Ω,Ω]`` of the frozen sheaf, Eq. 33/36 of the paper).
 
 Each step solves ``(H + μ D) p = −∇_Ω E`` on the free coordinates by batched,
 matrix-free, Jacobi-preconditioned CG (every item of a batch has its own
-pattern, no Python loop over items), then backtracks on the energy (Armijo).
-The damping ``μ`` (Levenberg–Marquardt, relative to the Jacobi diagonal ``D``)
-shrinks after full steps and grows after short ones, which keeps singular
-models (Huber beyond its threshold, kinks of L1) well posed. Every step
-decreases the energy, so activation patterns cannot cycle; a run that stops
-making progress while the gradient is not small (an equilibrium on a switching
-surface, Note 5.1, or the kink of a non-smooth potential) is reported as not
-converged, with the reason.
+pattern, no Python loop over items), then backtracks on the energy (Armijo),
+keeping a plain or Jacobi-scaled gradient step instead when it lowers the energy
+more (kinks, poor models). The damping ``μ`` (Levenberg–Marquardt, relative to
+the Jacobi diagonal ``D``) shrinks after full steps and grows after short ones,
+which keeps singular models (Huber beyond its threshold, kinks of L1) well posed.
+Every step decreases the energy, so activation patterns cannot cycle.
+
+Coordinates that feed a ReLU directly are handled by an active set: one that
+zigzags across its kink, or sits on it when progress stops, is held at the kink
+while Newton works on the others, and let go when a one-sided derivative says
+leaving lowers the energy (at most ``max_releases`` times per item). Stationarity
+is measured in the Clarke sense (the distance from 0 to the generalised
+gradient), so an equilibrium on a switching surface (Note 5.1) is found and
+recognised; a run that stops making progress anyway (e.g. at a kink of an L1
+potential) is reported as not converged, with the reason.
 
 Examples
 --------
@@ -222,6 +229,29 @@ def _set_free(x: Tensor, free: Tensor, mask: Tensor, value: float) -> Tensor:
     return x
 
 
+def _descent_step(S, xa: Tensor, free: Tensor, Ea: Tensor, ga: Tensor, held: Tensor, mu: Tensor,
+                  opt: NewtonOptions):
+    """One damped Newton step with line search, and its safeguards.
+
+    The plain gradient step (it leaves the kinks of non-smooth potentials, where
+    the curvature model is huge) and, where a kink or a poor model cut the Newton
+    step short, the Jacobi-scaled gradient step are kept instead when they lower
+    the energy visibly more. Returns ``(x_new, E_new, t, accepted, cg_iterations)``.
+    """
+    p, precond_diag, its = _direction(S, xa, free, ga, held, mu, opt)
+    t, accepted, x_new, E_new = _armijo(S, xa, p, free, Ea, ga, opt)
+    short = torch.nonzero(~accepted | (t < 0.25)).flatten()
+    everyone = torch.arange(len(xa), device=xa.device)
+    for rows, q in ((everyone, -ga), (short, (-ga / precond_diag)[short])):
+        if rows.numel() == 0:
+            continue
+        _, acc_q, x_q, E_q = _armijo(S, xa[rows], q, free, Ea[rows], ga[rows], opt)
+        better = acc_q & (E_q < E_new[rows] - _noise(E_new[rows], xa[rows]))
+        pick = rows[better]
+        x_new[pick], E_new[pick], accepted[pick] = x_q[better], E_q[better], True
+    return x_new, E_new, t, accepted, its
+
+
 def newton(S, x: Tensor, free: Tensor, tol: float, max_iter: int = 100,
            options: NewtonOptions | None = None, record: bool | int = False) -> tuple[Tensor, dict]:
     """Minimise the energy over the coordinates ``free`` of ``x`` (``(B, C0)``; the others stay fixed).
@@ -266,21 +296,8 @@ def newton(S, x: Tensor, free: Tensor, tol: float, max_iter: int = 100,
         it += 1
         xa, Ea, mua, ha = x[act], E[act], mu[act], held[act]
         ga = g[act].masked_fill(ha, 0.0)
-        p, precond_diag, its = _direction(S, xa, free, ga, ha, mua, opt)
+        x_new, E_new, t, accepted, its = _descent_step(S, xa, free, Ea, ga, ha, mua, opt)
         cg_its += its
-        t, accepted, x_new, E_new = _armijo(S, xa, p, free, Ea, ga, opt)
-        # Safeguards, kept when they lower the energy more than the Newton step: the plain gradient step
-        # (it leaves the kinks of non-smooth potentials, where the curvature model is huge) and, where a kink
-        # or a poor model cut the Newton step short, the Jacobi-scaled gradient step.
-        short = torch.nonzero(~accepted | (t < 0.25)).flatten()
-        everyone = torch.arange(len(act), device=dev)
-        for rows, q in ((everyone, -ga), (short, (-ga / precond_diag)[short])):
-            if rows.numel() == 0:
-                continue
-            _, acc_q, x_q, E_q = _armijo(S, xa[rows], q, free, Ea[rows], ga[rows], opt)
-            better = acc_q & (E_q < E_new[rows] - _noise(E_new[rows], xa[rows]))
-            pick = rows[better]
-            x_new[pick], E_new[pick], accepted[pick] = x_q[better], E_q[better], True
         mua = torch.where(accepted & (t == 1.0), mua / 10, mua * 10).clamp(opt.damping * 1e-4, opt.max_damping)
         # a kink coordinate that crossed 0 on two steps running is zigzagging across a switching surface: hold it
         crossed = kinks & ((xa[:, free] >= 0) != (x_new[:, free] >= 0))
