@@ -140,8 +140,11 @@ def minimize(
     Result
         ``x`` (a Cochain, batched when the boundary or ``x0`` is), ``method`` (the one
         that ran), ``converged``, ``iterations``, ``energy``, ``residual``/``grad_norm``
-        (largest free-gradient norm over the batch) and ``message``; ``extra`` holds
-        per-item ``converged`` and ``grad_norm``, and why ``"auto"`` chose its method.
+        (largest free-gradient norm over the batch; for ``"newton"`` the Clarke
+        stationarity, which also certifies equilibria on ReLU switching surfaces) and
+        ``message``; ``extra`` holds per-item ``converged`` and ``grad_norm``, why
+        ``"auto"`` chose its method and, for ``"newton"``, ``on_kinks`` (coordinates
+        resting on ReLU kinks per item), ``stalled`` and ``cg_iterations``.
 
     Examples
     --------
