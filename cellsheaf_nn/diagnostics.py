@@ -48,6 +48,8 @@ __all__ = [
 ]
 
 
+_CHUNK = 1 << 24  # entries of the Jacobian workspace of one batched pass of restricted_laplacians
+
 # ---------------------------------------------------------------------------- naming of edges
 
 
@@ -191,9 +193,14 @@ def restricted_laplacians(S, fixed: Tensor, at: Tensor) -> Tensor:
     n = free.numel()
     basis = at.new_zeros(n, C0)
     basis[torch.arange(n, device=at.device), free] = 1.0
-    cols = apply_coboundary_jvp(S, at.repeat_interleave(n, 0), basis.repeat(B, 1)).reshape(B, n, -1)
     w = edge_weights(S, at.dtype, at.device)
-    return torch.einsum("bic,c,bjc->bij", cols, w, cols)
+    chunk = max(1, _CHUNK // max(n * max(C0, S.C1), 1))  # inputs per pass: bounds the (chunk·n, C0) workspace
+    out = []
+    for start in range(0, B, chunk):
+        a = at[start:start + chunk]
+        cols = apply_coboundary_jvp(S, a.repeat_interleave(n, 0), basis.repeat(len(a), 1)).reshape(len(a), n, -1)
+        out.append(torch.einsum("bic,c,bjc->bij", cols, w, cols))
+    return torch.cat(out)
 
 
 def eigenpairs(ns, X) -> tuple[Tensor, Tensor]:

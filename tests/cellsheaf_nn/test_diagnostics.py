@@ -41,6 +41,15 @@ def test_restricted_laplacians_match_dense_reference(seed, maps, batch):
         np.testing.assert_allclose(L[b].numpy(), ref, atol=1e-10)
 
 
+def test_restricted_laplacians_in_chunks_equal_one_pass(monkeypatch):
+    S = build_random_sheaf(5, n_vertices=5, n_edges=7, maps="nonlinear")
+    at = torch.randn(7, S.C0, dtype=F64, generator=torch.Generator().manual_seed(5))
+    fixed = torch.tensor([0, 3])
+    whole = dg.restricted_laplacians(S, fixed, at)
+    monkeypatch.setattr(dg, "_CHUNK", 1)  # one input per pass
+    torch.testing.assert_close(dg.restricted_laplacians(S, fixed, at), whole)
+
+
 def test_block_energy_sums_to_one_and_skips_fixed_vertices():
     S = build_random_sheaf(3, n_vertices=4, n_edges=5)
     fixed = torch.as_tensor(list(range(S.vertex_slice("v0").start, S.vertex_slice("v0").stop)))
