@@ -140,8 +140,8 @@ def sheaf_graph(sheaf, boundary=None, *, ax=None, path=None, title: str | None =
     Parameters
     ----------
     sheaf : cellsheaf.Sheaf or NeuralSheaf
-        A compiled network (anything with a ``.sheaf``) uses its own boundary
-        when ``boundary`` is omitted.
+        A compiled network is drawn with its soft-pin penalty edges and anchors,
+        and with its own boundary (input, ones blocks, pins) when ``boundary`` is omitted.
     boundary : cellsheaf.Boundary, ResolvedBoundary or fixed flat indices, optional
         Which coordinates are stubborn (red: all, yellow: some, green: none; Figs. 1-2).
     ax : matplotlib Axes, optional
@@ -158,15 +158,16 @@ def sheaf_graph(sheaf, boundary=None, *, ax=None, path=None, title: str | None =
     >>> sheaf_graph(S).axes[0].get_title()
     'sheaf graph (2 vertices, 1 edges)'
     """
-    S = getattr(sheaf, "sheaf", sheaf)
-    if boundary is None and S is not sheaf:
-        boundary = _network_boundary(sheaf)
+    S = getattr(sheaf, "pinned_sheaf", getattr(sheaf, "sheaf", sheaf))
+    if boundary is None and S is not sheaf:  # a compiled network: its input, ones blocks and pins
+        boundary = sheaf.boundary(torch.zeros(sheaf.input_shape, dtype=sheaf.dtype))
     states = vertex_states(S, boundary)
     G = S.graph
     pos = _layout(G)
     if ax is None:
-        width = max(4.0, 1.3 * (1 + max((p[0] for p in pos.values()), default=0)))
-        fig, axes = _figure(size=(min(width, 16.0), 3.2))
+        span = [max((p[k] for p in pos.values()), default=0) - min((p[k] for p in pos.values()), default=0)
+                for k in (0, 1)]
+        fig, axes = _figure(size=(min(max(5.0, 1.3 * span[0] + 3.0), 16.0), min(2.2 + 1.1 * span[1], 10.0)))
         ax = axes[0, 0]
     fig = ax.figure
     from matplotlib.lines import Line2D
@@ -199,15 +200,6 @@ def sheaf_graph(sheaf, boundary=None, *, ax=None, path=None, title: str | None =
     ax.set_axis_off()
     ax.set_title(title or f"sheaf graph ({len(S.vertices)} vertices, {len(S.edges)} edges)")
     return save(fig, path)
-
-
-def _network_boundary(ns):
-    """The boundary a compiled network holds fixed (input, ones blocks, pins), if it says."""
-    for name in ("fixed_indices", "fixed"):
-        attr = getattr(ns, name, None)
-        if attr is not None:
-            return attr() if callable(attr) else attr
-    return None
 
 
 # ---------------------------------------------------------------------------- dynamics

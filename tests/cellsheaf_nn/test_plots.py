@@ -45,6 +45,22 @@ def test_sheaf_graph_colours_and_file(tmp_path, suffix):
     assert arrows == [plots.EDGE_COLORS[dg.edge_type(e)] for e in S.edges]
 
 
+def test_sheaf_graph_of_a_compiled_network_uses_its_boundary_and_pins():
+    import cellsheaf_nn as csnn
+
+    ns = csnn.compile(csnn.mlp([2, 3, 1], output="sigmoid", seed=0))
+    ns.pin("a1", [0], torch.tensor([1.0], dtype=torch.float64), strength=2.0)
+    ns.pin("z1", [1], torch.tensor([0.5], dtype=torch.float64))
+    fig = plots.sheaf_graph(ns)
+    S = ns.pinned_sheaf
+    states = plots.vertex_states(S, ns.boundary(torch.zeros(2, dtype=torch.float64)))
+    assert states == {"x": "stubborn", "z1": "partly stubborn", "a1": "partly stubborn", "z2": "free", "y": "free",
+                      "penalty:a1": "stubborn"}
+    colours = [to_hex(c.get_facecolor()[0]) for c in fig.axes[0].collections]
+    assert colours == [plots.VERTEX_COLORS[states[v]] for v in S.vertices]
+    assert [to_hex(p.get_edgecolor()) for p in fig.axes[0].patches][-1] == plots.EDGE_COLORS["penalty"]
+
+
 def test_sheaf_graph_cycle_and_parallel_edges():
     S = cs.Sheaf()
     for v in range(3):
