@@ -183,3 +183,26 @@ def test_non_finite_map_output_names_the_edge():
     S.add_edge("a", "b", M.Function(lambda t: 1.0 / t, 1, 1, name="inv"), M.Identity(1), name="bad")
     with pytest.raises(FloatingPointError, match="'bad'"):
         cs.energy(S, torch.tensor([0.0, 1.0], dtype=F64))
+
+
+_MAPS = {
+    "relu": lambda: M.ReLU(3), "leaky": lambda: M.LeakyReLU(3, 0.2), "sigmoid": lambda: M.Sigmoid(3),
+    "tanh": lambda: M.Tanh(3), "softmax": lambda: M.Softmax(3),
+    "function": lambda: M.Function(lambda t: torch.sin(t) * t.sum(-1, keepdim=True), 3, 3, name="f"),
+    "compose": lambda: M.Compose(M.Tanh(2), M.Linear(torch.arange(6.0, dtype=F64).reshape(2, 3) / 6)),
+}
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # inside torch.func
+@pytest.mark.parametrize("name", sorted(_MAPS))
+def test_map_local_adjoints_pass_gradcheck(name):
+    """``vjp``/``jvp`` are the transposed Jacobian and the Jacobian (the local adjoint, Sec. 4.2)."""
+    F = _MAPS[name]()
+    x = torch.tensor([[0.7, -1.3, 0.4], [1.1, 0.2, -0.5]], dtype=F64, requires_grad=True)  # off the ReLU kink
+    assert torch.autograd.gradcheck(F.apply, (x,))
+    w = torch.ones(2, F.d_out, dtype=F64)
+    auto = torch.autograd.grad(F.apply(x), x, grad_outputs=w)[0]
+    torch.testing.assert_close(F.vjp(x.detach(), w), auto)
+    v = torch.linspace(-1, 1, 6, dtype=F64).reshape(2, 3)
+    J = torch.autograd.functional.jacobian(F.apply, x.detach())  # (2, d_out, 2, 3)
+    torch.testing.assert_close(F.jvp(x.detach(), v), torch.einsum("bkcj,cj->bk", J, v))
