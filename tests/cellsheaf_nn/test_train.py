@@ -181,7 +181,7 @@ def test_every_mode_reduces_the_loss(name):
                                      ("equilibrium", dict(optimizer="sgd", lr=0.01, init="forward_pass"))])
 def test_resume_equals_uninterrupted(tmp_path, mode, kw):
     task = datasets.blobs(seed=0, n_train=40)
-    model = mlp(task.sizes("2H"), output="softmax", seed=1)
+    model = mlp(task.sizes("1H" if mode == "equilibrium" else "2H"), output="softmax", seed=1)
     steps = 4 if mode != "joint" else 20
     full = SheafTrainer(csnn.compile(model), mode=mode, loss="ce", seed=2, **kw)
     full.fit(task.X_train, task.Y_train, steps=steps, progress=False)
@@ -241,9 +241,10 @@ def test_nudged_local_gradients_match_autograd(seed, case, widths):
     local = trainer.local_gradients(X, Y)
     exact = _autograd(csnn.compile(model).to_module(), X, Y, loss)
     assert set(local) == set(exact)
+    scale = max(float(g.norm()) for g in exact.values())
     for k in exact:
-        if float(exact[k].norm()) < 1e-12:   # e.g. a layer behind dead ReLUs
-            assert float(local[k].norm()) < 1e-8
+        if float(exact[k].norm()) < 1e-9 * scale:   # e.g. a layer behind dead ReLUs: zero up to the O(γ) bias
+            assert float(local[k].norm()) < 1e-3 * scale
             continue
         cos = torch.nn.functional.cosine_similarity(local[k].flatten(), exact[k].flatten(), dim=0)
         assert float(cos) > 0.999, (k, float(cos))
