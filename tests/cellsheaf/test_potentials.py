@@ -174,3 +174,14 @@ def test_float32():
     r = torch.tensor([0.5, -2.0, 0.1], dtype=torch.float32)
     for U in ALL:
         assert U.value(r).dtype == torch.float32 and U.grad(r).dtype == torch.float32
+
+
+def test_potentials_round_trip_through_the_sheaf_spec():
+    S = cs.Sheaf(); S.add_vertex("a", 2); S.add_vertex("b", 2)
+    pots = [P.L1(), P.Huber(0.3), P.PNorm(3), P.ElasticNet(0.1, 2), P.Weighted(P.Huber(1.0), _t([1.0, 2.0])),
+            P.CrossEntropy("sigmoid", "v")]
+    for i, U in enumerate(pots):
+        S.add_edge("a", "b", torch.eye(2, dtype=torch.float64), torch.eye(2, dtype=torch.float64), name=f"e{i}",
+                   potential=U)
+    T = cs.Sheaf.from_spec(S.to_spec().model_dump_json())
+    assert T == S and [T.edge(f"e{i}").potential for i in range(len(pots))] == pots
