@@ -67,7 +67,8 @@ class Task:
     def sizes(self, depth: str) -> list[int]:
         """Layer widths of the architecture labelled ``depth`` (``"1H"`` or ``"2H"``)."""
         if depth not in self.architectures:
-            raise KeyError(f"task {self.name!r} has no architecture {depth!r}; choose from {sorted(self.architectures)}")
+            raise KeyError(f"task {self.name!r} has no architecture {depth!r}; "
+                           f"choose from {sorted(self.architectures)}")
         return list(self.architectures[depth])
 
     @property
