@@ -84,6 +84,14 @@ def test_float32_actions(maps):
     assert y.dtype == torch.float32
 
 
+def test_fused_laplacian_in_chunks(monkeypatch):
+    S = build_random_sheaf(8, n_vertices=20, n_edges=50, maps="dense", weights=True)
+    monkeypatch.setattr(ops, "_CHUNK", 16)  # many chunks per group
+    for batch in (None, 1, 4):
+        x = random_point(S, 5, batch)
+        np.testing.assert_allclose(ops.apply_laplacian(S, x).numpy(), x.numpy() @ dense_laplacian(S), atol=1e-10)
+
+
 def test_grouped_and_single_edges_agree():
     # large maps (d_e·(d_u+d_v) > 1024) are applied edge by edge, small ones in groups
     rng = np.random.default_rng(0)
