@@ -160,13 +160,13 @@ def test_torch_optimizer_drives_the_maps():
     opt = torch.optim.AdamW(L.parameters(S), lr=0.05, weight_decay=0.1)
     energies = []
     x = None
-    for _ in range(12):
+    for _ in range(8):
         res = cs.minimize(S, b, x0=x)
         assert res.converged
         x = res.x.flat
         energies.append(float(res.energy.sum()))
         L.optimizer_step(S, x, opt)
-    assert energies[-1] < 0.5 * energies[0]
+    assert energies[-1] < 0.6 * energies[0]
     torch.testing.assert_close(W1.weight[:, 2:][mask[:, 2:] == 0], off_diagonal)
 
 

@@ -206,14 +206,14 @@ def test_newton_with_cross_entropy_output_and_clamped_targets():
     S = net.S
     S.add_vertex("y", 3)
     S.add_edge("z2", "y", M.Identity(3), M.Identity(3), name="out", potential=P.CrossEntropy("softmax"))
-    X = net.random_input(4)
-    Y = torch.softmax(torch.randn(4, 3, generator=torch.Generator().manual_seed(0), dtype=F64), -1)
+    X = net.random_input(2)
+    Y = torch.softmax(torch.randn(2, 3, generator=torch.Generator().manual_seed(0), dtype=F64), -1)
     b = net.boundary(X).fix("y", Y)
     res = cs.minimize(S, b)
     assert res.method == "newton" and res.converged, res.message
-    flow = cs.minimize(S, b, method="euler", tol=1e-10)
+    flow = cs.minimize(S, b, method="euler", tol=1e-9)
     assert flow.converged and bool((res.energy <= flow.energy + 1e-12).all())
-    torch.testing.assert_close(res.x.flat, flow.x.flat, rtol=0, atol=1e-8)
+    torch.testing.assert_close(res.x.flat, flow.x.flat, rtol=0, atol=1e-7)
 
 
 @pytest.mark.parametrize("potential", [P.Huber(0.3), P.PNorm(1.5), P.ElasticNet(0.0, 2.0)])
