@@ -30,7 +30,6 @@ Examples
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import numpy as np

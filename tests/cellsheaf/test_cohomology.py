@@ -6,7 +6,6 @@ import sys
 import networkx as nx
 import numpy as np
 import pytest
-import scipy.linalg as sla
 import sympy
 import torch
 from hypothesis import given, settings
