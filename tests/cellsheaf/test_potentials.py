@@ -133,7 +133,8 @@ def test_cross_entropy_is_undefined_at_non_positive_probabilities():
 
 def test_undefined_potential_error_names_the_edge():
     S = cs.Sheaf(); S.add_vertex("p", 2); S.add_vertex("y", 2)
-    S.add_edge("p", "y", torch.eye(2, dtype=torch.float64), torch.eye(2, dtype=torch.float64), name="loss", potential=P.CrossEntropy(None))
+    eye = torch.eye(2, dtype=torch.float64)
+    S.add_edge("p", "y", eye, eye, name="loss", potential=P.CrossEntropy(None))
     with pytest.raises(ValueError, match="edge 'loss'.*positive"):
         cs.energy(S, _t([-0.5, 1.5, 1.0, 0.0]))
 
