@@ -7,7 +7,8 @@ assembled ``L`` (measured in the same process; target ≤ 2×).
 
 Run::
 
-    python benchmarks/bench_core.py [--quick] [--repeats 5] [--batch 16] [--threads N] [--clock wall|cpu] [--no-harmonic]
+    python benchmarks/bench_core.py [--quick] [--repeats 5] [--batch 16] [--threads N] [--clock wall|cpu]
+                                    [--no-harmonic] [--harmonic-method auto|direct|cg]
 """
 
 from __future__ import annotations
