@@ -120,7 +120,15 @@ class GaussNewton:
             De = D[:, g.eidx]  # (B, G, d_e)
             out.index_add_(1, g.uidx.flatten(), torch.einsum("bgk,gki->bgi", De, Mu * Mu).reshape(B, -1))
             out.index_add_(1, g.vidx.flatten(), torch.einsum("bgk,gki->bgi", De, Mv * Mv).reshape(B, -1))
+            loops = (g.uidx[:, 0] == g.vidx[:, 0]).to(x.dtype)  # self-loops: J = M_v − M_u on one stalk
+            if bool(loops.any()):
+                cross = torch.einsum("bgk,gki->bgi", De, Mu * Mv) * loops[:, None]
+                out.index_add_(1, g.uidx.flatten(), -2 * cross.reshape(B, -1))
         for e, su, sv, se in plan.singles:
+            if e.u == e.v:
+                J = e.Fv.jacobian(x[:, sv]) - e.Fu.jacobian(x[:, su])
+                out[:, su] += torch.einsum("bk,bki->bi", D[:, se], J * J)
+                continue
             for F, sl in ((e.Fu, su), (e.Fv, sv)):
                 out[:, sl] += _squared_jacobian_pullback(F, x[:, sl], D[:, se])
         return out
@@ -133,6 +141,9 @@ def _squared_jacobian_pullback(F, x: Tensor, d: Tensor) -> Tensor:
         return d @ (M * M)
     if isinstance(F, Elementwise):
         return d * F.derivative(x) ** 2
+    if isinstance(F, Compose) and isinstance(F.outer, Elementwise) and F.inner.linear:  # φ ∘ M, e.g. ReLU ∘ P
+        M = F.inner.matrix().to(dtype=x.dtype, device=x.device)
+        return (d * F.outer.derivative(F.inner.apply(x)) ** 2) @ (M * M)
     J = F.jacobian(x)
     return torch.einsum("bk,bki->bi", d, J * J)
 

@@ -206,3 +206,19 @@ def test_map_local_adjoints_pass_gradcheck(name):
     v = torch.linspace(-1, 1, 6, dtype=F64).reshape(2, 3)
     J = torch.autograd.functional.jacobian(F.apply, x.detach())  # (2, d_out, 2, 3)
     torch.testing.assert_close(F.jvp(x.detach(), v), torch.einsum("bkcj,cj->bk", J, v))
+
+
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 2**31), maps=st.sampled_from(["nonlinear", "dense"]))
+def test_gauss_newton_diagonal_matches_the_dense_model(seed, maps):
+    """The Jacobi diagonal of the Newton model (self-loops included) against the columns of J_δᵀ W ∇²U J_δ."""
+    S = with_potentials(build_random_sheaf(seed, n_vertices=4, n_edges=6, maps=maps), seed,
+                        choices=[None, P.Huber(0.6), P.PNorm(3.0), P.Weighted(P.Quadratic(), 3.0)])
+    x = random_point(S, seed % 1000, batch=2)
+    H = GaussNewton(S, x)
+    eye = torch.eye(S.C0, dtype=F64)
+    for i in range(2):
+        cols = torch.stack([H.matvec(torch.stack([eye[j], eye[j]]))[i] for j in range(S.C0)], 1)
+        torch.testing.assert_close(H.diagonal()[i], torch.diagonal(cols))
+        torch.testing.assert_close(cols, cols.T)  # symmetric positive semidefinite model
+        assert float(torch.linalg.eigvalsh(cols).min()) > -1e-10
