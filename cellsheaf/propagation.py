@@ -40,7 +40,7 @@ from torch import Tensor
 
 from .boundary import Boundary, ResolvedBoundary
 from .cochain import check_finite
-from .maps import Map
+from .maps import Linear, Map
 
 __all__ = ["NotDeterminedError", "PropagationStep", "schedule", "is_determined", "propagate"]
 
@@ -66,6 +66,43 @@ class PropagationStep:
     F: Map
     source: slice
     span: slice | None = None  # ``targets`` as a slice when they are consecutive (a cheaper write)
+    split: Tensor | None = None  # boundary columns of the source, for a dense linear F (see _apply)
+
+
+def _as_index(cols: Tensor) -> slice | Tensor:
+    """Sorted column indices as a slice when consecutive (a view instead of a gather)."""
+    if len(cols) and int(cols[-1]) - int(cols[0]) + 1 == len(cols):
+        return slice(int(cols[0]), int(cols[-1]) + 1)
+    return cols
+
+
+def _split(F: Map, source: slice, is_fixed: np.ndarray) -> Tensor | None:
+    """The boundary columns (within its source stalk) of a dense linear ``F``, or None."""
+    if not (isinstance(F, Linear) and not F.sparse):
+        return None
+    cols = np.nonzero(is_fixed[source])[0]
+    return torch.as_tensor(cols, dtype=torch.long) if len(cols) else None
+
+
+def _apply(s: PropagationStep, xs: Tensor) -> Tensor:
+    """``F(xs)`` for source values ``xs`` (``(B, d)``).
+
+    A dense linear ``F`` whose boundary columns hold the same values for every item
+    of the batch (e.g. the "ones" of an affine map) takes their contribution as one
+    matrix-vector product ``F[:, shared] u``; only the other columns meet the batch.
+    """
+    if s.split is None or xs.shape[0] < 2:
+        return s.F.apply(xs)
+    fixed = s.split.to(xs.device)
+    u = xs[:, _as_index(fixed)]
+    same = (u == u[:1]).all(0)
+    if not bool(same.any()):
+        return s.F.apply(xs)
+    keep = torch.ones(xs.shape[1], dtype=torch.bool, device=xs.device)
+    keep[fixed[same]] = False
+    W = s.F.weight.to(dtype=xs.dtype, device=xs.device)
+    shared, rest = _as_index(fixed[same]), _as_index(torch.nonzero(keep).flatten())
+    return xs[:, rest] @ W[:, rest].T + W[:, shared] @ u[0, same]
 
 
 def _scaled_selection(F: Map) -> tuple[np.ndarray, np.ndarray] | None:
@@ -108,6 +145,7 @@ def _build(S, fixed: Tensor) -> list[PropagationStep]:
             raise NotDeterminedError(reason)
     known = np.zeros(S.C0, dtype=bool)
     known[fixed.numpy()] = True
+    is_fixed = known.copy()
     unknown_count = {v: int((~known[S.vertex_slice(v)]).sum()) for v in S.vertices}
     candidates = {}
     for e in S.edge_items():
@@ -139,7 +177,7 @@ def _build(S, fixed: Tensor) -> list[PropagationStep]:
             consecutive = len(targets) and bool(np.all(np.diff(targets) == 1))
             span = slice(int(targets[0]), int(targets[0]) + len(targets)) if consecutive else None
             steps.append(PropagationStep(name, side, torch.as_tensor(targets, dtype=torch.long), scale, other_F,
-                                         S.vertex_slice(other), span))
+                                         S.vertex_slice(other), span, _split(other_F, S.vertex_slice(other), is_fixed)))
             used.add(name)
             if unknown_count[own] == 0:
                 queue.extend(incident[own])
@@ -228,7 +266,7 @@ def propagate(S, x: Tensor, steps: list[PropagationStep], residuals: bool = Fals
     for s in steps:
         name = f"the map {'Fu' if s.side == 'v' else 'Fv'} of edge {s.edge!r}"
         try:
-            raw = s.F.apply(x[:, s.source])
+            raw = _apply(s, x[:, s.source])
         except Exception as err:
             raise ValueError(f"{name} failed on its input: {err}") from err
         if not math.isfinite(float(raw.sum())):  # a cheap screen; check_finite finds the bad entries

@@ -284,3 +284,15 @@ def test_pin_errors():
     ns.pin("a1", [0], 1.0)
     with pytest.raises(cs.NotDeterminedError):
         ns.infer(torch.zeros(2, 3, dtype=F64), method="propagate")
+
+
+def test_propagation_with_inputs_shared_across_the_batch():
+    """Input columns equal for every item take propagation's shared-boundary path (a matrix-vector product)."""
+    model = residual_mlp(5, 4, 1, 2, seed=6)
+    ns = csnn.compile(model)
+    x = torch.randn(6, 5, dtype=F64)
+    x[:, 1] = 0.7  # shared: the remaining input columns 0, 2, 3, 4 are not consecutive
+    x[:, 4] = -1.2
+    torch.testing.assert_close(ns.infer(x), model(x).detach(), atol=1e-12, rtol=0)
+    x[:] = x[0]  # every column shared
+    torch.testing.assert_close(ns.infer(x), model(x).detach(), atol=1e-12, rtol=0)
