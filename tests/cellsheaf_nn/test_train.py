@@ -76,7 +76,7 @@ def test_sgd_reduces_loss_on_every_task():
     for name in ["paraboloid", "saddle", "circular", "blobs"]:
         task = datasets.load(name, seed=0)
         model = mlp(task.sizes("1H"), output=task.output, seed=0)
-        hist = train_sgd(model, task.X_train, task.Y_train, loss=task.loss, steps=200, progress=False)
+        hist = train_sgd(model, task.X_train, task.Y_train, loss=task.loss, steps=100, lr=0.02, progress=False)
         assert hist.train_loss[-1] < 0.8 * hist.train_loss[0], name
 
 
@@ -168,7 +168,7 @@ def test_every_mode_reduces_the_loss(name):
     init = "forward_pass" if task.classification else "random"
     for mode, steps, kw in [("joint", 150, dict(dt=0.02, init=init)),
                             ("nudged", 6, dict(optimizer="adam", lr=0.05)),
-                            ("equilibrium", 2, dict(optimizer="adam", lr=0.05, init="forward_pass"))]:
+                            ("equilibrium", 2, dict(optimizer="adam", lr=0.05, init="forward_pass", max_iter=5))]:
         ns = csnn.compile(mlp(task.sizes("1H"), output=task.output, seed=0))
         hist = SheafTrainer(ns, mode=mode, loss=task.loss, **kw).fit(task.X_train, task.Y_train, steps=steps,
                                                                       progress=False)
