@@ -74,8 +74,9 @@ def test_repeated_kernel_found_by_sparse_route():
 @given(random_sheaf(maps="mixed", weights=True))
 def test_laplacian_spectrum_is_nonnegative(S):
     vals, vecs = cs.eigenpairs(S, S.C0)
+    rel = 1e-9 if vals.dtype == torch.float64 else 1e-6  # maps without tensors give a float32 sheaf
     assert float(vals.min()) > -1e-9
-    assert cs.lambda_max(S) == pytest.approx(float(vals.max()), rel=1e-9, abs=1e-12)
+    assert cs.lambda_max(S) == pytest.approx(float(vals.max()), rel=rel, abs=1e-12)
     assert cs.lambda_max(S, method="bound") >= float(vals.max()) - 1e-9
 
 
