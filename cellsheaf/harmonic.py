@@ -33,13 +33,13 @@ from torch import Tensor
 from .boundary import Boundary
 from .cochain import Cochain
 from .linalg import cg
-from .operators import _laplacian_csr, apply_laplacian
+from .operators import _laplacian_csr, apply_laplacian, to_torch_sparse
 from .results import SolveInfo
 
 __all__ = ["harmonic_extension", "NonUniqueError"]
 
 _DENSE_MAX = 1500  # free coordinates up to which a dense eigen-decomposition checks uniqueness
-_DIRECT_MAX = 60_000  # free coordinates up to which "auto" uses a sparse LU factorisation
+_DIRECT_MAX = 5_000  # free coordinates up to which "auto" uses a sparse LU (fill-in explodes on expanders)
 
 
 class NonUniqueError(ValueError):
@@ -117,18 +117,12 @@ def _cg_solver(S, rb, A, tol, maxiter, infos: list):
         v = next(v for v in S.vertices if S.vertex_slice(v).start <= k < S.vertex_slice(v).stop)
         raise NonUniqueError(f"free coordinate {k} of vertex {v!r} touches no edge: the harmonic extension is "
                              "not unique; fix it or connect the vertex")
-    free = rb.free
 
     def solve(rhs: Tensor) -> Tensor:
+        At = to_torch_sparse(A, rhs.dtype, rhs.device)
         dinv = torch.as_tensor(1.0 / d, dtype=rhs.dtype, device=rhs.device)
-
-        def apply_A(w: Tensor) -> Tensor:
-            x = w.new_zeros(w.shape[0], S.C0)
-            x[:, free] = w
-            return apply_laplacian(S, x)[:, free]
-
         flat = rhs.detach().reshape(-1, rhs.shape[-1])
-        x, info = cg(apply_A, flat, precond=lambda r: r * dinv, tol=tol, maxiter=maxiter)
+        x, info = cg(lambda w: (At @ w.T).T, flat, precond=lambda r: r * dinv, tol=tol, maxiter=maxiter)
         infos.append(info)
         return x.reshape(rhs.shape)
     return solve
@@ -155,7 +149,8 @@ def harmonic_extension(
         ``"direct"`` factorises ``L[Ω,Ω]`` once (dense Cholesky with a uniqueness
         check up to 1500 free coordinates, sparse LU beyond) and reuses it for
         every right-hand side; ``"cg"`` runs batched Jacobi-preconditioned CG
-        matrix-free; ``"auto"`` picks direct up to 60 000 free coordinates.
+        with the assembled ``L[Ω,Ω]``; ``"auto"`` picks direct up to 5 000 free coordinates
+        (prefer ``"direct"`` on large paths, grids and other graphs with small separators).
     tol, maxiter : float, int
         Relative residual and iteration cap for ``"cg"``.
     allow_nonunique : bool
