@@ -108,8 +108,29 @@ class RankDecision:
         return top / bottom
 
 
+class _Decided:
+    """Read-through properties of a result that carries a :class:`RankDecision` as ``decision``."""
+
+    decision: RankDecision
+
+    @property
+    def tol(self) -> float | None:
+        """Tolerance of the rank decision."""
+        return self.decision.tol
+
+    @property
+    def singular_values(self) -> Tensor | None:
+        """Singular values that the decision saw (descending)."""
+        return self.decision.singular_values
+
+    @property
+    def gap(self) -> float | None:
+        """Singular-value gap at the rank cut (see :attr:`RankDecision.gap`)."""
+        return self.decision.gap
+
+
 @dataclass(frozen=True)
-class Cohomology:
+class Cohomology(_Decided):
     """Cohomology of a sheaf on a graph.
 
     Attributes
@@ -136,21 +157,6 @@ class Cohomology:
         return self.decision.rank
 
     @property
-    def tol(self) -> float | None:
-        """Tolerance of the rank decision."""
-        return self.decision.tol
-
-    @property
-    def singular_values(self) -> Tensor | None:
-        """Singular values of ``δ`` that the decision saw (descending)."""
-        return self.decision.singular_values
-
-    @property
-    def gap(self) -> float | None:
-        """Singular-value gap at the rank cut (see :attr:`RankDecision.gap`)."""
-        return self.decision.gap
-
-    @property
     def euler_characteristic(self) -> int:
         """``h0 − h1``, which equals ``C0 − C1``."""
         return self.h0 - self.h1
@@ -162,7 +168,7 @@ class Cohomology:
 
 
 @dataclass(frozen=True)
-class RelativeCohomology:
+class RelativeCohomology(_Decided):
     """Relative cohomology ``H⁰(G, U; F) = ker δ_Ω`` for a set ``U`` of fixed coordinates.
 
     Its elements are the free-coordinate cochains with zero discord when the
@@ -185,18 +191,6 @@ class RelativeCohomology:
     def h0(self) -> int:
         """Alias of :attr:`dim`."""
         return self.dim
-
-    @property
-    def tol(self) -> float | None:
-        return self.decision.tol
-
-    @property
-    def singular_values(self) -> Tensor | None:
-        return self.decision.singular_values
-
-    @property
-    def gap(self) -> float | None:
-        return self.decision.gap
 
 
 # ---------------------------------------------------------------------------- rank engines
