@@ -14,15 +14,6 @@ from tests.conftest import build_random_sheaf, dense_laplacian
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small dense problems: one torch thread is faster than contending ones (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ---------------------------------------------------------------------------- generic sheaves
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cellsheaf_nn import datasets, losses
-from cellsheaf_nn.train import he_init, mlp, output_activation, train_sgd
+from cellsheaf_nn.train import mlp, output_activation, train_sgd
 
 D = torch.float64
 
