@@ -42,7 +42,7 @@ from .boundary import Boundary, ResolvedBoundary
 from .cochain import check_finite
 from .maps import Linear, Map
 
-__all__ = ["NotDeterminedError", "PropagationStep", "schedule", "is_determined", "propagate"]
+__all__ = ["NotDeterminedError", "PropagationStep", "schedule", "is_determined", "determined_part", "propagate"]
 
 _SELECTION_MAX = 10_000_000  # largest d_out * d_in inspected for a scaled-selection pattern
 
@@ -137,18 +137,18 @@ def _coordinate_name(S, i: int) -> str:
     return f"coordinate {i}"  # pragma: no cover - every index lies in some stalk
 
 
-def _build(S, fixed: Tensor) -> list[PropagationStep]:
-    """Kahn's algorithm on edges: define coordinates as soon as an edge's source end is fully known."""
-    for e in S.edge_items():
-        reason = _edge_reason(e)
-        if reason:
-            raise NotDeterminedError(reason)
+def _order(S, fixed: Tensor, names) -> tuple[list[PropagationStep], np.ndarray, set, dict]:
+    """Kahn's algorithm on the edges ``names``: define coordinates as soon as an edge's source end is fully known.
+
+    Returns the steps, which coordinates they leave known, the edges used and every edge's candidate sides.
+    """
     known = np.zeros(S.C0, dtype=bool)
     known[fixed.numpy()] = True
     is_fixed = known.copy()
     unknown_count = {v: int((~known[S.vertex_slice(v)]).sum()) for v in S.vertices}
     candidates = {}
-    for e in S.edge_items():
+    for name in names:
+        e = S.edge(name)
         sides = []
         for side, F, own, other in (("v", e.Fv, e.v, e.u), ("u", e.Fu, e.u, e.v)):
             sel = _scaled_selection(F) if own != other else None
@@ -157,13 +157,14 @@ def _build(S, fixed: Tensor) -> list[PropagationStep]:
                 targets = S.vertex_slice(own).start + cols
                 other_F = e.Fu if side == "v" else e.Fv
                 sides.append((side, own, other, targets, scales, other_F))
-        candidates[e.name] = sides
+        candidates[name] = sides
     incident: dict = {v: [] for v in S.vertices}
-    for e in S.edge_items():
-        incident[e.u].append(e.name)
-        incident[e.v].append(e.name)
+    for name in names:
+        e = S.edge(name)
+        incident[e.u].append(name)
+        incident[e.v].append(name)
     steps, used = [], set()
-    queue = deque(S.edges)
+    queue = deque(names)
     while queue:
         name = queue.popleft()
         if name in used:
@@ -182,6 +183,16 @@ def _build(S, fixed: Tensor) -> list[PropagationStep]:
             if unknown_count[own] == 0:
                 queue.extend(incident[own])
             break
+    return steps, known, used, candidates
+
+
+def _build(S, fixed: Tensor) -> list[PropagationStep]:
+    """The schedule over all edges, or :class:`NotDeterminedError` saying why there is none."""
+    for e in S.edge_items():
+        reason = _edge_reason(e)
+        if reason:
+            raise NotDeterminedError(reason)
+    steps, known, used, candidates = _order(S, fixed, list(S.edges))
     if not known.all():
         i = int(np.nonzero(~known)[0][0])
         for name, sides in candidates.items():
@@ -249,6 +260,58 @@ def is_determined(S, boundary: Boundary | ResolvedBoundary | None = None) -> tup
     except NotDeterminedError as err:
         return False, str(err)
     return True, ""
+
+
+def determined_part(S, boundary: Boundary | ResolvedBoundary | None = None) -> list[PropagationStep] | None:
+    """The schedule of the heaviest determined subsheaf of quadratic edges, or None if there is none.
+
+    Edges are admitted by decreasing stiffness (weight times the square of the
+    smallest factor of their selection side) until the admitted quadratic edges
+    define every free coordinate; the edges left out (soft pins, penalty and loss
+    edges) are the rest of the energy, and must be softer than the determined part
+    (weight times largest squared map entry below its smallest stiffness), so that
+    the determined part dominates the curvature. The steps' edges form a
+    square, triangular ``δ_Ω`` (used to precondition Gauss–Newton steps, see
+    :mod:`cellsheaf.gauss_newton`). Cached on the sheaf like :func:`schedule`.
+
+    Examples
+    --------
+    >>> import torch, cellsheaf as cs
+    >>> S = cs.Sheaf(); S.add_vertex("x", 1); S.add_vertex("y", 1); S.add_vertex("t", 1)
+    >>> _ = S.add_edge("x", "y", torch.eye(1), torch.eye(1), name="net")
+    >>> _ = S.add_edge("y", "t", torch.eye(1), torch.eye(1), name="pin", weight=1e-6)
+    >>> b = cs.Boundary().fix("x", [1.0]).fix("t", [2.0])
+    >>> [s.edge for s in cs.propagation.determined_part(S, b)]
+    ['net']
+    """
+    return _determined_part(S, _fixed_of(S, boundary))
+
+
+def _stiffness(e) -> float:
+    """``w_e · s²`` for the smallest factor ``s`` of the stiffer selection side of edge ``e`` (0 if it has none)."""
+    sels = [_scaled_selection(F) for F, own, other in ((e.Fv, e.v, e.u), (e.Fu, e.u, e.v)) if own != other]
+    return e.weight * max((float(np.abs(sel[1]).min()) ** 2 for sel in sels if sel is not None), default=0.0)
+
+
+def _strength(e) -> float:
+    """``w_e · max |entry|²`` over the linear maps of edge ``e`` (a nonlinear map counts as 1)."""
+    peak = [float(np.abs(F.coo()[2]).max(initial=0.0)) if F.linear else 1.0 for F in (e.Fu, e.Fv)]
+    return e.weight * max(peak) ** 2
+
+
+def _determined_part(S, fixed: Tensor) -> list[PropagationStep] | None:
+    key = ("determined part", fixed.cpu().numpy().tobytes())
+    if key not in S._cache:
+        stiff = {e.name: _stiffness(e) for e in S.edge_items() if e.potential is None or e.potential.quadratic}
+        S._cache[key] = None
+        for k in sorted(set(stiff.values()) - {0.0}, reverse=True):
+            steps, known, _, _ = _order(S, fixed.cpu(), [name for name, v in stiff.items() if v >= k])
+            if known.all():
+                used = {s.edge for s in steps}
+                rest = max((_strength(e) for e in S.edge_items() if e.name not in used), default=0.0)
+                S._cache[key] = steps if rest < min(stiff[name] for name in used) else None
+                break
+    return S._cache[key]
 
 
 def propagate(S, x: Tensor, steps: list[PropagationStep], residuals: bool = False, inplace: bool = False):
