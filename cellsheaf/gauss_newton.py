@@ -11,7 +11,7 @@ Laplacian ``L[Ω,Ω]`` of the frozen sheaf, Eq. 33/36 of the paper).
 Each step solves ``(H + μ D) p = −∇_Ω E`` on the free coordinates by batched,
 matrix-free, preconditioned CG (every item of a batch has its own pattern, no
 Python loop over items): when the sheaf minus its softest edges is determined
-(a network with a soft-pinned output, a penalty or a loss edge), the
+(a network with a soft-pinned output, a weak penalty or loss edge), the
 preconditioner solves the determined part exactly by two triangular sweeps along
 its propagation order, and CG converges in about rank(rest) + 1 iterations;
 otherwise it is the Jacobi diagonal. Each step then backtracks on the energy (Armijo),
@@ -52,7 +52,7 @@ from .energy import _layout, edge_energies, forces
 from .linalg import cg
 from .maps import Compose, Elementwise, LeakyReLU, ReLU
 from .operators import _plan, apply_coboundary_jvp, edge_weights, expressed, pullback
-from .propagation import _determined_part
+from .propagation import PropagationStep, _determined_part
 
 __all__ = ["GaussNewton", "newton"]
 
@@ -105,7 +105,7 @@ class GaussNewton:
         hv, hu = self._curvature(apply_coboundary_jvp(self.S, self.x, v), v)
         return pullback(self.S, hv, hu, at=self.x)
 
-    def determined_solve(self, steps: list, r: Tensor) -> Tensor:
+    def determined_solve(self, steps: list[PropagationStep], r: Tensor) -> Tensor:
         """``(J_Ωᵀ W J_Ω)⁻¹ r`` for the square, triangular part ``J_Ω`` of ``J_δ(x)`` on the edges of ``steps``.
 
         ``steps`` is a propagation schedule of quadratic edges that defines every free
@@ -203,8 +203,9 @@ class NewtonOptions:
     stall_iterations: int = 8   # iterations without progress before giving up
     max_releases: int = 10      # times an item may free coordinates held on kinks (guards against cycling)
     cg_maxiter: int | None = None
-    # "auto": precondition CG with the inverse of the determined part of the model when the sheaf has one
-    # (cellsheaf.propagation.determined_part, e.g. a network with a soft-pinned output), else "jacobi"
+    # "auto": precondition CG with the inverse of the determined part of the model when the sheaf has one and
+    # the rest is softer (cellsheaf.propagation.determined_part: e.g. a network with a soft-pinned output);
+    # otherwise, or with "jacobi", the Jacobi diagonal
     preconditioner: str = "auto"
 
     def __post_init__(self):
@@ -262,7 +263,7 @@ def _direction(S, xa: Tensor, free: Tensor, ga: Tensor, held: Tensor, mu: Tensor
     """Damped Gauss–Newton direction on the coordinates not held at kinks, by preconditioned CG.
 
     The preconditioner is the exact inverse ``(J_Ωᵀ W J_Ω)⁻¹`` of the model's determined part when the
-    sheaf has one (two triangular sweeps, :meth:`GaussNewton.determined_solve`): the rest (soft pins,
+    sheaf has one and the rest is softer (two triangular sweeps, :meth:`GaussNewton.determined_solve`): the rest (soft pins,
     loss and penalty edges) is a low-rank update, so CG needs about its rank + 1 iterations. Otherwise
     the damped Jacobi diagonal.
     """
