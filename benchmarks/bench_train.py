@@ -40,6 +40,11 @@ JOINT_DT = {"1H": 0.005, "2H": 0.01}
 JOINT_STEPS = {"1H": 100_000, "2H": 200_000}
 QUICK_FACTOR = 20
 LOCAL = ("nudged", "equilibrium")
+# the paper's Table 1 (App. C.2): test loss of its sheaf (joint) run, of its SGD run, and their ratio
+PAPER_TABLE1 = {("paraboloid", "1H"): (0.0884, 0.0044, 19.9), ("saddle", "1H"): (0.0106, 0.0013, 8.4),
+                ("circular", "1H"): (0.0679, 0.0031, 22.0), ("blobs", "1H"): (0.1212, 0.2613, 0.5),
+                ("paraboloid", "2H"): (0.0880, 0.0095, 9.2), ("saddle", "2H"): (0.0126, 0.0011, 11.0),
+                ("circular", "2H"): (0.0188, 0.0003, 58.7), ("blobs", "2H"): (0.1323, 0.6758, 0.2)}
 
 
 def _evaluate(forward, task, loss) -> dict:
@@ -151,6 +156,8 @@ def markdown(results: dict) -> str:
         out.append(f"| {r['task']} | {r['depth']} | {r['method']} | {r['steps']} | {_fmt(r['train_loss'])} | "
                    f"{_fmt(r['test_loss'])} | {_fmt(r['test_acc'], '.3f')} | {r['wall']:.1f} | "
                    f"{r['ratio_sgd']:.2f}× | {r['time_vs_joint']:.3f} |")
+    if not results["quick"]:
+        out += ["", *paper_comparison(results["table1"])]
     if results.get("digits"):
         out += ["", "| digits | method | updates | test loss | test acc | wall (s) |", "|---|---|---|---|---|---|"]
         for r in results["digits"]:
@@ -167,6 +174,19 @@ def markdown(results: dict) -> str:
     if results.get("summary"):
         out += ["", *results["summary"]]
     return "\n".join(out) + "\n"
+
+
+def paper_comparison(rows: list[dict]) -> list[str]:
+    """Our full-length joint and SGD runs beside the paper's Table 1."""
+    out = ["| task | depth | joint test | paper's sheaf test | SGD test | paper's SGD test | joint / SGD | "
+           "paper's ratio |", "|---|---|---|---|---|---|---|---|"]
+    test = {(r["task"], r["depth"], r["method"]): r["test_loss"] for r in rows}
+    for (task, depth), (sheaf, sgd, ratio) in PAPER_TABLE1.items():
+        if (task, depth, "joint") in test:
+            ours, base = test[task, depth, "joint"], test[task, depth, "sgd"]
+            out.append(f"| {task} | {depth} | {ours:.4g} | {sheaf:g} | {base:.4g} | {sgd:g} | {ours / base:.1f}× | "
+                       f"{ratio:g}× |")
+    return out
 
 
 def summary(rows: list[dict]) -> list[str]:
