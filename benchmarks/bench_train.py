@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -72,8 +74,12 @@ def run_sheaf(task, depth: str, mode: str, steps: int, seed: int, budget: float 
     t0 = time.perf_counter()
     # stop when the next 10 updates would overrun the budget
     stop = [] if budget is None else [lambda step, hist, tr: (time.perf_counter() - t0) * (step + 10) / step > budget]
-    trainer.fit(task.X_train, task.Y_train, steps=steps, progress=False, eval_every=steps if budget is None else 10,
-                callbacks=stop)
+    try:
+        trainer.fit(task.X_train, task.Y_train, steps=steps, progress=False,
+                    eval_every=steps if budget is None else 10, callbacks=stop)
+    except FloatingPointError as err:  # a divergent run is a result too: report it and go on
+        return dict(train_loss=math.inf, test_loss=math.inf, test_acc=None, wall=time.perf_counter() - t0,
+                    steps=trainer.step, diverged=str(err))
     wall = time.perf_counter() - t0
     return dict(_evaluate(ns.infer, task, losses.get(task.loss)), wall=wall, steps=trainer.step)
 
@@ -85,8 +91,8 @@ def local_settings(task, quick: bool) -> dict:
             "equilibrium": dict(steps=100_000, optimizer="adam", lr=lr, init="forward_pass")}
 
 
-def table1(quick: bool, seed: int, tasks, depths, budget: float) -> list[dict]:
-    rows = []
+def table1(quick: bool, seed: int, tasks, depths, budget: float) -> Iterator[list[dict]]:
+    """The rows of each task × depth configuration, one configuration at a time."""
     for name in tasks:
         task = datasets.load(name, seed=seed)
         for depth in depths:
@@ -97,17 +103,16 @@ def table1(quick: bool, seed: int, tasks, depths, budget: float) -> list[dict]:
                     "joint": run_sheaf(task, depth, "joint", steps, seed, alpha=1.0, beta=1 / 300,
                                        dt=JOINT_DT[depth], init=init)}
             # the joint run's wall time at the paper's step count (measured, or projected: Euler steps cost alike)
-            joint_wall = runs["joint"]["wall"] * full / steps
+            joint_wall = runs["joint"]["wall"] * full / max(runs["joint"]["steps"], 1)
             for mode, cfg in local_settings(task, quick).items():
                 runs[mode] = run_sheaf(task, depth, mode, seed=seed, budget=budget * joint_wall, **cfg)
             for method, r in runs.items():
                 r.update(task=name, depth=depth, method=method, ratio_sgd=r["test_loss"] / runs["sgd"]["test_loss"],
                          time_vs_joint=r["wall"] / joint_wall)
-                rows.append(r)
                 print(f"{name:10s} {depth} {method:11s} steps={r['steps']:>7d} train={r['train_loss']:.4g} "
                       f"test={r['test_loss']:.4g} ratio={r['ratio_sgd']:.2f}x wall={r['wall']:.1f}s "
-                      f"({r['time_vs_joint']:.3f} of the full joint run)", flush=True)
-    return rows
+                      f"({r['time_vs_joint']:.3f} of the full joint run) {r.get('diverged', '')}", flush=True)
+            yield list(runs.values())
 
 
 def digits(quick: bool, seed: int) -> list[dict]:
@@ -156,6 +161,7 @@ def markdown(results: dict) -> str:
         out.append(f"| {r['task']} | {r['depth']} | {r['method']} | {r['steps']} | {_fmt(r['train_loss'])} | "
                    f"{_fmt(r['test_loss'])} | {_fmt(r['test_acc'], '.3f')} | {r['wall']:.1f} | "
                    f"{r['ratio_sgd']:.2f}× | {r['time_vs_joint']:.3f} |")
+    out += [f"- {r['task']} {r['depth']} {r['method']}: {r['diverged']}" for r in results["table1"] if "diverged" in r]
     if not results["quick"]:
         out += ["", *paper_comparison(results["table1"])]
     if results.get("digits"):
@@ -215,17 +221,26 @@ def main(argv=None) -> None:
     results = {"command": "python benchmarks/bench_train.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
                "threads": torch.get_num_threads(), "quick": args.quick}
-    results["table1"] = table1(args.quick, args.seed, args.tasks, args.depths, args.budget)
-    results["summary"] = summary(results["table1"])
+    stem = "bench_train_quick" if args.quick else "bench_train"
+    results["table1"] = []
+    for rows in table1(args.quick, args.seed, args.tasks, args.depths, args.budget):
+        results["table1"] += rows
+        results["summary"] = summary(results["table1"])
+        save(results, stem)  # after every configuration: a long run interrupted keeps what it measured
     if "digits" not in args.skip:
         results["digits"] = digits(args.quick, args.seed)
     if "collapse" not in args.skip:
         results["collapse"] = collapse(args.quick, args.seed)
+    print(save(results, stem))
+
+
+def save(results: dict, stem: str) -> str:
+    """Write ``results`` as JSON and as the markdown tables under ``benchmarks/results/``; returns the markdown."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = "bench_train_quick" if args.quick else "bench_train"
+    text = markdown(results)
     (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2))
-    (RESULTS / f"{stem}.md").write_text(markdown(results))
-    print(markdown(results))
+    (RESULTS / f"{stem}.md").write_text(text)
+    return text
 
 
 if __name__ == "__main__":

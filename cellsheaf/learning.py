@@ -233,7 +233,7 @@ def optimizer_step(S, x, optimizer: torch.optim.Optimizer, mu: float = 0.0,
 
 def _maps_changed(S, maps: dict[MapKey, Linear]) -> None:
     for (name, side), F in maps.items():
-        check_finite(F.weight, f"the trainable map F{side} of edge {name!r} (diverged: use a smaller step)")
+        check_finite(F.weight, f"after the step, the trainable map F{side} of edge {name!r}")
     S.invalidate()
 
 

@@ -671,8 +671,9 @@ class SheafTrainer:
         self._diverged(f"non-finite {where}")
 
     def _diverged(self, what: str) -> None:
-        hint = (f"a smaller dt (now {self.dt:g}) or beta (now {self.beta or 'auto 1/M'})" if self.mode == "joint"
-                else f"a smaller lr (now {self.lr:g})")
+        beta = "auto 1/M" if self.beta is None else format(self.beta, "g")
+        hint = f"a smaller dt (now {self.dt:g}) or beta (now {beta})" if self.mode == "joint" \
+            else f"a smaller lr (now {self.lr:g})"
         raise FloatingPointError(f"sheaf training (mode={self.mode!r}) diverged at step {self.step + 1}: {what}; "
                                  f"training stopped. Try {hint}")
 
