@@ -207,6 +207,9 @@ class NewtonOptions:
     # the rest is softer (cellsheaf.propagation.determined_part: e.g. a network with a soft-pinned output);
     # otherwise, or with "jacobi", the Jacobi diagonal
     preconditioner: str = "auto"
+    # start with the ReLU-kink coordinates that sit exactly at 0 held there: for a warm start from an earlier
+    # equilibrium on switching surfaces (Note 5.1), which would otherwise have to find its kinks again
+    hold_kinks_at_start: bool = False
 
     def __post_init__(self):
         if self.preconditioner not in ("auto", "jacobi"):
@@ -361,7 +364,7 @@ def newton(S, x: Tensor, free: Tensor, tol: float, max_iter: int = 100,
     dev = x.device
     x = x.clone()
     kinks = _kink_mask(S, free)
-    held = torch.zeros(B, n, dtype=torch.bool, device=dev)
+    held = kinks & (x[:, free] == 0) if opt.hold_kinks_at_start else torch.zeros(B, n, dtype=torch.bool, device=dev)
     flips = torch.zeros(B, n, dtype=torch.long, device=dev)
     releases = torch.zeros(B, dtype=torch.long, device=dev)
     E, g = _free_gradient(S, x, free)

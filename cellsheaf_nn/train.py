@@ -29,6 +29,7 @@ from torch import Tensor, nn
 import cellsheaf as cs
 from cellsheaf import learning
 from cellsheaf.energy import edge_energies
+from cellsheaf.gauss_newton import NewtonOptions
 
 from . import losses as _losses
 
@@ -642,8 +643,10 @@ class SheafTrainer:
             tol = self.tol if self.tol is not None else 1e-4 * self.gamma
         else:
             tol = self.tol if self.tol is not None else 1e-6
+        # equilibrium mode warm-starts from the last equilibrium: keep its coordinates on ReLU kinks held there
         res = cs.minimize(self.sheaf, b, method="newton", x0=start, tol=tol,
-                          max_iter=self.max_iter if self.max_iter is not None else 20)
+                          max_iter=self.max_iter if self.max_iter is not None else 20,
+                          options=NewtonOptions(hold_kinks_at_start=self.mode == "equilibrium"))
         x = res.x.flat
         scale = self.loss.scale(self.ns.n_out) / len(X) / (self.gamma if self.mode == "nudged" else 1.0)
         return x, self._map_gradients(x, scale)
