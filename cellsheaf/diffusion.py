@@ -60,7 +60,7 @@ def _gradient_on(S, free: Tensor, like: Tensor):
     mask[free] = 1.0
     if not S.linear:
         return lambda x: gradient(S, x) * mask
-    L = to_torch_sparse(_laplacian_csr(S), like.dtype, like.device)
+    L = to_torch_sparse(_laplacian_csr(S), like.dtype, like.device, layout=torch.sparse_csr)
     return lambda x: (L @ x.reshape(-1, S.C0).T).T.reshape(x.shape) * mask
 
 

@@ -119,7 +119,7 @@ def _cg_solver(S, rb, A, tol, maxiter, infos: list):
                              "not unique; fix it or connect the vertex")
 
     def solve(rhs: Tensor) -> Tensor:
-        At = to_torch_sparse(A, rhs.dtype, rhs.device)
+        At = to_torch_sparse(A, rhs.dtype, rhs.device, layout=torch.sparse_csr)
         dinv = torch.as_tensor(1.0 / d, dtype=rhs.dtype, device=rhs.device)
         flat = rhs.detach().reshape(-1, rhs.shape[-1])
         x, info = cg(lambda w: (At @ w.T).T, flat, precond=lambda r: r * dinv, tol=tol, maxiter=maxiter)
