@@ -2,7 +2,7 @@
 
 One command runs everything and writes a markdown table and JSON under ``benchmarks/results/``::
 
-    python benchmarks/bench_train.py            # the paper's step counts (hours on a laptop core)
+    python benchmarks/bench_train.py            # the paper's step counts (about 50 minutes on one core)
     python benchmarks/bench_train.py --quick    # the joint runs shortened 20×
 
 For each of the 8 task × depth configurations, every method starting from the
@@ -218,7 +218,7 @@ def main(argv=None) -> None:
                    "joint run's (default 0.1, the target)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    results = {"command": "python benchmarks/bench_train.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    results = {"command": " ".join(["python benchmarks/bench_train.py", *(argv if argv is not None else sys.argv[1:])]),
                "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
                "threads": torch.get_num_threads(), "quick": args.quick}
     stem = "bench_train_quick" if args.quick else "bench_train"
