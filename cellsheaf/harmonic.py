@@ -122,7 +122,8 @@ def _cg_solver(S, rb, A, tol, maxiter, infos: list):
         At = to_torch_sparse(A, rhs.dtype, rhs.device, layout=torch.sparse_csr)
         dinv = torch.as_tensor(1.0 / d, dtype=rhs.dtype, device=rhs.device)
         flat = rhs.detach().reshape(-1, rhs.shape[-1])
-        x, info = cg(lambda w: (At @ w.T).T, flat, precond=lambda r: r * dinv, tol=tol, maxiter=maxiter)
+        with torch.no_grad():  # the gradient comes from implicit differentiation (_ImplicitSolve)
+            x, info = cg(lambda w: (At @ w.T).T, flat, precond=lambda r: r * dinv, tol=tol, maxiter=maxiter)
         infos.append(info)
         return x.reshape(rhs.shape)
     return solve

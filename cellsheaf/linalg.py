@@ -35,7 +35,10 @@ def cg(
     ``apply_A`` maps ``(B, n) -> (B, n)`` and must be symmetric positive
     (semi)definite on each row; ``precond`` applies an SPD approximation of
     ``A⁻¹``. Each row stops when ``‖b − A x‖ <= tol · ‖b‖``; the report's
-    ``residual`` is the largest relative residual over the batch.
+    ``residual`` is the largest relative residual over the batch. Under
+    ``torch.no_grad()`` the iterates are updated in place (no fresh ``(B, n)``
+    block per step); with grad mode on, autograd can differentiate through the
+    iterations.
 
     Returns
     -------
@@ -51,8 +54,9 @@ def cg(
     bnorm = b.norm(dim=-1).clamp_min(torch.finfo(b.dtype).tiny)
     z = precond(r) if precond else r
     p, rz = z.clone(), (r * z).sum(-1)
-    rel = r.norm(dim=-1) / bnorm
+    rel = (r.norm(dim=-1) / bnorm).detach()
     it, message = 0, ""
+    inplace = not torch.is_grad_enabled()  # in place saves a fresh (B, n) block per update; autograd needs copies
     while it < maxiter and bool((rel > tol).any()):
         Ap = apply_A(p)
         pAp = (p * Ap).sum(-1)
@@ -61,14 +65,14 @@ def cg(
             message = "the operator is not positive definite along a search direction (singular system?)"
             break
         step = torch.where(active, rz / torch.where(active, pAp, torch.ones_like(pAp)), torch.zeros_like(rz))
-        x = x + step.unsqueeze(-1) * p
-        r = r - step.unsqueeze(-1) * Ap
+        x = _axpy(x, step.unsqueeze(-1), p, inplace)
+        r = _axpy(r, -step.unsqueeze(-1), Ap, inplace)
         z = precond(r) if precond else r
-        rz_new = (r * z).sum(-1)
+        rz_new = torch.linalg.vecdot(r, z)
         beta = torch.where(active, rz_new / torch.where(rz == 0, torch.ones_like(rz), rz), torch.zeros_like(rz))
-        p = z + beta.unsqueeze(-1) * p
+        p = p.mul_(beta.unsqueeze(-1)).add_(z) if inplace else torch.addcmul(z, beta.unsqueeze(-1), p)
         rz = rz_new
-        rel = r.norm(dim=-1) / bnorm
+        rel = (r.norm(dim=-1) / bnorm).detach()
         it += 1
     worst = float(rel.max()) if rel.numel() else 0.0
     converged = worst <= tol
@@ -76,3 +80,8 @@ def cg(
         message = f"CG stopped after {it} iterations with relative residual {worst:.3g} > tol {tol:.3g}"
     info = SolveInfo("cg", converged, it, worst, message=message)
     return (x[0] if squeeze else x), info
+
+
+def _axpy(y: Tensor, a: Tensor, v: Tensor, inplace: bool) -> Tensor:
+    """``y + a v`` (``a`` broadcast over the rows), overwriting ``y`` when ``inplace``."""
+    return y.addcmul_(a, v) if inplace else torch.addcmul(y, a, v)
