@@ -77,7 +77,7 @@ def test_laplacian_spectrum_is_nonnegative(S):
     rel = 1e-9 if vals.dtype == torch.float64 else 1e-6  # maps without tensors give a float32 sheaf
     assert float(vals.min()) > -1e-9
     assert cs.lambda_max(S) == pytest.approx(float(vals.max()), rel=rel, abs=1e-12)
-    assert cs.lambda_max(S, method="bound") >= float(vals.max()) - 1e-9
+    assert cs.lambda_max(S, method="bound") >= float(vals.max()) * (1 - rel) - 1e-9  # vals rounded to the dtype
 
 
 @pytest.mark.parametrize("n", [2, 5, 12])
