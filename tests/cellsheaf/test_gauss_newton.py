@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import cellsheaf as cs
 from cellsheaf.gauss_newton import GaussNewton, NewtonOptions
@@ -91,3 +93,20 @@ def test_a_warm_start_can_keep_the_kinks_of_an_earlier_equilibrium():
     assert all(r.converged for r in runs)
     torch.testing.assert_close(runs[1].energy, runs[0].energy, rtol=0, atol=1e-10)
     assert 3 * runs[1].iterations < runs[0].iterations
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10_000), widths=st.lists(st.integers(1, 6), min_size=3, max_size=5))
+def test_a_warm_restart_from_an_equilibrium_stays_there(seed, widths):
+    """Random ReLU networks with the output clamped to random targets: restarting from the
+    equilibrium with its kinks held is already stationary, at the same point."""
+    net = NeuralShape(widths, seed=seed)
+    Y = torch.randn(16, widths[-1], dtype=F64, generator=torch.Generator().manual_seed(seed))
+    b = net.boundary(net.random_input(16, seed=seed)).fix(f"z{len(widths) - 1}", Y)
+    first = cs.minimize(net.S, b, method="newton", tol=1e-10)
+    again = cs.minimize(net.S, b, method="newton", x0=first.x.flat, tol=1e-10,
+                        options=NewtonOptions(hold_kinks_at_start=True))
+    assert again.converged == first.converged
+    if first.converged:
+        assert again.iterations == 0
+        torch.testing.assert_close(again.x.flat, first.x.flat, rtol=0, atol=0)
