@@ -333,7 +333,9 @@ def to_torch_sparse(M: sp.spmatrix, dtype: torch.dtype = torch.float64, device=N
     """
     if layout == torch.sparse_csr:
         csr = sp.csr_matrix(M)
-        csr.sum_duplicates()
+        if not csr.has_canonical_format:  # sorted, no duplicates; on a copy, M may be a cached operator
+            csr = csr.copy()
+            csr.sum_duplicates()
         index = [torch.as_tensor(a.astype(np.int64)) for a in (csr.indptr, csr.indices)]
         with warnings.catch_warnings():  # torch calls its CSR support beta; products with dense blocks are solid
             warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
