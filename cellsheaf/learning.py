@@ -231,9 +231,14 @@ def optimizer_step(S, x, optimizer: torch.optim.Optimizer, mu: float = 0.0,
     return grads
 
 
+def _check_step(t: Tensor, what: str) -> None:
+    """Refuse a non-finite result of a step, naming ``what`` and saying how to avoid it."""
+    check_finite(t, f"after the step (it diverged: use a smaller step), {what}")
+
+
 def _maps_changed(S, maps: dict[MapKey, Linear]) -> None:
     for (name, side), F in maps.items():
-        check_finite(F.weight, f"after the step, the trainable map F{side} of edge {name!r}")
+        _check_step(F.weight, f"the trainable map F{side} of edge {name!r}")
     S.invalidate()
 
 
@@ -306,7 +311,7 @@ def joint_step(
         for k, F in maps.items():
             F.weight -= (dt * beta) * map_grads[k].to(F.weight.dtype)
     _maps_changed(S, maps)
-    check_finite(x_new, "the state after a joint step (diverged: use a smaller dt)")
+    _check_step(x_new, "the state")
     return x_new
 
 

@@ -23,11 +23,11 @@ from .neural import ConvergenceError, NeuralSheaf, NeuralState, Pin
 from .ops import UnsupportedOpError, register, supported_ops
 from . import datasets, losses
 from . import diagnostics
-from .train import History, SheafTrainer, he_init, make_optimizer, mlp, output_activation, train_sgd
+from .train import DivergenceError, History, SheafTrainer, he_init, make_optimizer, mlp, output_activation, train_sgd
 
 __all__ = [
     "compile", "CompileError", "NeuralSheaf", "NeuralState", "Pin", "ConvergenceError",
     "register", "supported_ops", "UnsupportedOpError", "Builder", "Value", "VertexInfo", "EdgeInfo",
-    "datasets", "losses", "History", "SheafTrainer", "he_init", "make_optimizer", "mlp", "output_activation",
-    "train_sgd", "diagnostics",
+    "datasets", "losses", "DivergenceError", "History", "SheafTrainer", "he_init", "make_optimizer", "mlp",
+    "output_activation", "train_sgd", "diagnostics",
 ]

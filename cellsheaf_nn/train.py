@@ -33,9 +33,14 @@ from cellsheaf.gauss_newton import NewtonOptions
 
 from . import losses as _losses
 
-__all__ = ["History", "he_init", "mlp", "output_activation", "train_sgd", "make_optimizer"]
+__all__ = ["History", "he_init", "mlp", "output_activation", "train_sgd", "make_optimizer", "DivergenceError"]
 
 Callback = Callable[[int, "History", Any], Any]
+
+
+class DivergenceError(FloatingPointError):
+    """Training produced non-finite stalks, weights or energies; the message names the step and a smaller
+    ``dt``/``beta``/``lr`` to try."""
 
 _ACTIVATIONS = {nn.Sigmoid: "sigmoid", nn.Softmax: "softmax", nn.Tanh: "tanh", nn.Identity: "identity"}
 
@@ -315,7 +320,7 @@ def train_sgd(model: nn.Module, X: Tensor, Y: Tensor, loss: str | _losses.Loss =
         opt.zero_grad(set_to_none=True)
         value = loss(model(xb), yb)
         if not bool(torch.isfinite(value)):
-            raise FloatingPointError(f"train_sgd diverged at step {step}: the loss is {float(value.detach())}; "
+            raise DivergenceError(f"train_sgd diverged at step {step}: the loss is {float(value.detach())}; "
                                      "use a smaller learning rate")
         value.backward()
         opt.step()
@@ -542,8 +547,9 @@ class SheafTrainer:
 
         Raises
         ------
-        FloatingPointError
-            When stalks or weights become non-finite: the step, and a smaller ``dt``/``beta``/``lr`` to try.
+        DivergenceError
+            (a ``FloatingPointError``) when stalks, weights or energies become non-finite: the step, and a
+            smaller ``dt``/``beta``/``lr`` to try.
         """
         ns = self.ns
         X, Yt = check_data(X, Y, ns.n_in, ns.n_out, ns.dtype, self.loss)
@@ -565,16 +571,22 @@ class SheafTrainer:
         for _ in range(steps):
             idx = _batch_index(self.step, len(X), self.batch_size, self.seed)
             xb, yb = (X, Yt) if idx is None else (X[idx], Yt[idx])
-            self._update(xb, yb, idx)
-            self.step += 1
+            step = self.step + 1
+            try:
+                self._update(xb, yb, idx)
+                self.step += 1
+                if record_every and self.step % record_every == 0:
+                    self._record_step()
+                if self.step in when:
+                    self._evaluate(evaluate, (X, Yt), val, wall0 + time.perf_counter() - t0)
+            except DivergenceError:
+                raise
+            except (ValueError, FloatingPointError) as err:  # cellsheaf refuses non-finite values: a divergence
+                self._diverged(str(err), step=step)
             if bar is not None:
                 bar.update()
-            if record_every and self.step % record_every == 0:
-                self._record_step()
-            if self.step in when:
-                self._evaluate(evaluate, (X, Yt), val, wall0 + time.perf_counter() - t0)
-                if any(cb(self.step, self.history, self) is True for cb in callbacks):
-                    break
+            if self.step in when and any(cb(self.step, self.history, self) is True for cb in callbacks):
+                break
         if bar is not None:
             bar.close()
         return self.history
@@ -619,13 +631,10 @@ class SheafTrainer:
     def _joint_step(self, x: Tensor, X: Tensor, Y: Tensor, idx: Tensor | None) -> Tensor:
         """One forward-Euler step of the joint dynamics, Eq. (26) / (42) (:mod:`cellsheaf.learning`)."""
         ref, map_ref = self._anchors
-        try:
-            x_new = learning.joint_step(
-                self.sheaf, x, self._free, alpha=self.alpha,
-                beta=self.beta if self.beta is not None else 1.0 / len(X), dt=self.dt, lam=self.lam, mu=self.mu,
-                x_anchor=ref if idx is None else ref[idx], map_anchors={(k, "u"): W for k, W in map_ref.items()})
-        except ValueError as err:  # cellsheaf.learning refuses non-finite stalks or maps
-            self._diverged(str(err))
+        x_new = learning.joint_step(
+            self.sheaf, x, self._free, alpha=self.alpha,
+            beta=self.beta if self.beta is not None else 1.0 / len(X), dt=self.dt, lam=self.lam, mu=self.mu,
+            x_anchor=ref if idx is None else ref[idx], map_anchors={(k, "u"): W for k, W in map_ref.items()})
         self.ns.sheaf.invalidate()
         return x_new
 
@@ -673,12 +682,13 @@ class SheafTrainer:
             return
         self._diverged(f"non-finite {where}")
 
-    def _diverged(self, what: str) -> None:
+    def _diverged(self, what: str, step: int | None = None) -> None:
+        """Stop training: non-finite values at update ``step`` (default: the one under way)."""
         beta = "auto 1/M" if self.beta is None else format(self.beta, "g")
         hint = f"a smaller dt (now {self.dt:g}) or beta (now {beta})" if self.mode == "joint" \
             else f"a smaller lr (now {self.lr:g})"
-        raise FloatingPointError(f"sheaf training (mode={self.mode!r}) diverged at step {self.step + 1}: {what}; "
-                                 f"training stopped. Try {hint}")
+        raise DivergenceError(f"sheaf training (mode={self.mode!r}) diverged at step "
+                          f"{self.step + 1 if step is None else step}: {what}; training stopped. Try {hint}")
 
     def _record_step(self) -> None:
         energy = float(edge_energies(self.sheaf, self.stalks).sum()) if self.stalks is not None else float("nan")

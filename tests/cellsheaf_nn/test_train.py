@@ -278,6 +278,16 @@ def test_trainer_bad_input():
         diverging.fit(reg.X_train, reg.Y_train, steps=200, progress=False)
 
 
+@pytest.mark.parametrize("mode, options, hint", [("joint", {"dt": 5.0}, "smaller dt"),
+                                                  ("nudged", {"lr": 1e6}, "smaller lr")])
+def test_an_energy_that_overflows_is_reported_as_a_divergence(mode, options, hint):
+    """Stalks and weights still finite, their energy not: the trainer names the step and the fix."""
+    task = datasets.saddle(seed=0)
+    trainer = SheafTrainer(csnn.compile(mlp(task.sizes("1H"), seed=0)), mode=mode, loss="mse", **options)
+    with pytest.raises(FloatingPointError, match=rf"mode='{mode}'\) diverged at step \d+: .*{hint}"):
+        trainer.fit(task.X_train, task.Y_train, steps=200, progress=False)
+
+
 def test_callbacks_records_and_progress():
     task = datasets.paraboloid(seed=0, n_train=50)
     trainer = SheafTrainer(csnn.compile(mlp([2, 8, 1], seed=0)), loss="mse", dt=0.01)
