@@ -29,7 +29,7 @@ CLOCK = time.perf_counter
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:
-    """Median time of ``fn()`` over ``repeats`` runs (on :data:`CLOCK`), and its last result."""
+    """Median time of ``fn()`` over ``repeats`` runs (on `CLOCK`), and its last result."""
     times, out = [], None
     for _ in range(repeats):
         t0 = CLOCK()

@@ -4,7 +4,7 @@
    and zero biases, the median over 50 random inputs of the spectral gap λ₁ of
    ``L[Ω,Ω]``, per seed and averaged over seeds, next to the paper's values; also
    where the Fiedler vector lives (Fig. 15).
-2. Speed: :func:`cellsheaf_nn.diagnostics.spectrum` (one batched assembly of
+2. Speed: `cellsheaf_nn.diagnostics.spectrum` (one batched assembly of
    ``L[Ω,Ω]`` for all inputs, one batched ``eigvalsh``) against the baseline of one
    ``ns.restricted_laplacian(x)`` and ``eigvalsh`` per input, measured in the same
    process; prints the medians and their ratio, and checks both agree.

@@ -77,7 +77,7 @@ class Cochain:
         return self.flat[..., self.sheaf.vertex_slice(v)]
 
     def to_dict(self) -> dict[Hashable, Tensor]:
-        """``{vertex: value}`` views into :attr:`flat`."""
+        """``{vertex: value}`` views into `flat`."""
         return {v: self[v] for v in self.sheaf.vertices}
 
     @property
@@ -89,7 +89,7 @@ class Cochain:
 
 
 def as_flat(sheaf, x) -> Tensor:
-    """The flat tensor of a :class:`Cochain`, tensor or dict ``x``, checked against ``sheaf``."""
+    """The flat tensor of a `Cochain`, tensor or dict ``x``, checked against ``sheaf``."""
     if isinstance(x, Cochain):
         if x.sheaf is not sheaf and x.sheaf.C0 != sheaf.C0:
             raise ValueError("the cochain belongs to a sheaf with a different layout")

@@ -9,7 +9,7 @@ Rank decisions
 --------------
 A numerical rank is a decision: singular values above a tolerance count,
 the others are treated as zero. Every result reports the tolerance, the
-singular values it saw and the *gap* at the cut (see :class:`RankDecision`),
+singular values it saw and the *gap* at the cut (see `RankDecision`),
 so one can see how clear the decision was. Three routes:
 
 ``"dense"``
@@ -18,7 +18,7 @@ so one can see how clear the decision was. Three routes:
     always assembled in float64, whatever the dtype of the maps).
 ``"sparse"``
     For large sheaves: the ``k`` smallest eigenpairs of ``δᵀδ``, ``σ = sqrt(λ)``, by
-    block inverse iteration on one sparse LU (see :mod:`cellsheaf.spectral`; it
+    block inverse iteration on one sparse LU (see `cellsheaf.spectral`; it
     finds kernels of any multiplicity, and needs an LU that does not fill in). Eigenvalues
     carry absolute errors of order ``eps · σ_max²``, so singular values below
     ``sqrt(eps) · σ_max`` cannot be resolved: the default tolerance is
@@ -109,7 +109,7 @@ class RankDecision:
 
 
 class _Decided:
-    """Read-through properties of a result that carries a :class:`RankDecision` as ``decision``."""
+    """Read-through properties of a result that carries a `RankDecision` as ``decision``."""
 
     decision: RankDecision
 
@@ -125,7 +125,7 @@ class _Decided:
 
     @property
     def gap(self) -> float | None:
-        """Singular-value gap at the rank cut (see :attr:`RankDecision.gap`)."""
+        """Singular-value gap at the rank cut (see `RankDecision.gap`)."""
         return self.decision.gap
 
 
@@ -140,7 +140,7 @@ class Cohomology(_Decided):
     H1 : ``(C1, h1)`` orthonormal basis of ``ker δᵀ ≅ coker δ``, or ``None`` when
         the sparse route did not compute it (``h1 > k``).
     C0, C1 : dimensions of the cochain spaces.
-    decision : the :class:`RankDecision` on ``δ``.
+    decision : the `RankDecision` on ``δ``.
     """
 
     h0: int
@@ -179,7 +179,7 @@ class RelativeCohomology(_Decided):
     dim : ``dim H⁰(G, U; F)``.
     basis : ``(C0, dim)`` orthonormal basis, zero on the fixed coordinates.
     free : sorted flat indices of the free coordinates ``Ω``.
-    decision : the :class:`RankDecision` on ``δ_Ω = δ[:, Ω]``.
+    decision : the `RankDecision` on ``δ_Ω = δ[:, Ω]``.
     """
 
     dim: int
@@ -189,7 +189,7 @@ class RelativeCohomology(_Decided):
 
     @property
     def h0(self) -> int:
-        """Alias of :attr:`dim`."""
+        """Alias of `dim`."""
         return self.dim
 
 
@@ -348,7 +348,7 @@ def cohomology(S, tol: float | None = None, exact: bool = False, at=None, method
         Linearisation point for sheaves with nonlinear maps (their Jacobians are used).
     method : {"auto", "dense", "sparse"}
         Dense SVD or sparse shift-invert eigensolver (``auto``: dense up to
-        :data:`DENSE_LIMIT`).
+        `DENSE_LIMIT`).
     k : int, optional
         Sparse route only: how many of the smallest singular values to compute
         (an upper bound on ``h0``; default 16).
@@ -382,7 +382,7 @@ def global_sections(S, tol: float | None = None, exact: bool = False, at=None, m
                     k: int | None = None) -> Tensor:
     """An orthonormal ``(C0, h0)`` basis of the global sections ``H⁰ = ker δ``.
 
-    Arguments as in :func:`cohomology`.
+    Arguments as in `cohomology`.
 
     Examples
     --------
@@ -412,7 +412,7 @@ def relative_cohomology(S, boundary, tol: float | None = None, exact: bool = Fal
     boundary : Boundary, ResolvedBoundary or sequence of flat indices
         The fixed coordinates ``U`` (their values do not matter).
     tol, exact, at, method, k
-        As in :func:`cohomology`.
+        As in `cohomology`.
 
     Returns
     -------

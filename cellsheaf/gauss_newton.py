@@ -109,7 +109,7 @@ class GaussNewton:
         """``(J_Ωᵀ W J_Ω)⁻¹ r`` for the square, triangular part ``J_Ω`` of ``J_δ(x)`` on the edges of ``steps``.
 
         ``steps`` is a propagation schedule of quadratic edges that defines every free
-        coordinate once (:func:`cellsheaf.propagation.determined_part`); ``r`` (``(B, C0)``)
+        coordinate once (`cellsheaf.propagation.determined_part`); ``r`` (``(B, C0)``)
         must vanish on the fixed coordinates, and so does the result. A transposed
         substitution in reverse order solves ``J_Ωᵀ y = r``, then a forward one solves
         ``J_Ω z = W⁻¹ y``: two sweeps of Jacobian products along the schedule, batched.
@@ -194,7 +194,7 @@ def _squared_jacobian_pullback(F, x: Tensor, d: Tensor) -> Tensor:
 
 @dataclass
 class NewtonOptions:
-    """Tuning of :func:`newton` (defaults suit most sheaves)."""
+    """Tuning of `newton` (defaults suit most sheaves)."""
 
     armijo: float = 1e-4        # sufficient-decrease constant c₁
     max_backtracks: int = 40    # halvings of the step before a line search fails
@@ -266,7 +266,7 @@ def _direction(S, xa: Tensor, free: Tensor, ga: Tensor, held: Tensor, mu: Tensor
     """Damped Gauss–Newton direction on the coordinates not held at kinks, by preconditioned CG.
 
     The preconditioner is the exact inverse ``(J_Ωᵀ W J_Ω)⁻¹`` of the model's determined part when the
-    sheaf has one and the rest is softer (two triangular sweeps, :meth:`GaussNewton.determined_solve`): the rest (soft pins,
+    sheaf has one and the rest is softer (two triangular sweeps, `GaussNewton.determined_solve`): the rest (soft pins,
     loss and penalty edges) is a low-rank update, so CG needs about its rank + 1 iterations. Otherwise
     the damped Jacobi diagonal.
     """
@@ -355,7 +355,7 @@ def newton(S, x: Tensor, free: Tensor, tol: float, max_iter: int = 100,
     ``on_kinks`` (coordinates held at kinks per item), ``cg_iterations`` (total),
     ``stalled`` (bool per item) and, with ``record``, the ``trajectory``
     ``{"step": (K,), "edge_energy": (K, B, E)}`` every ``record`` iterations. Use
-    :func:`cellsheaf.minimize` for the public interface.
+    `cellsheaf.minimize` for the public interface.
     """
     every = int(record)
     trace_steps, trace = [], []

@@ -142,7 +142,7 @@ def harmonic_extension(
     Parameters
     ----------
     S : Sheaf
-        A linear sheaf (for nonlinear maps or potentials use :func:`cellsheaf.minimize`).
+        A linear sheaf (for nonlinear maps or potentials use `cellsheaf.minimize`).
     boundary : Boundary, optional
         Fixed coordinates and their values, ``(k,)`` or batched ``(B, k)``.
         Without one, every coordinate is free and the answer is 0 (plus ``H⁰``).
@@ -156,7 +156,7 @@ def harmonic_extension(
         Relative residual and iteration cap for ``"cg"``.
     allow_nonunique : bool
         If ``H⁰(G,U;F) ≠ 0`` the minimiser is not unique: by default a
-        :class:`NonUniqueError` names where. With ``True`` the minimum-norm
+        `NonUniqueError` names where. With ``True`` the minimum-norm
         particular solution is returned and ``info.extra["nullspace"]`` holds
         an orthonormal ``(C0, k)`` basis of the directions that can be added
         (zero on fixed coordinates; computed for the dense route).
@@ -164,7 +164,7 @@ def harmonic_extension(
     Returns
     -------
     Cochain
-        ``(C0,)`` or ``(B, C0)``; ``.info`` is a :class:`~cellsheaf.results.SolveInfo`
+        ``(C0,)`` or ``(B, C0)``; ``.info`` is a `SolveInfo`
         with the method, iterations, the residual ``‖L[Ω,:] x‖ / ‖L[Ω,U] u‖`` and
         ``extra["lambda_min"]`` (smallest eigenvalue of ``L[Ω,Ω]``, dense route).
 

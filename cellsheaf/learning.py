@@ -1,6 +1,6 @@
 """Learning restriction maps: the joint state/map dynamics of Sec. 5.2 and App. B.1.
 
-A trainable map is a dense :class:`cellsheaf.maps.Linear` with ``trainable=True``
+A trainable map is a dense `cellsheaf.maps.Linear` with ``trainable=True``
 and an optional 0/1 ``mask`` of the entries that may change (the projection
 ``Π_W``, e.g. "keep the diagonal of the bias block", Eq. 25). The energy
 gradient with respect to a map is *local* (Eq. 24): for ``e = u -> v`` with
@@ -16,11 +16,11 @@ The joint dynamics Eq. (26), regularised as Eq. (42), are
 
     ``dω/dt = −α P_Ω (∇_ω E + λ(ω − ω₀))``,   ``dF/dt = −β Π_W (∇_F E + μ(F − F₀))``,
 
-integrated by forward Euler in :func:`joint_step` / :func:`joint_flow`. The state
-term ``λ`` is the same as reluctance edges (:func:`cellsheaf.reluctance`); the map
+integrated by forward Euler in `joint_step` / `joint_flow`. The state
+term ``λ`` is the same as reluctance edges (`cellsheaf.reluctance`); the map
 term ``μ`` is reluctance on the parameter sheaf. The map tensors are ordinary
 torch tensors, so a torch optimizer can drive them instead
-(:func:`parameters`, :func:`optimizer_step`).
+(`parameters`, `optimizer_step`).
 
 Maps are keyed ``(edge, side)`` with ``side`` in ``{"u", "v"}``. Where an
 argument takes such a dictionary (anchors), a bare edge name also works when
@@ -63,7 +63,7 @@ MapKey = tuple  # (edge name, "u" | "v")
 def set_trainable(S, edge: Hashable, side: str = "u", mask=None, trainable: bool = True) -> Linear:
     """Mark the map on ``side`` (``"u"`` or ``"v"``) of ``edge`` as trainable, with an optional 0/1 ``mask``.
 
-    The map must be a dense :class:`~cellsheaf.maps.Linear` (a tensor map); it is
+    The map must be a dense `Linear` (a tensor map); it is
     replaced by a trainable copy holding its own tensor, which is returned.
 
     Examples
@@ -107,7 +107,7 @@ def trainable_maps(S) -> dict[MapKey, Linear]:
 
 
 def parameters(S) -> list[Tensor]:
-    """The tensors of the trainable maps, for a torch optimizer (see :func:`optimizer_step`)."""
+    """The tensors of the trainable maps, for a torch optimizer (see `optimizer_step`)."""
     return [F.weight for F in trainable_maps(S).values()]
 
 
@@ -151,7 +151,7 @@ def map_gradients(S, x, mu: float = 0.0, anchors: Mapping | None = None) -> dict
     """``Π_W ∇_F`` of the energy (summed over a batch) for every trainable map, by Eq. (24).
 
     With ``mu > 0`` adds the structure regularisation ``μ(F − F₀)`` of Eq. (42)
-    (anchors ``F₀`` from :func:`snapshot`; default zero, Eq. 29).
+    (anchors ``F₀`` from `snapshot`; default zero, Eq. 29).
 
     Parameters
     ----------
@@ -193,8 +193,8 @@ def _regularised(S, grads: dict, maps: dict, mu: float, anchors: Mapping | None)
 
 
 def assign_gradients(S, x, mu: float = 0.0, anchors: Mapping | None = None) -> dict[MapKey, Tensor]:
-    """Write :func:`map_gradients` into the ``.grad`` of every trainable map tensor (and return them),
-    so that a torch optimizer over :func:`parameters` can step."""
+    """Write `map_gradients` into the ``.grad`` of every trainable map tensor (and return them),
+    so that a torch optimizer over `parameters` can step."""
     grads = map_gradients(S, x, mu, anchors)
     for k, F in trainable_maps(S).items():
         F.weight.grad = grads[k].to(F.weight.dtype)
@@ -285,7 +285,7 @@ def joint_step(
         The coordinates that move (``P_Ω``); None: all of them.
     alpha, beta, dt : rates of the state and the maps, and the time step.
     lam, x_anchor : state regularisation ``λ(ω − ω₀)`` (``ω₀`` default 0); the same as reluctance edges.
-    mu, map_anchors : map regularisation ``μ(F − F₀)`` (``F₀`` default 0, or from :func:`snapshot`).
+    mu, map_anchors : map regularisation ``μ(F − F₀)`` (``F₀`` default 0, or from `snapshot`).
 
     Examples
     --------
@@ -332,7 +332,7 @@ def joint_flow(
 ) -> Result:
     """Integrate the joint dynamics for ``steps`` Euler steps (or until the energy stops changing).
 
-    Returns a :class:`~cellsheaf.results.Result` with the final state ``x``; the maps
+    Returns a `Result` with the final state ``x``; the maps
     are trained in place. ``extra["energy"]`` is the total energy ``(K,)`` of the
     regularised objective (Eq. 41, summed over the batch) every ``record`` steps and
     ``extra["step"]`` the step numbers; ``residual`` is the norm of the joint

@@ -43,7 +43,7 @@ def cg(
     Returns
     -------
     x : tensor ``(B, n)``
-    info : :class:`~cellsheaf.results.SolveInfo` (``converged`` is True only if every row met ``tol``)
+    info : `SolveInfo` (``converged`` is True only if every row met ``tol``)
     """
     squeeze = b.dim() == 1
     b = b.unsqueeze(0) if squeeze else b

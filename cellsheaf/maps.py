@@ -50,8 +50,8 @@ def _as_tensor(M, name: str = "matrix") -> Tensor:
 class Map:
     """Base class of restriction maps ``R^{d_in} -> R^{d_out}``.
 
-    Subclasses implement :meth:`apply` and, if nonlinear, :meth:`vjp` and
-    :meth:`jvp`; linear ones implement :meth:`adjoint` and :meth:`matrix`.
+    Subclasses implement `apply` and, if nonlinear, `vjp` and
+    `jvp`; linear ones implement `adjoint` and `matrix`.
     """
 
     d_in: int
@@ -127,7 +127,7 @@ class Linear(Map):
     ----------
     M : tensor, numpy array or scipy sparse matrix
     trainable : bool
-        Whether learning rules (:mod:`cellsheaf.learning`) may change it.
+        Whether learning rules (`cellsheaf.learning`) may change it.
     mask : tensor, optional
         0/1 pattern of the entries that may change (a projection such as
         "keep the diagonal of a block", Eq. 25 of the paper).
@@ -299,7 +299,7 @@ class Diagonal(Map):
 
 
 class _Blocks(Map):
-    """Shared machinery of :class:`HStack` and :class:`VStack`."""
+    """Shared machinery of `HStack` and `VStack`."""
 
     def __init__(self, maps: Sequence):
         self.maps = [as_map(m) for m in maps]
@@ -589,7 +589,7 @@ class Function(Map):
 
 
 def as_map(F) -> Map:
-    """Coerce ``F`` (a :class:`Map`, tensor, numpy array or scipy sparse matrix) into a :class:`Map`.
+    """Coerce ``F`` (a `Map`, tensor, numpy array or scipy sparse matrix) into a `Map`.
 
     Examples
     --------

@@ -6,7 +6,7 @@ matmul and one ``index_add`` per group, so a sheaf with 10⁵ vertices runs no
 Python loop per edge. Other edges (large, structured or nonlinear maps) are
 applied one by one through their map objects.
 
-Nonlinear maps are handled throughout: :func:`apply_coboundary` is the
+Nonlinear maps are handled throughout: `apply_coboundary` is the
 nonlinear discrepancy ``F_v(x_v) − F_u(x_u)``; adjoints and assembled
 matrices take a point ``at`` and use the Jacobians there.
 
@@ -70,7 +70,7 @@ class _Group:
         """Per-edge blocks ``w_e Mᵀ M`` with ``M = [−F_u  F_v]``, shape ``(G, d_u+d_v, d_u+d_v)``.
 
         ``L = Σ_e P_eᵀ (w_e Mᵀ M) P_e`` where ``P_e`` picks the coordinates of both ends
-        (:attr:`uvidx`). Cached like :meth:`matrices`.
+        (`uvidx`). Cached like `matrices`.
         """
         key = ("local", dtype, device)
         if key in self._mats:
@@ -413,7 +413,7 @@ def laplacian(S, at=None, normalized: bool = False, format: str = "torch", dtype
 
     With all weights 1 (the default) this is ``δᵀδ``. ``normalized=True`` gives
     ``D^{-1/2} L D^{-1/2}`` with ``D`` the block diagonal of ``L`` (Hansen & Ghrist).
-    Arguments as in :func:`coboundary`.
+    Arguments as in `coboundary`.
 
     Examples
     --------
@@ -445,8 +445,8 @@ def fixed_indices(S, boundary) -> Tensor:
 def restricted_laplacian(S, boundary, at=None, format: str = "torch", dtype: torch.dtype | None = None):
     """The blocks ``(L[Ω,Ω], L[Ω,U])`` for the fixed coordinates ``U`` of ``boundary``.
 
-    ``boundary`` is a :class:`~cellsheaf.Boundary`, a resolved one, or a list of
-    flat indices. Other arguments as in :func:`laplacian`.
+    ``boundary`` is a `Boundary`, a resolved one, or a list of
+    flat indices. Other arguments as in `laplacian`.
 
     Examples
     --------

@@ -8,8 +8,8 @@ energy is ``(γ/2)‖P_J x_v − p‖²`` with the quadratic potential (Eq. 23).
 reference values ``ω₀`` with strength ``λ``, which adds ``(λ/2)‖ω − ω₀‖²`` to the
 energy (Eq. 41): regularisation is just more edges.
 
-The anchor's value is boundary data: a pin's :meth:`Penalty.boundary` adds it to
-a :class:`~cellsheaf.Boundary` for the solvers.
+The anchor's value is boundary data: a pin's `Penalty.boundary` adds it to
+a `Boundary` for the solvers.
 
 Examples
 --------
@@ -74,7 +74,7 @@ class Penalty:
 
 @dataclass
 class Penalties:
-    """Several penalty edges added together (e.g. by :func:`reluctance`)."""
+    """Several penalty edges added together (e.g. by `reluctance`)."""
 
     items: list[Penalty]
 

@@ -187,7 +187,7 @@ def _order(S, fixed: Tensor, names) -> tuple[list[PropagationStep], np.ndarray, 
 
 
 def _build(S, fixed: Tensor) -> list[PropagationStep]:
-    """The schedule over all edges, or :class:`NotDeterminedError` saying why there is none."""
+    """The schedule over all edges, or `NotDeterminedError` saying why there is none."""
     for e in S.edge_items():
         reason = _edge_reason(e)
         if reason:
@@ -220,7 +220,7 @@ def _fixed_of(S, boundary) -> Tensor:
 
 
 def schedule(S, boundary: Boundary | ResolvedBoundary | None = None) -> list[PropagationStep]:
-    """The propagation order of a determined sheaf; raises :class:`NotDeterminedError` saying why not.
+    """The propagation order of a determined sheaf; raises `NotDeterminedError` saying why not.
 
     Examples
     --------
@@ -272,7 +272,7 @@ def determined_part(S, boundary: Boundary | ResolvedBoundary | None = None) -> l
     (weight times largest squared map entry below its smallest stiffness), so that
     the determined part dominates the curvature. The steps' edges form a
     square, triangular ``δ_Ω`` (used to precondition Gauss–Newton steps, see
-    :mod:`cellsheaf.gauss_newton`). Cached on the sheaf like :func:`schedule`.
+    `cellsheaf.gauss_newton`). Cached on the sheaf like `schedule`.
 
     Examples
     --------

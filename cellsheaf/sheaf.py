@@ -1,4 +1,4 @@
-"""The :class:`Sheaf`: an oriented multigraph with stalks and restriction maps.
+"""The `Sheaf`: an oriented multigraph with stalks and restriction maps.
 
 For an edge ``e = u -> v`` the coboundary is ``(δx)_e = F_v x_v − F_u x_u``.
 Vertices and edges keep their insertion order, which is the order of the
@@ -70,7 +70,7 @@ class Sheaf:
     """A cellular sheaf on an oriented multigraph.
 
     Vertex stalks are ``R^d``; each edge carries two restriction maps
-    (:mod:`cellsheaf.maps`; a plain tensor means :class:`cellsheaf.maps.Linear`),
+    (`cellsheaf.maps`; a plain tensor means `cellsheaf.maps.Linear`),
     an optional weight and an optional edge potential.
 
     Examples
@@ -203,14 +203,14 @@ class Sheaf:
         return self._graph
 
     def edge(self, name: Hashable) -> Edge:
-        """The :class:`Edge` called ``name``."""
+        """The `Edge` called ``name``."""
         try:
             return self._edges[name]
         except KeyError:
             raise KeyError(f"unknown edge {name!r}") from None
 
     def edge_items(self) -> Iterable[Edge]:
-        """All :class:`Edge` records in order."""
+        """All `Edge` records in order."""
         return self._edges.values()
 
     def dim(self, vertex: Hashable) -> int:
@@ -321,7 +321,7 @@ class Sheaf:
 
         Optional edge attributes ``name``, ``weight`` and ``potential`` are used when present.
         Undirected graphs are oriented as their edges are listed. Edges are added in the
-        order of their ``index`` attribute when every edge has one (as :meth:`to_networkx`
+        order of their ``index`` attribute when every edge has one (as `to_networkx`
         writes, so the cochain order survives a round trip), else as networkx lists them.
         """
         S = cls()
@@ -352,19 +352,19 @@ class Sheaf:
 
     # ------------------------------------------------------------------ operators
     def coboundary(self, at=None, format: str = "torch", dtype: torch.dtype | None = None):
-        """The coboundary ``δ`` of shape ``(C1, C0)``; see :func:`cellsheaf.operators.coboundary`."""
+        """The coboundary ``δ`` of shape ``(C1, C0)``; see `cellsheaf.operators.coboundary`."""
         from .operators import coboundary
 
         return coboundary(self, at=at, format=format, dtype=dtype)
 
     def laplacian(self, at=None, normalized: bool = False, format: str = "torch", dtype: torch.dtype | None = None):
-        """The (weighted) Laplacian ``δᵀWδ``; see :func:`cellsheaf.operators.laplacian`."""
+        """The (weighted) Laplacian ``δᵀWδ``; see `cellsheaf.operators.laplacian`."""
         from .operators import laplacian
 
         return laplacian(self, at=at, normalized=normalized, format=format, dtype=dtype)
 
     def cohomology(self, **kwargs):
-        """Dimensions and bases of H⁰ and H¹; see :func:`cellsheaf.cohomology.cohomology`."""
+        """Dimensions and bases of H⁰ and H¹; see `cellsheaf.cohomology.cohomology`."""
         from .cohomology import cohomology
 
         return cohomology(self, **kwargs)
@@ -376,14 +376,14 @@ class Sheaf:
         return global_sections(self, **kwargs)
 
     def to_spec(self):
-        """The pydantic :class:`cellsheaf.spec.SheafSpec` of this sheaf."""
+        """The pydantic `cellsheaf.spec.SheafSpec` of this sheaf."""
         from .spec import to_spec
 
         return to_spec(self)
 
     @classmethod
     def from_spec(cls, spec) -> "Sheaf":
-        """Build a sheaf from a :class:`cellsheaf.spec.SheafSpec` (or its dict / JSON string)."""
+        """Build a sheaf from a `cellsheaf.spec.SheafSpec` (or its dict / JSON string)."""
         from .spec import from_spec
 
         return from_spec(spec)

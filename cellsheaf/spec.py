@@ -1,9 +1,9 @@
 """JSON description of a sheaf: validated pydantic models and a lossless round trip.
 
-A :class:`SheafSpec` lists the vertices (name, stalk dim) and the edges (name,
+A `SheafSpec` lists the vertices (name, stalk dim) and the edges (name,
 endpoints ``u -> v``, weight, the two restriction maps, an optional
 potential). Maps are a discriminated union on their ``"type"`` field, one
-model per map class of :mod:`cellsheaf.maps` (:data:`MapSpec`); nested maps
+model per map class of `cellsheaf.maps` (`MapSpec`); nested maps
 (``hstack``, ``vstack``, ``compose``) nest their specs. ``Function`` maps wrap
 arbitrary Python code and cannot be serialised.
 
@@ -14,15 +14,15 @@ arbitrary Python code and cannot be serialised.
   as float32). NaN and Inf are refused.
 * Potentials are stored by class name plus their attributes (``vars``):
   ``{"name": "Huber", "params": {"tau": 0.5}}``; any subclass of
-  :class:`cellsheaf.potentials.Potential` is found by name (see
-  :func:`register_potential` for classes defined elsewhere). Tensor attributes
+  `cellsheaf.potentials.Potential` is found by name (see
+  `register_potential` for classes defined elsewhere). Tensor attributes
   are stored as ``{"__tensor__": [...], "dtype": ...}``, potential attributes
   (a potential wrapping another) as ``{"__potential__": {...}}``; attributes
   holding callables cannot be serialised.
 
 Round trip: ``Sheaf.from_spec(S.to_spec()) == S``, and through JSON with
 ``spec.model_dump_json()`` / ``SheafSpec.model_validate_json(text)`` (or
-``Sheaf.from_spec(text)``). Bad input raises :class:`SpecError` naming the
+``Sheaf.from_spec(text)``). Bad input raises `SpecError` naming the
 vertex or edge at fault.
 
 Examples
@@ -93,7 +93,7 @@ def _finite_values(t: torch.Tensor) -> list:
 
 
 class LinearSpec(_Model):
-    """A dense :class:`~cellsheaf.maps.Linear` map: ``data`` is the ``(d_out, d_in)`` matrix, row by row."""
+    """A dense `Linear` map: ``data`` is the ``(d_out, d_in)`` matrix, row by row."""
 
     type: Literal["linear"] = "linear"
     shape: tuple[NonNegativeInt, NonNegativeInt]
@@ -120,7 +120,7 @@ class LinearSpec(_Model):
 
 
 class SparseLinearSpec(_Model):
-    """A sparse :class:`~cellsheaf.maps.Linear` map in coordinate form (``rows``, ``cols``, ``values``)."""
+    """A sparse `Linear` map in coordinate form (``rows``, ``cols``, ``values``)."""
 
     type: Literal["sparse_linear"] = "sparse_linear"
     shape: tuple[NonNegativeInt, NonNegativeInt]
@@ -147,7 +147,7 @@ class SparseLinearSpec(_Model):
 
 
 class IdentitySpec(_Model):
-    """:class:`~cellsheaf.maps.Identity` on ``R^dim``."""
+    """`Identity` on ``R^dim``."""
 
     type: Literal["identity"] = "identity"
     dim: NonNegativeInt
@@ -160,7 +160,7 @@ class IdentitySpec(_Model):
 
 
 class ScaledSpec(_Model):
-    """:class:`~cellsheaf.maps.Scaled`: ``c`` times the identity on ``R^dim``."""
+    """`Scaled`: ``c`` times the identity on ``R^dim``."""
 
     type: Literal["scaled"] = "scaled"
     c: FiniteFloat
@@ -174,7 +174,7 @@ class ScaledSpec(_Model):
 
 
 class SelectSpec(_Model):
-    """:class:`~cellsheaf.maps.Select`: coordinates ``indices`` of ``R^{d_in}``."""
+    """`Select`: coordinates ``indices`` of ``R^{d_in}``."""
 
     type: Literal["select"] = "select"
     indices: list[NonNegativeInt]
@@ -195,7 +195,7 @@ class SelectSpec(_Model):
 
 
 class DiagonalSpec(_Model):
-    """:class:`~cellsheaf.maps.Diagonal` with the given diagonal ``values``."""
+    """`Diagonal` with the given diagonal ``values``."""
 
     type: Literal["diagonal"] = "diagonal"
     values: list[FiniteFloat]
@@ -209,7 +209,7 @@ class DiagonalSpec(_Model):
 
 
 class HStackSpec(_Model):
-    """:class:`~cellsheaf.maps.HStack`: the block row ``[A_1 ... A_n]``."""
+    """`HStack`: the block row ``[A_1 ... A_n]``."""
 
     type: Literal["hstack"] = "hstack"
     maps: list[MapSpec] = Field(min_length=1)
@@ -229,7 +229,7 @@ class HStackSpec(_Model):
 
 
 class VStackSpec(_Model):
-    """:class:`~cellsheaf.maps.VStack`: the block column ``[A_1; ...; A_n]``."""
+    """`VStack`: the block column ``[A_1; ...; A_n]``."""
 
     type: Literal["vstack"] = "vstack"
     maps: list[MapSpec] = Field(min_length=1)
@@ -249,7 +249,7 @@ class VStackSpec(_Model):
 
 
 class ComposeSpec(_Model):
-    """:class:`~cellsheaf.maps.Compose`: ``outer ∘ inner``."""
+    """`Compose`: ``outer ∘ inner``."""
 
     type: Literal["compose"] = "compose"
     outer: MapSpec
@@ -277,7 +277,7 @@ class _ElementwiseSpec(_Model):
 
 
 class ReLUSpec(_ElementwiseSpec):
-    """:class:`~cellsheaf.maps.ReLU` on ``R^dim``."""
+    """`ReLU` on ``R^dim``."""
 
     type: Literal["relu"] = "relu"
 
@@ -286,7 +286,7 @@ class ReLUSpec(_ElementwiseSpec):
 
 
 class LeakyReLUSpec(_ElementwiseSpec):
-    """:class:`~cellsheaf.maps.LeakyReLU` on ``R^dim`` with negative ``slope``."""
+    """`LeakyReLU` on ``R^dim`` with negative ``slope``."""
 
     type: Literal["leaky_relu"] = "leaky_relu"
     slope: FiniteFloat = 0.01
@@ -296,7 +296,7 @@ class LeakyReLUSpec(_ElementwiseSpec):
 
 
 class SigmoidSpec(_ElementwiseSpec):
-    """:class:`~cellsheaf.maps.Sigmoid` on ``R^dim``."""
+    """`Sigmoid` on ``R^dim``."""
 
     type: Literal["sigmoid"] = "sigmoid"
 
@@ -305,7 +305,7 @@ class SigmoidSpec(_ElementwiseSpec):
 
 
 class TanhSpec(_ElementwiseSpec):
-    """:class:`~cellsheaf.maps.Tanh` on ``R^dim``."""
+    """`Tanh` on ``R^dim``."""
 
     type: Literal["tanh"] = "tanh"
 
@@ -314,7 +314,7 @@ class TanhSpec(_ElementwiseSpec):
 
 
 class SoftmaxSpec(_ElementwiseSpec):
-    """:class:`~cellsheaf.maps.Softmax` over ``R^dim``."""
+    """`Softmax` over ``R^dim``."""
 
     type: Literal["softmax"] = "softmax"
 
@@ -334,7 +334,7 @@ for _model in (HStackSpec, VStackSpec, ComposeSpec):
 
 
 def map_to_spec(F: M.Map):
-    """The :data:`MapSpec` of a restriction map; :class:`SpecError` for maps that cannot be serialised.
+    """The `MapSpec` of a restriction map; `SpecError` for maps that cannot be serialised.
 
     Examples
     --------
@@ -384,7 +384,7 @@ _POTENTIALS: dict[str, type] = {}
 
 
 def register_potential(cls: type) -> type:
-    """Register a :class:`~cellsheaf.potentials.Potential` subclass under its class name (usable as a decorator).
+    """Register a `Potential` subclass under its class name (usable as a decorator).
 
     Subclasses of ``Potential`` are also found by name without registering, once
     their module is imported; registering resolves name clashes in favour of ``cls``.
@@ -520,7 +520,7 @@ class SheafSpec(_Model):
         return self
 
     def to_sheaf(self):
-        """Build the :class:`~cellsheaf.Sheaf`."""
+        """Build the `Sheaf`."""
         from .sheaf import Sheaf
 
         S = Sheaf()
@@ -542,9 +542,9 @@ def _check_name(name, what: str):
 
 
 def to_spec(S) -> SheafSpec:
-    """The :class:`SheafSpec` of a sheaf (maps, weights, potentials).
+    """The `SheafSpec` of a sheaf (maps, weights, potentials).
 
-    Raises :class:`SpecError` naming the edge whose map or potential cannot be
+    Raises `SpecError` naming the edge whose map or potential cannot be
     serialised (``Function`` maps, potentials holding callables) and the
     vertex or edge whose name is neither ``str`` nor ``int``.
 
@@ -596,10 +596,10 @@ def _explain(err: ValidationError, raw: Any, source: str) -> SpecError:
 
 
 def from_spec(spec) -> Any:
-    """Build a :class:`~cellsheaf.Sheaf` from a :class:`SheafSpec`, a dict, a JSON string or a JSON file path.
+    """Build a `Sheaf` from a `SheafSpec`, a dict, a JSON string or a JSON file path.
 
-    Strings are parsed as JSON text; pass a :class:`pathlib.Path` (or other
-    ``os.PathLike``) to read a file. Problems raise :class:`SpecError` naming the
+    Strings are parsed as JSON text; pass a `pathlib.Path` (or other
+    ``os.PathLike``) to read a file. Problems raise `SpecError` naming the
     vertex or edge at fault.
 
     Examples

@@ -4,13 +4,13 @@ Every function works on the weighted Laplacian ``L = δᵀWδ`` or, given a
 ``boundary``, on the block ``L[Ω,Ω]`` of the free coordinates (the operator of
 the heat equation with stubborn coordinates); ``at`` linearises a nonlinear
 sheaf at a point; ``normalized=True`` uses ``D^{-1/2} L D^{-1/2}``
-(:func:`cellsheaf.operators.laplacian`). Computations run in float64 on the
+(`cellsheaf.operators.laplacian`). Computations run in float64 on the
 assembled scipy matrix; results come back in the sheaf's dtype.
 
 Routes (``method``): ``"dense"`` (LAPACK ``eigh``), ``"sparse"`` (smallest
 eigenvalues: block inverse iteration on one sparse LU of ``L + sI``, which
 finds repeated eigenvalues such as a large kernel; largest: ARPACK Lanczos,
-``eigsh``), ``"auto"``: dense up to :data:`DENSE_LIMIT` coordinates. The
+``eigsh``), ``"auto"``: dense up to `DENSE_LIMIT` coordinates. The
 sparse LU suits graphs with small separators (paths, meshes, trees, most
 real networks); on large random expanders it fills in, and such operators
 are out of reach of the ``"smallest"`` route.
@@ -233,7 +233,7 @@ def spectral_gap(S, boundary=None, at=None, normalized: bool = False, tol: float
 
 def fiedler_vector(S, boundary=None, at=None, normalized: bool = False, tol: float | None = None,
                    method: str = "auto") -> Tensor:
-    """The unit eigenvector of the spectral gap (see :func:`spectral_gap`), shape ``(n,)``.
+    """The unit eigenvector of the spectral gap (see `spectral_gap`), shape ``(n,)``.
 
     Its sign is arbitrary; for a constant sheaf ``R¹`` on a connected graph it
     is the classical Fiedler vector.
@@ -297,7 +297,7 @@ def block_energy(S, vec, boundary=None) -> Tensor:
 
     ``vec`` is a 0-cochain ``(C0,)``/``(B, C0)``, or, with a ``boundary``, a
     vector on the free coordinates ``(n_free,)``/``(B, n_free)`` (as returned by
-    :func:`eigenpairs` with that boundary; pass ``vectors.T`` for all of them).
+    `eigenpairs` with that boundary; pass ``vectors.T`` for all of them).
     Rows sum to 1 (a zero vector gives zeros).
 
     Examples

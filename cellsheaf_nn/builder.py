@@ -1,7 +1,7 @@
 """The builder through which op compilers emit the vertices and edges of a neural sheaf.
 
-An op compiler (see :mod:`cellsheaf_nn.ops`) receives a :class:`Builder` and the
-:class:`Value` handles of its inputs, and returns the :class:`Value` of its
+An op compiler (see `cellsheaf_nn.ops`) receives a `Builder` and the
+`Value` handles of its inputs, and returns the `Value` of its
 output. It describes every map on the *neural block* of a vertex only; the
 builder lays out the stalks at the end (Eqs. 10-17 of the paper):
 
@@ -114,7 +114,7 @@ class EdgeInfo:
 
 
 class Built(NamedTuple):
-    """What :meth:`Builder.finish` returns."""
+    """What `Builder.finish` returns."""
 
     sheaf: cs.Sheaf
     vertices: dict[str, VertexInfo]
@@ -155,11 +155,11 @@ def _identity(d: int) -> M.Map:
 
 
 class Builder:
-    """Collects vertices and edges while a network is compiled; :meth:`finish` makes the sheaf.
+    """Collects vertices and edges while a network is compiled; `finish` makes the sheaf.
 
-    Op compilers use :meth:`affine`, :meth:`activation`, :meth:`combine`,
-    :meth:`concat` and :meth:`alias`; anything else can be written with the two
-    primitives :meth:`vertex` and :meth:`edge`. Maps act on neural blocks only.
+    Op compilers use `affine`, `activation`, `combine`,
+    `concat` and `alias`; anything else can be written with the two
+    primitives `vertex` and `edge`. Maps act on neural blocks only.
 
     Parameters
     ----------
@@ -227,7 +227,7 @@ class Builder:
         block : ``(start, size)`` of the part of ``dst``'s neural block this edge defines (default: all).
         trainable : mark the extended map trainable (weights of the network); ``mask`` (shape of ``Fu``)
             restricts which entries of ``Fu`` may change; the bias diagonal is always trainable.
-        writeback : how :meth:`NeuralSheaf.to_module` copies ``(W, b)`` back into the module being compiled.
+        writeback : how `NeuralSheaf.to_module` copies ``(W, b)`` back into the module being compiled.
         """
         Fu, Fv = M.as_map(self._cast(Fu)), M.as_map(self._cast(Fv)) if Fv is not None else None
         start, size = block if block is not None else (0, dst.dim)
@@ -299,7 +299,7 @@ class Builder:
     def concat(self, inputs: Sequence[Value], *, kind: str = "concat") -> Value:
         """``[x_1; ...; x_n]``: a vertex whose blocks are copies of the inputs, one ``merge`` edge each.
 
-        The concatenation *is* a merge vertex (DESIGN.md, skip connections).
+        The concatenation *is* a merge vertex (docs: Architecture, "Skip connections").
         """
         m = self.vertex(sum(x.dim for x in inputs), kind=kind)
         start = 0
@@ -317,7 +317,7 @@ class Builder:
         kind: str = "sum",
         trainable: bool = False,
     ) -> Value:
-        """``y = Σ_i A_i x_i + b`` through a merge vertex (DESIGN.md, "Skip connections").
+        """``y = Σ_i A_i x_i + b`` through a merge vertex (docs: Architecture, "Skip connections").
 
         A merge vertex ``m = [x_1; ...; x_n]`` gets one copy edge per input, then
         the edge ``m -> y`` has the map ``[A_1 ... A_n]`` (``None`` = identity) and
@@ -346,7 +346,7 @@ class Builder:
     def name(self, value: Value, name: str, since: int | None = None) -> None:
         """Give the vertex of ``value`` its final name (names must be unique).
 
-        With ``since`` (a value of :attr:`n_vertices`), the unnamed vertices created
+        With ``since`` (a value of `n_vertices`), the unnamed vertices created
         after that point are named after it too: ``"{name}.in"`` for a merge vertex,
         ``"{name}.{kind}"`` otherwise.
         """

@@ -99,8 +99,8 @@ class TrainConfig(BaseModel):
 
     Example: ``{"task": "paraboloid", "method": "sheaf", "steps": 2000}``. Without
     ``model`` the task's architecture of depth ``depth`` is used. ``options``
-    are passed on to :class:`cellsheaf_nn.train.SheafTrainer` (``method="sheaf"``,
-    e.g. ``mode``, ``dt``, ``init``) or :func:`cellsheaf_nn.train.train_sgd`
+    are passed on to `cellsheaf_nn.train.SheafTrainer` (``method="sheaf"``,
+    e.g. ``mode``, ``dt``, ``init``) or `cellsheaf_nn.train.train_sgd`
     (``method="sgd"``, e.g. ``optimizer``, ``lr``); ``eval_every`` defaults to
     a twentieth of the steps.
     """
@@ -170,7 +170,7 @@ def _torch_load(path: Path, what: str, weights_only: bool) -> Any:
 
 
 def load_model(path: str | Path) -> nn.Module:
-    """A torch module from a ``torch.save``-d model or a JSON :class:`ArchitectureSpec` (``.json``).
+    """A torch module from a ``torch.save``-d model or a JSON `ArchitectureSpec` (``.json``).
 
     Loading a saved model unpickles it: only load files you trust.
     """
@@ -287,7 +287,7 @@ def save_array(path: str | Path, t: torch.Tensor) -> Path:
 
 
 def output_folder(path: str | Path) -> Path:
-    """Create ``path`` (and parents) and check it can be written; a :class:`UserError` says why not."""
+    """Create ``path`` (and parents) and check it can be written; a `UserError` says why not."""
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -365,14 +365,14 @@ def _apply_pins(ns, pins: Sequence[str], strength: float | None) -> None:
 
 
 class _NoFigures:
-    """Stands in for :mod:`cellsheaf_nn.plots` without matplotlib: every figure is skipped."""
+    """Stands in for `cellsheaf_nn.plots` without matplotlib: every figure is skipped."""
 
     def __getattr__(self, name: str) -> Callable[..., None]:
         return lambda *args, **kwargs: None
 
 
 def _figures(progress: bool):
-    """:mod:`cellsheaf_nn.plots`, or a stand-in that skips figures when matplotlib is not installed."""
+    """`cellsheaf_nn.plots`, or a stand-in that skips figures when matplotlib is not installed."""
     if importlib.util.find_spec("matplotlib") is None:  # pragma: no cover - matplotlib is an optional extra
         print("(matplotlib is not installed: no figures; pip install 'cellsheaf[plot]')", file=sys.stderr)
         return _NoFigures()

@@ -1,7 +1,7 @@
 """Compile a torch model into a neural sheaf: ``csnn.compile(model) -> NeuralSheaf``.
 
 The compiler walks the model in eval semantics, one operation at a time, and
-hands each to its registered op compiler (:mod:`cellsheaf_nn.ops`):
+hands each to its registered op compiler (`cellsheaf_nn.ops`):
 
 * a module with a compiler (``Linear``, ``ReLU``, a registered custom module) is compiled as one op;
 * an ``nn.Sequential`` is compiled child by child, without tracing;
@@ -267,7 +267,7 @@ def compile(
     *,
     input_shape: Sequence[int] | None = None,
 ) -> NeuralSheaf:
-    """Compile ``model`` into a :class:`NeuralSheaf` (the paper's construction, Sec. 3.1).
+    """Compile ``model`` into a `NeuralSheaf` (the paper's construction, Sec. 3.1).
 
     Parameters
     ----------
@@ -285,7 +285,7 @@ def compile(
     -------
     NeuralSheaf
         The sheaf, its boundary (input and ones blocks), the vertex/edge layout,
-        inference, pins and :meth:`~NeuralSheaf.to_module`.
+        inference, pins and `to_module`.
 
     Raises
     ------

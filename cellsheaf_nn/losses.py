@@ -4,7 +4,7 @@ A loss is evaluated on the network's output (after the output activation) as
 a mean over the batch: difference losses and binary cross-entropy average over
 all elements, cross-entropy sums over classes per sample and averages over
 samples. In the sheaf, the same loss is an edge potential ``U`` on the output
-edge (Sec. 5.2.3, App. B.3), summed over samples; :attr:`Loss.scale` converts,
+edge (Sec. 5.2.3, App. B.3), summed over samples; `Loss.scale` converts,
 ``loss(batch) = scale(n_out) · mean_m U(sample m)``.
 
 Which losses fit which output activation: a *difference* loss (MSE, L1, Huber,
@@ -46,7 +46,7 @@ class Loss:
     logits: bool = False  # the potential reads the logits z (the output edge's map on z is the identity)
 
     def __call__(self, output: Tensor, target: Tensor) -> Tensor:
-        """The batch-mean loss of ``output`` ``(B, n_out)`` against ``target`` (see :meth:`target`)."""
+        """The batch-mean loss of ``output`` ``(B, n_out)`` against ``target`` (see `target`)."""
         y = self.target(target, output.shape[-1], output.dtype)
         if y.shape[0] != output.shape[0]:
             raise ValueError(f"loss {self.name!r}: {output.shape[0]} outputs but {y.shape[0]} targets")
@@ -71,7 +71,7 @@ class Loss:
     def potential(self) -> cs.potentials.Potential:
         """The cellsheaf potential for the output edge ``z -> y`` (per sample).
 
-        It reads ``φ(z)`` at the ``u`` end, or the logits ``z`` when :attr:`logits` is true,
+        It reads ``φ(z)`` at the ``u`` end, or the logits ``z`` when `logits` is true,
         and the target at the ``v`` end.
         """
         raise NotImplementedError
@@ -220,7 +220,7 @@ _SUGGEST = {"sigmoid": "'bce'", "softmax": "'ce'", "identity": "'mse', 'l1', 'hu
 
 
 def get(loss: str | Loss, **kwargs) -> Loss:
-    """A :class:`Loss` from its name (``"mse"``, ``"l1"``, ``"huber"``, ``"pnorm"``, ``"bce"``, ``"ce"``).
+    """A `Loss` from its name (``"mse"``, ``"l1"``, ``"huber"``, ``"pnorm"``, ``"bce"``, ``"ce"``).
 
     Examples
     --------

@@ -1,7 +1,7 @@
 """``NeuralSheaf``: a compiled network — its sheaf, boundary, named vertices, inference and pins.
 
-Every solve goes through :mod:`cellsheaf` (:func:`cellsheaf.minimize`,
-:func:`cellsheaf.diffuse`); this module only lays out boundary data and reads
+Every solve goes through `cellsheaf` (`cellsheaf.minimize`,
+`cellsheaf.diffuse`); this module only lays out boundary data and reads
 results back by vertex name.
 
 Examples
@@ -56,7 +56,7 @@ class NeuralState(dict):
 
     Attributes
     ----------
-    info : the solver's :class:`cellsheaf.Result` (method, converged, iterations, energy, residual, ...).
+    info : the solver's `cellsheaf.Result` (method, converged, iterations, energy, residual, ...).
     cochain : the full 0-cochain (with ones blocks, merge vertices and pin anchors).
     """
 
@@ -79,7 +79,7 @@ class Pin:
 
 
 class NeuralSheaf:
-    """A network compiled into a cellular sheaf (Sec. 3.1); made by :func:`cellsheaf_nn.compile`.
+    """A network compiled into a cellular sheaf (Sec. 3.1); made by `cellsheaf_nn.compile`.
 
     Attributes
     ----------
@@ -96,7 +96,7 @@ class NeuralSheaf:
 
     Boundary data (Sec. 3.2): the input's neural block holds ``x``; every ones
     block holds ``1``. Pins add hard boundary coordinates or soft penalty edges
-    (:attr:`pinned_sheaf`).
+    (`pinned_sheaf`).
     """
 
     def __init__(self, built: Built, *, model: nn.Module, input_vertex: str, output: str,
@@ -133,7 +133,7 @@ class NeuralSheaf:
 
     @property
     def edge_types(self) -> dict[str, str]:
-        """``{edge name: kind}`` for every edge of :attr:`pinned_sheaf` (``"weight"``, ``"act"``, ``"penalty"``, ...).
+        """``{edge name: kind}`` for every edge of `pinned_sheaf` (``"weight"``, ``"act"``, ``"penalty"``, ...).
 
         The kind is the prefix of the name before ``":"``.
         """
@@ -199,7 +199,7 @@ class NeuralSheaf:
     def boundary(self, x) -> cs.Boundary:
         """The boundary data for inputs ``x`` (``(B, *input_shape)``): input, ones blocks, hard pins, anchors.
 
-        Freed input coordinates (:meth:`free_input`) are left out.
+        Freed input coordinates (`free_input`) are left out.
         """
         xb, _ = self._batch_input(x)
         return self._boundary(xb, self._penalties())
@@ -226,7 +226,7 @@ class NeuralSheaf:
     # ------------------------------------------------------------------ pins
     def pin(self, vertex: str, coords: Sequence[int] | None = None, values=None,
             strength: float | None = None) -> Pin:
-        """Pin neurons ``coords`` of ``vertex`` to ``values`` (Sec. 5.1); returns a handle for :meth:`unpin`.
+        """Pin neurons ``coords`` of ``vertex`` to ``values`` (Sec. 5.1); returns a handle for `unpin`.
 
         Parameters
         ----------
@@ -269,7 +269,7 @@ class NeuralSheaf:
     def clamp(self, vertex: str, values, coords: Sequence[int] | None = None) -> Pin:
         """Hard-pin (clamp) coordinates of ``vertex``: ``pin(vertex, coords, values)`` (Note 5.1).
 
-        Together with :meth:`free_input` any mixture of inputs, hidden neurons and
+        Together with `free_input` any mixture of inputs, hidden neurons and
         outputs can be fixed and the rest completed (imputation, label-conditioned
         reconstruction, neuron steering).
         """
@@ -278,7 +278,7 @@ class NeuralSheaf:
     def free_input(self, coords: Sequence[int] | None = None) -> Pin:
         """Free input coordinates (default: all): they are solved for instead of fixed to ``x``.
 
-        The values of ``x`` at freed coordinates are then only a starting point. Undo with :meth:`unpin`.
+        The values of ``x`` at freed coordinates are then only a starting point. Undo with `unpin`.
         """
         idx = self._neural_coords(self._info(self.input), coords)
         taken = {c for p in self._pins.values() if p.kind in ("free", "hard") and p.vertex == self.input
@@ -304,7 +304,7 @@ class NeuralSheaf:
         return p
 
     def unpin(self, handle: Pin) -> None:
-        """Remove a pin (or undo a :meth:`free_input`)."""
+        """Remove a pin (or undo a `free_input`)."""
         if handle.id not in self._pins:
             raise KeyError(f"pin {handle.id} ({handle.kind} at {handle.vertex!r}) is not active")
         del self._pins[handle.id]
@@ -320,10 +320,10 @@ class NeuralSheaf:
 
     @property
     def pinned_sheaf(self) -> cs.Sheaf:
-        """:attr:`sheaf` plus the penalty edges and anchors of the soft pins (:attr:`sheaf` itself if none).
+        """`sheaf` plus the penalty edges and anchors of the soft pins (`sheaf` itself if none).
 
         Penalty edges and anchors are named ``"penalty:{vertex}"`` (numbered when several).
-        The maps are shared with :attr:`sheaf`; the copy is rebuilt when the pins or the sheaf change.
+        The maps are shared with `sheaf`; the copy is rebuilt when the pins or the sheaf change.
         """
         return self._pinned_state()[0]
 
@@ -372,9 +372,9 @@ class NeuralSheaf:
         method : {"auto", "propagate", "newton", "euler", "diffusion"}
             ``"auto"``: propagation when the sheaf is determined (no pins: the forward
             pass, exact), Newton otherwise. ``"diffusion"``: the paper's Euler heat
-            equation (:func:`cellsheaf.diffuse`) from ``init``; ``"euler"`` is the same
-            flow through :func:`cellsheaf.minimize` (default start ``"forward_pass"``).
-        return_state : also return the :class:`NeuralState` (values at every vertex, solver report).
+            equation (`cellsheaf.diffuse`) from ``init``; ``"euler"`` is the same
+            flow through `cellsheaf.minimize` (default start ``"forward_pass"``).
+        return_state : also return the `NeuralState` (values at every vertex, solver report).
         init : {"random", "zeros", "forward_pass"}
             Starting point of the iterative methods: standard normal (``generator``),
             zeros, or the unpinned forward pass. Default: ``"random"`` for diffusion,
@@ -383,7 +383,7 @@ class NeuralSheaf:
         max_steps : step cap of ``euler``/``diffusion``, iteration cap of ``newton``.
         alpha, dt : the diffusion rate and Euler step (``dt`` default ``1/(α λ_max)``).
         record : record per-edge energies every ``record`` steps (``state.info.extra["trajectory"]``).
-        check : raise :class:`ConvergenceError` if the solver did not converge (else return what it found).
+        check : raise `ConvergenceError` if the solver did not converge (else return what it found).
 
         Returns
         -------
@@ -459,7 +459,7 @@ class NeuralSheaf:
         """``δ_Ω``: the coboundary at the activation pattern of input ``x`` (shape ``input_shape``),
         restricted to the free coordinates (columns; all edges as rows).
 
-        The pattern is the one at the point :meth:`infer` returns for ``x`` with the
+        The pattern is the one at the point `infer` returns for ``x`` with the
         current pins (the forward pass without pins; with pins, the solver's last
         point even if it stopped on a switching surface, Note 5.1).
 
@@ -503,7 +503,7 @@ class NeuralSheaf:
     def restricted_laplacian(self, x, format: str = "dense"):
         """``L[Ω,Ω]`` at the activation pattern of input ``x`` (positive definite, Lemma 3.2).
 
-        Built with :func:`cellsheaf.operators.restricted_laplacian`; ``format`` as there.
+        Built with `cellsheaf.operators.restricted_laplacian`; ``format`` as there.
 
         Examples
         --------
@@ -522,7 +522,7 @@ class NeuralSheaf:
         """A torch module (a copy of the compiled model) carrying the sheaf's current weights.
 
         Every affine edge compiled from module parameters writes its ``(W, b)``
-        (:meth:`affine_parts`) back; ``compile(ns.to_module())`` gives the same sheaf.
+        (`affine_parts`) back; ``compile(ns.to_module())`` gives the same sheaf.
 
         Examples
         --------

@@ -1,15 +1,15 @@
 """The registry of op compilers: how each module, function and tensor method becomes sheaf pieces.
 
 An *op compiler* turns one operation of the forward pass into vertices and
-edges through a :class:`~cellsheaf_nn.builder.Builder` and returns the
-:class:`~cellsheaf_nn.builder.Value` of its output. Its signature is
+edges through a `Builder` and returns the
+`Value` of its output. Its signature is
 
 * ``fn(b, module, *args, **kwargs)`` for a module type (``@register(nn.Linear)``),
 * ``fn(b, *args, **kwargs)`` for a function (``@register(operator.add)``),
 * ``fn(b, self, *args, **kwargs)`` for a tensor method (``@register("relu")`` or
   ``@register(torch.Tensor.relu)``),
 
-where tensor arguments arrive as :class:`Value` handles and everything else
+where tensor arguments arrive as `Value` handles and everything else
 (numbers, constant tensors, ``dim=``) as it is. Registering is all it takes to
 support a new architecture: nothing in the compiler core changes.
 
@@ -17,7 +17,7 @@ Built in: ``Linear`` (with and without bias), ``ReLU``, ``LeakyReLU``,
 ``Sigmoid``, ``Tanh``, ``Softmax`` (modules, functions and methods),
 ``Identity``, ``Dropout`` and ``Flatten`` (aliases: no vertex), ``BatchNorm1d``
 in eval mode (an affine edge), ``+``/``-`` of two tensors (a merge vertex,
-DESIGN.md "Skip connections"), adding or multiplying by constants, and
+docs: Architecture, "Skip connections"), adding or multiplying by constants, and
 ``torch.cat`` along the feature axis.
 
 Examples
@@ -369,7 +369,7 @@ def reshape_fn(b: Builder, x: Value, *shape) -> Value:
 @register(torch.add)
 @register("add")
 def add(b: Builder, x, y, *, alpha: float = 1) -> Value:
-    """``x + alpha·y``: a merge vertex and a sum edge for two tensors (DESIGN.md), an affine edge for a constant."""
+    """``x + alpha·y``: a merge vertex and a sum edge for two tensors (docs: Architecture), an affine edge for a constant."""
     return _linear_terms(b, [(x, 1.0), (y, float(alpha))], "add")
 
 

@@ -2,7 +2,7 @@
 
 ``train_sgd`` trains a torch model by (full-batch or minibatch) gradient descent
 with any torch optimizer; it is the baseline of the paper's Table 1.
-:class:`SheafTrainer` trains a compiled :class:`~cellsheaf_nn.NeuralSheaf` by
+`SheafTrainer` trains a compiled `NeuralSheaf` by
 local updates, each weight map changed only from its own edge's discrepancy
 and the stalks at its ends.
 
@@ -268,9 +268,9 @@ def train_sgd(model: nn.Module, X: Tensor, Y: Tensor, loss: str | _losses.Loss =
     Parameters
     ----------
     model : nn.Module
-        Trained in place (initialise it first, e.g. with :func:`he_init`).
+        Trained in place (initialise it first, e.g. with `he_init`).
     X, Y : Tensor
-        Inputs ``(B, n_in)`` in the model's dtype; targets as :mod:`cellsheaf_nn.losses` takes them.
+        Inputs ``(B, n_in)`` in the model's dtype; targets as `cellsheaf_nn.losses` takes them.
     loss : str or Loss
         Must fit the model's output activation.
     lr : float, optional
@@ -386,13 +386,13 @@ class SheafTrainer:
         ``"joint"``: the paper's joint dynamics Eq. (26) (Eq. (42) with ``lam``/``mu``), forward Euler with
         step ``dt``: stalks and weights move together, the output clamped to the targets.
         ``"equilibrium"``: before each weight update the stalks relax to equilibrium with the current
-        weights (output clamped; warm-started Newton, :func:`cellsheaf.minimize`): the ``α ≫ β`` limit of
+        weights (output clamped; warm-started Newton, `cellsheaf.minimize`): the ``α ≫ β`` limit of
         Sec. 5.3. ``"nudged"``: the output is pulled toward the target by a loss edge of small weight
         ``gamma``; the local update divided by ``gamma`` tends to the gradient of the loss as
         ``gamma → 0`` (the equilibrium-propagation argument: at the free equilibrium every edge has zero
         discord).
     loss : str or Loss
-        On the output edge (:mod:`cellsheaf_nn.losses`); must fit the output activation.
+        On the output edge (`cellsheaf_nn.losses`); must fit the output activation.
     optimizer : None, "sgd", "adam", factory or torch optimizer
         Local modes only: consumes the local directions (scaled as gradients of the batch-mean loss).
         Default plain gradient descent with ``lr``.
@@ -407,7 +407,7 @@ class SheafTrainer:
         Joint and equilibrium modes: initial stalks, ``N(0, 1/d_v)`` per coordinate of a vertex of dim
         ``d_v`` (unit-norm stalks on average, Sec. 5.3), or the forward pass.
     warm_start : bool
-        Whether a later :meth:`fit` continues from the stalks of the previous one (default) or
+        Whether a later `fit` continues from the stalks of the previous one (default) or
         initialises them again.
     lam, mu : float
         Joint mode regularisation, Eq. (28) (``anchor="zero"``) or Eq. (41)/(42) (``anchor="initial"``:
@@ -528,7 +528,7 @@ class SheafTrainer:
     def fit(self, X: Tensor, Y: Tensor, X_val: Tensor | None = None, Y_val: Tensor | None = None,
             steps: int = 1000, progress: bool = True, callbacks: Sequence[Callback] = (),
             eval_every: int | None = None, record_every: int | None = None) -> History:
-        """Run ``steps`` updates on ``(X, Y)``; returns :attr:`history` (accumulated across calls).
+        """Run ``steps`` updates on ``(X, Y)``; returns `history` (accumulated across calls).
 
         Parameters
         ----------
@@ -629,7 +629,7 @@ class SheafTrainer:
             self.stalks[idx] = x
 
     def _joint_step(self, x: Tensor, X: Tensor, Y: Tensor, idx: Tensor | None) -> Tensor:
-        """One forward-Euler step of the joint dynamics, Eq. (26) / (42) (:mod:`cellsheaf.learning`)."""
+        """One forward-Euler step of the joint dynamics, Eq. (26) / (42) (`cellsheaf.learning`)."""
         ref, map_ref = self._anchors
         x_new = learning.joint_step(
             self.sheaf, x, self._free, alpha=self.alpha,
@@ -661,7 +661,7 @@ class SheafTrainer:
         return x, self._map_gradients(x, scale)
 
     def _map_gradients(self, x: Tensor, scale: float) -> dict[str, Tensor]:
-        """``scale · Π_W ∇_W E`` at stalks ``x`` for every weight edge (Eq. 24, :mod:`cellsheaf.learning`)."""
+        """``scale · Π_W ∇_W E`` at stalks ``x`` for every weight edge (Eq. 24, `cellsheaf.learning`)."""
         grads = learning.map_gradients(self.sheaf, x)
         return {name: scale * grads[(name, "u")] for name in self.weights}
 
@@ -746,7 +746,7 @@ class SheafTrainer:
                 "anchors": self._anchors}
 
     def load_state_dict(self, state: dict) -> "SheafTrainer":
-        """Restore a :meth:`state_dict` (same network architecture and mode); returns ``self``."""
+        """Restore a `state_dict` (same network architecture and mode); returns ``self``."""
         if state["mode"] != self.mode:
             raise ValueError(f"the saved trainer ran mode={state['mode']!r}, this one mode={self.mode!r}")
         if set(state["weights"]) != set(self.weights):
@@ -766,11 +766,11 @@ class SheafTrainer:
         return self
 
     def save(self, path) -> None:
-        """Save :meth:`state_dict` to ``path`` (``torch.save``)."""
+        """Save `state_dict` to ``path`` (``torch.save``)."""
         torch.save(self.state_dict(), path)
 
     def load(self, path) -> "SheafTrainer":
-        """Load a state saved by :meth:`save` into this trainer (and its network); returns ``self``.
+        """Load a state saved by `save` into this trainer (and its network); returns ``self``.
 
         A loaded trainer continues exactly as the saved one would have.
         """

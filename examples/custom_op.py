@@ -38,7 +38,7 @@ def write_back(module: ScaledResidual, W: torch.Tensor, b: torch.Tensor) -> None
 def compile_scaled_residual(b: csnn.Builder, module: ScaledResidual, x: csnn.Value) -> csnn.Value:
     """``branch = (s·W) x + s·b`` (one weight edge), then ``y = x + branch`` through a merge vertex.
 
-    ``b.combine`` keeps ``δ_Ω`` square and unitriangular (DESIGN.md, "Skip connections"),
+    ``b.combine`` keeps ``δ_Ω`` square and unitriangular (docs: Architecture, "Skip connections"),
     so inference is still exact propagation and Lemma 3.2 still holds.
     """
     branch = b.affine(x, module.s * module.linear.weight, module.s * module.linear.bias, writeback=write_back)

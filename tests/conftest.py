@@ -12,7 +12,7 @@ What is here
     The same as a hypothesis strategy: ``@given(random_sheaf(maps="mixed"))``.
     Inside another ``@st.composite`` use ``draw(random_sheaf(...))``.
 ``MAP_KINDS``
-    The map families the builders draw from: ``"dense"`` (dense :class:`~cellsheaf.maps.Linear`),
+    The map families the builders draw from: ``"dense"`` (dense `Linear`),
     ``"integer"`` (dense Linear with small integer entries, for exact-rank checks),
     ``"mixed"`` (every linear map type: dense and sparse Linear, Identity, Scaled, Select,
     Diagonal, HStack, VStack, Compose) and ``"nonlinear"`` (mixed plus ReLU, LeakyReLU,
@@ -21,7 +21,7 @@ What is here
     Sheaves with known cohomology.
 ``dense_coboundary(S, at=None)``, ``dense_laplacian(S, at=None)``
     Independent dense references built edge by edge from ``Map.matrix()`` / ``Map.jacobian``
-    (they never call :mod:`cellsheaf.operators`).
+    (they never call `cellsheaf.operators`).
 ``random_point(S, seed, batch=None)``
     A random 0-cochain.
 
@@ -55,7 +55,7 @@ def _dense(rng: np.random.Generator, d_out: int, d_in: int, dtype: torch.dtype, 
 
 def random_map(rng: np.random.Generator, d_out: int, d_in: int, kind: str = "dense",
                dtype: torch.dtype = torch.float64) -> M.Map:
-    """A random restriction map ``R^{d_in} -> R^{d_out}`` of the family ``kind`` (see :data:`MAP_KINDS`)."""
+    """A random restriction map ``R^{d_in} -> R^{d_out}`` of the family ``kind`` (see `MAP_KINDS`)."""
     if kind not in MAP_KINDS:
         raise ValueError(f"kind must be one of {MAP_KINDS}, got {kind!r}")
     if kind in ("dense", "integer"):
@@ -121,7 +121,7 @@ def build_random_sheaf(
     ----------
     seed : seed of the numpy generator (same seed, same sheaf).
     dims, edge_dims : inclusive ranges of vertex and edge stalk dimensions.
-    maps : map family, one of :data:`MAP_KINDS`.
+    maps : map family, one of `MAP_KINDS`.
     weights : draw edge weights in ``[0.5, 2]`` instead of 1.
     connected : start with a random spanning tree so the graph is connected
         (``n_edges`` must then be at least ``n_vertices - 1``).
@@ -170,7 +170,7 @@ def random_sheaf(
     weights: bool = False,
     connected: bool = False,
 ) -> cs.Sheaf:
-    """Hypothesis strategy for random sheaves (arguments as in :func:`build_random_sheaf`).
+    """Hypothesis strategy for random sheaves (arguments as in `build_random_sheaf`).
 
     Hypothesis draws the sizes and a seed; the seed fixes the maps, so failures shrink
     to small graphs and reproduce exactly.

@@ -64,7 +64,7 @@ def test_unbatched_in_unbatched_out():
 
 
 def test_skip_connection_with_a_merge_vertex_is_determined():
-    """y = A1 x + A2 relu(W x) + c through a merge vertex m (DESIGN.md): propagation is the forward pass."""
+    """y = A1 x + A2 relu(W x) + c through a merge vertex m (docs: Architecture): propagation is the forward pass."""
     g = torch.Generator().manual_seed(3)
     W, A1, A2 = (torch.randn(*s, generator=g, dtype=F64) for s in ((4, 3), (2, 3), (2, 4)))
     c = torch.randn(2, generator=g, dtype=F64)
