@@ -1,4 +1,4 @@
-"""Restriction maps: linear, structured and nonlinear (state-dependent).
+"""The map interface and the basic maps: linear, structured and nonlinear (state-dependent).
 
 Every map acts on the last axis of a batch ``(..., d_in) -> (..., d_out)`` and
 knows its *local adjoint*: the transposed Jacobian at a point (Sec. 4.2 of the
@@ -100,6 +100,23 @@ class Map:
     def tensors(self) -> list[Tensor]:
         """The tensors that hold this map's parameters."""
         return []
+
+    def parameters(self) -> list[Tensor]:
+        """The trainable torch tensors this map holds, each once: a `torch.nn.Parameter` or any tensor
+        that requires grad (possibly shared with other maps, e.g. a tied weight).
+
+        Examples
+        --------
+        >>> import torch, cellsheaf as cs
+        >>> w = torch.nn.Parameter(torch.ones(2))
+        >>> [p is w for p in cs.maps.Diagonal(w).parameters()]
+        [True]
+        """
+        out: dict[int, Tensor] = {}
+        for t in self.tensors():
+            if isinstance(t, torch.nn.Parameter) or t.requires_grad:
+                out.setdefault(id(t), t)
+        return list(out.values())
 
     def __call__(self, x: Tensor) -> Tensor:
         return self.apply(x)
@@ -274,7 +291,8 @@ class Diagonal(Map):
     """A diagonal map ``x -> v * x``."""
 
     def __init__(self, v):
-        self.v = _as_tensor(v, "diagonal").reshape(-1)
+        v = _as_tensor(v, "diagonal")
+        self.v = v if v.dim() == 1 else v.reshape(-1)  # keep a 1-d parameter itself, not a view of it
         self.d_in = self.d_out = self.v.numel()
 
     def apply(self, x):

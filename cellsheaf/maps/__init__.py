@@ -1,0 +1,31 @@
+"""Restriction maps: operators, not matrices.
+
+Every map acts on the last axis of a batch ``(..., d_in) -> (..., d_out)``.
+Linear maps expose `apply`, `adjoint`, `coo` (sparse assembly) and, on
+request only, `matrix`; nonlinear maps expose `apply`, `jvp` and `vjp` (the
+local adjoint, Sec. 4.2 of the paper). Structured maps (convolutions, pooling,
+the extended affine map ``(A | diag b)``) never build a dense matrix on the way.
+
+The modules are named after the mathematics: `core` (the interface, dense,
+sparse and selection maps, block maps, elementwise ReLU-type maps),
+`affine` (extended affine maps).
+
+Examples
+--------
+>>> import torch, cellsheaf as cs
+>>> F = cs.maps.Select([0, 2], 3)
+>>> F.apply(torch.tensor([1.0, 2.0, 3.0]))
+tensor([1., 3.])
+>>> cs.maps.ReLU(2).vjp(torch.tensor([-1.0, 2.0]), torch.ones(2))
+tensor([0., 1.])
+"""
+
+from .core import (Compose, Diagonal, Elementwise, Function, HStack, Identity, LeakyReLU, Linear, Map, ReLU,
+                   Scaled, Select, Sigmoid, Softmax, Tanh, VStack, as_map)
+from .affine import Affine
+
+__all__ = [
+    "Map", "Linear", "Identity", "Scaled", "Select", "Diagonal", "HStack", "VStack",
+    "Compose", "Elementwise", "ReLU", "LeakyReLU", "Sigmoid", "Tanh", "Softmax",
+    "Function", "as_map", "Affine",
+]

@@ -1,0 +1,160 @@
+"""The extended affine map ``(A | diag b)`` of the paper's extended stalks (Eq. 10).
+
+A vertex stalk ``[x; 1]`` carries the neural block ``x`` and a block of stubborn
+ones; the weight edge reads it through ``(A | diag b)``, i.e. ``A·x + b ⊙ 1``.
+`Affine` keeps that structure: ``A`` is any linear map (dense, sparse,
+convolution, pooling, ...) applied as an operator, the bias is a vector, and
+no dense matrix is built unless `matrix` is asked for.
+
+Examples
+--------
+>>> import torch, cellsheaf as cs
+>>> F = cs.maps.Affine(torch.tensor([[1.0, 2.0]]), torch.tensor([10.0]))
+>>> F.d_in, F.d_out                      # stalk [x_1, x_2, 1] -> R^1
+(3, 1)
+>>> F.apply(torch.tensor([1.0, 1.0, 1.0]))
+tensor([13.])
+>>> F.matrix()
+tensor([[ 1.,  2., 10.]])
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .core import Linear, Map, _as_tensor, as_map
+
+__all__ = ["Affine"]
+
+
+def _like(t: Tensor, x: Tensor) -> Tensor:
+    """``t`` in the dtype and on the device of ``x`` (itself when it already is)."""
+    return t if (t.dtype, t.device) == (x.dtype, x.device) else t.to(dtype=x.dtype, device=x.device)
+
+
+class Affine(Map):
+    """``(A | diag b)`` on a stalk ``[x; ...; 1; ...]``: ``A·x + b ⊙ ones``, linear in the whole stalk.
+
+    Parameters
+    ----------
+    A : map or matrix
+        The linear part on the leading block ``x`` (its first ``A.d_in`` coordinates):
+        a tensor or any linear `Map` (e.g. `Conv2d`); it is applied, never densified.
+    b : tensor ``(A.d_out,)``, optional
+        The bias, read through the ones block. Without it the map is ``(A | 0)``.
+    d_in : int, optional
+        The stalk dimension (default: ``A.d_in``, plus ``A.d_out`` with a bias).
+    ones : int, optional
+        Where the ones block (``A.d_out`` coordinates) starts in the stalk
+        (default: right after ``x``). Coordinates of the stalk outside ``x`` and
+        the ones block are read with zero coefficients.
+
+    Notes
+    -----
+    ``apply`` is exact for any stalk value; `apply_affine` takes the neural block
+    alone and adds ``b`` as the ones block would (``A·x + b``, one ``addmm`` for a
+    dense ``A``), for solvers that know the ones are ones.
+
+    Examples
+    --------
+    >>> import torch, cellsheaf as cs
+    >>> F = cs.maps.Affine(torch.eye(2), torch.tensor([1.0, -1.0]), d_in=5, ones=3)
+    >>> F.adjoint(torch.tensor([1.0, 2.0]))
+    tensor([ 1.,  2.,  0.,  1., -2.])
+    >>> F.apply_affine(torch.zeros(2))
+    tensor([ 1., -1.])
+    """
+
+    def __init__(self, A, b=None, d_in: int | None = None, ones: int | None = None):
+        self.A = as_map(A)
+        if not self.A.linear:
+            raise ValueError(f"Affine needs a linear A, got the nonlinear {self.A!r}; compose the nonlinearity "
+                             "after the affine map instead")
+        n, m = self.A.d_in, self.A.d_out
+        self.b = None if b is None else _as_tensor(b, "bias")
+        if self.b is not None and self.b.shape != (m,):
+            raise ValueError(f"Affine: the bias has shape {tuple(self.b.shape)}, expected ({m},) (A.d_out)")
+        if self.b is None and ones is not None:
+            raise ValueError("Affine: a ones block (ones=...) needs a bias b")
+        self.ones = None if self.b is None else int(n if ones is None else ones)
+        end = n if self.ones is None else max(n, self.ones + m)
+        self.d_in, self.d_out = int(end if d_in is None else d_in), m
+        if self.ones is not None and not (n <= self.ones and self.ones + m <= self.d_in):
+            raise ValueError(f"Affine: the ones block [{self.ones}, {self.ones + m}) must lie after x "
+                             f"(first {n} coordinates) within the stalk of dim {self.d_in}")
+        if self.d_in < n:
+            raise ValueError(f"Affine: stalk dim d_in={self.d_in} is smaller than A.d_in={n}")
+
+    @property
+    def block(self) -> slice | None:
+        """The ones block of the stalk, or None without a bias."""
+        return None if self.ones is None else slice(self.ones, self.ones + self.d_out)
+
+    def _neural(self, x: Tensor) -> Tensor:
+        return x if self.A.d_in == self.d_in else x[..., :self.A.d_in]
+
+    def apply_affine(self, x: Tensor) -> Tensor:
+        """``A·x + b`` for the neural block ``x`` alone (``(..., A.d_in)``): the map with its ones block at 1."""
+        if self.b is None:
+            return self.A.apply(x)
+        b = _like(self.b, x)
+        if isinstance(self.A, Linear) and not self.A.sparse and x.dim() == 2:
+            return torch.addmm(b, x, _like(self.A.weight, x).T)
+        return self.A.apply(x) + b
+
+    def apply(self, x):
+        y = self.A.apply(self._neural(x))
+        return y if self.b is None else torch.addcmul(y, _like(self.b, x), x[..., self.block])
+
+    def adjoint(self, y):
+        z = self.A.adjoint(y)
+        if self.d_in == self.A.d_in:
+            return z
+        out = y.new_zeros(*y.shape[:-1], self.d_in)
+        out[..., :self.A.d_in] = z
+        if self.b is not None:
+            out[..., self.block] = _like(self.b, y) * y
+        return out
+
+    def matrix(self):
+        A = self.A.matrix()
+        dtype = A.dtype if self.b is None else torch.promote_types(A.dtype, self.b.dtype)
+        M = torch.zeros(self.d_out, self.d_in, dtype=dtype, device=A.device)
+        M[:, :self.A.d_in] = A
+        if self.b is not None:
+            M[:, self.block] = torch.diag(self.b.to(dtype=dtype, device=A.device))
+        return M
+
+    def coo(self):
+        r, c, v = self.A.coo()
+        if self.b is None:
+            return r, c, v
+        b = self.b.detach().double().cpu().numpy()
+        k = np.nonzero(b)[0]
+        return np.concatenate([r, k]), np.concatenate([c, self.ones + k]), np.concatenate([v, b[k]])
+
+    def to(self, dtype=None, device=None):
+        A = self.A.to(dtype, device)
+        b = None if self.b is None else self.b.to(dtype=dtype or self.b.dtype, device=device or self.b.device)
+        if A is self.A and b is self.b:
+            return self
+        return Affine(A, b, d_in=self.d_in, ones=self.ones)
+
+    def tensors(self):
+        return self.A.tensors() + ([] if self.b is None else [self.b])
+
+    def __eq__(self, other):
+        if type(other) is not Affine or (self.d_in, self.d_out, self.ones) != (other.d_in, other.d_out, other.ones):
+            return False
+        if (self.b is None) != (other.b is None):
+            return False
+        same_b = self.b is None or torch.equal(self.b.detach().double().cpu(), other.b.detach().double().cpu())
+        return same_b and self.A == other.A
+
+    __hash__ = Map.__hash__
+
+    def __repr__(self):
+        bias = "" if self.b is None else f", ones at {self.ones}"
+        return f"Affine({self.A!r}{bias}, {self.d_in} -> {self.d_out})"
