@@ -18,6 +18,7 @@ True
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,6 +33,7 @@ from cellsheaf.energy import edge_energies
 from cellsheaf.gauss_newton import NewtonOptions
 
 from . import losses as _losses
+from .checkpoint import CheckpointError, read_checkpoint, write_checkpoint
 
 __all__ = ["History", "he_init", "mlp", "output_activation", "train_sgd", "make_optimizer", "DivergenceError"]
 
@@ -186,6 +188,8 @@ def make_optimizer(optimizer, params: Iterable[Tensor], lr: float) -> torch.opti
     """
     if isinstance(optimizer, torch.optim.Optimizer):
         return optimizer
+    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
     params = list(params)
     if optimizer is None or optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr)
@@ -227,7 +231,17 @@ def _progress(total: int, enabled: bool, desc: str):
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover - tqdm is an optional extra
         return None
-    return tqdm(total=total, desc=desc, leave=False)
+    return tqdm(total=total, desc=desc, leave=True)
+
+
+def _advance(bar, hist: History) -> None:
+    """One step on the progress bar, which shows the last evaluated training loss (and accuracy)."""
+    if bar is None:
+        return
+    if hist.train_loss:
+        acc = f", acc={hist.train_acc[-1]:.3f}" if hist.train_acc else ""
+        bar.set_postfix_str(f"loss={hist.train_loss[-1]:.4g}{acc}", refresh=False)
+    bar.update()
 
 
 def _evaluation_steps(steps: int, eval_every: int | None) -> set[int]:
@@ -324,12 +338,11 @@ def train_sgd(model: nn.Module, X: Tensor, Y: Tensor, loss: str | _losses.Loss =
                                      "use a smaller learning rate")
         value.backward()
         opt.step()
-        if bar is not None:
-            bar.update()
         if step in when:
             _record(hist, step, time.perf_counter() - t0, evaluate, (X, Yt), val)
-            if any(cb(step, hist, model) is True for cb in callbacks):
-                break
+        _advance(bar, hist)
+        if step in when and any(cb(step, hist, model) is True for cb in callbacks):
+            break
     if bar is not None:
         bar.close()
     return hist
@@ -382,7 +395,8 @@ class SheafTrainer:
     ----------
     ns : NeuralSheaf
         Trained in place: its weight maps change (read them back with ``ns.to_module()``).
-    mode : {"joint", "equilibrium", "nudged"}
+    mode : {"nudged", "equilibrium", "joint"}
+        Default ``"nudged"`` (the fastest local mode, whose updates tend to the loss gradient).
         ``"joint"``: the paper's joint dynamics Eq. (26) (Eq. (42) with ``lam``/``mu``), forward Euler with
         step ``dt``: stalks and weights move together, the output clamped to the targets.
         ``"equilibrium"``: before each weight update the stalks relax to equilibrium with the current
@@ -432,7 +446,7 @@ class SheafTrainer:
     True
     """
 
-    def __init__(self, ns, mode: str = "joint", loss: str | _losses.Loss = "mse", optimizer=None,
+    def __init__(self, ns, mode: str = "nudged", loss: str | _losses.Loss = "mse", optimizer=None,
                  lr: float | None = None, *, alpha: float = 1.0, beta: float | None = None, dt: float = 0.005,
                  gamma: float | None = None, init: str = "random", warm_start: bool = True, lam: float = 0.0,
                  mu: float = 0.0, anchor: str = "zero", batch_size: int | None = None, tol: float | None = None,
@@ -444,9 +458,10 @@ class SheafTrainer:
         if anchor not in ("zero", "initial"):
             raise ValueError(f"anchor must be 'zero' (Eq. 28) or 'initial' (Eq. 41), got {anchor!r}")
         gamma = gamma if gamma is not None else (1e-6 if ns.dtype == torch.float64 else 1e-3)
-        for name, value in (("alpha", alpha), ("dt", dt), ("gamma", gamma)):
-            if not (value > 0 and math.isfinite(value)):
-                raise ValueError(f"{name} must be positive and finite, got {value}")
+        rates = (("alpha", alpha), ("dt", dt), ("gamma", gamma)) + ((("lr", lr),) if lr is not None else ())
+        for name, value in rates:
+            if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be positive and finite, got {value!r}")
         if beta is not None and not (beta > 0 and math.isfinite(beta)):
             raise ValueError(f"beta must be positive and finite, got {beta}")
         if lam < 0 or mu < 0:
@@ -572,6 +587,7 @@ class SheafTrainer:
             idx = _batch_index(self.step, len(X), self.batch_size, self.seed)
             xb, yb = (X, Yt) if idx is None else (X[idx], Yt[idx])
             step = self.step + 1
+            last_finite = self._snapshot(idx)
             try:
                 self._update(xb, yb, idx)
                 self.step += 1
@@ -580,11 +596,12 @@ class SheafTrainer:
                 if self.step in when:
                     self._evaluate(evaluate, (X, Yt), val, wall0 + time.perf_counter() - t0)
             except DivergenceError:
+                self._restore(last_finite)
                 raise
             except (ValueError, FloatingPointError) as err:  # cellsheaf refuses non-finite values: a divergence
+                self._restore(last_finite)
                 self._diverged(str(err), step=step)
-            if bar is not None:
-                bar.update()
+            _advance(bar, self.history)
             if self.step in when and any(cb(self.step, self.history, self) is True for cb in callbacks):
                 break
         if bar is not None:
@@ -682,6 +699,34 @@ class SheafTrainer:
             return
         self._diverged(f"non-finite {where}")
 
+    def _snapshot(self, idx: Tensor | None) -> tuple:
+        """What an update changes, copied: weights, optimizer state, the batch's stalks, step, history sizes."""
+        weights = [F.weight.detach().clone() for F in self.weights.values()]
+        opt = None if self.optimizer is None else {
+            p: {k: v.clone() if isinstance(v, Tensor) else copy.copy(v) for k, v in st.items()}
+            for p, st in self.optimizer.state.items()}
+        batch = None if self.stalks is None or idx is None or self.mode == "nudged" \
+            else (idx, self.stalks[idx].clone())
+        sizes = {k: len(v) for k, v in vars(self.history).items() if isinstance(v, list)}
+        return weights, opt, self.stalks, batch, self.step, sizes
+
+    def _restore(self, snapshot: tuple) -> None:
+        """Undo a failed update: the network and the trainer are back at their last finite state."""
+        weights, opt, stalks, batch, step, sizes = snapshot
+        for F, W in zip(self.weights.values(), weights):
+            F.weight.data.copy_(W)
+        if opt is not None:
+            self.optimizer.state.clear()
+            self.optimizer.state.update(opt)
+        self.stalks, self.step = stalks, step
+        if batch is not None:
+            self.stalks[batch[0]] = batch[1]
+        for k, n in sizes.items():
+            del getattr(self.history, k)[n:]
+        for values in self.history.discord.values():
+            del values[sizes["step"]:]
+        self._maps_changed()
+
     def _diverged(self, what: str, step: int | None = None) -> None:
         """Stop training: non-finite values at update ``step`` (default: the one under way)."""
         beta = "auto 1/M" if self.beta is None else format(self.beta, "g")
@@ -746,32 +791,114 @@ class SheafTrainer:
                 "anchors": self._anchors}
 
     def load_state_dict(self, state: dict) -> "SheafTrainer":
-        """Restore a `state_dict` (same network architecture and mode); returns ``self``."""
-        if state["mode"] != self.mode:
-            raise ValueError(f"the saved trainer ran mode={state['mode']!r}, this one mode={self.mode!r}")
-        if set(state["weights"]) != set(self.weights):
-            raise ValueError(f"the saved weights are for edges {sorted(state['weights'])}, this network has "
-                             f"{sorted(self.weights)}")
+        """Restore a `state_dict` (same network architecture and mode); returns ``self``.
+
+        Everything is checked before anything changes (keys, mode, step, the shape, dtype and
+        finiteness of every weight, stalk and anchor, the history and the optimizer state): a
+        ``ValueError`` naming the entry leaves the trainer and its network as they were.
+        """
+        checked = _checked_state(self, state)
         for k, F in self.weights.items():
-            W = state["weights"][k]
-            if W.shape != F.weight.shape:
-                raise ValueError(f"saved weights of edge {k!r} have shape {tuple(W.shape)}, the network's "
-                                 f"{tuple(F.weight.shape)}")
-            F.weight.data.copy_(W)
+            F.weight.data.copy_(checked["weights"][k])
         self._maps_changed()
-        self.step, self.stalks, self._anchors = int(state["step"]), state["stalks"], state["anchors"]
-        self.history = History.from_dict(state["history"])
-        if self.optimizer is not None and state["optimizer"] is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.stalks, self._anchors = checked["step"], checked["stalks"], checked["anchors"]
+        self.history = checked["history"]
+        if self.optimizer is not None and checked["optimizer"] is not None:
+            self.optimizer.load_state_dict(checked["optimizer"])
         return self
 
     def save(self, path) -> None:
-        """Save `state_dict` to ``path`` (``torch.save``)."""
-        torch.save(self.state_dict(), path)
+        """Save `state_dict` to ``path`` atomically (`cellsheaf_nn.checkpoint`).
+
+        The checkpoint is written to a temporary file in the same folder, fsynced and renamed over
+        ``path``: a crash while saving leaves the previous checkpoint intact.
+        """
+        write_checkpoint(path, self.state_dict(), kind=_CHECKPOINT_KIND)
 
     def load(self, path) -> "SheafTrainer":
         """Load a state saved by `save` into this trainer (and its network); returns ``self``.
 
-        A loaded trainer continues exactly as the saved one would have.
+        A loaded trainer continues exactly as the saved one would have. Loading only reads plain
+        data (never code) and checks everything first: a `cellsheaf_nn.checkpoint.CheckpointError`
+        naming the file says what is wrong (missing, truncated, not a checkpoint, a newer format,
+        wrong shapes, NaN weights) and leaves the trainer unchanged.
         """
-        return self.load_state_dict(torch.load(path, weights_only=True))
+        state = read_checkpoint(path, kind=_CHECKPOINT_KIND)
+        try:
+            return self.load_state_dict(state)
+        except ValueError as err:
+            raise CheckpointError(f"checkpoint {path} does not fit this trainer: {err}") from None
+
+
+_CHECKPOINT_KIND = "cellsheaf_nn.SheafTrainer"
+_STATE_KEYS = ("mode", "step", "weights", "stalks", "history", "optimizer", "anchors")
+
+
+def _checked_tensor(value, name: str, shape: tuple[int, ...] | None, dtype: torch.dtype, width: int | None = None
+                    ) -> Tensor:
+    """``value`` as a finite tensor of ``shape`` (or ``(n, width)``) in ``dtype``; a ValueError names ``name``."""
+    if not isinstance(value, Tensor) or not (value.is_floating_point() or value.dtype == torch.int64):
+        raise ValueError(f"{name} is a {type(value).__name__}"
+                         f"{'' if not isinstance(value, Tensor) else ' of ' + str(value.dtype)}, not a real tensor")
+    if shape is not None and tuple(value.shape) != shape:
+        raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {shape}")
+    if width is not None and (value.dim() != 2 or value.shape[1] != width):
+        raise ValueError(f"{name} has shape {tuple(value.shape)}, expected (B, {width})")
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{name} contains NaN or Inf values")
+    return value.to(dtype)
+
+
+def _checked_state(trainer: SheafTrainer, state) -> dict:
+    """Every entry of a `SheafTrainer.state_dict` checked against ``trainer``; nothing is changed."""
+    if not isinstance(state, dict):
+        raise ValueError(f"a trainer state is a dict, got a {type(state).__name__}")
+    missing = [k for k in _STATE_KEYS if k not in state]
+    if missing:
+        raise ValueError(f"the state lacks the entries {missing}")
+    if state["mode"] != trainer.mode:
+        raise ValueError(f"the saved trainer ran mode={state['mode']!r}, this one mode={trainer.mode!r}")
+    step = state["step"]
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"'step' must be a non-negative int, got {step!r}")
+    weights = state["weights"]
+    if not isinstance(weights, dict) or set(weights) != set(trainer.weights):
+        have = sorted(weights) if isinstance(weights, dict) else type(weights).__name__
+        raise ValueError(f"the saved weights are for edges {have}, this network has {sorted(trainer.weights)}")
+    dtype = trainer.ns.dtype
+    out: dict[str, Any] = {"step": step, "weights": {
+        k: _checked_tensor(weights[k], f"the weights of edge {k!r}", tuple(F.weight.shape), dtype)
+        for k, F in trainer.weights.items()}}
+    out["stalks"] = None if state["stalks"] is None else         _checked_tensor(state["stalks"], "'stalks'", None, dtype, width=trainer.sheaf.C0)
+    try:
+        out["history"] = History.from_dict(state["history"])
+    except (TypeError, ValueError, AttributeError) as err:
+        raise ValueError(f"'history' is not a training history ({err})") from None
+    out["anchors"] = _checked_anchors(trainer, state["anchors"])
+    out["optimizer"] = state["optimizer"]
+    if trainer.optimizer is not None and state["optimizer"] is not None:
+        scratch = copy.deepcopy(trainer.optimizer)  # load_state_dict checks the parameter groups
+        try:
+            scratch.load_state_dict(state["optimizer"])
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:
+            raise ValueError(f"'optimizer' does not fit this trainer's {type(trainer.optimizer).__name__} "
+                             f"({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__})"
+                             ) from None
+        for i, slot in state["optimizer"].get("state", {}).items():
+            for key, value in slot.items():
+                if isinstance(value, Tensor) and not bool(torch.isfinite(value).all()):
+                    raise ValueError(f"'optimizer' state {key!r} of parameter {i} contains NaN or Inf values")
+    return out
+
+
+def _checked_anchors(trainer: SheafTrainer, anchors):
+    """The joint mode's regularisation anchors ``(stalks, {edge: weights})``, checked; ``None`` passes."""
+    if anchors is None:
+        return None
+    if not isinstance(anchors, (tuple, list)) or len(anchors) != 2 or not isinstance(anchors[1], dict) \
+            or set(anchors[1]) != set(trainer.weights):
+        raise ValueError("'anchors' must be (stalks, {edge: weights}) for this network's weight edges")
+    dtype = trainer.ns.dtype
+    return (_checked_tensor(anchors[0], "the anchor stalks", None, dtype, width=trainer.sheaf.C0),
+            {k: _checked_tensor(anchors[1][k], f"the anchor weights of edge {k!r}", tuple(F.weight.shape), dtype)
+             for k, F in trainer.weights.items()})

@@ -261,7 +261,7 @@ def test_trainer_bad_input():
         SheafTrainer(ns, mode="backprop", loss="ce")
     with pytest.raises(ValueError, match="optimizers drive the local modes"):
         SheafTrainer(ns, mode="joint", loss="ce", optimizer="adam")
-    trainer = SheafTrainer(ns, loss="ce")
+    trainer = SheafTrainer(ns, mode="joint", loss="ce")
     with pytest.raises(ValueError, match="outside the classes"):
         trainer.fit(task.X_train, task.Y_train + 4, steps=1, progress=False)
     with pytest.raises(TypeError, match="float32"):
@@ -273,7 +273,8 @@ def test_trainer_bad_input():
     with pytest.raises(ValueError, match="NaN or Inf"):
         trainer.fit(bad, task.Y_train, steps=1, progress=False)
     reg = datasets.paraboloid(seed=0, n_train=40)
-    diverging = SheafTrainer(csnn.compile(mlp([2, 30, 1], seed=0)), loss="mse", dt=5.0, beta=1.0)
+    diverging = SheafTrainer(csnn.compile(mlp([2, 30, 1], seed=0)), mode="joint", loss="mse", dt=5.0,
+                             beta=1.0)
     with pytest.raises(FloatingPointError, match=r"diverged at step \d+.*smaller dt"):
         diverging.fit(reg.X_train, reg.Y_train, steps=200, progress=False)
 
@@ -290,7 +291,7 @@ def test_an_energy_that_overflows_is_reported_as_a_divergence(mode, options, hin
 
 def test_callbacks_records_and_progress():
     task = datasets.paraboloid(seed=0, n_train=50)
-    trainer = SheafTrainer(csnn.compile(mlp([2, 8, 1], seed=0)), loss="mse", dt=0.01)
+    trainer = SheafTrainer(csnn.compile(mlp([2, 8, 1], seed=0)), mode="joint", loss="mse", dt=0.01)
     seen = []
     hist = trainer.fit(task.X_train, task.Y_train, X_val=task.X_test, Y_val=task.Y_test, steps=40, eval_every=10,
                        record_every=5, callbacks=[lambda step, h, t: seen.append(step) or step >= 20])
