@@ -1,4 +1,4 @@
-"""Teach the compiler a new module: a gated scaled-residual block, registered with ``@csnn.register``.
+"""Teach the compiler a new module: a scaled residual block, registered with ``@csnn.register``.
 
 The block computes ``y = x + s · (W x + b)`` with a learnable scalar ``s``. No
 edit of cellsheaf_nn is needed: one registered function emits the block's
@@ -69,7 +69,7 @@ def main() -> None:
 
     # pin neuron 5 of the first block's output to 2.0 and solve for the rest (both directions)
     pin = ns.pin("scaledresidual", [5], torch.tensor([2.0], dtype=torch.float64))
-    y_pinned, pinned = ns.infer(x, return_state=True, check=False)
+    y_pinned, pinned = ns.infer(x, return_state=True)
     print(f"pinned: method={pinned.info.method}, converged={pinned.info.converged}, "
           f"z1 moved by {float((pinned['z1'] - state['z1']).abs().max()):.3f} (upstream of the pin)")
     ns.unpin(pin)

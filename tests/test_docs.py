@@ -1,9 +1,21 @@
-"""The docs site stays consistent with the code (fast checks; CI also runs ``mkdocs build --strict``)."""
+"""The docs site stays consistent with the code (CI also runs ``mkdocs build --strict``).
+
+Every ```python block of README.md and docs/**/*.md runs: a page's blocks, with
+``--8<--`` snippet includes resolved as mkdocs resolves them, run in order in one
+fresh interpreter per page (one torch thread, a CPU-time limit per page), so a page
+copied block by block into a new session works as written.
+"""
 
 from __future__ import annotations
 
 import importlib
+import json
+import os
 import re
+import resource
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -12,6 +24,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 PAGES = sorted(DOCS.rglob("*.md"))
+PAGE_CPU_SECONDS = 30  # CPU-time limit of one page's blocks together (one thread: CPU time ~ time on a laptop)
+PAGE_WALL_SECONDS = 600  # a hung page fails here even on a loaded machine
 
 
 def _nav_files(nav) -> list[str]:
@@ -45,3 +59,91 @@ def test_snippets_and_api_references_resolve(page):
             assert f"--8<-- [start:{section}]" in source and f"--8<-- [end:{section}]" in source, ref
     for module in re.findall(r"^::: ([\w.]+)", text, re.M):
         importlib.import_module(module)
+
+
+# ---- every python block of every page runs, page by page ------------------------------------------------------
+
+_SNIPPET = re.compile(r'^([ \t]*)--8<-- "([^"]+)"[ \t]*$', re.M)
+_MARKER = re.compile(r"--8<-- \[(start|end):([^\]]+)\]")
+_FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})[ \t]*(?P<info>[^\n`]*)\n(?P<body>.*?)^(?P=indent)(?P=fence)[ \t]*$",
+                    re.M | re.S)
+
+
+def _snippet(ref: str) -> str:
+    """The text ``--8<-- "path[:section]"`` stands for (the snippets extension's rules, dedented sections)."""
+    path, _, section = ref.partition(":")
+    lines = (ROOT / path).read_text().splitlines()
+    if section:
+        start = next(i for i, l in enumerate(lines) if _MARKER.search(l) and _MARKER.search(l).groups() == ("start", section))
+        end = next(i for i, l in enumerate(lines) if _MARKER.search(l) and _MARKER.search(l).groups() == ("end", section))
+        lines = lines[start + 1:end]
+    lines = [l for l in lines if not _MARKER.search(l)]
+    return textwrap.dedent("\n".join(lines))
+
+
+def resolve_snippets(text: str) -> str:
+    """``text`` with every snippet line replaced by the (indented) text it includes."""
+    return _SNIPPET.sub(lambda m: textwrap.indent(_snippet(m.group(2)), m.group(1)), text)
+
+
+def python_blocks(text: str) -> list[str]:
+    """The fenced code blocks of a markdown text whose language is ``python`` (or ``py``), in order."""
+    blocks = []
+    for m in _FENCE.finditer(resolve_snippets(text)):
+        lang = m.group("info").strip().split(" ")[0].lstrip(".").lower()
+        if lang in ("python", "py"):
+            blocks.append(textwrap.dedent(m.group("body")))
+    return blocks
+
+
+_RUNNER = r"""
+import json, sys, time, traceback, __main__
+import torch
+torch.set_num_threads(1)
+page, blocks = json.load(sys.stdin)
+for i, src in enumerate(blocks, 1):
+    t0 = time.perf_counter()
+    try:
+        exec(compile(src, f"<{page} block {i}>", "exec"), __main__.__dict__)
+    except BaseException:
+        print(f"\n### {page}: block {i} of {len(blocks)} failed:\n{src}", file=sys.stderr)
+        traceback.print_exc()
+        sys.exit(1)
+    print(f"### block {i}: {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+"""
+
+MD_PAGES = [ROOT / "README.md", *PAGES]
+
+
+def _page_id(p: Path) -> str:
+    return p.relative_to(ROOT).as_posix()
+
+
+@pytest.mark.parametrize("page", MD_PAGES, ids=[_page_id(p) for p in MD_PAGES])
+def test_page_code_runs_as_copied(page, tmp_path):
+    blocks = python_blocks(page.read_text())
+    if not blocks:
+        return
+    env = dict(os.environ, PYTHONPATH=str(ROOT), MPLBACKEND="Agg", OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
+               MKL_NUM_THREADS="1")
+
+    def limit_cpu():  # the kernel stops the page (SIGXCPU) once it has used its CPU time
+        resource.setrlimit(resource.RLIMIT_CPU, (PAGE_CPU_SECONDS, PAGE_CPU_SECONDS + 5))
+
+    try:
+        res = subprocess.run([sys.executable, "-c", _RUNNER], input=json.dumps([_page_id(page), blocks]), cwd=tmp_path,
+                             capture_output=True, text=True, env=env, timeout=PAGE_WALL_SECONDS, preexec_fn=limit_cpu)
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"{_page_id(page)}: still running after {PAGE_WALL_SECONDS} s (a hang?); blocks done:\n{err.stderr}")
+    over = res.returncode in (-9, -24)  # SIGKILL / SIGXCPU: the CPU-time limit
+    assert not over, (f"{_page_id(page)}: its {len(blocks)} python blocks need more than {PAGE_CPU_SECONDS} s of CPU "
+                      f"time; make the page's sizes smaller (blocks done:\n{res.stderr[-3000:]})")
+    assert res.returncode == 0, f"{_page_id(page)}:\n{res.stdout[-2000:]}\n{res.stderr[-6000:]}"
+
+
+def test_block_extraction_resolves_snippets_and_keeps_order():
+    text = 'x\n```python\na = 1\n```\n\n```bash\nls\n```\n\n```python\n--8<-- "examples/sheaves_basics.py:constant"\n```\n'
+    blocks = python_blocks(text)
+    assert blocks[0] == "a = 1\n" and len(blocks) == 2
+    assert "--8<--" not in blocks[1] and "cs.Sheaf()" in blocks[1]
+    assert not blocks[1].startswith((" ", "\t"))
