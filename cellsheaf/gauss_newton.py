@@ -50,7 +50,7 @@ from torch import Tensor
 
 from .energy import _layout, edge_energies, forces
 from .linalg import cg
-from .maps import Compose, Elementwise, LeakyReLU, ReLU
+from .maps import Compose, LeakyReLU, ReLU
 from .operators import _plan, apply_coboundary_jvp, edge_weights, expressed, pullback
 from .propagation import PropagationStep, _determined_part
 
@@ -180,16 +180,7 @@ def _where(s, x: Tensor):
 
 def _squared_jacobian_pullback(F, x: Tensor, d: Tensor) -> Tensor:
     """``Σ_k d_k J_F(x)[k, i]²`` for each input coordinate ``i``, batched over rows of ``x``."""
-    if F.linear:
-        M = F.matrix().to(dtype=x.dtype, device=x.device)
-        return d @ (M * M)
-    if isinstance(F, Elementwise):
-        return d * F.derivative(x) ** 2
-    if isinstance(F, Compose) and isinstance(F.outer, Elementwise) and F.inner.linear:  # φ ∘ M, e.g. ReLU ∘ P
-        M = F.inner.matrix().to(dtype=x.dtype, device=x.device)
-        return (d * F.outer.derivative(F.inner.apply(x)) ** 2) @ (M * M)
-    J = F.jacobian(x)
-    return torch.einsum("bk,bki->bi", d, J * J)
+    return F.squared_vjp(x, d)
 
 
 @dataclass

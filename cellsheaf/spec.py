@@ -53,7 +53,8 @@ from .potentials import Potential
 __all__ = [
     "SpecError", "SheafSpec", "VertexSpec", "EdgeSpec", "PotentialSpec", "MapSpec", "LinearSpec",
     "SparseLinearSpec", "IdentitySpec", "ScaledSpec", "SelectSpec", "DiagonalSpec", "HStackSpec", "VStackSpec",
-    "ComposeSpec", "ReLUSpec", "LeakyReLUSpec", "SigmoidSpec", "TanhSpec", "SoftmaxSpec", "to_spec", "from_spec",
+    "ComposeSpec", "ReLUSpec", "LeakyReLUSpec", "SigmoidSpec", "TanhSpec", "SoftmaxSpec", "StructuredSpec",
+    "TensorSpec", "to_spec", "from_spec",
     "map_to_spec", "register_potential",
 ]
 
@@ -322,14 +323,63 @@ class SoftmaxSpec(_ElementwiseSpec):
         return M.Softmax(self.dim)
 
 
+class TensorSpec(_Model):
+    """A tensor: its ``shape``, its entries ``data`` (flattened, row-major) and ``dtype``."""
+
+    shape: list[NonNegativeInt]
+    data: list[FiniteFloat]
+    dtype: DType = "float64"
+
+    @model_validator(mode="after")
+    def _check(self):
+        if int(np.prod(self.shape)) != len(self.data):
+            raise ValueError(f"tensor: {len(self.data)} values do not fill the shape {self.shape}")
+        return self
+
+    @classmethod
+    def of(cls, t: torch.Tensor) -> "TensorSpec":
+        return cls(shape=list(t.shape), data=_finite_values(t.reshape(-1)), dtype=_dtype_name(t))
+
+    def to_tensor(self) -> torch.Tensor:
+        return _tensor(self.data, self.dtype).reshape(self.shape)
+
+
+class StructuredSpec(_Model):
+    """A `cellsheaf.maps.Structured` map (convolution, pooling, affine, norm, ...): its class name ``kind``,
+    hyperparameters ``params``, tensors and inner maps, passed back to its constructor."""
+
+    type: Literal["structured"] = "structured"
+    kind: StrictStr
+    params: dict[str, Any] = {}
+    tensors: dict[str, TensorSpec | None] = {}
+    maps: dict[str, MapSpec] = {}
+
+    @model_validator(mode="after")
+    def _check(self):
+        self.to_map()  # the constructor validates shapes and names the problem
+        return self
+
+    def dims(self) -> tuple[int, int]:
+        F = self.to_map()
+        return F.d_out, F.d_in
+
+    def to_map(self) -> M.Map:
+        from .maps.core import _STRUCTURED
+
+        if self.kind not in _STRUCTURED:
+            raise ValueError(f"unknown structured map {self.kind!r}: import the module that defines it")
+        tensors = {k: None if t is None else t.to_tensor() for k, t in self.tensors.items()}
+        return _STRUCTURED[self.kind](**self.params, **tensors, **{k: m.to_map() for k, m in self.maps.items()})
+
+
 MapSpec = Annotated[
     Union[LinearSpec, SparseLinearSpec, IdentitySpec, ScaledSpec, SelectSpec, DiagonalSpec, HStackSpec, VStackSpec,
-          ComposeSpec, ReLUSpec, LeakyReLUSpec, SigmoidSpec, TanhSpec, SoftmaxSpec],
+          ComposeSpec, ReLUSpec, LeakyReLUSpec, SigmoidSpec, TanhSpec, SoftmaxSpec, StructuredSpec],
     Field(discriminator="type"),
 ]
 """Any serialisable restriction map, discriminated by its ``"type"`` field."""
 
-for _model in (HStackSpec, VStackSpec, ComposeSpec):
+for _model in (HStackSpec, VStackSpec, ComposeSpec, StructuredSpec):
     _model.model_rebuild()
 
 
@@ -372,6 +422,11 @@ def map_to_spec(F: M.Map):
     simple = {M.ReLU: ReLUSpec, M.Sigmoid: SigmoidSpec, M.Tanh: TanhSpec, M.Softmax: SoftmaxSpec}
     if t in simple:
         return simple[t](dim=F.d_in)
+    if isinstance(F, M.Structured):
+        params, tensors, maps = F.state()
+        return StructuredSpec(kind=t.__name__, params=params,
+                              tensors={k: None if v is None else TensorSpec.of(v) for k, v in tensors.items()},
+                              maps={k: map_to_spec(m) for k, m in maps.items()})
     if t is M.Function:
         raise SpecError(f"map {F!r} wraps Python code and cannot be serialised; replace it by a built-in map "
                         "(cellsheaf.maps) to save this sheaf")

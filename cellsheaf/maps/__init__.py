@@ -8,7 +8,8 @@ the extended affine map ``(A | diag b)``) never build a dense matrix on the way.
 
 The modules are named after the mathematics: `core` (the interface, dense,
 sparse and selection maps, block maps, elementwise ReLU-type maps),
-`affine` (extended affine maps).
+`affine` (extended affine maps), `convolution` (convolution, average pooling,
+per-token linear maps).
 
 Examples
 --------
@@ -20,12 +21,16 @@ tensor([1., 3.])
 tensor([0., 1.])
 """
 
-from .core import (Compose, Diagonal, Elementwise, Function, HStack, Identity, LeakyReLU, Linear, Map, ReLU,
+from .core import (Compose, Diagonal, Elementwise, Function, HStack, Identity, LeakyReLU, Linear, Map, ReLU, Structured,
                    Scaled, Select, Sigmoid, Softmax, Tanh, VStack, as_map)
 from .affine import Affine
+from .convolution import (AdaptiveAvgPool, AdaptiveAvgPool1d, AdaptiveAvgPool2d, AvgPool, AvgPool1d, AvgPool2d, Conv,
+                          Conv1d, Conv2d, TokenLinear, permutation)
 
 __all__ = [
     "Map", "Linear", "Identity", "Scaled", "Select", "Diagonal", "HStack", "VStack",
     "Compose", "Elementwise", "ReLU", "LeakyReLU", "Sigmoid", "Tanh", "Softmax",
-    "Function", "as_map", "Affine",
+    "Function", "as_map", "Structured", "Affine",
+    "Conv", "Conv1d", "Conv2d", "AvgPool", "AvgPool1d", "AvgPool2d", "AdaptiveAvgPool", "AdaptiveAvgPool1d",
+    "AdaptiveAvgPool2d", "TokenLinear", "permutation",
 ]

@@ -20,11 +20,13 @@ tensor([[ 1.,  2., 10.]])
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import Tensor
 
-from .core import Linear, Map, _as_tensor, as_map
+from .core import Linear, Structured, _as_tensor, as_map
 
 __all__ = ["Affine"]
 
@@ -34,7 +36,7 @@ def _like(t: Tensor, x: Tensor) -> Tensor:
     return t if (t.dtype, t.device) == (x.dtype, x.device) else t.to(dtype=x.dtype, device=x.device)
 
 
-class Affine(Map):
+class Affine(Structured):
     """``(A | diag b)`` on a stalk ``[x; ...; 1; ...]``: ``A·x + b ⊙ ones``, linear in the whole stalk.
 
     Parameters
@@ -42,14 +44,20 @@ class Affine(Map):
     A : map or matrix
         The linear part on the leading block ``x`` (its first ``A.d_in`` coordinates):
         a tensor or any linear `Map` (e.g. `Conv2d`); it is applied, never densified.
-    b : tensor ``(A.d_out,)``, optional
-        The bias, read through the ones block. Without it the map is ``(A | 0)``.
+    b : tensor, optional
+        The bias, read through the ones block: ``(A.d_out,)``, or one value per
+        feature along ``axis`` of the output ``shape`` (a conv bias ``(C,)`` on
+        ``(C, H, W)`` with ``axis=0``, a token bias ``(D,)`` on ``(T, D)``), broadcast
+        inside `apply` so that a `torch.nn.Parameter` stays the tensor that learns.
+        Without it the map is ``(A | 0)``.
     d_in : int, optional
         The stalk dimension (default: ``A.d_in``, plus ``A.d_out`` with a bias).
     ones : int, optional
         Where the ones block (``A.d_out`` coordinates) starts in the stalk
         (default: right after ``x``). Coordinates of the stalk outside ``x`` and
         the ones block are read with zero coefficients.
+    shape, axis : per-sample output shape and the axis ``b`` runs along
+        (default ``A.out_shape`` when ``A`` has one, else ``(A.d_out,)``; ``axis=-1``).
 
     Notes
     -----
@@ -65,17 +73,32 @@ class Affine(Map):
     tensor([ 1.,  2.,  0.,  1., -2.])
     >>> F.apply_affine(torch.zeros(2))
     tensor([ 1., -1.])
+    >>> G = cs.maps.Affine(torch.eye(4), torch.tensor([1.0, 2.0]), shape=(2, 2), axis=0)  # one value per row
+    >>> G.bias()
+    tensor([1., 1., 2., 2.])
     """
 
-    def __init__(self, A, b=None, d_in: int | None = None, ones: int | None = None):
+    _params = ("d_in", "ones", "shape", "axis")
+    _tensors = ("b",)
+    _maps = ("A",)
+
+    def __init__(self, A, b=None, d_in: int | None = None, ones: int | None = None,
+                 shape: tuple[int, ...] | None = None, axis: int = -1):
         self.A = as_map(A)
         if not self.A.linear:
             raise ValueError(f"Affine needs a linear A, got the nonlinear {self.A!r}; compose the nonlinearity "
                              "after the affine map instead")
         n, m = self.A.d_in, self.A.d_out
+        self.shape = tuple(int(k) for k in (shape if shape is not None else getattr(self.A, "out_shape", (m,))))
+        if math.prod(self.shape) != m:
+            raise ValueError(f"Affine: output shape {self.shape} does not hold A.d_out={m} values")
+        self.axis = int(axis)
         self.b = None if b is None else _as_tensor(b, "bias")
-        if self.b is not None and self.b.shape != (m,):
-            raise ValueError(f"Affine: the bias has shape {tuple(self.b.shape)}, expected ({m},) (A.d_out)")
+        if self.b is not None and self.b.numel() != m and not (
+                self.b.dim() == 1 and -len(self.shape) <= self.axis < len(self.shape)
+                and self.b.numel() == self.shape[self.axis]):
+            raise ValueError(f"Affine: the bias has shape {tuple(self.b.shape)}; expected ({m},) (A.d_out) or one "
+                             f"value per entry of axis {self.axis} of the output shape {self.shape}")
         if self.b is None and ones is not None:
             raise ValueError("Affine: a ones block (ones=...) needs a bias b")
         self.ones = None if self.b is None else int(n if ones is None else ones)
@@ -92,6 +115,17 @@ class Affine(Map):
         """The ones block of the stalk, or None without a bias."""
         return None if self.ones is None else slice(self.ones, self.ones + self.d_out)
 
+    def bias(self, like: Tensor | None = None) -> Tensor | None:
+        """The full bias ``(d_out,)`` (broadcast along ``axis``), in the dtype/device of ``like``."""
+        if self.b is None:
+            return None
+        b = self.b if like is None else _like(self.b, like)
+        if b.numel() == self.d_out:
+            return b.reshape(-1)
+        view = [1] * len(self.shape)
+        view[self.axis] = -1
+        return b.reshape(view).expand(self.shape).reshape(-1)
+
     def _neural(self, x: Tensor) -> Tensor:
         return x if self.A.d_in == self.d_in else x[..., :self.A.d_in]
 
@@ -99,14 +133,14 @@ class Affine(Map):
         """``A·x + b`` for the neural block ``x`` alone (``(..., A.d_in)``): the map with its ones block at 1."""
         if self.b is None:
             return self.A.apply(x)
-        b = _like(self.b, x)
+        b = self.bias(x)
         if isinstance(self.A, Linear) and not self.A.sparse and x.dim() == 2:
             return torch.addmm(b, x, _like(self.A.weight, x).T)
         return self.A.apply(x) + b
 
     def apply(self, x):
         y = self.A.apply(self._neural(x))
-        return y if self.b is None else torch.addcmul(y, _like(self.b, x), x[..., self.block])
+        return y if self.b is None else torch.addcmul(y, self.bias(x), x[..., self.block])
 
     def adjoint(self, y):
         z = self.A.adjoint(y)
@@ -115,7 +149,17 @@ class Affine(Map):
         out = y.new_zeros(*y.shape[:-1], self.d_in)
         out[..., :self.A.d_in] = z
         if self.b is not None:
-            out[..., self.block] = _like(self.b, y) * y
+            out[..., self.block] = self.bias(y) * y
+        return out
+
+    def squared_vjp(self, x, d):
+        z = self.A.squared_vjp(self._neural(x), d)
+        if self.d_in == self.A.d_in:
+            return z
+        out = d.new_zeros(*d.shape[:-1], self.d_in)
+        out[..., :self.A.d_in] = z
+        if self.b is not None:
+            out[..., self.block] = self.bias(d) ** 2 * d
         return out
 
     def matrix(self):
@@ -124,37 +168,13 @@ class Affine(Map):
         M = torch.zeros(self.d_out, self.d_in, dtype=dtype, device=A.device)
         M[:, :self.A.d_in] = A
         if self.b is not None:
-            M[:, self.block] = torch.diag(self.b.to(dtype=dtype, device=A.device))
+            M[:, self.block] = torch.diag(self.bias().to(dtype=dtype, device=A.device))
         return M
 
     def coo(self):
         r, c, v = self.A.coo()
         if self.b is None:
             return r, c, v
-        b = self.b.detach().double().cpu().numpy()
+        b = self.bias().detach().double().cpu().numpy()
         k = np.nonzero(b)[0]
         return np.concatenate([r, k]), np.concatenate([c, self.ones + k]), np.concatenate([v, b[k]])
-
-    def to(self, dtype=None, device=None):
-        A = self.A.to(dtype, device)
-        b = None if self.b is None else self.b.to(dtype=dtype or self.b.dtype, device=device or self.b.device)
-        if A is self.A and b is self.b:
-            return self
-        return Affine(A, b, d_in=self.d_in, ones=self.ones)
-
-    def tensors(self):
-        return self.A.tensors() + ([] if self.b is None else [self.b])
-
-    def __eq__(self, other):
-        if type(other) is not Affine or (self.d_in, self.d_out, self.ones) != (other.d_in, other.d_out, other.ones):
-            return False
-        if (self.b is None) != (other.b is None):
-            return False
-        same_b = self.b is None or torch.equal(self.b.detach().double().cpu(), other.b.detach().double().cpu())
-        return same_b and self.A == other.A
-
-    __hash__ = Map.__hash__
-
-    def __repr__(self):
-        bias = "" if self.b is None else f", ones at {self.ones}"
-        return f"Affine({self.A!r}{bias}, {self.d_in} -> {self.d_out})"

@@ -87,6 +87,23 @@ class Map:
         """The linear map ``J(x)`` at a single point ``x`` of shape ``(d_in,)``."""
         return self
 
+    def squared_vjp(self, x: Tensor, d: Tensor) -> Tensor:
+        """``Σ_k d_k J(x)[k, i]²`` for every input coordinate ``i``, batched over rows: the map's share of a
+        Gauss–Newton diagonal. Structured maps compute it without a matrix (a convolution with its squared
+        kernel, an elementwise map with its squared derivative).
+
+        Examples
+        --------
+        >>> import torch, cellsheaf as cs
+        >>> cs.maps.Linear(torch.tensor([[1.0, -2.0]])).squared_vjp(torch.zeros(2), torch.tensor([3.0]))
+        tensor([ 3., 12.])
+        """
+        if self.linear:
+            M = self.matrix().to(dtype=d.dtype, device=d.device)
+            return d @ (M * M)
+        J = self.jacobian(x)
+        return torch.einsum("...k,...ki->...i", d, J * J)
+
     def coo(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Nonzero entries ``(rows, cols, values)`` of a linear map (numpy, float64)."""
         M = self.matrix().detach().double().cpu().numpy()
@@ -226,6 +243,9 @@ class Identity(Map):
     def adjoint(self, y):
         return y
 
+    def squared_vjp(self, x, d):
+        return d
+
     def matrix(self):
         return torch.eye(self.d_in, dtype=torch.get_default_dtype())
 
@@ -244,6 +264,9 @@ class Scaled(Map):
         return self.c * x
 
     adjoint = apply
+
+    def squared_vjp(self, x, d):
+        return self.c ** 2 * d
 
     def matrix(self):
         return self.c * torch.eye(self.d_in, dtype=torch.float64)  # exact: c is a Python float
@@ -278,6 +301,9 @@ class Select(Map):
         out = y.new_zeros(*y.shape[:-1], self.d_in)
         return out.index_add(-1, self.indices.to(y.device), y)
 
+    def squared_vjp(self, x, d):
+        return self.adjoint(d)
+
     def matrix(self):
         M = torch.zeros(self.d_out, self.d_in, dtype=torch.get_default_dtype())
         M[torch.arange(self.d_out), self.indices] = 1.0
@@ -299,6 +325,9 @@ class Diagonal(Map):
         return x * self.v.to(dtype=x.dtype, device=x.device)
 
     adjoint = apply
+
+    def squared_vjp(self, x, d):
+        return d * self.v.to(dtype=d.dtype, device=d.device) ** 2
 
     def matrix(self):
         return torch.diag(self.v)
@@ -433,6 +462,11 @@ class Compose(Map):
         dt = torch.promote_types(A.dtype, B.dtype)
         return A.to(dt) @ B.to(dt)
 
+    def squared_vjp(self, x, d):
+        if isinstance(self.outer, Elementwise):  # a diagonal outer Jacobian scales the rows of the inner one
+            return self.inner.squared_vjp(x, d * self.outer.derivative(self.inner.apply(x)) ** 2)
+        return super().squared_vjp(x, d)
+
     def jacobian(self, x):
         A, B = self.outer.jacobian(self.inner.apply(x)), self.inner.jacobian(x)
         dt = torch.promote_types(A.dtype, B.dtype)
@@ -470,6 +504,9 @@ class Elementwise(Map):
 
     def vjp(self, x, w):
         return self.derivative(x) * w
+
+    def squared_vjp(self, x, d):
+        return d * self.derivative(x) ** 2
 
     def jacobian(self, x):
         return torch.diag_embed(self.derivative(x))
@@ -604,6 +641,68 @@ class Function(Map):
 
     def __repr__(self):
         return f"Function({self.name!r}, {self.d_in} -> {self.d_out})"
+
+
+_STRUCTURED: dict[str, type] = {}
+
+
+def _same(a, b) -> bool:
+    """Equality of map attributes: tensors by value (as float64 on the CPU), the rest by ``==``."""
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and bool(
+            torch.equal(a.detach().double().cpu(), b.detach().double().cpu()))
+    return a == b
+
+
+class Structured(Map):
+    """A map described by its hyperparameters, tensors and inner maps (a convolution, a norm, ...).
+
+    Subclasses name them in ``_params`` (JSON values: ints, floats, strings,
+    tuples), ``_tensors`` (tensors or None, possibly `torch.nn.Parameter`) and
+    ``_maps`` (inner maps); the constructor takes them as keywords and stores
+    them as attributes of the same names. Equality, `to`, `tensors` and the
+    JSON spec (`cellsheaf.spec`) follow from that description, and no matrix is
+    built for them. Subclasses are registered by class name for specs.
+    """
+
+    _params: tuple[str, ...] = ()
+    _tensors: tuple[str, ...] = ()
+    _maps: tuple[str, ...] = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        _STRUCTURED[cls.__name__] = cls
+
+    def state(self) -> tuple[dict, dict, dict]:
+        """``(params, tensors, maps)``: the keywords that rebuild this map."""
+        return ({k: getattr(self, k) for k in self._params}, {k: getattr(self, k) for k in self._tensors},
+                {k: getattr(self, k) for k in self._maps})
+
+    def to(self, dtype=None, device=None):
+        params, tensors, maps = self.state()
+        moved = {k: None if t is None else t.to(dtype=dtype or t.dtype, device=device or t.device)
+                 for k, t in tensors.items()}
+        inner = {k: m.to(dtype, device) for k, m in maps.items()}
+        if all(moved[k] is tensors[k] for k in tensors) and all(inner[k] is maps[k] for k in maps):
+            return self
+        return type(self)(**params, **moved, **inner)
+
+    def tensors(self):
+        params, tensors, maps = self.state()
+        return [t for t in tensors.values() if t is not None] + [t for m in maps.values() for t in m.tensors()]
+
+    def __eq__(self, other):
+        if type(self) is not type(other):
+            return False
+        mine, theirs = self.state(), other.state()
+        return all(mine[i].keys() == theirs[i].keys() and all(_same(v, theirs[i][k]) for k, v in mine[i].items())
+                   for i in range(3))
+
+    __hash__ = Map.__hash__
+
+    def __repr__(self):
+        params = ", ".join(f"{k}={v!r}" for k, v in self.state()[0].items())
+        return f"{type(self).__name__}({params}; {self.d_in} -> {self.d_out})"
 
 
 def as_map(F) -> Map:

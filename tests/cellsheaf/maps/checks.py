@@ -11,12 +11,13 @@ def dense_jacobian(F, x: torch.Tensor) -> torch.Tensor:
     return torch.autograd.functional.jacobian(F.apply, x)
 
 
+@torch.no_grad()
 def check_linear(F, batch: int = 3, dtype=F64, tol: float = 1e-12):
     """apply/adjoint/coo/matrix of a linear map agree with each other and with autograd, batched."""
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, F.d_in, generator=g, dtype=F64).to(dtype)
     y = torch.randn(batch, F.d_out, generator=g, dtype=F64).to(dtype)
-    M = F.matrix().to(F64)
+    M = F.matrix().detach().to(F64)
     assert M.shape == (F.d_out, F.d_in)
     fx, aty = F.apply(x), F.adjoint(y)
     assert fx.shape == (batch, F.d_out) and aty.shape == (batch, F.d_in)
