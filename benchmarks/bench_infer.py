@@ -1,13 +1,17 @@
 """Benchmark neural-sheaf inference against torch (float64, CPU; ratios measured in one run).
 
-1. ``ns.infer(x)`` (auto = propagation) vs ``model(x)``: MLP [784, 512, 512, 10] and a residual
-   MLP (4 blocks of width 256), B = 256. Target: ≤ 3× the forward time, error ≤ 1e-10.
-2. ``ns.infer(x, method="diffusion")`` (the paper's Euler heat equation, α = 1) from random
+1. ``ns.infer(x)`` (auto = the compiled propagation plan) vs ``model(x)``: MLPs [2, 10, 8, 1]
+   (B = 256), [64, 128, 128, 10] (B = 1, 16, 256, 4096), [784, 512, 512, 10] (B = 1, 16, 256), and a
+   residual MLP (4 blocks of width 256, B = 256). Each row is the median of per-pair ratios of
+   interleaved runs; the worst ratio is printed last. Target: ≤ 1.5×, error ≤ 1e-10.
+2. Per-layer overhead: MLPs of width 128 and depth 2 … 32 at B = 64; the slope of the median
+   (sheaf − torch) time against depth, µs per layer. Target: ≤ 20 µs.
+3. ``ns.infer(x, method="diffusion")`` (the paper's Euler heat equation, α = 1) from random
    starts to a gradient norm of 1e-10: steps and time for [2, 30, 1] and [2, 10, 8, 1].
-3. Pinned inference on [64, 128, 128, 10], B = 256 (a hidden neuron hard-pinned, one soft-pinned,
+4. Pinned inference on [64, 128, 128, 10], B = 256 (a hidden neuron hard-pinned, one soft-pinned,
    the output soft-pinned): Newton vs the Euler flow run until it reaches Newton's final energy.
 
-Run: ``python benchmarks/bench_infer.py`` (``--quick`` for a smaller, faster run).
+Run: ``python benchmarks/bench_infer.py --threads 1`` (``--quick`` for a smaller, faster run).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import statistics
 import time
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 import cellsheaf as cs
 import cellsheaf_nn as csnn
@@ -58,23 +62,61 @@ def paired(f, g, reps: int) -> tuple[float, float, float]:
     return statistics.median(tf), statistics.median(tg), statistics.median(ratio)
 
 
+def _reps(seconds: float, quick: bool) -> int:
+    """Repetitions for a pair that takes about ``seconds``: ~1 s per row (~0.2 s with --quick)."""
+    return int(min(400, max(5, (0.2 if quick else 1.0) / max(seconds, 1e-6))))
+
+
+def compare(name: str, model: nn.Module, x: Tensor, quick: bool) -> float:
+    """Print one row (torch and sheaf medians, their ratio, the error) and return the ratio."""
+    ns = csnn.compile(model)
+    with torch.no_grad():
+        err = float((ns.infer(x) - model(x)).abs().max())
+        t0 = time.perf_counter(); model(x); ns.infer(x); once = time.perf_counter() - t0
+        tf, ti, r = paired(lambda: model(x), lambda: ns.infer(x), _reps(once, quick))
+    print(f"  {name:34s} torch {tf * 1e3:8.3f} ms   sheaf {ti * 1e3:8.3f} ms   ratio {r:5.2f}x   "
+          f"max error {err:.1e}")
+    return r
+
+
 def bench_forward(quick: bool) -> None:
-    print("== 1. infer (propagation) vs torch forward, B = 256, float64 ==")
-    B, reps = (64, 5) if quick else (256, 15)
-    cases = [("MLP [784, 512, 512, 10]", mlp([784, 512, 512, 10]), 784),
-             ("residual MLP, 4 blocks of 256", residual_mlp(256, 256, 4, 10), 256)]
-    for name, model, n_in in cases:
+    print("== 1. infer (compiled propagation) vs torch forward, float64 ==")
+    g = torch.Generator().manual_seed(0)
+    rows = [([2, 10, 8, 1], 256)] + [([64, 128, 128, 10], B) for B in (1, 16, 256, 4096)] + \
+        [([784, 512, 512, 10], B) for B in (1, 16, 256)]
+    ratios = {}
+    for widths, B in rows:
+        if quick and B > 256:
+            continue
+        x = torch.randn(B, widths[0], dtype=F64, generator=g)
+        ratios[f"MLP {widths} B={B}"] = compare(f"MLP {widths}, B={B}", mlp(widths), x, quick)
+    x = torch.randn(256, 256, dtype=F64, generator=g)
+    ratios["residual MLP"] = compare("residual MLP 4x256, B=256", residual_mlp(256, 256, 4, 10), x, quick)
+    worst = max(ratios, key=ratios.get)
+    print(f"  worst ratio {ratios[worst]:.2f}x ({worst}); target <= 1.5x")
+
+
+def bench_depth(quick: bool) -> None:
+    print("== 2. per-layer overhead: width 128, B = 64, depth 2 ... 32 ==")
+    depths = (2, 8, 32) if quick else (2, 4, 8, 16, 32)
+    x = torch.randn(64, 128, dtype=F64, generator=torch.Generator().manual_seed(5))
+    extra = []
+    for depth in depths:
+        model = mlp([128] * (depth + 1))
         ns = csnn.compile(model)
-        x = torch.randn(B, n_in, dtype=F64, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
-            err = float((ns.infer(x) - model(x)).abs().max())
-            tf, ti, r = paired(lambda: model(x), lambda: ns.infer(x), reps)
-        print(f"  {name:32s} torch {tf * 1e3:7.2f} ms   sheaf {ti * 1e3:7.2f} ms   ratio {r:5.2f}x   "
-              f"max error {err:.1e}")
+            tf, ti, _ = paired(lambda: model(x), lambda: ns.infer(x), 40 if quick else 200)
+        extra.append(ti - tf)
+        print(f"  depth {depth:3d}: torch {tf * 1e3:7.3f} ms   sheaf {ti * 1e3:7.3f} ms   "
+              f"overhead {(ti - tf) * 1e6:8.1f} us")
+    n = len(depths)
+    mx, my = sum(depths) / n, sum(extra) / n
+    slope = sum((d - mx) * (e - my) for d, e in zip(depths, extra)) / sum((d - mx) ** 2 for d in depths)
+    print(f"  per-layer overhead (least-squares slope): {slope * 1e6:.1f} us per layer; target <= 20 us")
 
 
 def bench_diffusion(quick: bool) -> None:
-    print("== 2. diffusion (Euler heat equation, alpha = 1, random start) to gradient norm 1e-10 ==")
+    print("== 3. diffusion (Euler heat equation, alpha = 1, random start) to gradient norm 1e-10 ==")
     B = 16 if quick else 64
     for widths in ([2, 30, 1], [2, 10, 8, 1]):
         model = mlp(widths, seed=1)
@@ -92,7 +134,7 @@ def bench_diffusion(quick: bool) -> None:
 
 
 def bench_pinned(quick: bool) -> None:
-    print("== 3. pinned inference [64, 128, 128, 10]: Newton vs Euler flow to the same final energy ==")
+    print("== 4. pinned inference [64, 128, 128, 10]: Newton vs Euler flow to the same final energy ==")
     B = 32 if quick else 256
     model = mlp([64, 128, 128, 10], seed=3)
     ns = csnn.compile(model)
@@ -145,6 +187,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     bench_forward(args.quick)
+    bench_depth(args.quick)
     bench_diffusion(args.quick)
     bench_pinned(args.quick)
 

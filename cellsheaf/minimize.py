@@ -40,7 +40,7 @@ from .cochain import Cochain, as_flat, check_finite
 from .diffusion import diffuse
 from .energy import edge_energies, gradient
 from .gauss_newton import NewtonOptions, newton
-from .propagation import NotDeterminedError, propagate, schedule
+from .propagation import NotDeterminedError, plan, propagate
 from .results import Result
 
 __all__ = ["minimize", "check_maps", "default_tol"]
@@ -173,7 +173,7 @@ def minimize(
     why = ""
     if method in ("auto", "propagate"):
         try:
-            steps = schedule(S, rb)
+            compiled = plan(S, rb.fixed)
         except NotDeterminedError as err:
             if method == "propagate":
                 raise NotDeterminedError(f"method='propagate' does not apply: {err}; use method='newton' or "
@@ -189,7 +189,11 @@ def minimize(
         return _finish(S, res.x.flat, rb.free, "euler", tol, res.steps, res.message, dict(res.extra, t=res.t))
     xb = x if x.dim() == 2 else x.unsqueeze(0)
     if method == "propagate":
-        out, residuals = propagate(S, xb, steps, residuals=True, inplace=True)  # x is a fresh tensor
+        if compiled.needs_autograd(xb):
+            out, residuals = propagate(S, xb, compiled.steps, residuals=True, inplace=True)  # x is a fresh tensor
+        else:
+            out = compiled.run(xb)
+            residuals = compiled.residuals(out)
         return _verify_propagation(S, out if x.dim() == 2 else out[0], rb.free, tol, why, residuals)
     out, report = newton(S, xb, rb.free, tol, 100 if max_iter is None else max_iter, options, record=record)
     extra = {"cg_iterations": report["cg_iterations"], "stalled": report["stalled"], "on_kinks": report["on_kinks"]}

@@ -13,7 +13,12 @@ including skip connections compiled with merge vertices, is determined; pins and
 penalty edges make ``δ_Ω`` tall and the sheaf not determined.
 
 The schedule depends only on the structure and the set of fixed coordinates; it
-is cached on the sheaf (``S._cache``) and rebuilt when the sheaf changes.
+is cached on the sheaf (``S._cache``) and rebuilt when the sheaf changes. A
+`PropagationPlan` (`plan`) compiles the schedule into a short list of tensor
+operations: index tensors and views computed once, affine edges applied as one
+``addmm`` with the contribution of constant boundary columns (the "ones" of a
+compiled network) as its bias, no host synchronisation while it runs, and one
+fused finiteness check at the end that can be switched off.
 
 Examples
 --------
@@ -30,8 +35,10 @@ tensor([[1., 0.]], dtype=torch.float64)
 from __future__ import annotations
 
 import math
+import threading
 from collections import deque
 from dataclasses import dataclass
+from functools import partial
 from typing import Hashable
 
 import numpy as np
@@ -40,9 +47,10 @@ from torch import Tensor
 
 from .boundary import Boundary, ResolvedBoundary
 from .cochain import check_finite
-from .maps import Linear, Map
+from .maps import Compose, Identity, Linear, Map, ReLU, Select, Sigmoid, Tanh
 
-__all__ = ["NotDeterminedError", "PropagationStep", "schedule", "is_determined", "determined_part", "propagate"]
+__all__ = ["NotDeterminedError", "PropagationStep", "PropagationPlan", "BoundPlan", "schedule", "plan", "is_determined",
+           "determined_part", "propagate"]
 
 _SELECTION_MAX = 10_000_000  # largest d_out * d_in inspected for a scaled-selection pattern
 
@@ -213,6 +221,20 @@ def _build(S, fixed: Tensor) -> list[PropagationStep]:
     return steps
 
 
+def _schedule(S, fixed: Tensor) -> list[PropagationStep]:
+    key = ("propagation", fixed.cpu().numpy().tobytes())
+    cached = S._cache.get(key)
+    if cached is None:
+        try:
+            cached = _build(S, fixed.cpu())
+        except NotDeterminedError as err:
+            cached = err
+        S._cache[key] = cached
+    if isinstance(cached, NotDeterminedError):
+        raise NotDeterminedError(str(cached))
+    return cached
+
+
 def _fixed_of(S, boundary) -> Tensor:
     if isinstance(boundary, ResolvedBoundary):
         return boundary.fixed
@@ -230,18 +252,7 @@ def schedule(S, boundary: Boundary | ResolvedBoundary | None = None) -> list[Pro
     >>> [s.edge for s in cs.propagation.schedule(S, cs.Boundary().fix("a", [1.0]))]
     ['e']
     """
-    fixed = _fixed_of(S, boundary)
-    key = ("propagation", fixed.numpy().tobytes())
-    cached = S._cache.get(key)
-    if cached is None:
-        try:
-            cached = _build(S, fixed)
-        except NotDeterminedError as err:
-            cached = err
-        S._cache[key] = cached
-    if isinstance(cached, NotDeterminedError):
-        raise NotDeterminedError(str(cached))
-    return cached
+    return _schedule(S, _fixed_of(S, boundary))
 
 
 def is_determined(S, boundary: Boundary | ResolvedBoundary | None = None) -> tuple[bool, str]:
@@ -314,6 +325,287 @@ def _determined_part(S, fixed: Tensor) -> list[PropagationStep] | None:
     return S._cache[key]
 
 
+# ====================================================================== compiled plans
+
+#: elementwise maps with an ``out=`` kernel (one pass, written straight into the cochain)
+_OUT_KERNELS = {ReLU: lambda v, out: torch.clamp_min(v, 0.0, out=out), Sigmoid: torch.sigmoid, Tanh: torch.tanh}
+
+
+def _narrow(F: Map, source: slice) -> tuple[Map, slice | Tensor]:
+    """``(G, cols)`` with ``F(x[:, source]) == G(x[:, cols])``: a selection of consecutive coordinates
+    (``Select``, or the inner map of ``Compose(outer, Select)``) becomes a view of the cochain."""
+    inner = F.inner if isinstance(F, Compose) else F
+    if isinstance(inner, Select) and inner.d_out:
+        a, n = int(inner.indices[0]), inner.d_out
+        if torch.equal(inner.indices, torch.arange(a, a + n)):
+            return (F.outer if isinstance(F, Compose) else Identity(n)), slice(source.start + a, source.start + a + n)
+    return F, source
+
+
+def _possible_entries(F: Linear) -> np.ndarray:
+    """Where a dense linear map can be nonzero: its nonzeros, and for a trainable map its mask (all if none)."""
+    nz = F.weight.detach().cpu().numpy() != 0
+    if not F.trainable:
+        return nz
+    return nz | (np.ones_like(nz) if F.mask is None else F.mask.detach().cpu().numpy() != 0)
+
+
+def _affine(F: Linear, source: slice, const: np.ndarray, values: np.ndarray):
+    """An affine reading of a dense linear ``F`` whose source holds constant coordinates.
+
+    Returns ``(rest, bias, view)``: ``F(x) = x[rest] @ W[:, rest]ᵀ + bias(W)`` with ``rest`` the
+    non-constant columns (a slice within the source) and ``bias(W)`` the constant columns'
+    contribution from the current weights (``None`` when nothing reads them); ``view`` says
+    that ``bias(W)`` is a view of ``W`` (for the extended map ``(A | diag b)`` of an affine
+    layer reading ones: ``b`` itself). ``None`` when the non-constant columns are not consecutive.
+    """
+    cmask = const[source]
+    rest = np.nonzero(~cmask)[0]
+    if len(rest) and rest[-1] - rest[0] + 1 != len(rest):
+        return None
+    rest_sl = slice(int(rest[0]), int(rest[-1]) + 1) if len(rest) else slice(0, 0)
+    cols = np.nonzero(cmask)[0]
+    block = _possible_entries(F)[:, cols]
+    if not block.any():
+        return rest_sl, None, False
+    vals = values[source][cols]
+    rows, k = np.nonzero(block)
+    off = cols[k] - rows
+    if len(rows) == F.d_out and np.array_equal(rows, np.arange(F.d_out)) and np.all(off == off[0]):
+        o = int(off[0])
+        if np.all(vals[k] == 1.0):
+            return rest_sl, lambda W: W.diagonal(o), True
+        v = torch.as_tensor(vals[k])
+        return rest_sl, lambda W: W.diagonal(o) * v.to(dtype=W.dtype, device=W.device), False
+    idx, v = torch.as_tensor(cols), torch.as_tensor(vals)
+    return rest_sl, lambda W: W[:, idx.to(W.device)] @ v.to(dtype=W.dtype, device=W.device), False
+
+
+def _step_binder(s: PropagationStep, const: np.ndarray, values: np.ndarray):
+    """``bind(x) -> op``: the tensor operations of one step on the cochain ``x``, ``op()`` writing its
+    targets in place. Views of ``x`` (and of the weights) are taken when binding, so an op bound
+    once runs with no Python-side indexing."""
+    tgt = s.span if s.span is not None else s.targets
+    F, scale = s.F, s.scale
+    if isinstance(F, Linear) and not F.sparse and scale is None and s.span is not None:
+        split = _affine(F, s.source, const, values)
+        if split is not None:
+            rest, bias, view = split
+            src = slice(s.source.start + rest.start, s.source.start + rest.stop)
+
+            def bind_affine(x: Tensor):
+                a, o = x[:, src], x[:, tgt]
+                W = F.weight
+                if (W.dtype, W.device) == (x.dtype, x.device):
+                    Wt = W[:, rest].T
+                    if bias is None:
+                        return partial(torch.mm, a, Wt, out=o)
+                    if view:
+                        return partial(torch.addmm, bias(W), a, Wt, out=o)
+                    return lambda: torch.addmm(bias(W), a, Wt, out=o)
+
+                def converted():  # weights in another dtype/device: converted at every run
+                    Wc = F.weight.to(dtype=x.dtype, device=x.device)
+                    if bias is None:
+                        torch.mm(a, Wc[:, rest].T, out=o)
+                    else:
+                        torch.addmm(bias(Wc), a, Wc[:, rest].T, out=o)
+                return converted
+            return bind_affine
+    G, cols = _narrow(F, s.source)
+    kernel = _OUT_KERNELS.get(type(G))
+    if kernel is not None and scale is None and s.span is not None:
+        return lambda x: partial(kernel, x[:, cols], out=x[:, tgt])
+
+    def bind_generic(x: Tensor):
+        t = tgt if isinstance(tgt, slice) or tgt.device == x.device else tgt.to(x.device)
+        v = x[:, cols]
+        sc = None if scale is None else scale.to(dtype=x.dtype, device=x.device)
+
+        def generic() -> None:
+            raw = G.apply(v)
+            x[:, t] = raw if sc is None else raw / sc.to(raw.dtype)
+        return generic
+    return bind_generic
+
+
+class PropagationPlan:
+    """A propagation schedule compiled into tensor operations, for one boundary pattern.
+
+    Built by `plan` (once per sheaf and pattern, cached). ``run(x)`` fills the
+    constant and free coordinates of a batch of cochains ``x`` (``(B, C0)``, the other
+    fixed coordinates already set) in place: per step one kernel where the map allows
+    it (an affine edge is one ``addmm`` into the cochain, an activation one
+    elementwise kernel), no Python lists and no host synchronisation; then, unless
+    ``check=False``, one reduction checks that everything is finite. `bound` keeps a
+    cochain buffer per batch shape with every view taken once, for repeated runs. The
+    plan holds the maps, not their matrices: weights changed in place are read at every
+    run (a map's entries outside its trainable mask must stay zero).
+
+    Attributes
+    ----------
+    steps : the schedule (`PropagationStep`), in order.
+    fixed, free : sorted index tensors of the fixed and free coordinates.
+    constant, constant_values : the fixed coordinates whose values were given when
+        the plan was built (the same for every item and call), and those values.
+    """
+
+    def __init__(self, S, fixed: Tensor, constant: Tensor, constant_values: Tensor):
+        self.S = S
+        self.fixed = fixed.cpu()
+        self.steps = _schedule(S, self.fixed)
+        mask = torch.ones(S.C0, dtype=torch.bool)
+        mask[self.fixed] = False
+        self.free = torch.nonzero(mask).flatten()
+        self.constant, self.constant_values = constant.cpu(), constant_values.detach().cpu().double()
+        const = np.zeros(S.C0, dtype=bool)
+        values = np.zeros(S.C0)
+        const[self.constant.numpy()] = True
+        values[self.constant.numpy()] = self.constant_values.numpy()
+        self._binders = [_step_binder(s, const, values) for s in self.steps]
+        self._names = [f"the map {'Fu' if s.side == 'v' else 'Fv'} of edge {s.edge!r}" for s in self.steps]
+        self._maps = [s.F for s in self.steps]
+        self._tensors = [t for F in self._maps for t in F.tensors()]
+        v = self.constant_values
+        self._fill = float(v[0]) if len(v) and bool((v == v[0]).all()) else None
+        self.inexact = [s for s in self.steps if s.scale is not None]
+        self._bound: dict = {}
+
+    def needs_autograd(self, x: Tensor) -> bool:
+        """Whether a run at ``x`` must be differentiable (then `propagate` runs instead: ``run`` writes in place)."""
+        return torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in self._tensors))
+
+    def _write_constants(self, x: Tensor) -> None:
+        if len(self.constant):
+            idx = self.constant if self.constant.device == x.device else self.constant.to(x.device)
+            if self._fill is not None:
+                x.index_fill_(1, idx, self._fill)
+            else:
+                x[:, idx] = self.constant_values.to(dtype=x.dtype, device=x.device)
+
+    def _execute(self, ops, x: Tensor, check: bool) -> Tensor:
+        i = 0
+        try:
+            for i, op in enumerate(ops):
+                op()
+        except Exception as err:
+            raise ValueError(f"{self._names[i]} failed on its input: {err}") from err
+        if check and not math.isfinite(x.sum().item()):
+            self._locate(x)
+        return x
+
+    def run(self, x: Tensor, check: bool = True) -> Tensor:
+        """Fill the constant and free coordinates of ``x`` (``(B, C0)``) in place; returns ``x``.
+
+        With ``check=True`` one fused reduction tests that ``x`` is finite afterwards
+        (the only host synchronisation); a failure names the boundary vertex or the
+        edge whose map produced the first non-finite value.
+        """
+        self._write_constants(x)
+        return self._execute([bind(x) for bind in self._binders], x, check)
+
+    def bound(self, batch: int, dtype: torch.dtype, device=None) -> "BoundPlan":
+        """A cochain buffer ``(batch, C0)`` with the plan's operations bound to it (cached per thread).
+
+        Write the non-constant fixed coordinates into ``bound.x``, call ``bound.run()``, and
+        copy out what you need before the next run overwrites it.
+        """
+        key = (batch, dtype, device, threading.get_ident())
+        b = self._bound.get(key)
+        if b is None or not b.current():
+            if len(self._bound) >= 16:
+                self._bound.clear()
+            b = self._bound[key] = BoundPlan(self, batch, dtype, device)
+        return b
+
+    def _locate(self, x: Tensor) -> None:
+        """Raise ``ValueError`` naming where the first non-finite value of a run came from."""
+        S = self.S
+        fixed = torch.zeros(S.C0, dtype=torch.bool)
+        fixed[self.fixed] = True
+        for v in S.vertices:
+            sl = S.vertex_slice(v)
+            check_finite(x[:, sl][:, fixed[sl].to(x.device)], f"boundary value at vertex {v!r}")
+        for s, name in zip(self.steps, self._names):
+            t = s.span if s.span is not None else s.targets.to(x.device)
+            check_finite(x[:, t], f"{name} (its output)")
+
+    def residuals(self, x: Tensor) -> dict:
+        """``{edge: F_v x_v − F_u x_u}`` at ``x`` for the steps whose written values can differ from their
+        map's output (scaled selections); every other step holds exactly."""
+        res = {}
+        for s in self.inexact:
+            raw = s.F.apply(x[:, s.source])
+            t = s.span if s.span is not None else s.targets.to(x.device)
+            own = x[:, t] * s.scale.to(dtype=x.dtype, device=x.device)
+            res[s.edge] = own - raw if s.side == "v" else raw - own
+        return res
+
+
+class BoundPlan:
+    """A `PropagationPlan` bound to its own cochain buffer ``x`` (made by `PropagationPlan.bound`)."""
+
+    def __init__(self, plan: PropagationPlan, batch: int, dtype: torch.dtype, device):
+        self.plan = plan
+        self.x = torch.empty(batch, plan.S.C0, dtype=dtype, device=device)
+        plan._write_constants(self.x)
+        self._weights = [getattr(F, "weight", None) for F in plan._maps]
+        self._ops = [bind(self.x) for bind in plan._binders]
+        self._views: dict = {}
+
+    def current(self) -> bool:
+        """Whether every map still holds the tensors the views were taken of."""
+        return all(getattr(F, "weight", None) is W for F, W in zip(self.plan._maps, self._weights))
+
+    def columns(self, cols: slice) -> Tensor:
+        """The view ``x[:, cols]`` (taken once)."""
+        key = (cols.start, cols.stop)
+        v = self._views.get(key)
+        if v is None:
+            v = self._views[key] = self.x[:, cols]
+        return v
+
+    def run(self, check: bool = True) -> Tensor:
+        """Run the plan on the buffer (see `PropagationPlan.run`); returns the buffer."""
+        return self.plan._execute(self._ops, self.x, check)
+
+
+def plan(S, fixed: Tensor, constant: Tensor | None = None, constant_values: Tensor | None = None
+         ) -> PropagationPlan:
+    """The compiled propagation plan for fixed coordinates ``fixed``; cached on the sheaf.
+
+    ``constant`` (a subset of ``fixed``) are coordinates whose values
+    ``constant_values`` are known now and the same for every item (the ones blocks of a
+    compiled network): their contribution to an affine edge becomes the bias of its
+    ``addmm``, and `PropagationPlan.run` writes them itself. Raises
+    `NotDeterminedError` when the sheaf with this boundary is not determined.
+
+    Examples
+    --------
+    >>> import torch, cellsheaf as cs
+    >>> S = cs.Sheaf(); S.add_vertex("x", 2); S.add_vertex("y", 1)
+    >>> _ = S.add_edge("x", "y", torch.tensor([[2.0, 3.0]]), torch.eye(1))
+    >>> p = cs.propagation.plan(S, torch.tensor([0, 1]), constant=torch.tensor([1]),
+    ...                         constant_values=torch.tensor([1.0]))
+    >>> x = torch.zeros(2, 3); x[:, 0] = torch.tensor([1.0, -1.0])
+    >>> p.run(x)[:, 2]                      # y = 2 x + 3
+    tensor([5., 1.])
+    """
+    fixed = torch.as_tensor(fixed, dtype=torch.long).cpu()
+    constant = torch.zeros(0, dtype=torch.long) if constant is None else torch.as_tensor(constant).cpu()
+    constant_values = torch.zeros(0, dtype=torch.float64) if constant_values is None else \
+        torch.as_tensor(constant_values).detach().cpu().double()
+    if constant.shape != constant_values.shape:
+        raise ValueError(f"plan: {len(constant)} constant coordinates but {len(constant_values)} values")
+    if not bool(torch.isin(constant, fixed).all()):
+        raise ValueError("plan: every constant coordinate must be fixed")
+    key = ("plan", fixed.numpy().tobytes(), constant.numpy().tobytes(), constant_values.numpy().tobytes())
+    cached = S._cache.get(key)
+    if cached is None:
+        cached = S._cache[key] = PropagationPlan(S, fixed, constant, constant_values)
+    return cached
+
+
 def propagate(S, x: Tensor, steps: list[PropagationStep], residuals: bool = False, inplace: bool = False):
     """Fill the free coordinates of ``x`` (``(B, C0)``, fixed ones already set) by forward substitution.
 
@@ -332,7 +624,7 @@ def propagate(S, x: Tensor, steps: list[PropagationStep], residuals: bool = Fals
             raw = _apply(s, x[:, s.source])
         except Exception as err:
             raise ValueError(f"{name} failed on its input: {err}") from err
-        if not math.isfinite(float(raw.sum())):  # a cheap screen; check_finite finds the bad entries
+        if not math.isfinite(float(raw.detach().sum())):  # a cheap screen; check_finite finds the bad entries
             check_finite(raw, f"{name} (its output)")
         targets = s.span if s.span is not None and x.device == s.targets.device else s.targets.to(x.device)
         if s.scale is not None:

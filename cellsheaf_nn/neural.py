@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 import cellsheaf as cs
-from cellsheaf.minimize import default_tol
+from cellsheaf.minimize import _verify_propagation, default_tol
 from cellsheaf.operators import to_torch_sparse
 
 from .builder import Built, EdgeInfo, VertexInfo
@@ -119,7 +119,10 @@ class NeuralSheaf:
     @property
     def dtype(self) -> torch.dtype:
         """Dtype of the maps."""
-        return self.sheaf.dtype
+        cache = self.sheaf._cache  # cleared whenever the maps change
+        if "neural dtype" not in cache:
+            cache["neural dtype"] = self.sheaf.dtype
+        return cache["neural dtype"]
 
     @property
     def n_in(self) -> int:
@@ -401,6 +404,10 @@ class NeuralSheaf:
         (True, True)
         """
         xb, single = self._batch_input(x)
+        if method in ("auto", "propagate") and not self._pins:
+            compiled = self._forward_plan()
+            if compiled is not None and not compiled.needs_autograd(xb):
+                return self._propagated(compiled, xb, single, return_state, check, method)
         S, penalties = self._pinned_state()
         bnd = self._boundary(xb, penalties)
         if method == "diffusion":
@@ -429,6 +436,55 @@ class NeuralSheaf:
         if single:
             values = {v: t[0] for v, t in values.items()}
         return y, NeuralState(values, res, res.x)
+
+    def _forward_plan(self) -> cs.propagation.PropagationPlan | None:
+        """The compiled forward pass (`cellsheaf.propagation.plan`): input and ones fixed, the ones constant.
+
+        ``None`` when the sheaf is not determined (a hand-built sheaf); cached with the sheaf's operators.
+        """
+        key = ("neural forward plan",)
+        if key not in self.sheaf._cache:
+            start = self.sheaf.vertex_slice(self.input).start
+            ones = [self.sheaf.vertex_slice(v).start + c for v, (idx, _) in self._ones.items() for c in idx]
+            fixed = torch.as_tensor(sorted(list(range(start, start + self.n_in)) + ones), dtype=torch.long)
+            try:
+                compiled = cs.propagation.plan(self.sheaf, fixed, torch.as_tensor(sorted(ones), dtype=torch.long),
+                                               torch.ones(len(ones), dtype=torch.float64))
+            except cs.NotDeterminedError:
+                compiled = None
+            self.sheaf._cache[key] = compiled
+            self._io_slices = (self._neural_slice(self.input), self._neural_slice(self.output))
+        return self.sheaf._cache[key]
+
+    def _propagated(self, compiled, xb: Tensor, single: bool, return_state: bool, check: bool, method: str):
+        """``infer`` by the compiled forward pass: the input written into a cochain, one run of the plan.
+
+        Without ``return_state`` the plan runs on its own buffer for this batch shape (views taken once)
+        and only the output is copied out.
+        """
+        inp, out = self._io_slices
+        if not return_state:
+            bound = compiled.bound(xb.shape[0], xb.dtype, xb.device)
+            bound.columns(inp).copy_(xb)
+            bound.run(check)
+            y = bound.columns(out).clone().reshape(-1, *self.output_shape)
+            return y[0] if single else y
+        S = self.sheaf
+        x = torch.empty(xb.shape[0], S.C0, dtype=xb.dtype, device=xb.device)
+        x[:, inp] = xb
+        compiled.run(x, check=check)
+        y = x[:, out].reshape(-1, *self.output_shape)
+        why = "the sheaf is determined" if method == "auto" else ""
+        res = _verify_propagation(S, x, compiled.free, default_tol(x.dtype), why, compiled.residuals(x))
+        values = {v: x[:, self._neural_slice(v)] for v in self.layout}
+        if single:
+            y, values = y[0], {v: t[0] for v, t in values.items()}
+        return y, NeuralState(values, res, res.x)
+
+    def _neural_slice(self, vertex: str) -> slice:
+        """The neural block of ``vertex`` in the flat 0-cochain."""
+        start = self.sheaf.vertex_slice(vertex).start
+        return slice(start, start + self.layout[vertex].n)
 
     def _start(self, init: str, xb: Tensor, S: cs.Sheaf, bnd: cs.Boundary, generator) -> Tensor:
         """Initial cochain of ``S`` (the pinned sheaf) for a batch: random, zeros or the forward pass."""
