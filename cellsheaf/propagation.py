@@ -47,7 +47,7 @@ from torch import Tensor
 
 from .boundary import Boundary, ResolvedBoundary
 from .cochain import check_finite
-from .maps import Compose, Identity, Linear, Map, ReLU, Select, Sigmoid, Tanh
+from .maps import Affine, Compose, Identity, Linear, Map, ReLU, Select, Sigmoid, Tanh
 
 __all__ = ["NotDeterminedError", "PropagationStep", "PropagationPlan", "BoundPlan", "schedule", "plan", "is_determined",
            "determined_part", "propagate"]
@@ -381,6 +381,44 @@ def _affine(F: Linear, source: slice, const: np.ndarray, values: np.ndarray):
     return rest_sl, lambda W: W[:, idx.to(W.device)] @ v.to(dtype=W.dtype, device=W.device), False
 
 
+def _structured_affine(F: Affine, source: slice, tgt: slice, const: np.ndarray, values: np.ndarray):
+    """``bind(x) -> op`` for an `Affine` map ``(A | diag b)`` whose ones block is constant and whose
+    neural block is not: ``addmm(b ⊙ ones, x, Aᵀ)`` for a dense ``A``, ``A·x + b ⊙ ones`` for any
+    other linear ``A`` (convolutions, pooling: applied as operators). ``None`` otherwise."""
+    n = F.A.d_in
+    if const[source][:n].any() or (F.block is not None and not const[source][F.block].all()):
+        return None
+    nsl = slice(source.start, source.start + n)
+    ones = None if F.block is None else values[source][F.block]
+    unit = ones is None or bool(np.all(ones == 1.0))
+    v = None if unit else torch.as_tensor(ones)
+
+    def bias(x: Tensor) -> Tensor | None:
+        if F.b is None:
+            return None
+        b = F.b if (F.b.dtype, F.b.device) == (x.dtype, x.device) else F.b.to(dtype=x.dtype, device=x.device)
+        return b if v is None else b * v.to(dtype=x.dtype, device=x.device)
+
+    dense = isinstance(F.A, Linear) and not F.A.sparse
+
+    def bind(x: Tensor):
+        a, o = x[:, nsl], x[:, tgt]
+        if dense and unit and F.b is not None and (F.A.weight.dtype, F.A.weight.device, F.b.dtype) == \
+                (x.dtype, x.device, x.dtype):
+            return partial(torch.addmm, F.b, a, F.A.weight.T, out=o)
+
+        def op() -> None:
+            c = bias(x)
+            if dense:
+                W = F.A.weight.to(dtype=x.dtype, device=x.device)
+                torch.mm(a, W.T, out=o) if c is None else torch.addmm(c, a, W.T, out=o)
+            else:
+                y = F.A.apply(a)
+                o.copy_(y if c is None else y + c)
+        return op
+    return bind
+
+
 def _step_binder(s: PropagationStep, const: np.ndarray, values: np.ndarray):
     """``bind(x) -> op``: the tensor operations of one step on the cochain ``x``, ``op()`` writing its
     targets in place. Views of ``x`` (and of the weights) are taken when binding, so an op bound
@@ -412,6 +450,10 @@ def _step_binder(s: PropagationStep, const: np.ndarray, values: np.ndarray):
                         torch.addmm(bias(Wc), a, Wc[:, rest].T, out=o)
                 return converted
             return bind_affine
+    if isinstance(F, Affine) and scale is None and s.span is not None:
+        bind = _structured_affine(F, s.source, tgt, const, values)
+        if bind is not None:
+            return bind
     G, cols = _narrow(F, s.source)
     kernel = _OUT_KERNELS.get(type(G))
     if kernel is not None and scale is None and s.span is not None:
@@ -486,8 +528,9 @@ class PropagationPlan:
     def _execute(self, ops, x: Tensor, check: bool) -> Tensor:
         i = 0
         try:
-            for i, op in enumerate(ops):
-                op()
+            with torch.no_grad():  # in-place writes: no autograd graph (see needs_autograd)
+                for i, op in enumerate(ops):
+                    op()
         except Exception as err:
             raise ValueError(f"{self._names[i]} failed on its input: {err}") from err
         if check and not math.isfinite(x.sum().item()):
@@ -549,13 +592,13 @@ class BoundPlan:
         self.plan = plan
         self.x = torch.empty(batch, plan.S.C0, dtype=dtype, device=device)
         plan._write_constants(self.x)
-        self._weights = [getattr(F, "weight", None) for F in plan._maps]
+        self._held = [tuple(F.tensors()) for F in plan._maps]
         self._ops = [bind(self.x) for bind in plan._binders]
         self._views: dict = {}
 
     def current(self) -> bool:
         """Whether every map still holds the tensors the views were taken of."""
-        return all(getattr(F, "weight", None) is W for F, W in zip(self.plan._maps, self._weights))
+        return all(a is b for F, held in zip(self.plan._maps, self._held) for a, b in zip(F.tensors(), held))
 
     def columns(self, cols: slice) -> Tensor:
         """The view ``x[:, cols]`` (taken once)."""

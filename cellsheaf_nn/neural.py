@@ -406,7 +406,7 @@ class NeuralSheaf:
         xb, single = self._batch_input(x)
         if method in ("auto", "propagate") and not self._pins:
             compiled = self._forward_plan()
-            if compiled is not None and not compiled.needs_autograd(xb):
+            if compiled is not None:
                 return self._propagated(compiled, xb, single, return_state, check, method)
         S, penalties = self._pinned_state()
         bnd = self._boundary(xb, penalties)

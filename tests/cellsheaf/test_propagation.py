@@ -158,3 +158,27 @@ def test_minimize_propagate_with_weights_that_require_grad():
     res = cs.minimize(S, b)
     assert res.converged
     torch.testing.assert_close(res.x["z2"].detach(), closed_form(layers, x))
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("ones", [1.0, 3.0])
+def test_plan_runs_structured_affine_maps(sparse, ones):
+    """``Affine(A, b)`` reading a constant ones block: ``A·x + b ⊙ ones``, A dense (addmm) or any operator."""
+    g = torch.Generator().manual_seed(3)
+    A, b = torch.randn(4, 3, generator=g, dtype=F64), torch.randn(4, generator=g, dtype=F64)
+    S = cs.Sheaf()
+    S.add_vertex("x", 7); S.add_vertex("z", 4); S.add_vertex("a", 4)
+    S.add_edge("x", "z", cs.maps.Affine(A.to_sparse() if sparse else A, b), cs.maps.Identity(4))
+    S.add_edge("z", "a", cs.maps.ReLU(4), cs.maps.Identity(4))
+    p = plan(S, torch.arange(7), torch.arange(3, 7), torch.full((4,), ones, dtype=F64))
+    x = torch.randn(5, 3, generator=g, dtype=F64)
+    X = torch.zeros(5, S.C0, dtype=F64); X[:, :3] = x
+    out = p.run(X)
+    torch.testing.assert_close(out[:, 7:11], x @ A.T + ones * b)
+    torch.testing.assert_close(out[:, 11:], torch.relu(x @ A.T + ones * b))
+    bound = p.bound(5, F64)
+    bound.columns(slice(0, 3)).copy_(x)
+    torch.testing.assert_close(bound.run()[:, 7:], out[:, 7:])
+    want = x @ A.T + 2 * ones * b
+    S.edge("x->z").Fu.b.mul_(2)                      # in place: the bound views see it
+    torch.testing.assert_close(bound.run()[:, 7:11], want)
