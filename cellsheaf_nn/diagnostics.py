@@ -494,7 +494,8 @@ def diffusion_path(ns, X, *, steps: int = 2000, every: int = 10, dt: float | Non
     times, states, done = [0.0], [x], 0
     while done < steps:
         k = min(every, steps - done)
-        x = cs.diffuse(S, x, boundary=bnd, method="euler", t=k * dt, dt=dt, alpha=alpha).x.flat
+        x = cs.diffuse(S, x, boundary=bnd, method="euler", t=k * dt, dt=dt, alpha=alpha,
+                       estimate_error=False).x.flat
         done += k
         times.append(done * dt)
         states.append(x)

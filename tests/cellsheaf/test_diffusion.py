@@ -108,3 +108,67 @@ def test_nonlinear_sheaf_flows_to_the_consistent_state():
     assert res.converged
     torch.testing.assert_close(res.x["a"], torch.tensor([[0.0], [2.0]], dtype=F64))
     assert float(res.energy.max()) < 1e-20
+
+
+# ---------------------------------------------------------------- argument checks and honest fixed-time runs
+
+@pytest.mark.parametrize("kw, name", [(dict(t=-50.0), "t"), (dict(t=float("nan")), "t"), (dict(t=float("inf")), "t"),
+                                      (dict(t=1.0, dt=0.0), "dt"), (dict(dt=-1.0), "dt"), (dict(tol=float("nan")), "tol"),
+                                      (dict(alpha=float("inf")), "alpha"), (dict(max_steps=-1), "max_steps"),
+                                      (dict(max_steps=2.5), "max_steps"), (dict(t="1"), "t")])
+@pytest.mark.parametrize("method", ["euler", "rk4", "exact"])
+def test_bad_time_arguments_are_named(kw, name, method):
+    S = random_sheaf(5)
+    with pytest.raises(ValueError, match=rf"^{name} must be"):
+        cs.diffuse(S, torch.ones(S.C0, dtype=F64), method=method, **kw)
+
+
+@pytest.mark.parametrize("method", ["euler", "rk4"])
+def test_max_steps_is_honoured_with_a_final_time(method):
+    S = random_sheaf(5)
+    res = cs.diffuse(S, torch.ones(S.C0, dtype=F64), method=method, t=1e7, max_steps=10)
+    assert not res.converged and res.steps == 10 and res.t < 1e7 and "max_steps" in res.message
+
+
+@pytest.mark.parametrize("method", ["euler", "rk4", "exact"])
+def test_t_zero_and_an_empty_batch_are_no_ops(method):
+    S = random_sheaf(6)
+    b = cs.Boundary().fix(0, torch.ones(2, dtype=F64))
+    x0 = torch.randn(S.C0, dtype=F64, generator=torch.Generator().manual_seed(0))
+    res = cs.diffuse(S, x0, b, method=method, t=0.0)
+    assert res.converged and res.steps == 0 and res.t == 0.0
+    torch.testing.assert_close(res.x.flat, b.resolve(S).fill(x0), rtol=0, atol=0)
+    empty = cs.diffuse(S, torch.zeros(0, S.C0, dtype=F64), b, method=method)
+    assert empty.converged and empty.x.flat.shape == (0, S.C0) and empty.energy.shape == (0,)
+
+
+@pytest.mark.parametrize("t", [0.05, 0.3, 2.0])
+@pytest.mark.parametrize("method", ["euler", "rk4"])
+def test_fixed_time_subdivides_and_estimates_its_error(t, method):
+    S = random_sheaf(7)
+    b = cs.Boundary().fix(1, torch.tensor([1.0, -1.0], dtype=F64))
+    x0 = torch.randn(S.C0, dtype=F64, generator=torch.Generator().manual_seed(3))
+    ref = affine_flow(S, b, x0.numpy(), alpha=1.0, t=t)
+    res = cs.diffuse(S, x0, b, method=method, t=t)
+    err = float(np.abs(res.x.flat.numpy() - ref).max())
+    bound = cs.stable_step(S, b, method=method)
+    assert res.converged and res.steps >= t / bound and abs(res.t - t) < 1e-12
+    est = res.extra["error_estimate"]
+    assert est / 3 <= err <= 3 * est or err < 1e-12, (err, est)
+
+
+def test_the_default_tolerance_is_reachable_in_float32():
+    g = torch.Generator().manual_seed(8)
+    maps = [(torch.randn(2, 2, generator=g, dtype=F64), torch.randn(2, 2, generator=g, dtype=F64)) for _ in range(6)]
+    sheaves = []
+    for dtype in (torch.float32, F64):
+        S = cs.Sheaf()
+        for v in range(6):
+            S.add_vertex(v, 2)
+        for v, (Fu, Fv) in enumerate(maps):
+            S.add_edge(v, (v + 1) % 6, Fu.to(dtype), Fv.to(dtype))
+        sheaves.append(S)
+    res = cs.diffuse(sheaves[0], torch.zeros(12), cs.Boundary().fix(0, torch.ones(2)), max_steps=20_000)
+    assert res.converged and res.x.flat.dtype == torch.float32
+    ref = cs.harmonic_extension(sheaves[1], cs.Boundary().fix(0, torch.ones(2, dtype=F64))).flat
+    assert float((res.x.flat.double() - ref).abs().max()) < 1e-3
