@@ -8,31 +8,30 @@ follow from one rank decision on ``δ``, and ``dim H⁰ − dim H¹ = C0 − C1`
 Rank decisions
 --------------
 A numerical rank is a decision: singular values above a tolerance count,
-the others are treated as zero. Every result reports the tolerance, the
-singular values it saw and the *gap* at the cut (see `RankDecision`),
-so one can see how clear the decision was. Three routes:
+the others are treated as zero. Decisions are made by `cellsheaf.rank`:
+edges are equilibrated (rescaling an edge never changes a rank), vertex stalks
+are equilibrated (local kernels are decided vertex by vertex), connected
+components are decided separately, and each component gets a certified count:
+a dense SVD up to `DENSE_LIMIT` rows and columns, beyond that a Lanczos bound or
+an ``LDLᵀ`` inertia count on the sparse equilibrated Laplacian. Every result
+reports the tolerance, the singular values it saw, the *gap* at the cut and
+whether the count is certified (see `RankDecision`). The default tolerance
+follows the precision of the maps: float32 maps are decided in float64 with
+float32's epsilon.
 
-``"dense"``
-    Full SVD of ``δ`` (float64). Default tolerance, as in ``numpy.linalg.matrix_rank``:
-    ``max(C1, C0) · eps · σ_max`` with ``eps`` the float64 machine epsilon (δ is
-    always assembled in float64, whatever the dtype of the maps).
-``"sparse"``
-    For large sheaves: the ``k`` smallest eigenpairs of ``δᵀδ``, ``σ = sqrt(λ)``, by
-    block inverse iteration on one sparse LU (see `cellsheaf.spectral`; it
-    finds kernels of any multiplicity, and needs an LU that does not fill in). Eigenvalues
-    carry absolute errors of order ``eps · σ_max²``, so singular values below
-    ``sqrt(eps) · σ_max`` cannot be resolved: the default tolerance is
-    ``sqrt(max(C1, C0) · eps) · σ_max``. If all ``k`` computed singular values
-    are below the tolerance, H⁰ may be larger than ``k`` and a ``ValueError``
-    asks for a larger ``k``. The H¹ basis is computed only when ``h1 <= k``.
+``method``
+    ``"auto"`` (dense SVD per component up to `DENSE_LIMIT`, sparse count beyond),
+    ``"dense"`` (every component by SVD) or ``"sparse"`` (the sparse count for every
+    component above 64 rows or columns).
 ``exact=True``
     Exact rank and null spaces over the rationals (sympy ``DomainMatrix`` over
     ``QQ``; install the ``exact`` extra). Every float64 entry is a dyadic rational
     and is used exactly, so integer and rational maps (stored exactly) get their
     true rank. Bases are then orthonormalised in float64.
 
-``method="auto"`` uses the dense route when ``max(C0, C1) <= 2048`` and the
-sparse route otherwise.
+The bases ``H0`` and ``H1`` are computed when first read (they are dense and can
+be large). On sparse components ``H1`` is computed only when it has at most
+``k`` vectors there.
 
 Examples
 --------
@@ -47,65 +46,20 @@ Examples
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from fractions import Fraction
 
 import numpy as np
-import scipy.linalg as sla
 import scipy.sparse as sp
 import torch
 from torch import Tensor
 
 from .operators import coboundary, fixed_indices
-from .spectral import _largest, _smallest
+from .rank import DENSE_LIMIT, NullSpaces, RankDecision, decide
 
 __all__ = ["RankDecision", "Cohomology", "RelativeCohomology", "cohomology", "global_sections",
            "relative_cohomology", "DENSE_LIMIT"]
-
-DENSE_LIMIT = 2048
-"""``method="auto"`` takes the dense SVD route when ``max(C0, C1)`` is at most this."""
-
-_EPS = float(np.finfo(np.float64).eps)
-
-
-@dataclass(frozen=True)
-class RankDecision:
-    """How the rank of a matrix was decided.
-
-    Attributes
-    ----------
-    rank : the numerical (or exact) rank.
-    method : ``"dense"``, ``"sparse"`` or ``"exact"``.
-    tol : singular values ``> tol`` count towards the rank (``None`` for exact).
-    singular_values : the singular values the decision saw, descending, float64
-        (all of them for ``"dense"``; ``σ_max`` and the ``k`` smallest for
-        ``"sparse"``; ``None`` for ``"exact"``).
-    smallest_kept : the smallest singular value counted (``None`` if the rank is 0).
-    largest_dropped : the largest singular value treated as zero (``None`` if none was).
-    """
-
-    rank: int
-    method: str
-    tol: float | None = None
-    singular_values: Tensor | None = None
-    smallest_kept: float | None = None
-    largest_dropped: float | None = None
-
-    @property
-    def gap(self) -> float | None:
-        """``smallest_kept / largest_dropped``: how clear the cut was (large is clear, near 1 is not).
-
-        A missing side is replaced by ``tol``: with nothing dropped the gap is
-        ``smallest_kept / tol``, with nothing kept it is ``tol / largest_dropped``.
-        ``inf`` when the dropped values are exactly zero; ``None`` for exact ranks.
-        """
-        if self.method == "exact":
-            return None
-        top = self.smallest_kept if self.smallest_kept is not None else self.tol
-        bottom = self.largest_dropped if self.largest_dropped is not None else self.tol
-        if bottom == 0:
-            return math.inf
-        return top / bottom
 
 
 class _Decided:
@@ -128,6 +82,15 @@ class _Decided:
         """Singular-value gap at the rank cut (see `RankDecision.gap`)."""
         return self.decision.gap
 
+    @property
+    def certified(self) -> bool:
+        """Whether the rank decision is certified (see `RankDecision.certified`)."""
+        return self.decision.certified
+
+
+def _tensor(M, dtype) -> Tensor | None:
+    return None if M is None else torch.from_numpy(np.array(M, dtype=np.float64, order="C")).to(dtype)
+
 
 @dataclass(frozen=True)
 class Cohomology(_Decided):
@@ -136,20 +99,30 @@ class Cohomology(_Decided):
     Attributes
     ----------
     h0, h1 : ``dim H⁰ = dim ker δ`` and ``dim H¹ = dim coker δ``.
-    H0 : ``(C0, h0)`` orthonormal basis of ``ker δ`` (the global sections).
-    H1 : ``(C1, h1)`` orthonormal basis of ``ker δᵀ ≅ coker δ``, or ``None`` when
-        the sparse route did not compute it (``h1 > k``).
+    H0 : ``(C0, h0)`` orthonormal basis of ``ker δ`` (the global sections), computed when first read.
+    H1 : ``(C1, h1)`` orthonormal basis of ``ker δᵀ ≅ coker δ``, computed when first read, or
+        ``None`` when a sparse component has more than ``k`` of its vectors.
     C0, C1 : dimensions of the cochain spaces.
-    decision : the `RankDecision` on ``δ``.
+    decision : the `RankDecision` on ``δ`` (``.certified``, ``.gap``, ``.tol``, ``.certificate``).
     """
 
     h0: int
     h1: int
-    H0: Tensor
-    H1: Tensor | None
     C0: int
     C1: int
     decision: RankDecision
+    _spaces: NullSpaces = field(repr=False, compare=False)
+    _dtype: torch.dtype = field(repr=False, compare=False)
+
+    @cached_property
+    def H0(self) -> Tensor:
+        """Orthonormal ``(C0, h0)`` basis of the global sections."""
+        return _tensor(self._spaces.right(), self._dtype)
+
+    @cached_property
+    def H1(self) -> Tensor | None:
+        """Orthonormal ``(C1, h1)`` basis of ``ker δᵀ``, or ``None`` (see the class docstring)."""
+        return _tensor(self._spaces.left(), self._dtype)
 
     @property
     def rank(self) -> int:
@@ -163,7 +136,7 @@ class Cohomology(_Decided):
 
     def __repr__(self) -> str:
         gap = self.gap
-        gap_s = "exact" if gap is None else f"{gap:.3g}"
+        gap_s = "exact" if self.decision.method == "exact" else ("uncertified" if gap is None else f"{gap:.3g}")
         return f"Cohomology(h0={self.h0}, h1={self.h1}, rank={self.rank}, method={self.decision.method!r}, gap={gap_s})"
 
 
@@ -177,91 +150,39 @@ class RelativeCohomology(_Decided):
     Attributes
     ----------
     dim : ``dim H⁰(G, U; F)``.
-    basis : ``(C0, dim)`` orthonormal basis, zero on the fixed coordinates.
+    basis : ``(C0, dim)`` orthonormal basis, zero on the fixed coordinates (computed when first read).
     free : sorted flat indices of the free coordinates ``Ω``.
     decision : the `RankDecision` on ``δ_Ω = δ[:, Ω]``.
     """
 
     dim: int
-    basis: Tensor
     free: Tensor
     decision: RankDecision
+    _spaces: NullSpaces = field(repr=False, compare=False)
+    _dtype: torch.dtype = field(repr=False, compare=False)
+    _C0: int = field(repr=False, compare=False)
 
     @property
     def h0(self) -> int:
         """Alias of `dim`."""
         return self.dim
 
+    def basis_sparse(self) -> sp.csr_matrix:
+        """The basis as a scipy sparse ``(C0, dim)`` matrix (cheap when the kernel is local)."""
+        B = self._spaces.right(sparse=True).tocoo()
+        free = self.free.numpy()
+        return sp.csr_matrix((B.data, (free[B.row], B.col)), shape=(self._C0, B.shape[1]))
 
-# ---------------------------------------------------------------------------- rank engines
-
-
-def _decide(s: np.ndarray, tol: float, method: str, rank: int | None = None) -> RankDecision:
-    """Rank decision from singular values ``s`` (any order); ``rank`` overrides the count above ``tol``."""
-    s = np.sort(np.asarray(s, dtype=np.float64))[::-1]
-    kept, dropped = s[s > tol], s[s <= tol]
-    return RankDecision(
-        rank=int(kept.size) if rank is None else rank, method=method, tol=float(tol),
-        singular_values=torch.as_tensor(s.copy()),
-        smallest_kept=float(kept[-1]) if kept.size else None,
-        largest_dropped=float(dropped[0]) if dropped.size else None,
-    )
+    @cached_property
+    def basis(self) -> Tensor:
+        """Orthonormal ``(C0, dim)`` basis, zero on the fixed coordinates."""
+        return _tensor(self.basis_sparse().toarray(), self._dtype)
 
 
-def _dense(D: sp.csr_matrix, tol: float | None):
-    """Full SVD route: returns ``(decision, right null basis, left null basis)``."""
-    m, n = D.shape
-    A = D.toarray()
-    if min(m, n) == 0:
-        s, U, Vt = np.zeros(0), np.eye(m), np.eye(n)
-    else:
-        try:
-            U, s, Vt = sla.svd(A, full_matrices=True)
-        except np.linalg.LinAlgError:  # gesdd can fail to converge; gesvd is slower but robust
-            U, s, Vt = sla.svd(A, full_matrices=True, lapack_driver="gesvd")
-    smax = float(s[0]) if s.size else 0.0
-    if tol is None:
-        tol = max(m, n, 1) * _EPS * smax
-    dec = _decide(s, tol, "dense")
-    r = dec.rank
-    return dec, Vt[r:].T, U[:, r:]
+# ---------------------------------------------------------------------------- exact route
 
 
-def _check_k(k: int | None, n: int) -> int:
-    if k is None:
-        k = 16
-    if int(k) != k or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
-    return int(min(k, max(n, 1)))
-
-
-def _sparse(D: sp.csr_matrix, tol: float | None, k: int | None, left: bool):
-    """Sparse route: smallest eigenpairs of ``DᵀD`` (and ``DDᵀ`` for the left null space)."""
-    m, n = D.shape
-    k = _check_k(k, n)
-    G = (D.T @ D).tocsr()
-    lmax = float(_largest(G, 1, tol=1e-6)[0][0])  # σ_max only sets the scale of the tolerance
-    smax = math.sqrt(max(lmax, 0.0))
-    if tol is None:
-        tol = math.sqrt(max(m, n) * _EPS) * smax
-    lam, V = _smallest(G, k)
-    s_small = np.sqrt(np.clip(lam, 0.0, None))
-    nullity = int((s_small <= tol).sum())
-    if nullity == k and k < n:
-        raise ValueError(
-            f"all {k} smallest singular values of the {m}x{n} coboundary are below tol={tol:.3g}: the kernel may "
-            f"have dimension > {k}. Pass a larger k= (or method='dense' if it fits in memory)"
-        )
-    dec = _decide(np.concatenate([[smax], s_small]), tol, "sparse", rank=n - nullity)
-    right = V[:, :nullity]
-    left_basis = None
-    h1 = m - dec.rank
-    if left and h1 <= k:
-        left_basis = _smallest((D @ D.T).tocsr(), h1)[1] if h1 else np.zeros((m, 0))
-    return dec, right, left_basis
-
-
-def _exact(D: sp.csr_matrix):
+def _exact(D: sp.csr_matrix) -> NullSpaces:
     """Exact rank and null spaces over QQ (sympy)."""
     try:
         from sympy import QQ
@@ -282,50 +203,63 @@ def _exact(D: sp.csr_matrix):
         rows.setdefault(i, {})[j] = q
         rows_t.setdefault(j, {})[i] = q
     A = DomainMatrix(rows, (m, n), QQ)
-    rank = int(A.rank())
+    rank = int(A.rank()) if m and n else 0
 
-    def null(M: DomainMatrix, size: int) -> np.ndarray:
-        if M.shape[0] == 0:
-            return np.eye(size)
+    def null(M: DomainMatrix, size: int) -> sp.csr_matrix:
+        if M.shape[0] == 0 or rank == 0:
+            return sp.identity(size, format="csr")
         rows = M.nullspace().to_Matrix().tolist()  # one basis vector per row
-        return _orthonormal(np.array(rows, dtype=np.float64).reshape(-1, size).T)
+        B = np.array(rows, dtype=np.float64).reshape(-1, size).T
+        return sp.csr_matrix(np.linalg.qr(B)[0] if B.shape[1] else B)
 
-    right = null(A, n)
-    left = null(DomainMatrix(rows_t, (n, m), QQ), m)
-    return RankDecision(rank=rank, method="exact"), right, left
-
-
-def _orthonormal(B: np.ndarray) -> np.ndarray:
-    """Orthonormal basis of the column span of a full-column-rank ``B``."""
-    if B.shape[1] == 0:
-        return B
-    Q, _ = np.linalg.qr(B)
-    return Q
+    return NullSpaces(RankDecision(rank=rank, method="exact", certificate="exact rank over the rationals"),
+                      lambda: null(A, n), lambda: null(DomainMatrix(rows_t, (n, m), QQ), m),
+                      free_columns=np.arange(n))
 
 
-def _null_spaces(D: sp.csr_matrix, tol, exact, method, k, left):
+# ---------------------------------------------------------------------------- shared plumbing
+
+
+def _owners(S) -> tuple[np.ndarray, np.ndarray]:
+    """Edge index of every row of ``δ`` and vertex index of every column."""
+    rows = np.repeat(np.arange(len(S.edges)), np.fromiter((e.dim for e in S.edge_items()), np.int64))
+    cols = np.repeat(np.arange(len(S.vertices)), np.fromiter((S.dim(v) for v in S.vertices), np.int64))
+    return rows.astype(np.int64), cols.astype(np.int64)
+
+
+def _check(tol, exact, method, k) -> int:
     if method not in ("auto", "dense", "sparse"):
         raise ValueError(f"method must be 'auto', 'dense' or 'sparse', got {method!r}")
     if tol is not None and not (tol >= 0 and math.isfinite(tol)):
         raise ValueError(f"tol must be a non-negative finite number, got {tol!r}")
     if exact and tol is not None:
         raise ValueError("exact=True decides the rank exactly: do not pass tol")
+    if k is None:
+        k = 16
+    if isinstance(k, bool) or int(k) != k or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    return int(k)
+
+
+def _spaces(S, D: sp.csr_matrix, cols: np.ndarray | None, tol, exact, method, k, dtype: torch.dtype) -> NullSpaces:
+    """Rank decision on ``D`` (all columns of ``δ``, or the columns ``cols``); ``dtype``: the maps' dtype."""
+    k = _check(tol, exact, method, k)
     if not np.isfinite(D.data).all():
         raise ValueError("the coboundary has NaN or Inf entries: check the restriction maps")
-    m, n = D.shape
-    if D.count_nonzero() == 0:  # δ = 0: everything is in the kernel, whatever the route
-        dec = RankDecision(0, "exact") if exact else \
-            _decide(np.zeros(min(m, n)), tol or 0.0, "dense" if method == "auto" else method)
-        return dec, np.eye(n), np.eye(m)
+    row_owner, col_owner = _owners(S)
+    if cols is not None:
+        D, col_owner = D[:, cols].tocsr(), col_owner[cols]
     if exact:
         return _exact(D)
-    if method == "dense" or (method == "auto" and max(D.shape) <= DENSE_LIMIT):
-        return _dense(D, tol)
-    return _sparse(D, tol, k, left)
+    eps = float(torch.finfo(dtype).eps) if dtype.is_floating_point else _EPS64
+    return decide(D, row_owner, col_owner, eps=max(eps, _EPS64), tol=tol, method=method, k=k)
+
+
+_EPS64 = float(np.finfo(np.float64).eps)
 
 
 def _delta(S, at) -> sp.csr_matrix:
-    return coboundary(S, at=at, format="scipy")
+    return coboundary(S, at=at, format="scipy", dtype=torch.float64)
 
 
 # ---------------------------------------------------------------------------- public API
@@ -339,25 +273,22 @@ def cohomology(S, tol: float | None = None, exact: bool = False, at=None, method
     ----------
     S : Sheaf
     tol : float, optional
-        Singular values ``> tol`` count towards the rank of ``δ``. Default:
-        ``max(C1, C0) · eps · σ_max`` (dense) or ``sqrt(max(C1, C0) · eps) · σ_max``
-        (sparse); see the module docstring.
+        Singular values of the equilibrated coboundary ``> tol`` count towards the rank
+        (default: from the dtype of the maps; see `cellsheaf.rank`).
     exact : bool
         Decide the rank exactly over the rationals (needs sympy).
     at : cochain, optional
         Linearisation point for sheaves with nonlinear maps (their Jacobians are used).
     method : {"auto", "dense", "sparse"}
-        Dense SVD or sparse shift-invert eigensolver (``auto``: dense up to
-        `DENSE_LIMIT`).
+        How components are decided (see the module docstring).
     k : int, optional
-        Sparse route only: how many of the smallest singular values to compute
-        (an upper bound on ``h0``; default 16).
+        Sparse components only: ``H1`` is computed when it has at most ``k`` vectors there (default 16).
 
     Returns
     -------
     Cohomology
         ``.h0``, ``.h1``, bases ``.H0`` ``(C0, h0)`` and ``.H1`` ``(C1, h1)`` in the
-        sheaf's dtype, and the rank decision (``.tol``, ``.singular_values``, ``.gap``).
+        sheaf's dtype, and the rank decision (``.tol``, ``.singular_values``, ``.gap``, ``.certified``).
 
     Examples
     --------
@@ -366,16 +297,14 @@ def cohomology(S, tol: float | None = None, exact: bool = False, at=None, method
     >>> _ = S.add_edge(0, 1, torch.ones(1, 1, dtype=torch.float64), torch.ones(1, 1, dtype=torch.float64))
     >>> _ = S.add_edge(0, 1, torch.ones(1, 1, dtype=torch.float64), 2 * torch.ones(1, 1, dtype=torch.float64))
     >>> H = cs.cohomology(S)
-    >>> H.h0, H.h1, H.euler_characteristic == S.C0 - S.C1
-    (0, 0, True)
+    >>> H.h0, H.h1, H.euler_characteristic == S.C0 - S.C1, H.certified
+    (0, 0, True, True)
     """
-    D = _delta(S, at)
-    dec, right, left = _null_spaces(D, tol, exact, method, k, left=True)
-    dt = S.dtype
-    h0 = S.C0 - dec.rank
-    H1 = None if left is None else torch.from_numpy(np.array(left, order="C")).to(dt)
-    return Cohomology(h0=h0, h1=S.C1 - dec.rank, H0=torch.from_numpy(np.array(right, order="C")).to(dt), H1=H1,
-                      C0=S.C0, C1=S.C1, decision=dec)
+    dtype = S.dtype
+    spaces = _spaces(S, _delta(S, at), None, tol, exact, method, k, dtype)
+    r = spaces.decision.rank
+    return Cohomology(h0=S.C0 - r, h1=S.C1 - r, C0=S.C0, C1=S.C1, decision=spaces.decision, _spaces=spaces,
+                      _dtype=dtype)
 
 
 def global_sections(S, tol: float | None = None, exact: bool = False, at=None, method: str = "auto",
@@ -393,9 +322,9 @@ def global_sections(S, tol: float | None = None, exact: bool = False, at=None, m
     tensor([[0.7071],
             [0.7071]], dtype=torch.float64)
     """
-    D = _delta(S, at)
-    _, right, _ = _null_spaces(D, tol, exact, method, k, left=False)
-    return torch.from_numpy(np.array(right, order="C")).to(S.dtype)
+    dtype = S.dtype
+    spaces = _spaces(S, _delta(S, at), None, tol, exact, method, k, dtype)
+    return _tensor(spaces.right(), dtype)
 
 
 def relative_cohomology(S, boundary, tol: float | None = None, exact: bool = False, at=None,
@@ -429,9 +358,8 @@ def relative_cohomology(S, boundary, tol: float | None = None, exact: bool = Fal
     """
     fixed = fixed_indices(S, boundary).cpu().numpy()
     free = np.setdiff1d(np.arange(S.C0), fixed)
-    D = _delta(S, at)[:, free].tocsr()
-    dec, right, _ = _null_spaces(D, tol, exact, method, k, left=False)
-    basis = np.zeros((S.C0, right.shape[1]))
-    basis[free] = right
-    return RelativeCohomology(dim=int(free.size - dec.rank), basis=torch.as_tensor(basis).to(S.dtype),
-                              free=torch.as_tensor(free, dtype=torch.long), decision=dec)
+    dtype = S.dtype
+    spaces = _spaces(S, _delta(S, at), free, tol, exact, method, k, dtype)
+    return RelativeCohomology(dim=int(free.size - spaces.decision.rank),
+                              free=torch.as_tensor(free, dtype=torch.long), decision=spaces.decision,
+                              _spaces=spaces, _dtype=dtype, _C0=S.C0)
