@@ -54,6 +54,7 @@ from .results import Result
 
 __all__ = [
     "MapKey", "set_trainable", "trainable_maps", "parameters", "map_gradients", "snapshot",
+    "map_parameters", "local_gradients",
     "assign_gradients", "optimizer_step", "joint_step", "joint_flow",
 ]
 
@@ -129,6 +130,94 @@ def _resolve_keys(S, values: Mapping | None, maps: dict[MapKey, Linear], what: s
 def snapshot(S) -> dict[MapKey, Tensor]:
     """Copies of the current trainable maps: the anchors ``F₀`` of Eq. (41)."""
     return {k: F.weight.detach().clone() for k, F in trainable_maps(S).items()}
+
+
+def map_parameters(S) -> list[Tensor]:
+    """Every trainable tensor the maps of ``S`` hold (`cellsheaf.maps.Map.parameters`), each once, in edge order.
+
+    Examples
+    --------
+    >>> import torch, cellsheaf as cs
+    >>> w = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
+    >>> S = cs.Sheaf(); S.add_vertex("a", 2); S.add_vertex("b", 2); S.add_vertex("c", 2)
+    >>> _ = S.add_edge("a", "b", cs.maps.Diagonal(w), torch.eye(2))
+    >>> _ = S.add_edge("b", "c", cs.maps.Diagonal(w), torch.eye(2))          # w is tied
+    >>> [p is w for p in cs.learning.map_parameters(S)]
+    [True]
+    """
+    out: dict[int, Tensor] = {}
+    for e in S.edge_items():
+        for t in e.Fu.parameters() + e.Fv.parameters():
+            out.setdefault(id(t), t)
+    return list(out.values())
+
+
+def _edge_energy(S, e, xb: Tensor) -> Tensor:
+    """``w_e U_e(F_v x_v, F_u x_u)`` summed over the batch, differentiable in the maps' tensors."""
+    av, au = e.Fv.apply(xb[:, S.vertex_slice(e.v)]), e.Fu.apply(xb[:, S.vertex_slice(e.u)])
+    if e.quadratic:
+        return 0.5 * e.weight * (av - au).square().sum()
+    return e.weight * e.potential.pair_value(av, au).sum()
+
+
+def local_gradients(S, x, params: Mapping | list | None = None) -> dict | list:
+    """The local learning rule for maps holding torch parameters: for each parameter ``θ``,
+    ``Σ_{e holds θ} ∂E_e(x)/∂θ``, the gradient of each edge's *own* energy at the fixed state ``x``
+    with respect to its *own* parameters, summed over the edges that share ``θ`` (and over a batch).
+
+    One rule for every map kind (dense and affine weights, convolution kernels, norm weights,
+    scalars, gates, tied matrices), by autograd through the maps of the edges that hold ``θ``
+    (found by identity among their `cellsheaf.maps.Map.tensors`): nothing but each edge's
+    discrepancy and its end stalks enters (Eq. 24 for a dense map).
+
+    Parameters
+    ----------
+    S : Sheaf
+    x : Cochain or tensor ``(C0,)`` / ``(B, C0)``
+        The state; held fixed (not differentiated).
+    params : mapping ``{name: tensor}``, sequence of tensors, or None
+        The parameters (default: `map_parameters`). A tensor that does not require grad
+        is differentiated all the same.
+
+    Returns
+    -------
+    ``{name: gradient}`` for a mapping, else a list of gradients aligned with ``params``
+    (zeros for a parameter that no edge holds).
+
+    Examples
+    --------
+    >>> import torch, cellsheaf as cs
+    >>> s = torch.nn.Parameter(torch.tensor([2.0], dtype=torch.float64))   # one scalar on two edges
+    >>> S = cs.Sheaf(); S.add_vertex("a", 1); S.add_vertex("b", 1)
+    >>> _ = S.add_edge("a", "b", cs.maps.Diagonal(s), torch.eye(1, dtype=torch.float64), name="e1")
+    >>> _ = S.add_edge("b", "a", cs.maps.Diagonal(s), torch.eye(1, dtype=torch.float64), name="e2")
+    >>> x = torch.tensor([1.0, 3.0], dtype=torch.float64)
+    >>> cs.learning.local_gradients(S, x, {"s": s})    # e1: -(3 - 2·1)·1, e2: -(1 - 2·3)·3
+    {'s': tensor([14.], dtype=torch.float64)}
+    """
+    names = list(params) if isinstance(params, Mapping) else None
+    plist = list(params.values()) if names is not None else map_parameters(S) if params is None else list(params)
+    for k, p in enumerate(plist):
+        if not isinstance(p, Tensor) or not p.is_floating_point():
+            raise TypeError(f"local_gradients: parameter {names[k] if names else k!r} is not a floating tensor")
+    ids = {id(p) for p in plist}
+    edges = [e for e in S.edge_items() if any(id(t) in ids for t in e.Fu.tensors() + e.Fv.tensors())]
+    xf = as_flat(S, x).detach()
+    xb = xf if xf.dim() == 2 else xf.unsqueeze(0)
+    switched = [p for p in plist if not p.requires_grad]
+    try:
+        for p in switched:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            E = sum((_edge_energy(S, e, xb) for e in edges), xb.new_zeros(()))
+            grads = torch.autograd.grad(E, plist, allow_unused=True) if edges else [None] * len(plist)
+    finally:
+        for p in switched:
+            p.requires_grad_(False)
+    out = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(plist, grads)]
+    for k, g in enumerate(out):
+        check_finite(g, f"the local gradient of parameter {names[k] if names else k!r}")
+    return dict(zip(names, out)) if names is not None else out
 
 
 def _local_gradients(S, x: Tensor, gv: Tensor, gu: Tensor, maps: dict[MapKey, Linear]) -> dict[MapKey, Tensor]:

@@ -9,7 +9,10 @@ the extended affine map ``(A | diag b)``) never build a dense matrix on the way.
 The modules are named after the mathematics: `core` (the interface, dense,
 sparse and selection maps, block maps, elementwise ReLU-type maps),
 `affine` (extended affine maps), `convolution` (convolution, average pooling,
-per-token linear maps).
+per-token linear maps), `elementwise` (every torch activation), `piecewise`
+(max pooling), `normalization` (LayerNorm, RMSNorm, GroupNorm, softmax along an
+axis), `products` (maps of several inputs on a concatenated stalk: products,
+matrix products, quotients, masked choice).
 
 Examples
 --------
@@ -26,6 +29,10 @@ from .core import (Compose, Diagonal, Elementwise, Function, HStack, Identity, L
 from .affine import Affine
 from .convolution import (AdaptiveAvgPool, AdaptiveAvgPool1d, AdaptiveAvgPool2d, AvgPool, AvgPool1d, AvgPool2d, Conv,
                           Conv1d, Conv2d, TokenLinear, permutation)
+from .elementwise import ACTIVATIONS, Activation, activation
+from .normalization import GroupNorm, LayerNorm, RMSNorm, ShapedMap, SoftmaxAlong
+from .piecewise import MaxPool, MaxPool1d, MaxPool2d
+from .products import MatMul, Product, Quotient, Where
 
 __all__ = [
     "Map", "Linear", "Identity", "Scaled", "Select", "Diagonal", "HStack", "VStack",
@@ -33,4 +40,6 @@ __all__ = [
     "Function", "as_map", "Structured", "Affine",
     "Conv", "Conv1d", "Conv2d", "AvgPool", "AvgPool1d", "AvgPool2d", "AdaptiveAvgPool", "AdaptiveAvgPool1d",
     "AdaptiveAvgPool2d", "TokenLinear", "permutation",
+    "Activation", "ACTIVATIONS", "activation", "ShapedMap", "LayerNorm", "RMSNorm", "GroupNorm", "SoftmaxAlong",
+    "MaxPool", "MaxPool1d", "MaxPool2d", "Product", "Quotient", "MatMul", "Where",
 ]

@@ -488,9 +488,14 @@ class Compose(Map):
 
 
 class Elementwise(Map):
-    """A nonlinear map applied coordinatewise, with closed-form derivative."""
+    """A nonlinear map applied coordinatewise, with closed-form derivative.
+
+    ``kinks`` lists the points where the derivative jumps (ReLU: 0); there
+    `derivative` is the one on the right (the fast selection rule, Eq. 12).
+    """
 
     linear = False
+    kinks: tuple[float, ...] = ()
 
     def __init__(self, d: int):
         self.d_in = self.d_out = int(d)
@@ -520,6 +525,8 @@ class Elementwise(Map):
 class ReLU(Elementwise):
     """ReLU with the fast selection rule: the derivative is 1 where ``z >= 0`` (Eq. 12)."""
 
+    kinks = (0.0,)
+
     def apply(self, x):
         return torch.relu(x)
 
@@ -529,6 +536,8 @@ class ReLU(Elementwise):
 
 class LeakyReLU(Elementwise):
     """Leaky ReLU ``max(z, slope*z)``; derivative 1 where ``z >= 0``."""
+
+    kinks = (0.0,)
 
     def __init__(self, d: int, slope: float = 0.01):
         super().__init__(d)
