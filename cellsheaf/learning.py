@@ -40,7 +40,7 @@ Examples
 from __future__ import annotations
 
 import math
-from typing import Hashable, Mapping
+from typing import Callable, Hashable, Mapping
 
 import torch
 from torch import Tensor
@@ -339,13 +339,19 @@ def _free_of(S, boundary, like: Tensor) -> Tensor:
     return (boundary or Boundary()).resolve(S).free.to(like.device)
 
 
-def _joint_gradients(S, x: Tensor, maps: dict, lam: float, mu: float, x_anchor, map_anchors):
-    """``(∇_x E + λ(x − x₀), {map: Π_W(∇_F E + μ(F − F₀))})`` sharing one evaluation of the forces."""
+def _joint_gradients(S, x: Tensor, maps: dict, lam: float, mu: float, x_anchor, map_anchors, reduce=None):
+    """``(∇_x E + λ(x − x₀), {map: Π_W(∇_F E + μ(F − F₀))})`` sharing one evaluation of the forces.
+
+    ``reduce`` (a list of tensors -> list of tensors) combines the energy part of the map
+    gradients with other batches before the regularisation is added (data parallelism)."""
     gv, gu = forces(S, x)
     g = pullback(S, gv, gu, at=x)
     if lam:
         g = g + lam * (x - (0.0 if x_anchor is None else as_flat(S, x_anchor).to(x.dtype)))
-    return g, _regularised(S, _local_gradients(S, x, gv, gu, maps), maps, mu, map_anchors)
+    grads = _local_gradients(S, x, gv, gu, maps)
+    if reduce is not None:
+        grads = dict(zip(grads, reduce(list(grads.values()))))
+    return g, _regularised(S, grads, maps, mu, map_anchors)
 
 
 def joint_step(
@@ -359,6 +365,7 @@ def joint_step(
     mu: float = 0.0,
     x_anchor=None,
     map_anchors: Mapping | None = None,
+    reduce: Callable[[list[Tensor]], list[Tensor]] | None = None,
 ) -> Tensor:
     """One forward-Euler step of the joint dynamics Eq. (26) (Eq. (42) with ``lam``, ``mu``).
 
@@ -375,6 +382,9 @@ def joint_step(
     alpha, beta, dt : rates of the state and the maps, and the time step.
     lam, x_anchor : state regularisation ``λ(ω − ω₀)`` (``ω₀`` default 0); the same as reluctance edges.
     mu, map_anchors : map regularisation ``μ(F − F₀)`` (``F₀`` default 0, or from `snapshot`).
+    reduce : callable, optional
+        Combines the batch sums of the map gradients with those of other processes before the
+        step (e.g. an all-reduce sum under torch.distributed, so every process takes the same step).
 
     Examples
     --------
@@ -393,7 +403,7 @@ def joint_step(
     xf = as_flat(S, x)
     free = _free_of(S, boundary, xf)
     maps = trainable_maps(S)
-    g, map_grads = _joint_gradients(S, xf, maps, lam, mu, x_anchor, map_anchors)
+    g, map_grads = _joint_gradients(S, xf, maps, lam, mu, x_anchor, map_anchors, reduce)
     x_new = xf.clone()
     x_new[..., free] = xf[..., free] - dt * alpha * g[..., free]
     with torch.no_grad():

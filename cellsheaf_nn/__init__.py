@@ -21,13 +21,13 @@ from .builder import Builder, EdgeInfo, Value, VertexInfo
 from .compile import CompileError, compile
 from .neural import ConvergenceError, NeuralSheaf, NeuralState, Pin
 from .ops import UnsupportedOpError, register, supported_ops
-from . import datasets, losses
+from . import datasets, distributed, losses
 from . import diagnostics
 from .train import DivergenceError, History, SheafTrainer, he_init, make_optimizer, mlp, output_activation, train_sgd
 
 __all__ = [
     "compile", "CompileError", "NeuralSheaf", "NeuralState", "Pin", "ConvergenceError",
     "register", "supported_ops", "UnsupportedOpError", "Builder", "Value", "VertexInfo", "EdgeInfo",
-    "datasets", "losses", "DivergenceError", "History", "SheafTrainer", "he_init", "make_optimizer", "mlp",
+    "datasets", "distributed", "losses", "DivergenceError", "History", "SheafTrainer", "he_init", "make_optimizer", "mlp",
     "output_activation", "train_sgd", "diagnostics",
 ]

@@ -32,6 +32,7 @@ from cellsheaf import learning
 from cellsheaf.energy import edge_energies
 from cellsheaf.gauss_newton import NewtonOptions
 
+from . import distributed
 from . import losses as _losses
 from .checkpoint import CheckpointError, read_checkpoint, write_checkpoint
 
@@ -225,7 +226,7 @@ def check_data(X: Tensor, Y: Tensor, n_in: int, n_out: int, dtype: torch.dtype, 
 
 def _progress(total: int, enabled: bool, desc: str):
     """A tqdm bar (or ``None`` when disabled)."""
-    if not enabled:
+    if not enabled or not distributed.is_main():
         return None
     try:
         from tqdm.auto import tqdm
@@ -266,10 +267,14 @@ def _record(hist: History, step: int, wall: float, evaluate: Callable[[Tensor, T
 
 def _evaluator(forward: Callable[[Tensor], Tensor], loss: _losses.Loss):
     def evaluate(X: Tensor, Y: Tensor) -> tuple[float, float | None]:
+        """Loss (and accuracy) on ``(X, Y)``; under torch.distributed, on the union of the ranks' data."""
         with torch.no_grad():
             out = forward(X)
-        acc = _losses.accuracy(out, Y) if loss.outputs else None
-        return float(loss(out, Y)), acc
+            stats = {"loss": loss(out, Y).reshape(1).to(out.dtype)}
+            if loss.outputs:
+                stats["acc"] = torch.tensor([_losses.accuracy(out, Y)], dtype=out.dtype, device=out.device)
+            stats = distributed.union_mean(stats, len(X))
+        return float(stats["loss"]), (float(stats["acc"]) if "acc" in stats else None)
     return evaluate
 
 
@@ -635,6 +640,7 @@ class SheafTrainer:
             start = None if self.mode == "nudged" else (self.stalks if idx is None else self.stalks[idx])
             x, grads = self._local_directions(X, Y, start)
             self._check_finite(x)
+            grads = distributed.union_mean(grads, len(X))
             for name, F in self.weights.items():
                 F.weight.grad = grads[name]
             self.optimizer.step()
@@ -650,8 +656,9 @@ class SheafTrainer:
         ref, map_ref = self._anchors
         x_new = learning.joint_step(
             self.sheaf, x, self._free, alpha=self.alpha,
-            beta=self.beta if self.beta is not None else 1.0 / len(X), dt=self.dt, lam=self.lam, mu=self.mu,
-            x_anchor=ref if idx is None else ref[idx], map_anchors={(k, "u"): W for k, W in map_ref.items()})
+            beta=self.beta if self.beta is not None else 1.0 / distributed.union_count(len(X)), dt=self.dt,
+            lam=self.lam, mu=self.mu, x_anchor=ref if idx is None else ref[idx],
+            map_anchors={(k, "u"): W for k, W in map_ref.items()}, reduce=distributed.all_sum)
         self.ns.sheaf.invalidate()
         return x_new
 
@@ -770,6 +777,7 @@ class SheafTrainer:
             if self.mode == "equilibrium" and start is None:
                 start = self._initial_stalks(X, Yt)
             grads = self._local_directions(X, Yt, start)[1]
+        grads = distributed.union_mean(grads, len(X))
         out: dict[str, Tensor] = {}
         for edge, G in grads.items():
             info = ns.edge_info[edge]
@@ -811,9 +819,11 @@ class SheafTrainer:
         """Save `state_dict` to ``path`` atomically (`cellsheaf_nn.checkpoint`).
 
         The checkpoint is written to a temporary file in the same folder, fsynced and renamed over
-        ``path``: a crash while saving leaves the previous checkpoint intact.
+        ``path``: a crash while saving leaves the previous checkpoint intact. Under torch.distributed
+        only rank 0 writes.
         """
-        write_checkpoint(path, self.state_dict(), kind=_CHECKPOINT_KIND)
+        if distributed.is_main():
+            write_checkpoint(path, self.state_dict(), kind=_CHECKPOINT_KIND)
 
     def load(self, path) -> "SheafTrainer":
         """Load a state saved by `save` into this trainer (and its network); returns ``self``.
