@@ -16,6 +16,7 @@ import resource
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import pytest
@@ -147,3 +148,85 @@ def test_block_extraction_resolves_snippets_and_keeps_order():
     assert blocks[0] == "a = 1\n" and len(blocks) == 2
     assert "--8<--" not in blocks[1] and "cs.Sheaf()" in blocks[1]
     assert not blocks[1].startswith((" ", "\t"))
+
+
+# ---- names written in the prose exist ----------------------------------------------------------------------------
+
+_ALIASES = {"cs": "cellsheaf", "csnn": "cellsheaf_nn", "cellsheaf": "cellsheaf", "cellsheaf_nn": "cellsheaf_nn"}
+_DOTTED = re.compile(r"`((?:cs|csnn|cellsheaf|cellsheaf_nn)(?:\.[A-Za-z_]\w*)+)")
+
+
+def dotted_names(text: str) -> list[str]:
+    """Dotted names such as ``cs.maps.ReLU`` or ``csnn.train.SheafTrainer(...)`` that open an inline code span."""
+    prose = _FENCE.sub("", text)
+    return sorted(set(_DOTTED.findall(prose)))
+
+
+def _resolve(name: str):
+    """What a user typing ``name`` (with ``import cellsheaf as cs, cellsheaf_nn as csnn``) gets: attribute access
+    from the top package, as written (``cs.energy.gradient`` fails: ``cs.energy`` is the function)."""
+    head, *rest = name.split(".")
+    obj = importlib.import_module(_ALIASES[head])
+    for part in rest:
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            if not isinstance(obj, types.ModuleType):
+                raise
+            try:  # a submodule the package does not import itself (cellsheaf_nn.plots: matplotlib is optional)
+                obj = importlib.import_module(f"{obj.__name__}.{part}")
+            except ModuleNotFoundError:
+                raise AttributeError(f"module {obj.__name__!r} has no attribute or submodule {part!r}") from None
+    return obj
+
+
+@pytest.mark.parametrize("page", MD_PAGES, ids=[_page_id(p) for p in MD_PAGES])
+def test_dotted_names_in_the_prose_exist(page):
+    missing = []
+    for name in dotted_names(page.read_text()):
+        try:
+            _resolve(name)
+        except AttributeError as err:
+            missing.append(f"{name}: {err}")
+    assert not missing, f"{_page_id(page)} names things that do not exist:\n" + "\n".join(missing)
+
+
+# ---- the built site: no raw roles, maths and highlighting served from the site itself ---------------------------
+
+_RAW_ROLE = re.compile(r":(?:py:)?(?:class|meth|func|mod|attr|data|exc|obj|ref|const|term):")
+_REMOTE = re.compile(r"""<(?:script|link|img)\b[^>]*\b(?:src|href)=["'](?:https?:)?//""", re.I)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("site")
+    res = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(out)], cwd=ROOT,
+                         capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=600)
+    assert res.returncode == 0, f"mkdocs build --strict failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    return out
+
+
+def test_built_site_has_no_raw_sphinx_roles(site):
+    bad = {p.relative_to(site).as_posix(): sorted(set(_RAW_ROLE.findall(p.read_text())))
+           for p in site.rglob("*.html") if _RAW_ROLE.search(p.read_text())}
+    assert not bad, f"raw Sphinx roles in the built site (write `Name` in docstrings): {bad}"
+
+
+def test_built_site_loads_maths_and_styles_from_itself(site):
+    pages = sorted(site.rglob("*.html"))
+    remote = {p.relative_to(site).as_posix(): _REMOTE.findall(p.read_text()) for p in pages}
+    assert not {k: v for k, v in remote.items() if v}, f"pages load scripts or styles from the network: {remote}"
+    home = (site / "index.html").read_text()
+    assert 'class="arithmatex"' in home and "assets/katex/katex.min.js" in home and "assets/math.js" in home
+    for asset in ("assets/katex/katex.min.js", "assets/katex/katex.min.css", "assets/math.js"):
+        assert (site / asset).is_file(), asset
+    fonts = set(re.findall(r"url\((fonts/[^)]+)\)", (site / "assets/katex/katex.min.css").read_text()))
+    assert fonts and all((site / "assets/katex" / f).is_file() for f in fonts), "a KaTeX font is missing"
+
+
+def test_nothing_cites_files_outside_the_repository():
+    name = "DESIGN" + ".md"
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    hits = [f for f in tracked if (ROOT / f).is_file() and not f.endswith((".woff2", ".png"))
+            and name in (ROOT / f).read_text(errors="ignore")]
+    assert not hits, f"{name} is not part of the repository, but these files cite it: {hits}"
