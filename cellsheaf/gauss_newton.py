@@ -25,9 +25,11 @@ Coordinates that feed a ReLU directly are handled by an active set: one that
 zigzags across its kink, or sits on it when progress stops, is held at the kink
 while Newton works on the others, and let go when a one-sided derivative says
 leaving lowers the energy (at most ``max_releases`` times per item). Stationarity
-is measured in the Clarke sense (the distance from 0 to the generalised
-gradient), so an equilibrium on a switching surface (Note 5.1) is found and
-recognised; a run that stops making progress anyway (e.g. at a kink of an L1
+on a kink is checked with both one-sided derivatives, within a band relative to
+the scale of the state (never an exact-zero test): "converged" certifies that no
+kink coordinate can lower the energy by leaving its kink to either side (stronger
+than Clarke stationarity, which a concave kink passes), so an equilibrium on a
+switching surface (Note 5.1) is found and recognised; a run that stops making progress anyway (e.g. at a kink of an L1
 potential) is reported as not converged, with the reason.
 
 Examples
@@ -233,24 +235,35 @@ def _kink_mask(S, free: Tensor) -> Tensor:
     return S._cache[key].to(free.device)
 
 
-def _stationarity(S, x: Tensor, free: Tensor, g: Tensor, held: Tensor) -> tuple[Tensor, Tensor]:
-    """Clarke stationarity ``dist(0, ∂E)`` per item, and which held coordinates should leave their kink.
+def _stationarity(S, x: Tensor, free: Tensor, g: Tensor, held: Tensor, kinks: Tensor,
+                  tol: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Stationarity at the kinks per item, which coordinates should leave their kink, and to which side.
 
     ``g`` is the gradient with the fast selection rule (the right derivative at a ReLU
-    kink); for coordinates ``held`` at a kink the left derivative comes from the same
-    point nudged to the smallest negative number, and the coordinate contributes the
-    distance from 0 to the interval between the two one-sided derivatives.
+    kink). Every kink coordinate on its kink — held there, or within `_kink_band` of it
+    (no exact-zero test: a coordinate at −3e-23 is on its kink) — is checked with both
+    one-sided derivatives ``g_R`` (at the kink) and ``g_L`` (just left of it): it
+    contributes ``g_L`` when ``g_L > 0`` (moving left lowers the energy), ``g_R`` when
+    ``g_R < 0`` (moving right does), else 0. The measure is the norm of these and of
+    the smooth components, so it vanishes only where no coordinate direction at a kink
+    descends (a local minimum along each kink coordinate, not merely a Clarke point:
+    at a concave kink both sides descend). Returns ``(measure, leave, left)``, ``leave``
+    marking on-kink coordinates whose contribution exceeds ``tol / 10`` and ``left``
+    those that should leave to the left.
     """
-    smooth = g.masked_fill(held, 0.0)
-    if not bool(held.any()):
-        return smooth.norm(dim=-1), held
-    left = x.clone()
-    xf = left[:, free]
-    xf[held] = -torch.finfo(x.dtype).tiny
-    left[:, free] = xf
+    xf = x[:, free]
+    on = held | (kinks & (xf.abs() <= _kink_band(xf)))
+    if not bool(on.any()):
+        return g.norm(dim=-1), on, on
+    smooth = g.masked_fill(on, 0.0)
+    right, left = x.clone(), x.clone()
+    g_right = g if bool((xf[on] == 0).all()) else pullback(S, *forces(S, _set_free(right, free, on, 0.0)),
+                                                            at=right)[:, free]
+    _set_free(left, free, on, -torch.finfo(x.dtype).tiny)
     g_left = pullback(S, *forces(S, left), at=left)[:, free]
-    d = torch.where(g_left > 0, g_left, torch.where(g < 0, g, torch.zeros_like(g))).masked_fill(~held, 0.0)
-    return (smooth.square().sum(-1) + d.square().sum(-1)).sqrt(), held & (d != 0)
+    d = torch.where(g_left > 0, g_left, torch.where(g_right < 0, g_right, torch.zeros_like(g))).masked_fill(~on, 0.0)
+    leave = on & (d.abs() > 0.1 * tol)
+    return (smooth.square().sum(-1) + d.square().sum(-1)).sqrt(), leave, leave & (g_left > 0)
 
 
 def _direction(S, xa: Tensor, free: Tensor, ga: Tensor, held: Tensor, mu: Tensor, opt: NewtonOptions):
@@ -338,8 +351,9 @@ def newton(S, x: Tensor, free: Tensor, tol: float, max_iter: int = 100,
     Active set for ReLU kinks: a coordinate that feeds a ReLU and zigzags across
     its kink is held at the kink, Newton continues on the others, and the
     coordinate is let go when a one-sided derivative says that leaving the kink
-    lowers the energy. Stationarity is measured in the Clarke sense, so an
-    equilibrium on a switching surface (Note 5.1) is recognised as one.
+    lowers the energy. Stationarity is measured with both one-sided derivatives at
+    every kink coordinate on (or within rounding of) its kink, so an equilibrium on a
+    switching surface (Note 5.1) is recognised as one and a concave kink is not.
 
     Returns the final point and a report: ``converged`` (bool per item),
     ``iterations``, ``energy`` and ``grad_norm`` (the Clarke stationarity) per item,
@@ -359,7 +373,7 @@ def newton(S, x: Tensor, free: Tensor, tol: float, max_iter: int = 100,
     flips = torch.zeros(B, n, dtype=torch.long, device=dev)
     releases = torch.zeros(B, dtype=torch.long, device=dev)
     E, g = _free_gradient(S, x, free)
-    measure, _ = _stationarity(S, x, free, g, held)
+    measure = _stationarity(S, x, free, g, held, kinks, tol)[0]
     mu = torch.full((B,), opt.damping, dtype=x.dtype, device=dev)
     stalled = torch.zeros(B, dtype=torch.bool, device=dev)
     best, best_g = E.clone(), measure.clone()
@@ -385,12 +399,17 @@ def newton(S, x: Tensor, free: Tensor, tol: float, max_iter: int = 100,
         ha = ha | newly
         x_new = _set_free(x_new, free, ha, 0.0)
         E_act, g_act = _free_gradient(S, x_new, free)
-        m_act, leave = _stationarity(S, x_new, free, g_act, ha)
+        m_act, leave, left = _stationarity(S, x_new, free, g_act, ha, kinks, tol)
         # let go of held coordinates that a one-sided derivative pushes off the kink, once the rest has settled
         smooth = g_act.masked_fill(ha, 0.0).norm(dim=-1)
         go = leave & (smooth <= torch.clamp(0.1 * m_act, min=tol)).unsqueeze(-1)
         releases[act] += go.any(-1).long()
         ha = ha & ~go
+        push = go & left
+        if bool(push.any()):  # leaving to the left: just past the kink, where the selection rule sees that side
+            x_new = _set_free(x_new, free, push, -torch.finfo(x.dtype).tiny)
+            E_act, g_act = _free_gradient(S, x_new, free)
+            m_act = _stationarity(S, x_new, free, g_act, ha, kinks, tol)[0]
         x[act], E[act], g[act], mu[act], held[act], flips[act] = x_new, E_act, g_act, mua, ha, fa.masked_fill(newly, 0)
         measure[act] = m_act
         changed = newly.any(-1) | go.any(-1)
@@ -409,7 +428,7 @@ def newton(S, x: Tensor, free: Tensor, tol: float, max_iter: int = 100,
             E_n, g_n = _free_gradient(S, x[act][rows], free)
             idx = act[rows]
             E[idx], g[idx] = E_n, g_n
-            measure[idx] = _stationarity(S, x[idx], free, g_n, held[idx])[0]
+            measure[idx] = _stationarity(S, x[idx], free, g_n, held[idx], kinks, tol)[0]
             best[idx], best_g[idx], since_best[idx] = E_n, measure[idx], 0
         stalled[act] = (since_best[act] >= opt.stall_iterations) | (~accepted & (mua >= opt.max_damping))
     converged = measure <= tol

@@ -110,3 +110,62 @@ def test_a_warm_restart_from_an_equilibrium_stays_there(seed, widths):
     if first.converged:
         assert again.iterations == 0
         torch.testing.assert_close(again.x.flat, first.x.flat, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- converged is a certificate on kinks
+
+
+def _one_neuron():
+    """Linear(1,1) (w = 1, b = −1) → ReLU → Linear(1,1) (w = 1, b = 0), with a1 pinned to 1."""
+    import cellsheaf_nn as csnn
+
+    m = torch.nn.Sequential(torch.nn.Linear(1, 1), torch.nn.ReLU(), torch.nn.Linear(1, 1)).double()
+    with torch.no_grad():
+        m[0].weight.fill_(1.0), m[0].bias.fill_(-1.0), m[2].weight.fill_(1.0), m[2].bias.fill_(0.0)
+    ns = csnn.compile(m)
+    ns.pin("a1", [0], torch.tensor([1.0], dtype=F64))
+    return ns
+
+
+@pytest.mark.parametrize("init", ["zeros", "forward_pass"])
+def test_newton_does_not_stop_on_a_concave_kink(init):
+    """At z1 = 0 the energy ½(z1 + 1)² + ½(1 − relu(z1))² has slope 0 to the right but −1 along −z1:
+    a Clarke point, not a minimum. Newton must leave it to the minimum ½ at z1 = −1 (or say it did not)."""
+    ns = _one_neuron()
+    _, state = ns.infer(torch.zeros(1, 1, dtype=F64), method="newton", init=init, return_state=True, check=False)
+    assert state.info.converged
+    assert float(state.info.energy.max()) == pytest.approx(0.5, abs=1e-12)
+    assert float(state["z1"][0, 0]) == pytest.approx(-1.0, abs=1e-9)
+
+
+def _no_descent_along_coordinates(S, b, x, h=1e-5):
+    """Whether no ±h step along one free coordinate lowers the energy by more than first-order rounding."""
+    rb = b.resolve(S)
+    E0 = cs.energy(S, x)
+    for i in rb.free.tolist():
+        for sign in (1.0, -1.0):
+            y = x.clone()
+            y[:, i] += sign * h
+            drop = E0 - cs.energy(S, y)
+            if bool((drop > 1e-3 * h).any()):
+                return False
+    return True
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), pin_value=st.floats(-2.0, 2.0), init=st.sampled_from(["zeros", "random"]))
+def test_converged_pinned_relu_networks_have_no_descent_direction(seed, pin_value, init):
+    import cellsheaf_nn as csnn
+
+    g = torch.Generator().manual_seed(seed)
+    m = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Linear(3, 3), torch.nn.ReLU(),
+                            torch.nn.Linear(3, 1)).double()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=F64))
+    ns = csnn.compile(m)
+    ns.pin("a1", [int(seed % 3)], torch.tensor([pin_value], dtype=F64))
+    X = torch.randn(4, 2, generator=g, dtype=F64)
+    _, state = ns.infer(X, method="newton", init=init, return_state=True, check=False)
+    if state.info.converged:
+        assert _no_descent_along_coordinates(ns.pinned_sheaf, ns.boundary(X), state.cochain.flat)
