@@ -24,12 +24,14 @@ from .minimize import minimize
 from .penalty import Penalties, Penalty, reluctance, soft_pin
 from .propagation import NotDeterminedError
 from .results import Result, SolveInfo
-from .sheaf import Edge, Sheaf
+from .sheaf import Edge, Sheaf, constant_sheaf
+from .stacked import EdgeStack
 from .spec import SheafSpec, SpecError
 from .spectral import Eigenpairs, block_energy, eigenpairs, fiedler_vector, lambda_max, spectral_gap
 
 __all__ = [
-    "__version__", "maps", "operators", "potentials", "Boundary", "ResolvedBoundary", "Cochain", "Edge", "Sheaf",
+    "__version__", "maps", "operators", "potentials", "Boundary", "ResolvedBoundary", "Cochain", "Edge", "Sheaf", "EdgeStack",
+    "constant_sheaf",
     "diffuse", "stable_step",
     "minimize", "soft_pin", "reluctance", "Penalty", "Penalties", "NotDeterminedError",
     "gauss_newton", "learning", "propagation",

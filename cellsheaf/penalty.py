@@ -99,7 +99,7 @@ class Penalties:
 
 def _fresh(S, base: str) -> str:
     name, k = base, 1
-    while name in S._dims or name in S._edges:
+    while name in S._dims or S.has_edge(name):
         name, k = f"{base}#{k}", k + 1
     return name
 

@@ -143,7 +143,9 @@ def test_what_cannot_be_serialised_names_the_edge():
         to_spec(S)
     S = cs.Sheaf()
     S.add_vertex("a", 1); S.add_vertex("b", 1)
-    S.add_edge("a", "b", torch.tensor([[float("inf")]]), torch.ones(1, 1), name="inf")
+    Fu = torch.ones(1, 1)
+    S.add_edge("a", "b", Fu, torch.ones(1, 1), name="inf")
+    Fu[0, 0] = float("inf")  # add_edge refuses it; an in-place change after the fact is caught here
     with pytest.raises(SpecError, match="edge 'inf'.*NaN or Inf"):
         S.to_spec()
 
