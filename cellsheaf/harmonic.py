@@ -26,20 +26,23 @@ from typing import Callable
 
 import numpy as np
 import scipy.linalg as sla
+import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 import torch
 from torch import Tensor
 
 from .boundary import Boundary
 from .cochain import Cochain
+from .cohomology import RelativeCohomology, relative_cohomology
 from .linalg import cg
 from .operators import _laplacian_csr, apply_laplacian, to_torch_sparse
 from .results import SolveInfo
 
 __all__ = ["harmonic_extension", "NonUniqueError"]
 
-_DENSE_MAX = 1500  # free coordinates up to which a dense eigen-decomposition checks uniqueness
+_DENSE_MAX = 1500  # free coordinates up to which "direct" uses a dense Cholesky
 _DIRECT_MAX = 5_000  # free coordinates up to which "auto" uses a sparse LU (fill-in explodes on expanders)
+_DENSE_BASIS_MAX = 2 ** 25  # entries of a null-space basis returned dense; beyond, a torch sparse COO tensor
 
 
 class NonUniqueError(ValueError):
@@ -47,7 +50,7 @@ class NonUniqueError(ValueError):
 
 
 class _ImplicitSolve(torch.autograd.Function):
-    """``A⁻¹ rhs`` whose backward is ``A⁻¹ g`` (``A`` symmetric): implicit differentiation."""
+    """``A⁺ rhs`` whose backward is ``A⁺ g`` (``A`` symmetric): implicit differentiation."""
 
     @staticmethod
     def forward(ctx, rhs: Tensor, solve: Callable[[Tensor], Tensor]) -> Tensor:
@@ -73,57 +76,93 @@ def _free_blocks(S, rb):
     return L[free][:, free], L[free][:, fixed]
 
 
-def _nullspace_message(S, V: np.ndarray, free: np.ndarray) -> str:
-    coords = free[np.abs(V).max(1) > 1e-8]
-    owners = []
-    for v in S.vertices:
-        sl = S.vertex_slice(v)
-        if ((coords >= sl.start) & (coords < sl.stop)).any():
-            owners.append(v)
-    return (f"the harmonic extension is not unique: H⁰(G,U;F) has dimension {V.shape[1]}, supported on vertices "
-            f"{owners[:10]}{' ...' if len(owners) > 10 else ''}; fix more coordinates there, or pass "
-            "allow_nonunique=True for a particular solution and a basis of the solution space")
+# ---------------------------------------------------------------------------- uniqueness
 
 
-def _dense_solver(A, S, free, allow_nonunique):
-    """Eigen-decomposition of a small ``L[Ω,Ω]``: decides uniqueness with a documented tolerance."""
-    Ad = A.toarray()
-    lam, Q = np.linalg.eigh(Ad)
-    tol = max(Ad.shape) * np.finfo(float).eps * max(abs(lam).max(initial=0.0), 1.0)
-    null = lam <= tol
-    if not null.any():
-        factor = sla.cho_factor(Ad)
-        return _numpy_solver(lambda R: sla.cho_solve(factor, R)), None, float(lam.min(initial=np.inf))
-    V = Q[:, null]
-    if not allow_nonunique:
-        raise NonUniqueError(_nullspace_message(S, V, free))
-    inv = np.where(null, 0.0, 1.0 / np.where(null, 1.0, lam))
-    return _numpy_solver(lambda R: (Q * inv) @ (Q.T @ R)), V, float(lam[~null].min(initial=np.inf))
+def _relative(S, rb) -> RelativeCohomology:
+    """``H⁰(G,U;F)`` for the fixed coordinates of ``rb``, cached on the sheaf per boundary pattern."""
+    fixed = rb.fixed.numpy()
+    key = ("relative_H0", fixed.size, hash(fixed.tobytes()))
+    hit = S._cache.get(key)
+    if hit is not None and np.array_equal(hit[0], fixed):
+        return hit[1]
+    rel = relative_cohomology(S, rb)
+    S._cache[key] = (fixed.copy(), rel)
+    return rel
 
 
-def _lu_solver(A, S, free):
-    try:
-        lu = spla.splu(A.tocsc())
-    except RuntimeError as err:
-        raise NonUniqueError(f"L[Ω,Ω] is singular ({err}): the harmonic extension is not unique; "
-                             "fix more coordinates") from None
-    return _numpy_solver(lu.solve)
+def _nonunique_message(S, rel: RelativeCohomology) -> str:
+    """Name the vertices carrying the first direction of ``H⁰(G,U;F)`` (a free component touching no data)."""
+    B = rel.basis_sparse().tocsc()
+    first = B[:, 0]
+    coords = first.indices[np.abs(first.data) > 1e-8 * np.abs(first.data).max()]
+    owner = np.repeat(np.arange(len(S.vertices)), [S.dim(v) for v in S.vertices])
+    names = [S.vertices[i] for i in np.unique(owner[coords])]
+    shown = f"{names[:10]}{' ...' if len(names) > 10 else ''}"
+    return (f"the harmonic extension is not unique: H⁰(G,U;F) has dimension {rel.dim} (certificate: "
+            f"{rel.decision.certificate}); a free part with vertices {shown} can move without any discord. "
+            "Fix more coordinates there, or pass allow_nonunique=True for the minimum-norm solution and a basis "
+            "of the directions that can be added")
 
 
-def _cg_solver(S, rb, A, tol, maxiter, infos: list):
-    d = A.diagonal().copy()
-    if (d <= 0).any():
-        k = int(rb.free[int(np.nonzero(d <= 0)[0][0])])
-        v = next(v for v in S.vertices if S.vertex_slice(v).start <= k < S.vertex_slice(v).stop)
-        raise NonUniqueError(f"free coordinate {k} of vertex {v!r} touches no edge: the harmonic extension is "
-                             "not unique; fix it or connect the vertex")
+def _basis_tensor(B: sp.spmatrix, dtype) -> Tensor:
+    """A ``(C0, k)`` basis as a dense tensor, or torch sparse COO when it would be huge."""
+    if B.shape[0] * B.shape[1] <= _DENSE_BASIS_MAX:
+        return torch.as_tensor(B.toarray()).to(dtype)
+    coo = B.tocoo()
+    idx = torch.as_tensor(np.vstack([coo.row, coo.col]).astype(np.int64))
+    return torch.sparse_coo_tensor(idx, torch.as_tensor(coo.data).to(dtype), B.shape).coalesce()
+
+
+# ---------------------------------------------------------------------------- solvers
+
+
+def _dense_solver(A, V: sp.csr_matrix):
+    """Dense Cholesky of ``A + VVᵀ``; ``A⁺ g = (A + VVᵀ)⁻¹ g − V Vᵀ g`` (``V``: orthonormal basis of ``ker A``)."""
+    V = V.toarray()
+    Ad = A.toarray() + V @ V.T
+    factor = sla.cho_factor(Ad)
+    lam_min = float(sla.eigh(Ad, eigvals_only=True, subset_by_index=[0, 0])[0]) if Ad.shape[0] else np.inf
+    return _numpy_solver(lambda R: sla.cho_solve(factor, R) - V @ (V.T @ R)), lam_min
+
+
+def _lu_solver(A, V: sp.csr_matrix):
+    """Sparse LU of ``A`` or, when singular, of the bordered ``[[A, V], [Vᵀ, 0]]`` (solution ``⊥ V``)."""
+    h = V.shape[1]
+    M = A if h == 0 else sp.bmat([[A, V], [V.T, None]])
+    lu = spla.splu(sp.csc_matrix(M))
+    n = A.shape[0]
+
+    def solve(R: np.ndarray) -> np.ndarray:
+        if h == 0:
+            return lu.solve(R)
+        out = lu.solve(np.vstack([R, np.zeros((h, R.shape[1]))]))
+        return out[:n]  # the multiplier VᵀR is dropped: A⁺R = ω with Aω = R − VVᵀR, ω ⊥ V
+
+    return _numpy_solver(solve)
+
+
+def _cg_solver(A, V: sp.csr_matrix, tol, maxiter, infos: list):
+    """Jacobi-preconditioned CG on ``A + VVᵀ`` (positive definite); ``A⁺ g = (A + VVᵀ)⁻¹ g − V Vᵀ g``."""
+    d = A.diagonal() + np.asarray(V.multiply(V).sum(axis=1)).ravel()
+    h = V.shape[1]
 
     def solve(rhs: Tensor) -> Tensor:
-        At = to_torch_sparse(A, rhs.dtype, rhs.device, layout=torch.sparse_csr)
-        dinv = torch.as_tensor(1.0 / d, dtype=rhs.dtype, device=rhs.device)
+        dev, dt = rhs.device, rhs.dtype
+        At = to_torch_sparse(A, dt, dev, layout=torch.sparse_csr)
+        dinv = torch.as_tensor(1.0 / d, dtype=dt, device=dev)
         flat = rhs.detach().reshape(-1, rhs.shape[-1])
+        if h:
+            Vs = to_torch_sparse(V, dt, dev, layout=torch.sparse_csr)
+            VsT = to_torch_sparse(V.T.tocsr(), dt, dev, layout=torch.sparse_csr)
+            project = lambda w: (Vs @ (VsT @ w.T)).T  # V Vᵀ w, row by row
+            apply = lambda w: (At @ w.T).T + project(w)
+        else:
+            apply = lambda w: (At @ w.T).T
         with torch.no_grad():  # the gradient comes from implicit differentiation (_ImplicitSolve)
-            x, info = cg(lambda w: (At @ w.T).T, flat, precond=lambda r: r * dinv, tol=tol, maxiter=maxiter)
+            x, info = cg(apply, flat, precond=dinv, tol=tol, maxiter=maxiter)
+            if h:
+                x -= project(flat)
         infos.append(info)
         return x.reshape(rhs.shape)
     return solve
@@ -139,34 +178,42 @@ def harmonic_extension(
 ) -> Cochain:
     """The harmonic extension of ``boundary`` on a linear sheaf ``S``.
 
+    Uniqueness is checked on every route before solving: the relative cohomology
+    ``H⁰(G,U;F)`` is decided by `cellsheaf.relative_cohomology` (free coordinates that
+    no edge sees and free components that touch no boundary are found combinatorially
+    first, then each component gets a certified rank count).
+
     Parameters
     ----------
     S : Sheaf
         A linear sheaf (for nonlinear maps or potentials use `cellsheaf.minimize`).
     boundary : Boundary, optional
         Fixed coordinates and their values, ``(k,)`` or batched ``(B, k)``.
-        Without one, every coordinate is free and the answer is 0 (plus ``H⁰``).
+        Without one, every coordinate is free and the answer is the zero section
+        (with ``allow_nonunique=True``, plus a basis of ``H⁰`` in ``info.extra["nullspace"]``).
     method : {"auto", "direct", "cg"}
-        ``"direct"`` factorises ``L[Ω,Ω]`` once (dense Cholesky with a uniqueness
-        check up to 1500 free coordinates, sparse LU beyond) and reuses it for
-        every right-hand side; ``"cg"`` runs batched Jacobi-preconditioned CG
-        with the assembled ``L[Ω,Ω]``; ``"auto"`` picks direct up to 5 000 free coordinates
-        (prefer ``"direct"`` on large paths, grids and other graphs with small separators).
+        ``"direct"`` factorises ``L[Ω,Ω]`` once (dense Cholesky up to 1500 free
+        coordinates, sparse LU beyond) and reuses it for every right-hand side; ``"cg"``
+        runs batched Jacobi-preconditioned CG with the assembled ``L[Ω,Ω]``; ``"auto"``
+        picks direct up to 5 000 free coordinates (prefer ``"direct"`` on large paths,
+        grids and other graphs with small separators).
     tol, maxiter : float, int
-        Relative residual and iteration cap for ``"cg"``.
+        Relative residual and iteration cap for ``"cg"``. CG reports ``converged`` only
+        after checking the true residual ``‖b − A x‖ <= tol · ‖b‖``.
     allow_nonunique : bool
         If ``H⁰(G,U;F) ≠ 0`` the minimiser is not unique: by default a
-        `NonUniqueError` names where. With ``True`` the minimum-norm
-        particular solution is returned and ``info.extra["nullspace"]`` holds
-        an orthonormal ``(C0, k)`` basis of the directions that can be added
-        (zero on fixed coordinates; computed for the dense route).
+        `NonUniqueError` names a free part that can move. With ``True`` the minimum-norm
+        solution is returned (on every route) and ``info.extra["nullspace"]`` holds an
+        orthonormal ``(C0, k)`` basis of the directions that can be added (zero on the
+        fixed coordinates; a torch sparse COO tensor when it would have more than 2²⁵ entries).
 
     Returns
     -------
     Cochain
-        ``(C0,)`` or ``(B, C0)``; ``.info`` is a `SolveInfo`
-        with the method, iterations, the residual ``‖L[Ω,:] x‖ / ‖L[Ω,U] u‖`` and
-        ``extra["lambda_min"]`` (smallest eigenvalue of ``L[Ω,Ω]``, dense route).
+        ``(C0,)`` or ``(B, C0)``; ``.info`` is a `SolveInfo` with the method, iterations,
+        the residual ``‖L[Ω,:] x‖ / ‖L[Ω,U] u‖`` (float64, assembled blocks), and in ``extra``: ``"nullity"`` (``dim H⁰(G,U;F)``),
+        ``"certificate"`` (how uniqueness was decided), ``"lambda_min"`` (smallest
+        eigenvalue of ``L[Ω,Ω]``, dense route) and ``"nullspace"`` (see ``allow_nonunique``).
 
     Examples
     --------
@@ -176,6 +223,8 @@ def harmonic_extension(
     >>> x = cs.harmonic_extension(S, cs.Boundary().fix("a", torch.tensor([[2.0, 4.0]])))
     >>> x["b"]
     tensor([[1., 2.]], dtype=torch.float64)
+    >>> x.info.extra["nullity"], x.info.converged
+    (0, True)
     """
     if not S.linear:
         raise ValueError("harmonic_extension needs a linear sheaf with quadratic potentials; "
@@ -185,19 +234,26 @@ def harmonic_extension(
     rb = (boundary or Boundary()).resolve(S)
     dtype = torch.promote_types(S.dtype, rb.values.dtype)
     u = rb.values.to(dtype)
-    A, AU = _free_blocks(S, rb)
-    n = A.shape[0]
+    if rb.fixed.numel() == 0:
+        return _no_boundary(S, rb, u, dtype, allow_nonunique)
+    n = rb.free.numel()
     if n == 0:
-        return Cochain(S, _assemble(S, rb, u.new_zeros(*u.shape[:-1], 0), u), info=SolveInfo("direct", True, 0, 0.0))
+        return Cochain(S, _assemble(S, rb, u.new_zeros(*u.shape[:-1], 0), u),
+                       info=SolveInfo("direct", True, 0, 0.0, extra={"nullity": 0}))
+    rel = _relative(S, rb)
+    if rel.dim and not allow_nonunique:
+        raise NonUniqueError(_nonunique_message(S, rel))
+    V = rel.basis_sparse()[rb.free.numpy()].tocsr()  # (n, dim): orthonormal basis of ker L[Ω,Ω]
+    A, AU = _free_blocks(S, rb)
     method = ("direct" if n <= _DIRECT_MAX else "cg") if method == "auto" else method
     infos: list[SolveInfo] = []
-    nullspace, lam_min = None, None
+    lam_min = None
     if method == "direct" and n <= _DENSE_MAX:
-        solve, nullspace, lam_min = _dense_solver(A, S, rb.free.numpy(), allow_nonunique)
+        solve, lam_min = _dense_solver(A, V)
     elif method == "direct":
-        solve = _lu_solver(A, S, rb.free.numpy())
+        solve = _lu_solver(A, V)
     else:
-        solve = _cg_solver(S, rb, A, tol, maxiter, infos)
+        solve = _cg_solver(A, V, tol, maxiter, infos)
 
     batch = u.shape[:-1]
     rhs_np = -(AU @ u.detach().reshape(-1, u.shape[-1]).double().cpu().numpy().T).T
@@ -211,19 +267,39 @@ def harmonic_extension(
         residual = apply_laplacian(S, _assemble(S, rb, omega.detach(), u))[..., rb.free]
         omega = omega.detach() - _ImplicitSolve.apply(residual, solve)
         x = _assemble(S, rb, omega, u)
-    with torch.no_grad():
-        res = apply_laplacian(S, x.detach())[..., rb.free]
-    scale = rhs.norm(dim=-1).clamp_min(torch.finfo(dtype).tiny)
-    rel = float((res.norm(dim=-1) / scale).max()) if res.numel() else 0.0
-    info = SolveInfo(method, converged=all(i.converged for i in infos) if infos else True,
-                     iterations=sum(i.iterations for i in infos), residual=rel,
-                     message="; ".join(i.message for i in infos if i.message))
+    rel_res = _residual(A, omega, rhs_np)
+    cg_ok = all(i.converged for i in infos)
+    floor = 1e3 * float(torch.finfo(dtype).eps)
+    converged = cg_ok and (method != "cg" or rel_res <= max(10 * tol, floor))
+    message = "; ".join(i.message for i in infos if i.message)
+    if cg_ok and not converged:
+        message = (f"CG met tol in {dtype} but the float64 residual of the assembled system is {rel_res:.3g}: "
+                   "the problem is too ill-conditioned for CG in this precision; use method='direct'")
+    info = SolveInfo(method, converged=converged, iterations=sum(i.iterations for i in infos), residual=rel_res,
+                     message=message, extra={"nullity": rel.dim, "certificate": rel.decision.certificate})
     if lam_min is not None:
         info.extra["lambda_min"] = lam_min
-    if nullspace is not None:
-        basis = np.zeros((S.C0, nullspace.shape[1]))
-        basis[rb.free.numpy()] = nullspace
-        info.extra["nullspace"] = torch.as_tensor(basis).to(dtype)
+    if rel.dim:
+        info.extra["nullspace"] = _basis_tensor(rel.basis_sparse(), dtype)
+    return Cochain(S, x, info=info)
+
+
+def _residual(A, omega: Tensor, rhs: np.ndarray) -> float:
+    """``max_b ‖L[Ω,Ω] ω + L[Ω,U] u‖ / ‖L[Ω,U] u‖`` in float64 with the assembled blocks (the data's scale)."""
+    W = omega.detach().reshape(-1, omega.shape[-1]).double().cpu().numpy()
+    R = (A @ W.T).T - rhs.reshape(-1, A.shape[0])
+    scale = np.maximum(np.linalg.norm(rhs.reshape(-1, A.shape[0]), axis=1), np.finfo(np.float64).tiny)
+    return float((np.linalg.norm(R, axis=1) / scale).max()) if R.size else 0.0
+
+
+def _no_boundary(S, rb, u: Tensor, dtype, allow_nonunique: bool) -> Cochain:
+    """No data: the minimum-norm minimiser is the zero section (and ``H⁰`` the directions to add)."""
+    x = torch.zeros(*u.shape[:-1], S.C0, dtype=dtype)
+    info = SolveInfo("direct", True, 0, 0.0, message="no boundary: the zero section")
+    if allow_nonunique:
+        rel = _relative(S, rb)
+        info.extra.update(nullity=rel.dim, certificate=rel.decision.certificate,
+                          nullspace=_basis_tensor(rel.basis_sparse(), dtype))
     return Cochain(S, x, info=info)
 
 

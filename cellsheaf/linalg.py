@@ -25,41 +25,73 @@ __all__ = ["cg"]
 def cg(
     apply_A: Callable[[Tensor], Tensor],
     b: Tensor,
-    precond: Callable[[Tensor], Tensor] | None = None,
+    precond: Callable[[Tensor], Tensor] | Tensor | None = None,
     x0: Tensor | None = None,
     tol: float = 1e-12,
     maxiter: int | None = None,
+    restarts: int = 2,
 ) -> tuple[Tensor, SolveInfo]:
     """Solve ``A x = b`` for a batch of right-hand sides ``b`` of shape ``(B, n)`` by preconditioned CG.
 
     ``apply_A`` maps ``(B, n) -> (B, n)`` and must be symmetric positive
     (semi)definite on each row; ``precond`` applies an SPD approximation of
-    ``A⁻¹``. Each row stops when ``‖b − A x‖ <= tol · ‖b‖``; the report's
-    ``residual`` is the largest relative residual over the batch. Under
-    ``torch.no_grad()`` the iterates are updated in place (no fresh ``(B, n)``
-    block per step); with grad mode on, autograd can differentiate through the
-    iterations.
+    ``A⁻¹``: a callable, or a tensor ``(n,)`` of inverse diagonal entries (Jacobi,
+    applied in place). Each row stops when its recursively updated residual meets
+    ``‖r‖ <= tol · ‖b‖``; then the *true* residual ``‖b − A x‖`` is computed, and CG
+    restarts from ``x`` (at most ``restarts`` times) while it misses ``tol``: rounding can
+    make the recursive residual much smaller than the true one, and "converged" is only
+    reported on the true residual. Under ``torch.no_grad()`` the iterates are updated
+    in place (no fresh ``(B, n)`` block per step); with grad mode on, autograd can
+    differentiate through the iterations.
 
     Returns
     -------
     x : tensor ``(B, n)``
-    info : `SolveInfo` (``converged`` is True only if every row met ``tol``)
+    info : `SolveInfo` (``converged`` is True only if every row's true residual met ``tol``;
+        ``residual`` is the largest true relative residual)
     """
     squeeze = b.dim() == 1
     b = b.unsqueeze(0) if squeeze else b
     n = b.shape[-1]
     maxiter = maxiter or max(10 * n, 100)
     x = torch.zeros_like(b) if x0 is None else (x0.unsqueeze(0) if x0.dim() == 1 else x0).clone()
-    r = b - apply_A(x) if x0 is not None else b.clone()
     bnorm = b.norm(dim=-1).clamp_min(torch.finfo(b.dtype).tiny)
-    z = precond(r) if precond else r
-    p, rz = z.clone(), (r * z).sum(-1)
-    rel = (r.norm(dim=-1) / bnorm).detach()
-    it, message = 0, ""
     inplace = not torch.is_grad_enabled()  # in place saves a fresh (B, n) block per update; autograd needs copies
+    it, message = 0, ""
+    r = b - apply_A(x) if x0 is not None else b.clone()
+    for attempt in range(restarts + 1):
+        x, r, it, message = _cg_run(apply_A, x, r, bnorm, precond, tol, maxiter, it, inplace)
+        true = b - apply_A(x)
+        rel = (true.norm(dim=-1) / bnorm).detach()
+        if message or it >= maxiter or not bool((rel > tol).any()):
+            break
+        r = true  # the recursion drifted: restart from the true residual
+    worst = float(rel.max()) if rel.numel() else 0.0
+    converged = worst <= tol and not message
+    if not converged and not message:
+        message = f"CG stopped after {it} iterations with true relative residual {worst:.3g} > tol {tol:.3g}"
+    info = SolveInfo("cg", converged, it, worst, message=message)
+    return (x[0] if squeeze else x), info
+
+
+def _cg_run(apply_A, x: Tensor, r: Tensor, bnorm: Tensor, precond, tol: float, maxiter: int, it: int,
+            inplace: bool):
+    """CG iterations from ``(x, r)`` until the recursive residuals meet ``tol`` or ``maxiter``."""
+    jacobi = isinstance(precond, Tensor)
+
+    def apply_M(r: Tensor, out: Tensor | None) -> Tensor:
+        if jacobi:
+            return torch.mul(r, precond, out=out) if out is not None else r * precond
+        return precond(r) if precond else r
+
+    z = apply_M(r, None)
+    p = z.clone()
+    rz = torch.linalg.vecdot(r, z)
+    rel = (r.norm(dim=-1) / bnorm).detach()
+    message = ""
     while it < maxiter and bool((rel > tol).any()):
         Ap = apply_A(p)
-        pAp = (p * Ap).sum(-1)
+        pAp = torch.linalg.vecdot(p, Ap)
         active = rel > tol
         if bool((pAp[active] <= 0).any()):
             message = "the operator is not positive definite along a search direction (singular system?)"
@@ -67,20 +99,14 @@ def cg(
         step = torch.where(active, rz / torch.where(active, pAp, torch.ones_like(pAp)), torch.zeros_like(rz))
         x = _axpy(x, step.unsqueeze(-1), p, inplace)
         r = _axpy(r, -step.unsqueeze(-1), Ap, inplace)
-        z = precond(r) if precond else r
+        z = apply_M(r, z if (inplace and jacobi) else None)
         rz_new = torch.linalg.vecdot(r, z)
         beta = torch.where(active, rz_new / torch.where(rz == 0, torch.ones_like(rz), rz), torch.zeros_like(rz))
         p = p.mul_(beta.unsqueeze(-1)).add_(z) if inplace else torch.addcmul(z, beta.unsqueeze(-1), p)
         rz = rz_new
         rel = (r.norm(dim=-1) / bnorm).detach()
         it += 1
-    worst = float(rel.max()) if rel.numel() else 0.0
-    converged = worst <= tol
-    if not converged and not message:
-        message = f"CG stopped after {it} iterations with relative residual {worst:.3g} > tol {tol:.3g}"
-    info = SolveInfo("cg", converged, it, worst, message=message)
-    return (x[0] if squeeze else x), info
-
+    return x, r, it, message
 
 def _axpy(y: Tensor, a: Tensor, v: Tensor, inplace: bool) -> Tensor:
     """``y + a v`` (``a`` broadcast over the rows), overwriting ``y`` when ``inplace``."""

@@ -68,6 +68,7 @@ FAILURE_PROBABILITY = 1e-10
 _EPS64 = float(np.finfo(np.float64).eps)
 _LANCZOS_MAX = 3000  # Lanczos steps before the sparse count falls back to an LDLᵀ inertia count
 _SPARSE_MIN = 64  # with method="sparse", smaller components still take the (exact) dense route
+_BLOCK_MAX = 64  # vertex stalks up to this width are equilibrated by an SVD of their column block
 
 
 @dataclass(frozen=True)
@@ -185,11 +186,13 @@ def _vertex_blocks(Dt: sp.csr_matrix, col_owner: np.ndarray, tol: float):
 
     Returns ``R`` (n × n') scaling the kept directions to unit degree (``R_v = V_v Σ_v^{-1}``),
     ``K`` (n × k) the local kernel (orthonormal, one vertex each), and the local singular values
-    kept and dropped (all-zero blocks, structural zeros, are left out). SVDs of equal shape run batched.
+    kept and dropped (all-zero blocks, structural zeros, are left out), and whether every block was scaled
+    to unit degree. SVDs of equal shape run batched. Stalks wider than `_BLOCK_MAX` are only scaled column by
+    column (their local kernel is then their zero columns; the rest is left to the component decision).
     """
     m, n = Dt.shape
     if n == 0:
-        return sp.csr_matrix((0, 0)), sp.csr_matrix((0, 0)), np.zeros(0), np.zeros(0)
+        return sp.csr_matrix((0, 0)), sp.csr_matrix((0, 0)), np.zeros(0), np.zeros(0), True
     starts = np.flatnonzero(np.r_[True, col_owner[1:] != col_owner[:-1]])
     n_blocks = starts.size
     block_of_col = np.repeat(np.arange(n_blocks), np.diff(np.r_[starts, n]))
@@ -207,17 +210,31 @@ def _vertex_blocks(Dt: sp.csr_matrix, col_owner: np.ndarray, tol: float):
     local_row = pair - kstart[b]
     local_col = coo.col - starts[b]
     R_parts, K_parts, kept_s, dropped_s = [], [], [], []
+    block_scaled = True  # every vertex block scaled to unit degree (then δ'ᵀδ' <= 2I)
     shapes = height * (n + 1) + width
     for key in np.unique(shapes):
         sel = np.flatnonzero(shapes == key)
         h, d = int(height[sel[0]]), int(width[sel[0]])
         pos = np.full(n_blocks, -1)
         pos[sel] = np.arange(sel.size)
-        blocks = np.zeros((sel.size, h, d))
         mine = pos[b] >= 0
+        if d > _BLOCK_MAX:  # a wide stalk: column scaling only, structural zeros as its local kernel
+            for i in sel:
+                here = mine & (b == i)
+                norms = np.sqrt(np.bincount(local_col[here], weights=coo.data[here] ** 2, minlength=d))
+                keep1 = norms > 0
+                cols1 = starts[i] + np.arange(d)
+                if keep1.any():
+                    R_parts.append((cols1[keep1], np.arange(int(keep1.sum())), 1.0 / norms[keep1]))
+                if (~keep1).any():
+                    K_parts.append((cols1[~keep1], np.arange(int((~keep1).sum())), np.ones(int((~keep1).sum()))))
+                kept_s.append(norms[keep1])
+            block_scaled = False
+            continue
+        blocks = np.zeros((sel.size, h, d))
         blocks[pos[b[mine]], local_row[mine], local_col[mine]] = coo.data[mine]
         if h:
-            _, sig, Vt = np.linalg.svd(blocks, full_matrices=True)
+            _, sig, Vt = np.linalg.svd(blocks, full_matrices=h < d)  # U is only needed square when small
             sig = np.concatenate([sig, np.zeros((sel.size, d - sig.shape[1]))], 1)
         else:
             sig, Vt = np.zeros((sel.size, d)), np.broadcast_to(np.eye(d), (sel.size, d, d))
@@ -243,7 +260,7 @@ def _vertex_blocks(Dt: sp.csr_matrix, col_owner: np.ndarray, tol: float):
         return sp.csr_matrix((np.concatenate(v), (np.concatenate(r), np.concatenate(c))), shape=(n, off))
 
     cat = lambda a: np.concatenate(a) if a else np.zeros(0)
-    return assemble(R_parts), assemble(K_parts), cat(kept_s), cat(dropped_s)
+    return assemble(R_parts), assemble(K_parts), cat(kept_s), cat(dropped_s), block_scaled
 
 
 # ---------------------------------------------------------------------------- per component
@@ -288,10 +305,10 @@ def _dense_piece(A: np.ndarray, tol: float) -> _Piece:
                   lambda: svd()[2][r:].T, lambda: svd()[0][:, r:])
 
 
-def _lanczos_bound(N: sp.spmatrix, tau: float, maxiter: int, seed: int = 0):
-    """A lower bound ``μ`` on ``λ_min(N)`` for ``0 <= N <= 2I``, or an upper bound showing ``λ_min <= 100·tau``.
+def _lanczos_bound(N: sp.spmatrix, tau: float, maxiter: int, c: float = 2.0, seed: int = 0):
+    """A lower bound ``μ`` on ``λ_min(N)`` for ``0 <= N <= cI``, or an upper bound showing ``λ_min <= 100·tau``.
 
-    Lanczos on ``M = cI − N`` (``c = 2``, PSD) from a seeded random start. Its largest Ritz
+    Lanczos on ``M = cI − N`` (PSD) from a seeded random start. Its largest Ritz
     value ``θ`` never exceeds ``λ_max(M)``, and by Kuczyński & Woźniakowski (1992, Thm 4.2)
     ``λ_max(M) <= θ / (1 − ε_k)`` except with probability ``1.648 sqrt(n) exp(−sqrt(ε_k)(2k − 1))``,
     which sets ``ε_k`` for the target `FAILURE_PROBABILITY`. Returns ``(mu, estimate, steps)``:
@@ -299,7 +316,7 @@ def _lanczos_bound(N: sp.spmatrix, tau: float, maxiter: int, seed: int = 0):
     on ``λ_min``, says why).
     """
     n = N.shape[0]
-    c = 2.0 * (1 + 1e-12)
+    c = c * (1 + 1e-12)
     log_term = math.log(1.648 * math.sqrt(n) / FAILURE_PROBABILITY)
     q = np.random.default_rng(seed).standard_normal(n)
     q /= np.linalg.norm(q)
@@ -368,12 +385,13 @@ def _inverse_iteration(N, lu, nu: int, maxiter: int = 60):
     return theta, X[:, :nu]
 
 
-def _sparse_piece(A: sp.csr_matrix, tol: float, k: int) -> _Piece:
-    """Certified count on a large component ``A = δ'_c`` (``AᵀA <= 2I``)."""
+def _sparse_piece(A: sp.csr_matrix, tol: float, k: int, bounded: bool) -> _Piece:
+    """Certified count on a large component ``A = δ'_c`` (``AᵀA <= 2I`` when ``bounded``)."""
     m, n = A.shape
     N = (A.T @ A).tocsr()
     tau = tol * tol
-    mu, est, steps = _lanczos_bound(N, tau, min(_LANCZOS_MAX, n))
+    c = 2.0 if bounded else float(abs(N).sum(axis=1).max())  # an upper bound on λ_max(N)
+    mu, est, steps = _lanczos_bound(N, tau, min(_LANCZOS_MAX, n), c)
     if mu is not None and mu > tau:
         piece = _Piece(n, np.array([math.sqrt(mu)]), math.sqrt(mu), None, lambda: np.zeros((n, 0)), lambda: None,
                        certificate=f"Lanczos bound after {steps} steps (failure probability <= "
@@ -449,7 +467,7 @@ def decide(D: sp.spmatrix, row_owner: np.ndarray, col_owner: np.ndarray, eps: fl
             sizes = np.where(np.maximum(rows_c, cols_c) > limit, cols_c, 0)
             big = int(sizes.max(initial=0))
         tol = default_tol((m, n), eps, big)
-    R, K, kept_local, dropped_local = _vertex_blocks(Dt, col_owner, tol)
+    R, K, kept_local, dropped_local, bounded = _vertex_blocks(Dt, col_owner, tol)
     Dp = (Dt @ R).tocsr()
     Dp.eliminate_zeros()
     n2 = Dp.shape[1]
@@ -466,7 +484,7 @@ def decide(D: sp.spmatrix, row_owner: np.ndarray, col_owner: np.ndarray, eps: fl
     for c in np.flatnonzero(~empty):
         block = Pm[rstart[c]:rstart[c + 1], cstart[c]:cstart[c + 1]]
         if route_sparse[c]:
-            pieces.append((c, _sparse_piece(block.tocsr(), tol, k)))
+            pieces.append((c, _sparse_piece(block.tocsr(), tol, k, bounded)))
         else:
             pieces.append((c, _dense_piece(block.toarray(), tol)))
     rank = sum(p.rank for _, p in pieces)

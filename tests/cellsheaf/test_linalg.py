@@ -54,3 +54,35 @@ def test_autograd_differentiates_through_cg():
     torch.testing.assert_close(grads[1], expected[1], rtol=0, atol=1e-8)
     sym = lambda G: (G + G.T) / 2  # CG sees A as symmetric: compare along symmetric perturbations
     torch.testing.assert_close(sym(grads[0]), sym(expected[0]), rtol=0, atol=1e-8)
+
+
+def test_converged_only_on_the_true_residual():
+    # an operator that changes after a few products: the recursive residual keeps shrinking, the true one does not
+    A = spd(20, 4)
+    calls = {"n": 0}
+
+    def drifting(v):
+        calls["n"] += 1
+        return v @ (A if calls["n"] < 5 else 1.5 * A)
+
+    b = torch.randn(3, 20, dtype=torch.float64)
+    x, info = cg(drifting, b, tol=1e-10, restarts=0)
+    true = ((b - x @ (1.5 * A)).norm(dim=-1) / b.norm(dim=-1)).max()
+    assert info.residual == pytest.approx(float(true), rel=1e-6)
+    assert info.converged == (float(true) <= 1e-10)
+    # with restarts from the true residual, CG recovers on the (now fixed) operator
+    calls["n"] = 0
+    x, info = cg(drifting, b, tol=1e-10)
+    assert info.converged
+    torch.testing.assert_close(x @ (1.5 * A), b, rtol=0, atol=1e-8)
+
+
+def test_jacobi_tensor_preconditioner_matches_callable():
+    A = spd(25, 5, cond=1e4)
+    b = torch.randn(2, 25, dtype=torch.float64)
+    dinv = 1 / torch.diagonal(A)
+    with torch.no_grad():
+        x1, i1 = cg(lambda v: v @ A, b, precond=dinv, tol=1e-10)
+        x2, i2 = cg(lambda v: v @ A, b, precond=lambda r: r * dinv, tol=1e-10)
+    assert i1.converged and i1.iterations == i2.iterations
+    torch.testing.assert_close(x1, x2, rtol=0, atol=1e-10)
