@@ -15,6 +15,7 @@ from . import maps, operators, potentials
 from ._version import __version__
 from .boundary import Boundary, ResolvedBoundary
 from .cochain import Cochain
+from .connection import connection_sheaf
 from .cohomology import Cohomology, RelativeCohomology, cohomology, global_sections, relative_cohomology
 from .diffusion import diffuse, stable_step
 from .energy import discord, energy
@@ -27,6 +28,7 @@ from .results import Result, SolveInfo
 from .sheaf import Edge, Sheaf, constant_sheaf
 from .stacked import EdgeStack
 from .spec import SheafSpec, SpecError
+from .union import disjoint_union, pool
 from .spectral import Eigenpairs, block_energy, eigenpairs, fiedler_vector, lambda_max, spectral_gap
 
 __all__ = [
@@ -37,6 +39,16 @@ __all__ = [
     "gauss_newton", "learning", "propagation",
     "Cohomology", "RelativeCohomology", "cohomology", "global_sections", "relative_cohomology",
     "Eigenpairs", "eigenpairs", "spectral_gap", "fiedler_vector", "lambda_max", "block_energy",
-    "SheafSpec", "SpecError",
+    "SheafSpec", "SpecError", "connection_sheaf", "disjoint_union", "pool",
     "discord", "energy", "harmonic_extension", "NonUniqueError", "Result", "SolveInfo",
 ]
+
+
+def __getattr__(name: str):
+    # cellsheaf.layers (torch.nn modules for sheaf neural networks) is imported on first use
+    if name == "layers":
+        import importlib
+
+        return importlib.import_module(".layers", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
