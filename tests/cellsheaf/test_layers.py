@@ -61,7 +61,8 @@ def dense_maps(F: torch.Tensor) -> torch.Tensor:
 
 
 def reference_layer(layer, x, edge_index):
-    """The layer from dense matrices: δ edge by edge, L = δᵀδ, (D + I)^{-1/2} by eigh of each vertex block."""
+    """The layer from dense matrices: δ edge by edge, L = δᵀδ, (D + I)^{-1/2} (or the pseudo-inverse root
+    D^{+1/2}, or I) by eigh of each vertex block."""
     N, d, c = x.shape
     Fu, Fv = (dense_maps(F).detach().numpy() for F in layer.learner(x.reshape(N, -1), edge_index))
     E = edge_index.shape[1]
@@ -70,20 +71,21 @@ def reference_layer(layer, x, edge_index):
         delta[k * d:(k + 1) * d, u * d:(u + 1) * d] -= Fu[k]
         delta[k * d:(k + 1) * d, v * d:(v + 1) * d] += Fv[k]
     L = delta.T @ delta
-    R = np.zeros_like(L)
-    for v in range(N):
+    R = np.eye(N * d)
+    for v in range(N if layer.normalized else 0):
         sl = slice(v * d, (v + 1) * d)
-        w, Q = np.linalg.eigh(L[sl, sl] + np.eye(d))
-        R[sl, sl] = (Q / np.sqrt(w)) @ Q.T
+        w, Q = np.linalg.eigh(L[sl, sl] + (np.eye(d) if layer.normalized == "augmented" else 0))
+        root = np.where(w > 1e-12, 1 / np.sqrt(np.where(w > 1e-12, w, 1.0)), 0.0)
+        R[sl, sl] = (Q * root) @ Q.T
     W1, W2 = layer.W1.detach().numpy(), layer.W2.detach().numpy()
     y = np.einsum("ij,njc->nic", W1, x.detach().numpy()) @ W2
     z = (R @ L @ R @ y.reshape(N * d, c)).reshape(N, d, c)
     return x.detach().numpy() - np.where(z > 0, z, np.expm1(np.minimum(z, 0)))
 
 
-def make_layer(maps, d=2, c=3, hidden=None, seed=0):
+def make_layer(maps, d=2, c=3, hidden=None, seed=0, normalized="augmented"):
     torch.manual_seed(seed)
-    layer = layers.SheafDiffusion(d, c, maps=maps, hidden=hidden).double()
+    layer = layers.SheafDiffusion(d, c, maps=maps, hidden=hidden, normalized=normalized).double()
     with torch.no_grad():
         layer.W1.add_(0.3 * torch.randn(d, d, dtype=F64))
         layer.W2.add_(0.3 * torch.randn(c, c, dtype=F64))
@@ -133,6 +135,14 @@ def test_map_learner_predicts_from_both_endpoints_in_order():
     for k, (u, v) in enumerate(ei.T.tolist()):
         torch.testing.assert_close(Fu[k], phi(x[u], x[v]))
         torch.testing.assert_close(Fv[k], phi(x[v], x[u]))
+
+
+@pytest.mark.parametrize("normalized", [False, True])
+def test_layer_with_the_plain_and_the_normalised_laplacian(normalized):
+    layer = make_layer("general", normalized=normalized)
+    x = torch.randn(6, 2, 3, dtype=F64)
+    np.testing.assert_allclose(layer(x, small_graph()).detach().numpy(), reference_layer(layer, x, small_graph()),
+                               atol=1e-12)
 
 
 def test_layer_rebuilds_the_sheaf_for_another_graph():
