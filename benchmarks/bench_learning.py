@@ -1,12 +1,14 @@
 """Sheaf neural networks: the `cellsheaf.layers.SheafDiffusion` layer against a hand-written one, and spectra.
 
-One step of neural sheaf diffusion, ``X ← X − ELU(Δ (I ⊗ W1) X W2)`` with general
-``d × d`` maps predicted by a linear map learner on the endpoint features and
-``Δ = (D + I)^{-1/2} L (D + I)^{-1/2}``, forward and backward (to the features,
-the map learner, ``W1`` and ``W2``), float32, one thread. The hand-written layer
-below is the minimal torch implementation (index_select + bmm + index_add, the
-degree blocks by index_add and their inverse square roots by ``eigh``); both use
-the same parameters and are checked to agree before timing. Ratios are medians
+One step of neural sheaf diffusion, ``X ← X − ELU(Δ (I ⊗ W1) X W2)`` with
+``d × d`` maps (general, diagonal or orthogonal) predicted by a linear map learner
+on the endpoint features and ``Δ = (D + I)^{-1/2} L (D + I)^{-1/2}``, forward and
+backward (to the features, the map learner, ``W1`` and ``W2``), float32, one
+thread. The hand-written layer below is the minimal torch implementation
+(index_select + bmm + index_add; the degree blocks by index_add and their inverse
+square roots by ``eigh``, elementwise for diagonal maps, by the scalar degree for
+orthogonal maps); both use the same parameters and are checked to agree before
+timing. Ratios are medians
 measured in the same process, the two layers interleaved.
 
 Then the 8 smallest eigenpairs of the normalised Laplacian of a random sheaf
@@ -42,24 +44,36 @@ def random_graph(N: int, E: int, seed: int = 0) -> torch.Tensor:
 
 
 def handwritten(layer: SheafDiffusion, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
-    """The same layer written directly in torch (reads `layer`'s parameters)."""
+    """The same layer written directly in torch (reads `layer`'s parameters); general, diagonal or
+    orthogonal maps, each normalised the way one writes it by hand."""
     N, d, c = x.shape
     E, n_in = edge_index.shape[1], d * c
     u, v = edge_index
     W, b = layer.learner.first.weight, layer.learner.first.bias
+    maps = layer.learner.maps
     xf = x.reshape(N, n_in)
     own, other = xf @ W[:, :n_in].T + b, xf @ W[:, n_in:].T
-    Fu = torch.tanh(own[u] + other[v]).view(E, d, d)
-    Fv = torch.tanh(own[v] + other[u]).view(E, d, d)
-    deg = torch.eye(d).repeat(N, 1, 1)
-    deg = deg.index_add(0, u, Fu.transpose(1, 2) @ Fu).index_add(0, v, Fv.transpose(1, 2) @ Fv)
-    lam, Q = torch.linalg.eigh(deg)
-    R = (Q * lam.rsqrt().unsqueeze(1)) @ Q.transpose(1, 2)  # (D + I)^{-1/2}, per vertex
-    y = R @ (torch.einsum("ij,njc->nic", layer.W1, x) @ layer.W2)
-    r = torch.bmm(Fv, y.index_select(0, v)) - torch.bmm(Fu, y.index_select(0, u))
-    z = torch.zeros_like(y).index_add(0, v, torch.bmm(Fv.transpose(1, 2), r))
-    z = z.index_add(0, u, -torch.bmm(Fu.transpose(1, 2), r))
-    return x - F.elu(R @ z)
+    Fu = maps(torch.tanh(own[u] + other[v]))
+    Fv = maps(torch.tanh(own[v] + other[u]))
+    if maps.diagonal:  # (E, d) diagonals: elementwise products, degrees (N, d)
+        apply, adjoint = (lambda F, y: F.unsqueeze(2) * y), (lambda F, y: F.unsqueeze(2) * y)
+        deg = torch.ones(N, d).index_add(0, u, Fu * Fu).index_add(0, v, Fv * Fv)
+        R = lambda y: deg.rsqrt().unsqueeze(2) * y  # noqa: E731
+    else:
+        apply, adjoint = torch.bmm, (lambda F, y: torch.bmm(F.transpose(1, 2), y))
+        if maps.orthogonal:  # the degree blocks are (deg + 1)·I
+            deg = torch.ones(N).index_add(0, u, torch.ones(E)).index_add(0, v, torch.ones(E))
+            R = lambda y: deg.rsqrt().view(N, 1, 1) * y  # noqa: E731
+        else:  # (D + I)^{-1/2} per vertex by eigh
+            deg = torch.eye(d).repeat(N, 1, 1)
+            deg = deg.index_add(0, u, Fu.transpose(1, 2) @ Fu).index_add(0, v, Fv.transpose(1, 2) @ Fv)
+            lam, Q = torch.linalg.eigh(deg)
+            root = (Q * lam.rsqrt().unsqueeze(1)) @ Q.transpose(1, 2)
+            R = lambda y: root @ y  # noqa: E731
+    y = R(torch.einsum("ij,njc->nic", layer.W1, x) @ layer.W2)
+    r = apply(Fv, y.index_select(0, v)) - apply(Fu, y.index_select(0, u))
+    z = torch.zeros_like(y).index_add(0, v, adjoint(Fv, r)).index_add(0, u, -adjoint(Fu, r))
+    return x - F.elu(R(z))
 
 
 def step(fn, layer, x, edge_index) -> float:
@@ -71,9 +85,9 @@ def step(fn, layer, x, edge_index) -> float:
     return time.perf_counter() - t
 
 
-def bench_layer(N: int, E: int, reps: int) -> dict:
+def bench_layer(N: int, E: int, reps: int, maps: str = "general") -> dict:
     torch.manual_seed(0)
-    layer = SheafDiffusion(D, CHANNELS, maps="general")
+    layer = SheafDiffusion(D, CHANNELS, maps=maps)
     with torch.no_grad():  # away from the identity, so that W1 and W2 matter
         layer.W1.add_(0.1 * torch.randn(D, D))
         layer.W2.add_(0.1 * torch.randn(CHANNELS, CHANNELS))
@@ -91,7 +105,7 @@ def bench_layer(N: int, E: int, reps: int) -> dict:
         t_ours.append(step(ours, layer, x, edge_index))
         t_hand.append(step(hand, layer, x, edge_index))
     mo, mh = statistics.median(t_ours), statistics.median(t_hand)
-    return {"N": N, "E": E, "ours_ms": 1e3 * mo, "hand_ms": 1e3 * mh, "ratio": mo / mh, "max_abs_diff": err}
+    return {"maps": maps, "N": N, "E": E, "ours_ms": 1e3 * mo, "hand_ms": 1e3 * mh, "ratio": mo / mh, "max_abs_diff": err}
 
 
 def bench_eigenpairs(N: int = 2_000, k: int = 8) -> dict:
@@ -121,16 +135,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the small size only, few repetitions")
     ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--maps", nargs="+", default=["general", "diagonal", "orthogonal"],
+                    choices=["general", "diagonal", "orthogonal"], help="map parametrisations to time")
     args = ap.parse_args()
     torch.set_num_threads(1)
     sizes = SIZES[:1] if args.quick else SIZES
     reps = 5 if args.quick else args.reps
-    print(f"SheafDiffusion (general maps, d={D}, {CHANNELS} channels, float32, forward + backward), "
-          f"median of {reps}:")
-    for N, E in sizes:
-        r = bench_layer(N, E, reps)
-        print(f"  N={r['N']:>6} E={r['E']:>7}: cellsheaf {r['ours_ms']:8.1f} ms   hand-written {r['hand_ms']:8.1f} ms"
-              f"   ratio {r['ratio']:.2f}x   (outputs agree to {r['max_abs_diff']:.1e})")
+    print(f"SheafDiffusion (d={D}, {CHANNELS} channels, float32, forward + backward), median of {reps}:")
+    for maps in args.maps:
+        for N, E in sizes:
+            r = bench_layer(N, E, reps, maps)
+            print(f"  {maps:<10} N={r['N']:>6} E={r['E']:>7}: cellsheaf {r['ours_ms']:8.1f} ms   hand-written {r['hand_ms']:8.1f} ms"
+                  f"   ratio {r['ratio']:.2f}x   (outputs agree to {r['max_abs_diff']:.1e})")
     r = bench_eigenpairs()
     if "failed" in r:
         print(f"eigenpairs: {r['k']} smallest of the normalised Laplacian, N={r['N']}: FAILED after "

@@ -63,6 +63,7 @@ class MapParametrisation(nn.Module):
     d_e: int
     num_parameters: int
     diagonal: bool = False
+    orthogonal: bool = False
 
     def _check(self, params: Tensor) -> None:
         if not isinstance(params, Tensor) or params.dim() == 0 or params.shape[-1] != self.num_parameters:
@@ -137,6 +138,8 @@ class OrthogonalMaps(MapParametrisation):
              [0., 1.]]])
     """
 
+    orthogonal = True
+
     def __init__(self, d: int, method: str = "exp") -> None:
         super().__init__()
         if method not in _orth.METHODS:
@@ -165,6 +168,8 @@ class ScaledOrthogonalMaps(OrthogonalMaps):
     tensor([[[2., 0.],
              [0., 2.]]])
     """
+
+    orthogonal = False
 
     def __init__(self, d: int, method: str = "exp") -> None:
         super().__init__(d, method)
@@ -270,7 +275,9 @@ class SheafDiffusion(nn.Module):
     ``(D + I)^{-1/2} L (D + I)^{-1/2}`` of those maps (or ``normalized=True`` /
     ``False``: ``D^{-1/2} L D^{-1/2}`` / ``L``), ``W1`` (``d × d``, acting on every
     stalk) and ``W2`` (``channels × channels``) are learned and start at the identity,
-    and ``σ`` is ``activation`` (ELU by default).
+    and ``σ`` is ``activation`` (ELU by default). With orthogonal maps (and no
+    self-loops) the degree blocks are ``deg(v)·I``, and the layer normalises by the
+    scalar degrees.
 
     The graph is an ``edge_index (2, E)`` (the sheaf is built on the first call and
     its index plan reused while the same ``edge_index`` tensor comes back) or a
@@ -330,8 +337,28 @@ class SheafDiffusion(nn.Module):
         Fu, Fv = self.learner(x.reshape(N, -1), edge_index)
         S = self._sheaf(graph, edge_index, N, Fu, Fv)
         y = torch.einsum("ij,njc->nic", self.W1, x) @ self.W2  # (I ⊗ W1) X W2
-        z = _ops.apply_laplacian(S, y.reshape(N * self.d, self.channels).T, normalized=self.normalized)
-        return x - self.activation(z.T.reshape(N, self.d, self.channels))
+        root = self._scalar_degree_root(S, edge_index, N, y)
+        if root is None:
+            z = _ops.apply_laplacian(S, y.reshape(N * self.d, self.channels).T, normalized=self.normalized)
+        else:
+            z = _ops.apply_laplacian(S, (root * y).reshape(N * self.d, self.channels).T)
+        z = z.T.reshape(N, self.d, self.channels)
+        return x - self.activation(z if root is None else root * z)
+
+    def _scalar_degree_root(self, S: Sheaf, edge_index: Tensor, N: int, like: Tensor) -> Tensor | None:
+        """``(deg + 1)^{-1/2}`` (augmented) or ``deg^{+1/2}`` per vertex, ``(N, 1, 1)``, when the degree blocks
+        are ``deg(v)·I``: orthogonal maps and no self-loops. None otherwise (the operators normalise)."""
+        if not (self.learner.maps.orthogonal and self.normalized):
+            return None
+        u, v = edge_index[0], edge_index[1]
+        if bool((u == v).any()):
+            return None
+        w = S.stacks[0].weights
+        w = like.new_ones(u.shape[0]) if w is None else w.to(like.dtype)
+        deg = like.new_zeros(N).index_add(0, u, w).index_add(0, v, w)
+        if self.normalized == "augmented":
+            return (deg + 1).rsqrt().view(N, 1, 1)
+        return torch.where(deg > 0, deg.clamp(min=torch.finfo(like.dtype).tiny).rsqrt(), 0).view(N, 1, 1)
 
     @staticmethod
     def _edge_index(graph, N: int) -> Tensor:

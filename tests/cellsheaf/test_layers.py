@@ -137,12 +137,29 @@ def test_map_learner_predicts_from_both_endpoints_in_order():
         torch.testing.assert_close(Fv[k], phi(x[v], x[u]))
 
 
+@pytest.mark.parametrize("maps", ["general", "orthogonal"])
 @pytest.mark.parametrize("normalized", [False, True])
-def test_layer_with_the_plain_and_the_normalised_laplacian(normalized):
-    layer = make_layer("general", normalized=normalized)
+def test_layer_with_the_plain_and_the_normalised_laplacian(normalized, maps):
+    layer = make_layer(maps, normalized=normalized)
     x = torch.randn(6, 2, 3, dtype=F64)
     np.testing.assert_allclose(layer(x, small_graph()).detach().numpy(), reference_layer(layer, x, small_graph()),
                                atol=1e-12)
+
+
+@pytest.mark.parametrize("normalized", ["augmented", True])
+def test_orthogonal_layer_with_self_loops_and_weights(normalized):
+    # orthogonal maps normalise by scalar degrees, except with a self-loop (then the degree block is not deg·I)
+    layer = make_layer("orthogonal", normalized=normalized)
+    x = torch.randn(6, 2, 3, dtype=F64)
+    loops = torch.cat([small_graph(), torch.tensor([[4], [4]])], 1)
+    np.testing.assert_allclose(layer(x, loops).detach().numpy(), reference_layer(layer, x, loops), atol=1e-12)
+    # weights of a sheaf passed in scale the degrees
+    ei = small_graph()
+    w = torch.linspace(0.5, 2.0, ei.shape[1], dtype=F64)
+    S = cs.Sheaf.from_arrays([2] * 6, ei, *layer.learner(x.reshape(6, -1), ei), weights=w)
+    R = cs.operators.apply_laplacian(S, (layer.W1 @ x @ layer.W2).reshape(12, 3).T, normalized=normalized)
+    expected = x - torch.nn.functional.elu(R.T.reshape(6, 2, 3))
+    torch.testing.assert_close(layer(x, S), expected)
 
 
 def test_layer_rebuilds_the_sheaf_for_another_graph():
