@@ -125,6 +125,28 @@ class NeuralSheaf:
         return cache["neural dtype"]
 
     @property
+    def device(self) -> torch.device:
+        """Device of the maps (`to` moves them)."""
+        return self.sheaf.device
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> "NeuralSheaf":
+        """Move the sheaf (every map and cached operator) to ``device``/``dtype``, in place; returns ``self``.
+
+        Inputs passed to `infer` are moved to the same device and dtype. Create trainers after
+        moving: a `SheafTrainer` holds the weight maps it was given.
+
+        Examples
+        --------
+        >>> import torch, cellsheaf_nn as csnn
+        >>> ns = csnn.compile(torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1)))
+        >>> ns.to("cpu", torch.float64).dtype, ns.device
+        (torch.float64, device(type='cpu'))
+        """
+        self.sheaf.to(device, dtype)
+        self._pinned = None
+        return self
+
+    @property
     def n_in(self) -> int:
         """Size of the input (``prod(input_shape)``)."""
         return self.layout[self.input].n
@@ -191,7 +213,7 @@ class NeuralSheaf:
 
     # ------------------------------------------------------------------ boundary
     def _batch_input(self, x) -> tuple[Tensor, bool]:
-        x = torch.as_tensor(x).to(self.dtype)
+        x = torch.as_tensor(x).to(dtype=self.dtype, device=self.device)
         if tuple(x.shape) == self.input_shape:
             return x.reshape(1, -1), True
         if x.dim() >= 1 and tuple(x.shape[1:]) == self.input_shape:
@@ -492,9 +514,9 @@ class NeuralSheaf:
             raise ValueError(f"init must be one of {_INITS}, got {init!r}")
         B = xb.shape[0]
         if init == "random":
-            x0 = torch.randn(B, S.C0, dtype=self.dtype, generator=generator)
+            x0 = torch.randn(B, S.C0, dtype=self.dtype, generator=generator).to(self.device)  # same draw anywhere
         else:
-            x0 = torch.zeros(B, S.C0, dtype=self.dtype)
+            x0 = torch.zeros(B, S.C0, dtype=self.dtype, device=self.device)
         if init == "forward_pass":
             base = self._input_boundary(xb, list(range(self.n_in)))
             fwd = cs.minimize(self.sheaf, base, method="propagate")

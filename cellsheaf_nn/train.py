@@ -531,10 +531,10 @@ class SheafTrainer:
             g = torch.Generator().manual_seed(self.seed)
             scale = torch.cat([torch.full((S.dim(v),), 1.0 / math.sqrt(max(S.dim(v), 1)), dtype=self.ns.dtype)
                                for v in S.vertices])
-            x0 = torch.randn(len(X), S.C0, generator=g, dtype=self.ns.dtype) * scale
+            x0 = (torch.randn(len(X), S.C0, generator=g, dtype=self.ns.dtype) * scale).to(self.ns.device)
         else:
             fwd = self._forward_state(X)
-            x0 = torch.zeros(len(X), S.C0, dtype=self.ns.dtype)
+            x0 = torch.zeros(len(X), S.C0, dtype=self.ns.dtype, device=self.ns.device)
             x0[:, : fwd.shape[1]] = fwd
         return self._boundary(X, Y).resolve(S, dtype=self.ns.dtype).fill(x0)
 
@@ -671,7 +671,7 @@ class SheafTrainer:
         b = self._boundary(X, Y)
         if self.mode == "nudged":
             fwd = self._forward_state(X)
-            start = torch.zeros(len(X), self.sheaf.C0, dtype=self.ns.dtype)
+            start = torch.zeros(len(X), self.sheaf.C0, dtype=self.ns.dtype, device=self.ns.device)
             start[:, : fwd.shape[1]] = fwd
             tol = self.tol if self.tol is not None else 1e-4 * self.gamma
         else:

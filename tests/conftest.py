@@ -25,7 +25,8 @@ What is here
 ``random_point(S, seed, batch=None)``
     A random 0-cochain.
 
-Fixture: ``small_sheaf`` (a fixed connected sheaf with weights and every linear map type).
+Fixtures: ``small_sheaf`` (a fixed connected sheaf with weights and every linear map type) and
+``device`` (``cpu`` always, ``cuda`` when torch sees a GPU; skipped, not failed, without one).
 """
 
 from __future__ import annotations
@@ -267,3 +268,11 @@ def random_point(S: cs.Sheaf, seed: int = 0, batch: int | None = None,
 def small_sheaf() -> cs.Sheaf:
     """A fixed connected sheaf with 6 vertices, 9 edges and every linear map type."""
     return build_random_sheaf(7, n_vertices=6, n_edges=9, maps="mixed", connected=True, weights=True)
+
+
+@pytest.fixture(params=["cpu", "cuda"])
+def device(request) -> torch.device:
+    """Each device the suite runs on: ``cpu`` always, ``cuda`` when a GPU is present (skipped without one)."""
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    return torch.device(request.param)
