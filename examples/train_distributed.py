@@ -41,7 +41,6 @@ def main(argv=None) -> None:
         dist.init_process_group("gloo")
     rank, world = csnn.distributed.rank(), csnn.distributed.world_size()
 
-    # --8<-- [start:train]
     task = csnn.datasets.paraboloid(seed=0)
     X, Y = task.X_train[rank::world], task.Y_train[rank::world]        # this rank's shard
     ns = csnn.compile(csnn.mlp(task.sizes("1H"), seed=0))                # the same start on every rank
@@ -49,7 +48,6 @@ def main(argv=None) -> None:
     trainer = csnn.SheafTrainer(ns, mode=args.mode, loss="mse", init="forward_pass",
                                 batch_size=args.batch_size, tol=args.tol, **options)
     history = trainer.fit(X, Y, steps=5 if args.quick else args.steps, progress=False)
-    # --8<-- [end:train]
 
     if csnn.distributed.is_main():
         print(f"{world} process(es), mode={args.mode}: training loss {history.train_loss[0]:.4f} -> "
