@@ -21,7 +21,9 @@ the Jacobi diagonal ``D``) shrinks after full steps and grows after short ones,
 which keeps singular models (Huber beyond its threshold, kinks of L1) well posed.
 Every step decreases the energy, so activation patterns cannot cycle.
 
-Coordinates that feed a ReLU directly are handled by an active set: one that
+Coordinates that feed a piecewise-smooth elementwise map directly (ReLU, leaky
+ReLU, ReLU6, hardtanh, hardswish, ...: every map declaring
+`cellsheaf.maps.Elementwise.kinks`) are handled by an active set: one that
 zigzags across its kink, or sits on it when progress stops, is held at the kink
 while Newton works on the others, and let go when a one-sided derivative says
 leaving lowers the energy (at most ``max_releases`` times per item). Stationarity
@@ -45,14 +47,16 @@ Examples
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from .energy import _layout, edge_energies, forces
 from .linalg import cg
-from .maps import Compose, LeakyReLU, ReLU
+from .maps import Compose, Elementwise
 from .operators import _plan, apply_coboundary_jvp, edge_weights, expressed, pullback
 from .propagation import PropagationStep, _determined_part
 
@@ -215,33 +219,63 @@ def _free_gradient(S, x: Tensor, free: Tensor) -> tuple[Tensor, Tensor]:
     return edge_energies(S, x).sum(-1), pullback(S, gv, gu, at=x)[:, free]
 
 
-def _kink_mask(S, free: Tensor) -> Tensor:
-    """Which free coordinates feed a ReLU / leaky ReLU directly (kink at 0), as a bool mask over ``free``."""
+def _kink_points(S, free: Tensor) -> Tensor:
+    """Where the free coordinates that feed a piecewise-smooth elementwise map directly have kinks.
+
+    ``(n_free, K)`` float64, NaN-padded (a row of NaN: no kink). Maps declare their kinks in
+    `cellsheaf.maps.Elementwise.kinks` (ReLU: 0; ReLU6: 0 and 6; hardtanh: its bounds); through
+    ``φ ∘ P`` with a scaled selection ``P`` a kink ``c`` of ``φ`` sits at ``c / s`` on the selected coordinate.
+    """
     from .propagation import _scaled_selection
 
     key = ("kinks", free.cpu().numpy().tobytes())
     if key not in S._cache:
-        flat = torch.zeros(S.C0, dtype=torch.bool)
+        idx, pts = [np.zeros(0, dtype=np.int64)], [np.zeros(0)]
         for e in S.edge_items():
             for F, w in ((e.Fu, e.u), (e.Fv, e.v)):
-                start = S.vertex_slice(w).start
-                if isinstance(F, (ReLU, LeakyReLU)):
-                    flat[start:start + F.d_in] = True
-                elif isinstance(F, Compose) and isinstance(F.outer, (ReLU, LeakyReLU)):
+                if isinstance(F, Elementwise) and F.kinks:
+                    cols, scales, ks = np.arange(F.d_in), np.ones(F.d_in), F.kinks
+                elif isinstance(F, Compose) and isinstance(F.outer, Elementwise) and F.outer.kinks:
                     sel = _scaled_selection(F.inner)
-                    if sel is not None:
-                        flat[start + torch.as_tensor(sel[0])] = True
-        S._cache[key] = flat[free.cpu()]
+                    if sel is None:
+                        continue
+                    (cols, scales), ks = sel, F.outer.kinks
+                else:
+                    continue
+                idx.append(np.repeat(S.vertex_slice(w).start + np.asarray(cols), len(ks)))
+                pts.append((np.asarray(ks)[None, :] / np.asarray(scales)[:, None]).reshape(-1))
+        pairs = np.unique(np.stack([np.concatenate(idx), np.concatenate(pts)], 1), axis=0)  # by coordinate, point
+        rows = pairs[:, 0].astype(np.int64)
+        col = np.arange(len(rows)) - np.searchsorted(rows, rows)  # rank of each point among its coordinate's
+        table = torch.full((S.C0, int(col.max(initial=-1)) + 1), float("nan"), dtype=torch.float64)
+        table[torch.as_tensor(rows), torch.as_tensor(col)] = torch.as_tensor(pairs[:, 1])
+        S._cache[key] = table[free.cpu()]
     return S._cache[key].to(free.device)
 
 
-def _stationarity(S, x: Tensor, free: Tensor, g: Tensor, held: Tensor, kinks: Tensor,
+def _nearest_kink(xf: Tensor, points: Tensor) -> Tensor:
+    """The kink nearest each free coordinate value ``xf`` (``(B, n)``); 0 where a coordinate has none."""
+    k = points.to(xf.dtype)
+    if k.shape[1] <= 1:
+        return (k[:, 0] if k.shape[1] else k.new_zeros(k.shape[0])).nan_to_num(0.0).expand_as(xf)
+    dist = (xf.unsqueeze(-1) - k).abs().nan_to_num(float("inf"))
+    return k.nan_to_num(0.0).expand(*xf.shape, k.shape[1]).gather(-1, dist.argmin(-1, keepdim=True)).squeeze(-1)
+
+
+def _below(c: Tensor) -> Tensor:
+    """The number just left of each kink ``c`` (``-tiny`` for a kink at 0, as the selection rule sees it)."""
+    tiny = torch.finfo(c.dtype).tiny
+    return torch.where(c == 0, torch.full_like(c, -tiny), torch.nextafter(c, torch.full_like(c, -math.inf)))
+
+
+def _stationarity(S, x: Tensor, free: Tensor, g: Tensor, held: Tensor, points: Tensor,
                   tol: float) -> tuple[Tensor, Tensor, Tensor]:
     """Stationarity at the kinks per item, which coordinates should leave their kink, and to which side.
 
-    ``g`` is the gradient with the fast selection rule (the right derivative at a ReLU
-    kink). Every kink coordinate on its kink — held there, or within `_kink_band` of it
-    (no exact-zero test: a coordinate at −3e-23 is on its kink) — is checked with both
+    ``g`` is the gradient with the fast selection rule (the right derivative at a
+    kink). Every kink coordinate on its kink (the nearest of its map's ``points``) — held
+    there, or within `_kink_band` of it (no exact test: a coordinate at −3e-23 is on
+    ReLU's kink) — is checked with both
     one-sided derivatives ``g_R`` (at the kink) and ``g_L`` (just left of it): it
     contributes ``g_L`` when ``g_L > 0`` (moving left lowers the energy), ``g_R`` when
     ``g_R < 0`` (moving right does), else 0. The measure is the norm of these and of
@@ -252,14 +286,15 @@ def _stationarity(S, x: Tensor, free: Tensor, g: Tensor, held: Tensor, kinks: Te
     those that should leave to the left.
     """
     xf = x[:, free]
-    on = held | (kinks & (xf.abs() <= _kink_band(xf)))
+    c = _nearest_kink(xf, points)
+    on = held | (~torch.isnan(points).all(-1) & ((xf - c).abs() <= _kink_band(xf)))
     if not bool(on.any()):
         return g.norm(dim=-1), on, on
     smooth = g.masked_fill(on, 0.0)
     right, left = x.clone(), x.clone()
-    g_right = g if bool((xf[on] == 0).all()) else pullback(S, *forces(S, _set_free(right, free, on, 0.0)),
-                                                            at=right)[:, free]
-    _set_free(left, free, on, -torch.finfo(x.dtype).tiny)
+    g_right = g if bool((xf[on] == c[on]).all()) else pullback(S, *forces(S, _set_free(right, free, on, c)),
+                                                                at=right)[:, free]
+    _set_free(left, free, on, _below(c))
     g_left = pullback(S, *forces(S, left), at=left)[:, free]
     d = torch.where(g_left > 0, g_left, torch.where(g_right < 0, g_right, torch.zeros_like(g))).masked_fill(~on, 0.0)
     leave = on & (d.abs() > 0.1 * tol)
@@ -314,9 +349,9 @@ def _kink_band(xf: Tensor) -> Tensor:
     return torch.finfo(xf.dtype).eps ** 0.5 * (1 + xf.abs().amax(-1, keepdim=True))
 
 
-def _set_free(x: Tensor, free: Tensor, mask: Tensor, value: float) -> Tensor:
+def _set_free(x: Tensor, free: Tensor, mask: Tensor, value: Tensor | float) -> Tensor:
     xf = x[:, free]
-    xf[mask] = value
+    xf[mask] = value[mask] if isinstance(value, Tensor) else value
     x[:, free] = xf
     return x
 
@@ -368,12 +403,14 @@ def newton(S, x: Tensor, free: Tensor, tol: float, max_iter: int = 100,
     B, n = x.shape[0], free.numel()
     dev = x.device
     x = x.clone()
-    kinks = _kink_mask(S, free)
-    held = kinks & (x[:, free] == 0) if opt.hold_kinks_at_start else torch.zeros(B, n, dtype=torch.bool, device=dev)
+    points = _kink_points(S, free)
+    kinks = ~torch.isnan(points).all(-1)
+    at = _nearest_kink(x[:, free], points).clone()  # the kink each held coordinate is held at
+    held = kinks & (x[:, free] == at) if opt.hold_kinks_at_start else torch.zeros(B, n, dtype=torch.bool, device=dev)
     flips = torch.zeros(B, n, dtype=torch.long, device=dev)
     releases = torch.zeros(B, dtype=torch.long, device=dev)
     E, g = _free_gradient(S, x, free)
-    measure = _stationarity(S, x, free, g, held, kinks, tol)[0]
+    measure = _stationarity(S, x, free, g, held, points, tol)[0]
     mu = torch.full((B,), opt.damping, dtype=x.dtype, device=dev)
     stalled = torch.zeros(B, dtype=torch.bool, device=dev)
     best, best_g = E.clone(), measure.clone()
@@ -392,14 +429,16 @@ def newton(S, x: Tensor, free: Tensor, tol: float, max_iter: int = 100,
         x_new, E_new, t, accepted, its = _descent_step(S, xa, free, Ea, ga, ha, mua, opt)
         cg_its += its
         mua = torch.where(accepted & (t == 1.0), mua / 10, mua * 10).clamp(opt.damping * 1e-4, opt.max_damping)
-        # a kink coordinate that crossed 0 on two steps running is zigzagging across a switching surface: hold it
-        crossed = kinks & ((xa[:, free] >= 0) != (x_new[:, free] >= 0))
+        # a kink coordinate that crossed its kink on two steps running is zigzagging across a switching surface:
+        # hold it there
+        c = _nearest_kink(xa[:, free], points)
+        crossed = kinks & ((xa[:, free] >= c) != (x_new[:, free] >= c))
         fa = torch.where(crossed, flips[act] + 1, torch.zeros_like(flips[act]))
         newly = (fa >= 2) & ~ha & (releases[act] < opt.max_releases).unsqueeze(-1)
-        ha = ha | newly
-        x_new = _set_free(x_new, free, ha, 0.0)
+        ha, ata = ha | newly, torch.where(newly, c, at[act])
+        x_new = _set_free(x_new, free, ha, ata)
         E_act, g_act = _free_gradient(S, x_new, free)
-        m_act, leave, left = _stationarity(S, x_new, free, g_act, ha, kinks, tol)
+        m_act, leave, left = _stationarity(S, x_new, free, g_act, ha, points, tol)
         # let go of held coordinates that a one-sided derivative pushes off the kink, once the rest has settled
         smooth = g_act.masked_fill(ha, 0.0).norm(dim=-1)
         go = leave & (smooth <= torch.clamp(0.1 * m_act, min=tol)).unsqueeze(-1)
@@ -407,10 +446,11 @@ def newton(S, x: Tensor, free: Tensor, tol: float, max_iter: int = 100,
         ha = ha & ~go
         push = go & left
         if bool(push.any()):  # leaving to the left: just past the kink, where the selection rule sees that side
-            x_new = _set_free(x_new, free, push, -torch.finfo(x.dtype).tiny)
+            x_new = _set_free(x_new, free, push, _below(_nearest_kink(x_new[:, free], points)))
             E_act, g_act = _free_gradient(S, x_new, free)
-            m_act = _stationarity(S, x_new, free, g_act, ha, kinks, tol)[0]
+            m_act = _stationarity(S, x_new, free, g_act, ha, points, tol)[0]
         x[act], E[act], g[act], mu[act], held[act], flips[act] = x_new, E_act, g_act, mua, ha, fa.masked_fill(newly, 0)
+        at[act] = ata
         measure[act] = m_act
         changed = newly.any(-1) | go.any(-1)
         improved = (E_act < best[act] - _noise(best[act], x_new)) | (m_act < 0.5 * best_g[act]) | changed
@@ -420,15 +460,18 @@ def newton(S, x: Tensor, free: Tensor, tol: float, max_iter: int = 100,
         # no progress: hold the kink coordinates that sit (nearly) on their kink before giving up
         stuck = ~accepted | (since_best[act] >= opt.stall_iterations // 2)
         xf = x[act][:, free]
-        near = kinks & ~ha & (xf.abs() <= _kink_band(xf)) & (stuck & (releases[act] < opt.max_releases)).unsqueeze(-1)
+        c = _nearest_kink(xf, points)
+        near = kinks & ~ha & ((xf - c).abs() <= _kink_band(xf)) & \
+            (stuck & (releases[act] < opt.max_releases)).unsqueeze(-1)
         if bool(near.any()):
             rows = near.any(-1)
-            x[act] = _set_free(x[act], free, near, 0.0)
+            at[act] = torch.where(near, c, ata)
+            x[act] = _set_free(x[act], free, near, at[act])
             held[act] = ha | near
             E_n, g_n = _free_gradient(S, x[act][rows], free)
             idx = act[rows]
             E[idx], g[idx] = E_n, g_n
-            measure[idx] = _stationarity(S, x[idx], free, g_n, held[idx], kinks, tol)[0]
+            measure[idx] = _stationarity(S, x[idx], free, g_n, held[idx], points, tol)[0]
             best[idx], best_g[idx], since_best[idx] = E_n, measure[idx], 0
         stalled[act] = (since_best[act] >= opt.stall_iterations) | (~accepted & (mua >= opt.max_damping))
     converged = measure <= tol

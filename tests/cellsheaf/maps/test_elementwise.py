@@ -82,3 +82,26 @@ def test_activation_edge_propagates_and_minimises(name):
     want = M.Activation(name, 4).apply(z)
     for method in ("propagate", "newton"):
         assert torch.allclose(cs.minimize(S, bnd, method=method).x["a"], want, atol=1e-10)
+
+
+@pytest.mark.parametrize("name,kink,start,target", [("relu6", 6.0, 5.5, 7.0), ("hardtanh", 1.0, 0.5, 2.0),
+                                                    ("hardtanh", -1.0, -0.5, -2.0)])
+def test_newton_holds_a_coordinate_at_any_declared_kink(name, kink, start, target):
+    """A pin beyond the saturation pulls z onto the kink of the activation: the minimum is on the switching
+    surface; Newton's active set holds z there and the Clarke test certifies it."""
+    S = cs.Sheaf()
+    for v in ("x", "z", "a", "t"):
+        S.add_vertex(v, 2)
+    S.add_edge("x", "z", torch.eye(2, dtype=F64), M.Identity(2), name="w")
+    S.add_edge("z", "a", M.Activation(name, 2), M.Identity(2), name="act")
+    S.add_edge("a", "t", M.Identity(2), M.Identity(2), name="pin", weight=10.0)
+    bnd = cs.Boundary().fix("x", torch.tensor([[start, 0.0]], dtype=F64)).fix("t", torch.tensor([[target, 0.0]],
+                                                                                                 dtype=F64))
+    res = cs.minimize(S, bnd, method="newton", tol=1e-12)
+    assert res.converged, res.message
+    assert float(res.x["z"][0, 0]) == kink and int(res.extra["on_kinks"][0]) == 1
+    x = res.x.flat
+    for h in (1e-6, -1e-6):  # a minimum along the held coordinate
+        y = x.clone()
+        y[0, S.vertex_slice("z").start] += h
+        assert float(cs.energy(S, y)[0]) > float(res.energy[0])
