@@ -12,7 +12,7 @@ sparse and selection maps, block maps, elementwise ReLU-type maps),
 per-token linear maps), `elementwise` (every torch activation), `piecewise`
 (max pooling), `normalization` (LayerNorm, RMSNorm, GroupNorm, softmax along an
 axis), `products` (maps of several inputs on a concatenated stalk: products,
-matrix products, quotients, masked choice).
+matrix products, quotients, masked choice), `reduction` (sums and means over axes).
 
 Examples
 --------
@@ -33,6 +33,7 @@ from .elementwise import ACTIVATIONS, Activation, activation
 from .normalization import GroupNorm, LayerNorm, RMSNorm, ShapedMap, SoftmaxAlong
 from .piecewise import MaxPool, MaxPool1d, MaxPool2d
 from .products import MatMul, Product, Quotient, Where
+from .reduction import Reduce
 
 __all__ = [
     "Map", "Linear", "Identity", "Scaled", "Select", "Diagonal", "HStack", "VStack",
@@ -41,5 +42,5 @@ __all__ = [
     "Conv", "Conv1d", "Conv2d", "AvgPool", "AvgPool1d", "AvgPool2d", "AdaptiveAvgPool", "AdaptiveAvgPool1d",
     "AdaptiveAvgPool2d", "TokenLinear", "permutation",
     "Activation", "ACTIVATIONS", "activation", "ShapedMap", "LayerNorm", "RMSNorm", "GroupNorm", "SoftmaxAlong",
-    "MaxPool", "MaxPool1d", "MaxPool2d", "Product", "Quotient", "MatMul", "Where",
+    "MaxPool", "MaxPool1d", "MaxPool2d", "Product", "Quotient", "MatMul", "Where", "Reduce",
 ]
