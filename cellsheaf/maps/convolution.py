@@ -3,7 +3,8 @@
 A stalk is a flat vector; the per-sample shape it holds (``(C, L)`` or
 ``(C, H, W)`` for a convolution, ``(T, D)`` for tokens) is a parameter of the
 map. `apply` runs `torch.nn.functional.conv1d`/`conv2d` (or a batched
-matmul), `adjoint` the matching transposed convolution, and `coo` lists the
+matmul), `adjoint` the matching transposed convolution (torch's own input
+gradient of the convolution, ``convolution_backward``), and `coo` lists the
 nonzero entries from index arithmetic: nothing builds the dense
 ``(C_out·H_out·W_out) × (C_in·H·W)`` matrix unless `matrix` is asked for.
 
@@ -34,7 +35,7 @@ __all__ = ["Conv", "Conv1d", "Conv2d", "AvgPool", "AvgPool1d", "AvgPool2d", "Ada
            "AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "TokenLinear", "permutation"]
 
 _CONV = {1: fn.conv1d, 2: fn.conv2d, 3: fn.conv3d}
-_CONV_T = {1: fn.conv_transpose1d, 2: fn.conv_transpose2d, 3: fn.conv_transpose3d}
+_AVG = {2: (fn.avg_pool2d, torch.ops.aten.avg_pool2d_backward), 3: (fn.avg_pool3d, torch.ops.aten.avg_pool3d_backward)}
 
 
 def _tuple(v, n: int, what: str) -> tuple[int, ...]:
@@ -110,10 +111,6 @@ class Conv(Structured):
                              f"fit the padded input {self.in_shape[1:]} (padding {self.padding})")
         self.out_shape = (c_out, *spatial)
         self.d_in, self.d_out = math.prod(self.in_shape), math.prod(self.out_shape)
-        # what conv_transpose needs to return the full input size (the rows the strides skip)
-        self._output_padding = tuple(size + 2 * p - d * (k - 1) - 1 - (o - 1) * s for size, p, d, k, s, o in
-                                     zip(self.in_shape[1:], self.padding, self.dilation, self.kernel, self.stride,
-                                         spatial))
 
     def _resolve_padding(self, padding, n: int) -> tuple[int, ...]:
         if padding == "valid":
@@ -132,9 +129,13 @@ class Conv(Structured):
         return y.reshape(*lead, self.d_out)
 
     def _conv_t(self, y: Tensor, weight: Tensor) -> Tensor:
+        """The transposed convolution, as torch's input gradient of the convolution (which only reads the
+        input's shape: a broadcast zero stands in for it)."""
         yb, lead = _batched(y, self.out_shape)
-        x = _CONV_T[len(self.kernel)](yb, _like(weight, y), None, self.stride, self.padding, self._output_padding,
-                                      self.groups, self.dilation)
+        shape = yb.new_zeros(()).expand(yb.shape[0], *self.in_shape)
+        x = torch.ops.aten.convolution_backward(yb, shape, _like(weight, y), None, self.stride, self.padding,
+                                                self.dilation, False, [0] * len(self.kernel), self.groups,
+                                                [True, False, False])[0]
         return x.reshape(*lead, self.d_in)
 
     def apply(self, x):
@@ -203,7 +204,8 @@ class AvgPool(Structured):
     """N-d average pooling (as `torch.nn.AvgPool2d`, ``ceil_mode=False``) on a stalk holding ``in_shape``.
 
     A depthwise sum over each window divided by the window size (``count_include_pad=True``)
-    or by the number of input positions it covers (``False``).
+    or by the number of input positions it covers (``False``). `apply` and `adjoint` run torch's
+    average pooling and its backward; `coo` comes from the depthwise sum.
 
     Examples
     --------
@@ -241,14 +243,30 @@ class AvgPool(Structured):
             div = np.multiply.outer(div, c)
         self._div = torch.as_tensor(np.broadcast_to(div, self.out_shape).reshape(-1).astype(np.float64))
 
+    def _windows(self) -> tuple[tuple[int, ...], ...]:
+        """Kernel, stride and padding, a 1-d pooling lifted to 2-d (torch has no 1-d pooling backward)."""
+        if len(self.kernel) == 1:
+            return (1, *self.kernel), (1, *self.stride), (0, *self.padding)
+        return self.kernel, self.stride, self.padding
+
+    def _lifted(self, t: Tensor, shape) -> tuple[Tensor, tuple[int, ...]]:
+        tb, lead = _batched(t, shape)
+        return (tb.unsqueeze(2) if len(self.kernel) == 1 else tb), lead
+
     def apply(self, x):
-        return self._sum.apply(x) / _like(self._div, x)
+        xb, lead = self._lifted(x, self.in_shape)
+        y = _AVG[xb.dim() - 2][0](xb, *self._windows(), False, self.count_include_pad)
+        return y.reshape(*lead, self.d_out)
 
     def adjoint(self, y):
-        return self._sum.adjoint(y / _like(self._div, y))
+        yb, lead = self._lifted(y, self.out_shape)
+        spatial = (1, *self.in_shape[1:]) if len(self.kernel) == 1 else self.in_shape[1:]
+        shape = yb.new_zeros(()).expand(yb.shape[0], self.in_shape[0], *spatial)  # only its shape is read
+        x = _AVG[yb.dim() - 2][1](yb, shape, *self._windows(), False, self.count_include_pad, None)
+        return x.reshape(*lead, self.d_in)
 
     def squared_vjp(self, x, d):
-        return self._sum.adjoint(d / _like(self._div, d) ** 2)
+        return self.adjoint(d / _like(self._div, d))  # every entry of a row is 1 / divisor
 
     def coo(self):
         r, c, v = self._sum.coo()
