@@ -4,6 +4,16 @@ One command runs everything and writes a markdown table and JSON under ``benchma
 
     python benchmarks/bench_train.py            # the paper's step counts (about 50 minutes on one core)
     python benchmarks/bench_train.py --quick    # the joint runs shortened 20×
+    python benchmarks/bench_train.py --speed    # only the cost of one update against a backprop step
+
+``--speed``: milliseconds per update of the modes ``nudged``, ``equilibrium`` (both
+Adam) and ``joint`` (the paper's Euler step) against one backprop step (forward,
+backward, optimizer step) of the same model on the same batch: digits [64, 64, 10]
+at B = 256 (Adam) and the paraboloid 1H at B = 300 (Adam for the local modes, SGD
+for the joint step, whose update is plain gradient descent); plus the diffusion
+inference step on [2, 10, 8, 1] at B = 256 against a forward and backward pass.
+Medians of per-pair ratios of interleaved runs in one process. Targets: nudged
+≤ 2×, equilibrium ≤ 5×, joint ≤ 1×, diffusion ≤ 1×.
 
 For each of the 8 task × depth configurations, every method starting from the
 same He-initialised network: SGD (full batch, the paper's learning rates,
@@ -148,6 +158,78 @@ def collapse(quick: bool, seed: int) -> list[dict]:
     return rows
 
 
+def _paired(base, f, reps: int) -> tuple[float, float, float]:
+    """Median times of ``base`` and ``f`` (ms) and the median per-pair ratio of interleaved runs."""
+    base(), f()
+    tb, tf, ratio = [], [], []
+    for _ in range(reps):
+        t0 = time.perf_counter(); base(); t1 = time.perf_counter(); f(); t2 = time.perf_counter()
+        tb.append(t1 - t0); tf.append(t2 - t1); ratio.append((t2 - t1) / (t1 - t0))
+    med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
+    return med(tb) * 1e3, med(tf) * 1e3, med(ratio)
+
+
+def _backprop_step(task, depth: str, seed: int, optimizer: str, lr: float, X, Y):
+    """One forward + backward + optimizer step of the torch model on ``(X, Y)``, as a closure."""
+    model = csnn.mlp(task.sizes(depth), output=task.output, seed=seed)
+    loss = losses.get(task.loss)
+    Yt = loss.target(Y, task.sizes(depth)[-1], torch.float64)
+    opt = csnn.make_optimizer(optimizer, model.parameters(), lr)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss(model(X), Yt).backward()
+        opt.step()
+    return step
+
+
+def _sheaf_update(task, depth: str, mode: str, seed: int, X, Y, **kw):
+    """One update of a sheaf training mode on ``(X, Y)`` (after a first one that sets up its stalks)."""
+    ns = csnn.compile(csnn.mlp(task.sizes(depth), output=task.output, seed=seed))
+    trainer = csnn.SheafTrainer(ns, mode=mode, loss=task.loss, seed=seed, **kw)
+    trainer.fit(X, Y, steps=1, progress=False, eval_every=1)
+    Yt = trainer.loss.target(Y, ns.n_out, ns.dtype)
+    return lambda: trainer._update(X, Yt, None)
+
+
+def speed(reps: int, seed: int) -> list[dict]:
+    """Milliseconds per update of each sheaf mode against a backprop step (see the module notes)."""
+    rows = []
+    digits_task = datasets.digits(seed=seed)
+    para = datasets.paraboloid(seed=seed)
+    cases = [(digits_task, 256, "nudged", "adam", dict(optimizer="adam", lr=0.01)),
+             (digits_task, 256, "equilibrium", "adam", dict(optimizer="adam", lr=0.01, init="forward_pass")),
+             (para, 300, "nudged", "adam", dict(optimizer="adam", lr=0.02)),
+             (para, 300, "equilibrium", "adam", dict(optimizer="adam", lr=0.02, init="forward_pass")),
+             (para, 300, "joint", "sgd", dict(alpha=1.0, beta=1 / 300, dt=0.005))]
+    for task, B, mode, opt, kw in cases:
+        X, Y = task.X_train[:B], task.Y_train[:B]
+        base = _backprop_step(task, "1H", seed, opt, kw.get("lr", 0.005), X, Y)
+        update = _sheaf_update(task, "1H", mode, seed, X, Y, **kw)
+        tb, tm, r = _paired(base, update, reps)
+        name = "digits [64, 64, 10]" if task is digits_task else "paraboloid 1H"
+        rows.append(dict(case=f"{name}, B={B}", mode=mode, baseline=f"backprop step ({opt})", base_ms=tb,
+                         mode_ms=tm, ratio=r))
+    model = csnn.mlp([2, 10, 8, 1], seed=seed)
+    ns = csnn.compile(model)
+    x = torch.randn(256, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    n = 200  # Euler steps per timed run: the setup (step size, boundary) is shared by all of them
+
+    def fwd_bwd():
+        model.zero_grad(set_to_none=True)
+        model(x).sum().backward()
+
+    def diffusion():
+        ns.infer(x, method="diffusion", max_steps=n, tol=0.0, check=False, generator=torch.Generator().manual_seed(0))
+    tb, tm, r = _paired(fwd_bwd, diffusion, max(5, reps // 5))
+    rows.append(dict(case="[2, 10, 8, 1], B=256", mode="diffusion step", baseline="forward + backward",
+                     base_ms=tb, mode_ms=tm / n, ratio=r / n))
+    for row in rows:
+        print(f"{row['case']:28s} {row['mode']:15s} {row['mode_ms']:8.3f} ms   {row['baseline']:22s} "
+              f"{row['base_ms']:7.3f} ms   ratio {row['ratio']:6.2f}x", flush=True)
+    return rows
+
+
 def _fmt(v, spec=".4g") -> str:
     return "—" if v is None else format(v, spec)
 
@@ -214,6 +296,8 @@ def main(argv=None) -> None:
     p.add_argument("--tasks", nargs="*", default=list(TASKS))
     p.add_argument("--depths", nargs="*", default=list(DEPTHS))
     p.add_argument("--skip", nargs="*", default=[], choices=["digits", "collapse"])
+    p.add_argument("--speed", action="store_true", help="only the cost of one update against a backprop step")
+    p.add_argument("--reps", type=int, default=50, help="interleaved repetitions of each --speed measurement")
     p.add_argument("--budget", type=float, default=0.1, help="wall time of each local mode, as a fraction of the "
                    "joint run's (default 0.1, the target)")
     args = p.parse_args(argv)
@@ -221,6 +305,9 @@ def main(argv=None) -> None:
     results = {"command": " ".join(["python benchmarks/bench_train.py", *(argv if argv is not None else sys.argv[1:])]),
                "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
                "threads": torch.get_num_threads(), "quick": args.quick}
+    if args.speed:
+        speed(args.reps, args.seed)
+        return
     stem = "bench_train_quick" if args.quick else "bench_train"
     results["table1"] = []
     for rows in table1(args.quick, args.seed, args.tasks, args.depths, args.budget):

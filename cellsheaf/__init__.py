@@ -20,7 +20,7 @@ from .cohomology import Cohomology, RelativeCohomology, cohomology, global_secti
 from .diffusion import diffuse, stable_step
 from .energy import discord, energy
 from .harmonic import NonUniqueError, harmonic_extension
-from . import gauss_newton, learning, propagation
+from . import gauss_newton, learning, nudge, propagation
 from .minimize import minimize
 from .penalty import Penalties, Penalty, reluctance, soft_pin
 from .propagation import NotDeterminedError
@@ -36,7 +36,7 @@ __all__ = [
     "constant_sheaf",
     "diffuse", "stable_step",
     "minimize", "soft_pin", "reluctance", "Penalty", "Penalties", "NotDeterminedError",
-    "gauss_newton", "learning", "propagation",
+    "gauss_newton", "learning", "nudge", "propagation",
     "Cohomology", "RelativeCohomology", "cohomology", "global_sections", "relative_cohomology",
     "Eigenpairs", "eigenpairs", "spectral_gap", "fiedler_vector", "lambda_max", "block_energy",
     "SheafSpec", "SpecError", "connection_sheaf", "disjoint_union", "pool",

@@ -112,6 +112,28 @@ def discord(S, x) -> dict[Hashable, Tensor]:
     return {name: E[..., k] for k, name in enumerate(S.edges)}
 
 
+def edge_forces(S, name, x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(∂E_e/∂a_v, ∂E_e/∂a_u)`` of one edge at a batch ``x`` (``(B, C0)``): its own weighted potential
+    gradient, from its own discord only (the slice of `forces` for that edge, without a pass over the others).
+
+    Examples
+    --------
+    >>> import torch, cellsheaf as cs
+    >>> S = cs.Sheaf(); S.add_vertex("a", 1); S.add_vertex("b", 1)
+    >>> _ = S.add_edge("a", "b", torch.eye(1), torch.eye(1), name="e", weight=2.0)
+    >>> from cellsheaf.energy import edge_forces
+    >>> edge_forces(S, "e", torch.tensor([[1.0, 3.0]]))
+    (tensor([[4.]]), tensor([[-4.]]))
+    """
+    e = S.edge(name)
+    av, au = e.Fv.apply(x[:, S.vertex_slice(e.v)]), e.Fu.apply(x[:, S.vertex_slice(e.u)])
+    if e.potential is None or e.potential.quadratic:
+        gv = e.weight * (av - au)
+        return gv, -gv
+    pv, pu = _potential(e, "pair_grad", av, au)
+    return e.weight * pv, e.weight * pu
+
+
 def forces(S, x) -> tuple[Tensor, Tensor]:
     """``(∂E/∂a_v, ∂E/∂a_u)``: the weighted potential gradients on both ends of every edge, ``(..., C1)``."""
     xf = as_flat(S, x)

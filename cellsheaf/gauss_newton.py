@@ -60,7 +60,7 @@ from .maps import Compose, Elementwise
 from .operators import _plan, apply_coboundary_jvp, edge_weights, expressed, pullback
 from .propagation import PropagationStep, _determined_part
 
-__all__ = ["GaussNewton", "newton"]
+__all__ = ["GaussNewton", "newton", "determined_solve"]
 
 
 class GaussNewton:
@@ -131,19 +131,7 @@ class GaussNewton:
         >>> H.determined_solve(steps, torch.tensor([[0.0, 8.0]]))  # H = 4 on b
         tensor([[0., 2.]])
         """
-        S, x = self.S, self.x
-        acc, ys = r.clone(), []
-        for s in reversed(steps):  # J_Ωᵀ y = r: each edge's row meets its targets last
-            y = acc[:, _where(s, x)]
-            y = y / s.scale.to(dtype=x.dtype, device=x.device) if s.scale is not None else y
-            y = -y if s.side == "u" else y
-            acc[:, s.source] += (1 if s.side == "v" else -1) * s.F.vjp(x[:, s.source], y)
-            ys.append(y / S.edge(s.edge).weight)
-        z = torch.zeros_like(r)
-        for s, y in zip(steps, reversed(ys)):  # J_Ω z = W⁻¹ y, forward substitution
-            t = (y if s.side == "v" else -y) + s.F.jvp(x[:, s.source], z[:, s.source])
-            z[:, _where(s, x)] = t / s.scale.to(dtype=x.dtype, device=x.device) if s.scale is not None else t
-        return z
+        return determined_solve(self.S, self.x, steps, r)
 
     def _edge_curvature_diagonal(self) -> Tensor:
         """Diagonal of ``W ∇²U`` on the 1-cochain, ``(B, C1)`` (1 per unit weight for non-separable potentials)."""
@@ -177,6 +165,22 @@ class GaussNewton:
             for F, sl in ((e.Fu, su), (e.Fv, sv)):
                 out[:, sl] += _squared_jacobian_pullback(F, x[:, sl], D[:, se])
         return out
+
+
+def determined_solve(S, x: Tensor, steps: list[PropagationStep], r: Tensor) -> Tensor:
+    """``(J_Ωᵀ W J_Ω)⁻¹ r`` at ``x`` for the determined part ``steps`` (see `GaussNewton.determined_solve`)."""
+    acc, ys = r.clone(), []
+    for s in reversed(steps):  # J_Ωᵀ y = r: each edge's row meets its targets last
+        y = acc[:, _where(s, x)]
+        y = y / s.scale.to(dtype=x.dtype, device=x.device) if s.scale is not None else y
+        y = -y if s.side == "u" else y
+        acc[:, s.source] += (1 if s.side == "v" else -1) * s.F.vjp(x[:, s.source], y)
+        ys.append(y / S.edge(s.edge).weight)
+    z = torch.zeros_like(r)
+    for s, y in zip(steps, reversed(ys)):  # J_Ω z = W⁻¹ y, forward substitution
+        t = (y if s.side == "v" else -y) + s.F.jvp(x[:, s.source], z[:, s.source])
+        z[:, _where(s, x)] = t / s.scale.to(dtype=x.dtype, device=x.device) if s.scale is not None else t
+    return z
 
 
 def _where(s, x: Tensor):

@@ -47,13 +47,13 @@ from torch import Tensor
 
 from .boundary import Boundary, ResolvedBoundary
 from .cochain import Cochain, as_flat, check_finite
-from .energy import edge_energies, forces
+from .energy import edge_energies, edge_forces, forces
 from .maps import Linear
 from .operators import pullback
 from .results import Result
 
 __all__ = [
-    "MapKey", "set_trainable", "trainable_maps", "parameters", "map_gradients", "snapshot",
+    "MapKey", "set_trainable", "trainable_maps", "parameters", "map_gradients", "edge_gradients", "snapshot",
     "map_parameters", "local_gradients",
     "assign_gradients", "optimizer_step", "joint_step", "joint_flow",
 ]
@@ -232,6 +232,29 @@ def _local_gradients(S, x: Tensor, gv: Tensor, gu: Tensor, maps: dict[MapKey, Li
         g = (gvb if side == "v" else gub)[:, se]
         xs = xb[:, S.vertex_slice(e.v if side == "v" else e.u)]
         G = g.T @ xs.to(g.dtype)
+        out[(name, side)] = G if F.mask is None else G * F.mask.to(dtype=G.dtype, device=G.device)
+    return out
+
+
+def edge_gradients(S, x: Tensor, keys) -> dict[MapKey, Tensor]:
+    """Eq. (24) for the trainable maps ``keys`` (``(edge, side)``) at a batch ``x`` (``(B, C0)``), each from
+    its own edge's discord alone: what `map_gradients` gives for them, without a pass over the other edges.
+
+    Examples
+    --------
+    >>> import torch, cellsheaf as cs
+    >>> S = cs.Sheaf(); S.add_vertex("u", 2); S.add_vertex("v", 1)
+    >>> W = cs.maps.Linear(torch.zeros(1, 2, dtype=torch.float64), trainable=True)
+    >>> _ = S.add_edge("u", "v", W, torch.eye(1, dtype=torch.float64), name="e")
+    >>> cs.learning.edge_gradients(S, torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float64), [("e", "u")])
+    {('e', 'u'): tensor([[-3., -6.]], dtype=torch.float64)}
+    """
+    out = {}
+    for name, side in keys:
+        e = S.edge(name)
+        F = e.Fv if side == "v" else e.Fu
+        gv, gu = edge_forces(S, name, x)
+        G = (gv if side == "v" else gu).T @ x[:, S.vertex_slice(e.v if side == "v" else e.u)].to(gv.dtype)
         out[(name, side)] = G if F.mask is None else G * F.mask.to(dtype=G.dtype, device=G.device)
     return out
 

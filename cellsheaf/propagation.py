@@ -492,10 +492,11 @@ class PropagationPlan:
         the plan was built (the same for every item and call), and those values.
     """
 
-    def __init__(self, S, fixed: Tensor, constant: Tensor, constant_values: Tensor):
+    def __init__(self, S, fixed: Tensor, constant: Tensor, constant_values: Tensor,
+                 steps: list[PropagationStep] | None = None):
         self.S = S
         self.fixed = fixed.cpu()
-        self.steps = _schedule(S, self.fixed)
+        self.steps = _schedule(S, self.fixed) if steps is None else steps
         mask = torch.ones(S.C0, dtype=torch.bool)
         mask[self.fixed] = False
         self.free = torch.nonzero(mask).flatten()
@@ -613,8 +614,8 @@ class BoundPlan:
         return self.plan._execute(self._ops, self.x, check)
 
 
-def plan(S, fixed: Tensor, constant: Tensor | None = None, constant_values: Tensor | None = None
-         ) -> PropagationPlan:
+def plan(S, fixed: Tensor, constant: Tensor | None = None, constant_values: Tensor | None = None,
+         determined: bool = False) -> PropagationPlan:
     """The compiled propagation plan for fixed coordinates ``fixed``; cached on the sheaf.
 
     ``constant`` (a subset of ``fixed``) are coordinates whose values
@@ -622,6 +623,9 @@ def plan(S, fixed: Tensor, constant: Tensor | None = None, constant_values: Tens
     compiled network): their contribution to an affine edge becomes the bias of its
     ``addmm``, and `PropagationPlan.run` writes them itself. Raises
     `NotDeterminedError` when the sheaf with this boundary is not determined.
+    With ``determined=True`` the plan propagates the sheaf's determined part
+    (`determined_part`: the other, softer edges are left out, e.g. to start
+    `cellsheaf.nudge.nudged_equilibrium`).
 
     Examples
     --------
@@ -642,10 +646,17 @@ def plan(S, fixed: Tensor, constant: Tensor | None = None, constant_values: Tens
         raise ValueError(f"plan: {len(constant)} constant coordinates but {len(constant_values)} values")
     if not bool(torch.isin(constant, fixed).all()):
         raise ValueError("plan: every constant coordinate must be fixed")
-    key = ("plan", fixed.numpy().tobytes(), constant.numpy().tobytes(), constant_values.numpy().tobytes())
+    key = ("plan", determined, fixed.numpy().tobytes(), constant.numpy().tobytes(),
+           constant_values.numpy().tobytes())
     cached = S._cache.get(key)
     if cached is None:
-        cached = S._cache[key] = PropagationPlan(S, fixed, constant, constant_values)
+        steps = None
+        if determined:
+            steps = _determined_part(S, fixed)
+            if steps is None:
+                raise NotDeterminedError("the sheaf has no determined part that is stiffer than the rest of its "
+                                         "edges (see cellsheaf.propagation.determined_part)")
+        cached = S._cache[key] = PropagationPlan(S, fixed, constant, constant_values, steps)
     return cached
 
 

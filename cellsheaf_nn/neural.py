@@ -466,17 +466,21 @@ class NeuralSheaf:
         """
         key = ("neural forward plan",)
         if key not in self.sheaf._cache:
-            start = self.sheaf.vertex_slice(self.input).start
-            ones = [self.sheaf.vertex_slice(v).start + c for v, (idx, _) in self._ones.items() for c in idx]
-            fixed = torch.as_tensor(sorted(list(range(start, start + self.n_in)) + ones), dtype=torch.long)
+            inputs, ones = self._fixed_pattern()
             try:
-                compiled = cs.propagation.plan(self.sheaf, fixed, torch.as_tensor(sorted(ones), dtype=torch.long),
+                compiled = cs.propagation.plan(self.sheaf, torch.cat([inputs, ones]).sort().values, ones,
                                                torch.ones(len(ones), dtype=torch.float64))
             except cs.NotDeterminedError:
                 compiled = None
             self.sheaf._cache[key] = compiled
             self._io_slices = (self._neural_slice(self.input), self._neural_slice(self.output))
         return self.sheaf._cache[key]
+
+    def _fixed_pattern(self) -> tuple[Tensor, Tensor]:
+        """The input coordinates and the ones coordinates (sorted) in the 0-cochain of `sheaf`."""
+        start = self.sheaf.vertex_slice(self.input).start
+        ones = sorted(self.sheaf.vertex_slice(v).start + c for v, (idx, _) in self._ones.items() for c in idx)
+        return torch.arange(start, start + self.n_in), torch.as_tensor(ones, dtype=torch.long)
 
     def _propagated(self, compiled, xb: Tensor, single: bool, return_state: bool, check: bool, method: str):
         """``infer`` by the compiled forward pass: the input written into a cochain, one run of the plan.

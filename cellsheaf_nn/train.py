@@ -493,6 +493,7 @@ class SheafTrainer:
         self.stalks: Tensor | None = None
         self._free: Tensor | None = None  # free coordinates of the training sheaf (the same for every batch)
         self._anchors: tuple[Tensor, dict[str, Tensor]] | None = None
+        self._nudge: tuple | None = None  # (plan of the network part, input columns, target columns)
 
     # ------------------------------------------------------------------ the training sheaf
     def _training_sheaf(self):
@@ -668,6 +669,11 @@ class SheafTrainer:
         Returns the relaxed stalks and ``{edge: direction}``, each direction scaled as the gradient
         of the batch-mean loss (divided by ``gamma`` in the nudged mode).
         """
+        if self.mode == "nudged":
+            x = self._nudged_state(X, Y)
+            if x is not None:
+                scale = self.loss.scale(self.ns.n_out) / len(X) / self.gamma
+                return x, self._map_gradients(x, scale)
         b = self._boundary(X, Y)
         if self.mode == "nudged":
             fwd = self._forward_state(X)
@@ -684,9 +690,46 @@ class SheafTrainer:
         scale = self.loss.scale(self.ns.n_out) / len(X) / (self.gamma if self.mode == "nudged" else 1.0)
         return x, self._map_gradients(x, scale)
 
+    def _nudge_plan(self):
+        """The compiled forward pass of the training sheaf's network part (input, ones and targets fixed),
+        or ``None`` when the network has pins (then Newton solves the nudged state)."""
+        ns = self.ns
+        if ns.pins or len(self.sheaf.edges) != len(ns.sheaf.edges) + 1:
+            return None
+        if self._nudge is None:  # the pattern outlives weight updates: built once
+            inputs, ones = ns._fixed_pattern()
+            target = self.sheaf.vertex_slice(self.target)
+            fixed = torch.cat([inputs, ones, torch.arange(target.start, target.start + ns.n_out)]).sort().values
+            try:
+                plan = cs.propagation.plan(self.sheaf, fixed, ones, torch.ones(len(ones), dtype=torch.float64),
+                                           determined=True)
+            except cs.NotDeterminedError:
+                plan = False
+            self._nudge = (plan, ns._neural_slice(ns.input), slice(target.start, target.start + ns.n_out))
+        return self._nudge if self._nudge[0] else None
+
+    def _nudged_state(self, X: Tensor, Y: Tensor) -> Tensor | None:
+        """The nudged equilibrium by sweeps (`cellsheaf.nudge`): the forward pass, then the linear response
+        to the loss edge (and its correction while the gradient changes); Newton from there if that has
+        not converged in ``max_iter`` iterations. ``None`` when the fast path does not apply."""
+        nudge = self._nudge_plan()
+        if nudge is None:
+            return None
+        plan, inputs, target = nudge
+        x = torch.empty(len(X), self.sheaf.C0, dtype=X.dtype)
+        x[:, inputs], x[:, target] = X, Y
+        plan.run(x)
+        tol = self.tol if self.tol is not None else 1e-4 * self.gamma
+        out, report = cs.nudge.nudged_equilibrium(self.sheaf, plan, x, tol=tol,
+                                                  max_iter=self.max_iter if self.max_iter is not None else 20)
+        if not bool(report["converged"].all()):
+            out = cs.minimize(self.sheaf, self._boundary(X, Y), method="newton", x0=out, tol=tol,
+                              max_iter=self.max_iter if self.max_iter is not None else 20).x.flat
+        return out
+
     def _map_gradients(self, x: Tensor, scale: float) -> dict[str, Tensor]:
         """``scale · Π_W ∇_W E`` at stalks ``x`` for every weight edge (Eq. 24, `cellsheaf.learning`)."""
-        grads = learning.map_gradients(self.sheaf, x)
+        grads = learning.edge_gradients(self.sheaf, x, [(name, "u") for name in self.weights])
         return {name: scale * grads[(name, "u")] for name in self.weights}
 
     def _maps_changed(self) -> None:
@@ -695,6 +738,9 @@ class SheafTrainer:
         self.ns.sheaf.invalidate()
 
     def _check_finite(self, x: Tensor) -> None:
+        screen = x.sum() + sum(F.weight.sum() for F in self.weights.values())
+        if math.isfinite(screen.item()):  # one reduction and one sync; the search below names the culprit
+            return
         bad = [name for name, F in self.weights.items() if not bool(torch.isfinite(F.weight).all())]
         if bad:
             where = f"weights on edge {bad[0]!r}"
