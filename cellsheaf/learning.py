@@ -254,8 +254,7 @@ def edge_gradients(S, x: Tensor, keys) -> dict[MapKey, Tensor]:
         e = S.edge(name)
         F = e.Fv if side == "v" else e.Fu
         gv, gu = edge_forces(S, name, x)
-        G = (gv if side == "v" else gu).T @ x[:, S.vertex_slice(e.v if side == "v" else e.u)].to(gv.dtype)
-        out[(name, side)] = G if F.mask is None else G * F.mask.to(dtype=G.dtype, device=G.device)
+        out[(name, side)] = _eq24(F, gv if side == "v" else gu, x[:, S.vertex_slice(e.v if side == "v" else e.u)])
     return out
 
 
@@ -345,6 +344,8 @@ def optimizer_step(S, x, optimizer: torch.optim.Optimizer, mu: float = 0.0,
 
 def _check_step(t: Tensor, what: str) -> None:
     """Refuse a non-finite result of a step, naming ``what`` and saying how to avoid it."""
+    if t.is_floating_point() and math.isfinite(t.sum().item()):  # one reduction screens the common case
+        return
     check_finite(t, f"after the step (it diverged: use a smaller step), {what}")
 
 
@@ -362,16 +363,45 @@ def _free_of(S, boundary, like: Tensor) -> Tensor:
     return (boundary or Boundary()).resolve(S).free.to(like.device)
 
 
+_EDGEWISE_MAX = 64  # sheaves with at most this many edges take their joint gradients edge by edge
+
+
+def _eq24(F, force: Tensor, xs: Tensor) -> Tensor:
+    """Eq. (24) for one map: ``forceᵀ x`` over the batch, masked by the map's ``mask``."""
+    G = force.T @ xs.to(force.dtype)
+    return G if F.mask is None else G * F.mask.to(dtype=G.dtype, device=G.device)
+
+
+def _edgewise(S, x: Tensor, maps: dict) -> tuple[Tensor, dict]:
+    """``(∇_x E, {map: Eq. 24})`` edge by edge: each edge's maps applied once, its own forces pulled back
+    through its own maps and multiplied into its own end stalks. For sheaves of few, large edges
+    (compiled networks), where the stacked operators (`cellsheaf.operators`) buy nothing."""
+    xb = x if x.dim() == 2 else x.unsqueeze(0)
+    g, grads = torch.zeros_like(xb), {}
+    for e in S.edge_items():
+        su, sv = S.vertex_slice(e.u), S.vertex_slice(e.v)
+        gv, gu = edge_forces(S, e.name, xb)
+        g[:, sv] += e.Fv.vjp(xb[:, sv], gv)
+        g[:, su] += e.Fu.vjp(xb[:, su], gu)
+        for side, F, force, sl in (("u", e.Fu, gu, su), ("v", e.Fv, gv, sv)):
+            if (e.name, side) in maps:
+                grads[(e.name, side)] = _eq24(F, force, xb[:, sl])
+    return (g if x.dim() == 2 else g[0]), grads
+
+
 def _joint_gradients(S, x: Tensor, maps: dict, lam: float, mu: float, x_anchor, map_anchors, reduce=None):
     """``(∇_x E + λ(x − x₀), {map: Π_W(∇_F E + μ(F − F₀))})`` sharing one evaluation of the forces.
 
     ``reduce`` (a list of tensors -> list of tensors) combines the energy part of the map
     gradients with other batches before the regularisation is added (data parallelism)."""
-    gv, gu = forces(S, x)
-    g = pullback(S, gv, gu, at=x)
+    if len(S.edges) <= _EDGEWISE_MAX:
+        g, grads = _edgewise(S, x, maps)
+    else:
+        gv, gu = forces(S, x)
+        g = pullback(S, gv, gu, at=x)
+        grads = _local_gradients(S, x, gv, gu, maps)
     if lam:
         g = g + lam * (x - (0.0 if x_anchor is None else as_flat(S, x_anchor).to(x.dtype)))
-    grads = _local_gradients(S, x, gv, gu, maps)
     if reduce is not None:
         grads = dict(zip(grads, reduce(list(grads.values()))))
     return g, _regularised(S, grads, maps, mu, map_anchors)
@@ -427,11 +457,11 @@ def joint_step(
     free = _free_of(S, boundary, xf)
     maps = trainable_maps(S)
     g, map_grads = _joint_gradients(S, xf, maps, lam, mu, x_anchor, map_anchors, reduce)
-    x_new = xf.clone()
-    x_new[..., free] = xf[..., free] - dt * alpha * g[..., free]
+    moves = torch.zeros(xf.shape[-1], dtype=torch.bool, device=xf.device).index_fill_(0, free, True)
+    x_new = torch.where(moves, torch.add(xf, g, alpha=-dt * alpha), xf)
     with torch.no_grad():
         for k, F in maps.items():
-            F.weight -= (dt * beta) * map_grads[k].to(F.weight.dtype)
+            F.weight.sub_(map_grads[k].to(F.weight.dtype), alpha=dt * beta)
     _maps_changed(S, maps)
     _check_step(x_new, "the state")
     return x_new

@@ -207,3 +207,28 @@ def test_bad_joint_step_arguments():
         L.joint_step(S, x, dt=-1.0)
     with pytest.raises(ValueError, match="beta"):
         L.joint_step(S, x, beta=float("inf"))
+
+
+def test_edgewise_joint_gradients_equal_the_stacked_ones():
+    """The edge-by-edge joint gradients (few large edges) equal forces/pullback/Eq. 24 on the stacked operators."""
+    from cellsheaf.energy import forces
+    from cellsheaf.operators import pullback
+    g = torch.Generator().manual_seed(0)
+    S = cs.Sheaf()
+    for v, d in (("a", 3), ("b", 2), ("c", 2)):
+        S.add_vertex(v, d)
+    W = cs.maps.Linear(torch.randn(2, 3, generator=g, dtype=torch.float64), trainable=True,
+                       mask=torch.tensor([[1.0, 0, 1], [1, 1, 0]], dtype=torch.float64))
+    S.add_edge("a", "b", W, torch.eye(2, dtype=torch.float64), name="w")
+    S.add_edge("b", "c", cs.maps.Tanh(2), torch.eye(2, dtype=torch.float64), name="act", weight=0.7)
+    S.add_edge("c", "c", torch.eye(2, dtype=torch.float64), 2 * torch.eye(2, dtype=torch.float64), name="loop")
+    S.add_edge("b", "c", torch.eye(2, dtype=torch.float64), torch.eye(2, dtype=torch.float64), name="h",
+               potential=cs.potentials.Huber(0.2))
+    x = torch.randn(5, S.C0, generator=g, dtype=torch.float64)
+    maps = cs.learning.trainable_maps(S)
+    g1, G1 = cs.learning._edgewise(S, x, maps)
+    gv, gu = forces(S, x)
+    torch.testing.assert_close(g1, pullback(S, gv, gu, at=x))
+    G2 = cs.learning._local_gradients(S, x, gv, gu, maps)
+    for k in maps:
+        torch.testing.assert_close(G1[k], G2[k])
