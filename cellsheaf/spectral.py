@@ -8,12 +8,13 @@ sheaf at a point; ``normalized=True`` uses ``D^{-1/2} L D^{-1/2}``
 assembled scipy matrix; results come back in the sheaf's dtype.
 
 Routes (``method``): ``"dense"`` (LAPACK ``eigh``), ``"sparse"`` (smallest
-eigenvalues: block inverse iteration on one sparse LU of ``L + sI``, which
-finds repeated eigenvalues such as a large kernel; largest: ARPACK Lanczos,
-``eigsh``), ``"auto"``: dense up to `DENSE_LIMIT` coordinates. The
-sparse LU suits graphs with small separators (paths, meshes, trees, most
-real networks); on large random expanders it fills in, and such operators
-are out of reach of the ``"smallest"`` route.
+eigenvalues: Lanczos (ARPACK) without any factorisation for operators above 4000
+rows, with repeated eigenvalues checked by deflation; block inverse iteration on
+one sparse LU of ``L + sI`` for smaller ones or when Lanczos does not converge;
+largest: ARPACK Lanczos), ``"auto"``: dense up to `DENSE_LIMIT` coordinates.
+`eigenpairs` results carry ``.info`` (route, operator applications, residual)
+and are differentiable with respect to the maps where the eigenvalues are
+simple (positional encodings for sheaf neural networks).
 
 Examples
 --------
@@ -40,7 +41,8 @@ import torch
 from torch import Tensor
 
 from .cochain import as_flat
-from .operators import fixed_indices, laplacian
+from .operators import apply_laplacian, fixed_indices, laplacian
+from .results import SolveInfo
 
 __all__ = ["Eigenpairs", "eigenpairs", "spectral_gap", "fiedler_vector", "lambda_max", "block_energy",
            "DENSE_LIMIT"]
@@ -49,17 +51,30 @@ DENSE_LIMIT = 2000
 """``method="auto"`` uses dense ``eigh`` when the operator has at most this many rows."""
 
 _EPS = float(np.finfo(np.float64).eps)
+_KRYLOV_MIN = 4000  # smaller operators take block inverse iteration on a sparse LU (cheap at this size)
 
 
-class Eigenpairs(NamedTuple):
+class _Pairs(NamedTuple):
+    values: Tensor
+    vectors: Tensor
+
+
+class Eigenpairs(_Pairs):
     """Eigenvalues ``(k,)`` and orthonormal eigenvectors ``(n, k)`` (one per column).
 
     ``n`` is ``C0``, or the number of free coordinates when a boundary was
-    given (in the order of ``boundary.resolve(S).free``).
+    given (in the order of ``boundary.resolve(S).free``). It unpacks as
+    ``values, vectors``; ``.info`` (a `SolveInfo`) says which route ran, how many
+    operator applications it took (``iterations``) and the largest residual
+    ``‖A v − λ v‖`` relative to ``‖A‖`` (``residual``).
     """
 
-    values: Tensor
-    vectors: Tensor
+    info: SolveInfo | None
+
+    def __new__(cls, values: Tensor, vectors: Tensor, info: SolveInfo | None = None):
+        self = super().__new__(cls, values, vectors)
+        self.info = info
+        return self
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -116,6 +131,45 @@ def _smallest(A: sp.spmatrix, k: int, rtol: float = 1e-12, maxiter: int = 100) -
                        "inverse iterations; try method='dense' if it fits in memory")
 
 
+def _smallest_krylov(A: sp.spmatrix, k: int, rtol: float = 1e-10, rounds: int = 6):
+    """The ``k`` smallest eigenpairs of a sparse symmetric PSD matrix by Lanczos (ARPACK), no factorisation.
+
+    Single-vector Lanczos can miss copies of a repeated eigenvalue, so the result is checked
+    by deflation: with the found vectors ``V`` pushed up (``A + c VVᵀ``, ``c`` the Gershgorin
+    bound), a fresh Lanczos run from a new random vector must find nothing below the ``k``-th
+    found value; a missed one is added and the check repeats. (A check, not a proof: a copy
+    can still hide from every run; the LU route of `_smallest` is the robust one.) Returns ``(values, vectors, matvecs)``, or
+    ``None`` when ARPACK does not converge (the caller then factorises).
+    """
+    n = A.shape[0]
+    c = float(abs(A).sum(axis=1).max()) or 1.0
+    count = [0]
+    V = np.zeros((n, 0))
+    lam = np.zeros(0)
+    rng = np.random.default_rng(0)
+    for _ in range(rounds):
+        v0 = rng.standard_normal(n)  # fresh each round: a missed copy is orthogonal to the previous Krylov space
+        def matvec(x, V=V):
+            count[0] += 1
+            x = np.asarray(x).reshape(n, -1)
+            return A @ x + c * (V @ (V.T @ x)) if V.shape[1] else A @ x
+        op = spla.LinearOperator((n, n), matvec=matvec, matmat=matvec, dtype=np.float64)
+        want = k - V.shape[1] if V.shape[1] < k else min(k, 3)
+        try:
+            ncv = max(2 * want + 1, 20 if V.shape[1] == 0 else 40)  # checks look wider: copies hide in clusters
+            w, W = spla.eigsh(op, k=want, which="SA", tol=rtol, v0=v0, ncv=min(n - 1, ncv),
+                              maxiter=max(300, 10 * n))
+        except (spla.ArpackNoConvergence, spla.ArpackError):
+            return None
+        if V.shape[1] >= k and w.min() >= lam[k - 1] - rtol * c:
+            return lam[:k], V[:, :k], count[0]  # verified: nothing below the k-th value was missed
+        W = W - V @ (V.T @ W)  # keep the basis orthonormal
+        V = np.linalg.qr(np.hstack([V, W]))[0]
+        lam, Q = np.linalg.eigh(V.T @ (A @ V))  # Rayleigh-Ritz on everything found
+        V = V @ Q
+    return None
+
+
 def _largest(A: sp.spmatrix, k: int, tol: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` largest eigenpairs (descending) of a sparse symmetric matrix by Lanczos."""
     n = A.shape[0]
@@ -134,8 +188,8 @@ def _out(a: np.ndarray, S) -> Tensor:
 # ---------------------------------------------------------------------------- public API
 
 
-def eigenpairs(S, k: int, which: str = "smallest", boundary=None, at=None, normalized: bool = False,
-               method: str = "auto") -> Eigenpairs:
+def eigenpairs(S, k: int, which: str = "smallest", boundary=None, at=None, normalized: bool | str = False,
+               method: str = "auto", differentiable: bool | None = None) -> Eigenpairs:
     """The ``k`` smallest or largest eigenpairs of ``L`` (or ``L[Ω,Ω]`` with a boundary).
 
     Parameters
@@ -149,14 +203,23 @@ def eigenpairs(S, k: int, which: str = "smallest", boundary=None, at=None, norma
         Fixed coordinates ``U``; the operator is then ``L[Ω,Ω]``.
     at : cochain, optional
         Linearisation point (needed for nonlinear maps).
-    normalized : bool
-        Use the normalised Laplacian.
+    normalized : bool or "augmented"
+        Use ``D^{-1/2} L D^{-1/2}`` (``True``) or ``(D + I)^{-1/2} L (D + I)^{-1/2}`` (``"augmented"``).
     method : {"auto", "dense", "sparse"}
+        ``"sparse"`` (``"auto"`` above `DENSE_LIMIT`) finds the smallest eigenpairs by Lanczos
+        (ARPACK, no factorisation; repeated eigenvalues verified by deflation), and falls back
+        to block inverse iteration on a sparse LU when Lanczos does not converge.
+    differentiable : bool, optional
+        Attach gradients with respect to the maps (default: when grad mode is on and a map
+        requires grad): eigenvalues by ``dλ = vᵀ dA v``, eigenvectors by their first-order
+        response ``dv = −(A − λ)⁺ dA v`` (one MINRES solve per vector in the backward pass).
+        Valid where the eigenvalues are simple; ``at`` (nonlinear maps) is not supported.
 
     Returns
     -------
     Eigenpairs
-        ``(values (k,), vectors (n, k))``.
+        ``(values (k,), vectors (n, k))`` and ``.info`` (route, operator applications, residual).
+        A route that does not converge raises ``RuntimeError``.
 
     Examples
     --------
@@ -174,14 +237,94 @@ def eigenpairs(S, k: int, which: str = "smallest", boundary=None, at=None, norma
     if isinstance(k, bool) or int(k) != k or not 1 <= k <= n:
         raise ValueError(f"k must be an integer in [1, {n}] (the operator is {n}x{n}), got {k!r}")
     k = int(k)
-    if _route(n, method) == "dense":
+    route = _route(n, method)
+    matvecs = 0
+    if route == "dense":
         lo, hi = (0, k - 1) if which == "smallest" else (n - k, n - 1)
         lam, V = sla.eigh(A.toarray(), subset_by_index=[lo, hi])
         if which == "largest":
             lam, V = lam[::-1], V[:, ::-1]
+    elif which == "largest":
+        lam, V = _largest(A, k)
     else:
-        lam, V = _smallest(A, k) if which == "smallest" else _largest(A, k)
-    return Eigenpairs(_out(lam, S), _out(V, S))
+        got = _smallest_krylov(A, k) if n > _KRYLOV_MIN and k + 8 < n // 3 else None
+        if got is not None:
+            lam, V, matvecs = got
+            route = "lanczos"
+        else:
+            lam, V = _smallest(A, k)
+            route = "inverse iteration"
+    bound = float(abs(A).sum(axis=1).max()) or 1.0
+    res = float(np.linalg.norm(A @ V - V * lam, axis=0).max() / bound) if k else 0.0
+    info = SolveInfo(route, True, matvecs, res)
+    values, vectors = _out(lam, S), _out(V, S)
+    if differentiable is None:
+        differentiable = torch.is_grad_enabled() and at is None and _needs_grad(S)
+    if differentiable:
+        if at is not None:
+            raise ValueError("differentiable eigenpairs need a linear sheaf: linearize it first (S.linearize(x))")
+        values, vectors = _attach_gradients(S, boundary, normalized, values, vectors)
+    return Eigenpairs(values, vectors, info)
+
+
+def _needs_grad(S) -> bool:
+    return any(t.requires_grad for e in S.edge_items() for t in e.Fu.tensors() + e.Fv.tensors())
+
+
+def _embed(S, boundary, X: Tensor) -> tuple[Tensor, Tensor | None]:
+    """``(n, k)`` columns on the free coordinates as ``(k, C0)`` cochains (zero on the fixed ones)."""
+    if boundary is None:
+        return X.T, None
+    fixed = fixed_indices(S, boundary).cpu().numpy()
+    free = torch.as_tensor(np.setdiff1d(np.arange(S.C0), fixed), device=X.device)
+    return X.new_zeros(X.shape[1], S.C0).index_copy(1, free, X.T), free
+
+
+def _apply(S, boundary, normalized, X: Tensor) -> Tensor:
+    """``A X`` for ``X (n, k)`` through the differentiable matrix-free Laplacian (``A = L`` or ``L[Ω,Ω]``)."""
+    Y, free = _embed(S, boundary, X)
+    out = apply_laplacian(S, Y, normalized=normalized)
+    return (out if free is None else out[:, free]).T
+
+
+class _EigenvectorResponse(torch.autograd.Function):
+    """Zero in the forward pass; backward maps ``g`` to ``−(A − λ_i I)⁺ P_i g`` column by column.
+
+    With ``r_i = A(θ) v_i`` (``v_i`` held fixed) as input, ``v_i + response(r)`` has the first-order
+    variation ``dv_i = −(A − λ_i)⁺ P_i dA v_i`` of a simple eigenvector (``P_i = I − v_i v_iᵀ``).
+    The pseudo-inverse is applied by MINRES on the symmetric, singular but consistent system.
+    """
+
+    @staticmethod
+    def forward(ctx, R: Tensor, V: Tensor, lam: Tensor, op) -> Tensor:
+        ctx.save_for_backward(V, lam)
+        ctx.op = op
+        return torch.zeros_like(R)
+
+    @staticmethod
+    def backward(ctx, G: Tensor):
+        V, lam = ctx.saved_tensors
+        Vn, Gn = V.detach().double().cpu().numpy(), G.detach().double().cpu().numpy()
+        n = Vn.shape[0]
+        out = np.zeros_like(Gn)
+        for i in range(Vn.shape[1]):
+            v = Vn[:, i]
+            shifted = spla.LinearOperator((n, n), matvec=lambda x, li=float(lam[i]): ctx.op @ x - li * x,
+                                          dtype=np.float64)
+            g = Gn[:, i] - v * (v @ Gn[:, i])
+            y = spla.minres(shifted, g, rtol=1e-12, maxiter=20 * n)[0]
+            out[:, i] = -(y - v * (v @ y))
+        return torch.as_tensor(out).to(G), None, None, None
+
+
+def _attach_gradients(S, boundary, normalized, values: Tensor, vectors: Tensor):
+    """Values ``λ_i = v_iᵀ A(θ) v_i`` (Hellmann–Feynman) and vectors with their first-order response."""
+    V = vectors.detach()
+    R = _apply(S, boundary, normalized, V)  # differentiable in the maps
+    lam = (V * R).sum(0)
+    op = _operator(S, boundary, None, normalized)
+    vecs = V + _EigenvectorResponse.apply(R, V, values.detach(), op)
+    return lam, vecs
 
 
 def _first_positive(S, boundary, at, normalized, tol, method) -> tuple[float, np.ndarray]:

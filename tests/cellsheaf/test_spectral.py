@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import cellsheaf as cs
+import cellsheaf.spectral as spectral
 from tests.conftest import build_random_sheaf, constant_sheaf, dense_laplacian, path_sheaf, random_point, random_sheaf
 
 
@@ -165,3 +166,59 @@ def test_docstring_examples_run():
 
     result = doctest.testmod(sys.modules["cellsheaf.spectral"], optionflags=doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted > 0
+
+
+# ---------------------------------------------------------------------------- Lanczos route and gradients
+
+
+def test_lanczos_route_matches_dense(monkeypatch):
+    monkeypatch.setattr(spectral, "_KRYLOV_MIN", 0)
+    S = build_random_sheaf(7, n_vertices=150, n_edges=450, dims=(2, 3), edge_dims=(2, 3), maps="dense",
+                           connected=True)
+    for normalized in (False, True):
+        N = cs.operators.laplacian(S, normalized=normalized, format="dense").numpy()
+        pairs = cs.eigenpairs(S, 8, normalized=normalized, method="sparse")
+        assert pairs.info.method == "lanczos" and pairs.info.iterations > 0 and pairs.info.residual < 1e-8
+        check_pairs(*pairs, N, np.linalg.eigvalsh(N)[:8])
+
+
+def test_lanczos_route_finds_repeated_eigenvalues(monkeypatch):
+    monkeypatch.setattr(spectral, "_KRYLOV_MIN", 0)
+    S = constant_sheaf(nx.cycle_graph(120), 3)  # every eigenvalue of L has multiplicity >= 3
+    vals, vecs = cs.eigenpairs(S, 9, method="sparse")
+    w = np.linalg.eigvalsh(dense_laplacian(S))
+    np.testing.assert_allclose(vals.numpy(), w[:9], atol=1e-9)
+
+
+def stacked_sheaf(M: torch.Tensor) -> cs.Sheaf:
+    """A small sheaf whose first edge map is ``M`` (possibly requiring grad)."""
+    g = torch.Generator().manual_seed(3)
+    S = cs.Sheaf()
+    for v in range(6):
+        S.add_vertex(v, 2)
+    pairs = [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5), (5, 0), (0, 3), (1, 4)]
+    for k, (u, v) in enumerate(pairs):
+        Fu = M if k == 0 else torch.randn(2, 2, generator=g, dtype=torch.float64)
+        S.add_edge(u, v, Fu, torch.randn(2, 2, generator=g, dtype=torch.float64))
+    return S
+
+
+@pytest.mark.parametrize("normalized", [False, True])
+def test_eigenpairs_are_differentiable_where_simple(normalized):
+    M0 = torch.randn(2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    w = torch.randn(12, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+
+    def f(M):
+        vals, vecs = cs.eigenpairs(stacked_sheaf(M), 3, normalized=normalized, method="dense")
+        return vals.sum() + ((vecs * w[:, None]) ** 2).sum()  # invariant to the eigenvectors' signs
+
+    M = M0.clone().requires_grad_(True)
+    f(M).backward()
+    eps, fd = 1e-6, torch.zeros(2, 2, dtype=torch.float64)
+    with torch.no_grad():
+        for i in range(2):
+            for j in range(2):
+                E = torch.zeros(2, 2, dtype=torch.float64)
+                E[i, j] = eps
+                fd[i, j] = (f(M0 + E) - f(M0 - E)) / (2 * eps)
+    torch.testing.assert_close(M.grad, fd, rtol=1e-5, atol=1e-6)
