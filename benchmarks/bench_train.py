@@ -12,7 +12,8 @@ backward, optimizer step) of the same model on the same batch: digits [64, 64, 1
 at B = 256 (Adam) and the paraboloid 1H at B = 300 (Adam for the local modes, SGD
 for the joint step, whose update is plain gradient descent); plus the diffusion
 inference step on [2, 10, 8, 1] at B = 256 against a forward and backward pass.
-Medians of per-pair ratios of interleaved runs in one process. Targets: nudged
+Medians of per-pair ratios of interleaved runs in one process, timed in thread CPU time
+(robust to a loaded machine). Targets: nudged
 ≤ 2×, equilibrium ≤ 5×, joint ≤ 1×, diffusion ≤ 1×.
 
 For each of the 8 task × depth configurations, every method starting from the
@@ -163,7 +164,7 @@ def _paired(base, f, reps: int) -> tuple[float, float, float]:
     base(), f()
     tb, tf, ratio = [], [], []
     for _ in range(reps):
-        t0 = time.perf_counter(); base(); t1 = time.perf_counter(); f(); t2 = time.perf_counter()
+        t0 = time.thread_time(); base(); t1 = time.thread_time(); f(); t2 = time.thread_time()
         tb.append(t1 - t0); tf.append(t2 - t1); ratio.append((t2 - t1) / (t1 - t0))
     med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
     return med(tb) * 1e3, med(tf) * 1e3, med(ratio)

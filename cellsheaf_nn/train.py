@@ -716,12 +716,13 @@ class SheafTrainer:
         if nudge is None:
             return None
         plan, inputs, target = nudge
-        x = torch.empty(len(X), self.sheaf.C0, dtype=X.dtype)
+        x = torch.empty(len(X), self.sheaf.C0, dtype=X.dtype, device=X.device)
         x[:, inputs], x[:, target] = X, Y
         plan.run(x)
         tol = self.tol if self.tol is not None else 1e-4 * self.gamma
         max_iter = self.max_iter if self.max_iter is not None else 20
-        out, _ = cs.nudge.nudged_equilibrium(self.sheaf, plan, x, tol=tol, max_iter=max_iter, verify=False)
+        # the iteration's estimate aims 10x below tol: the measured gradient adds rounding to it
+        out, _ = cs.nudge.nudged_equilibrium(self.sheaf, plan, x, tol=tol / 10, max_iter=max_iter, verify=False)
         # one pass over the edges: the true stationarity of the result and every weight edge's local rule
         keys = [(name, "u") for name in self.weights]
         g, grads = learning._edgewise(self.sheaf, out, dict.fromkeys(keys))
