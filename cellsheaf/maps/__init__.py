@@ -17,11 +17,11 @@ matrix products, quotients, masked choice), `reduction` (sums and means over axe
 Examples
 --------
 >>> import torch, cellsheaf as cs
->>> F = cs.maps.Select([0, 2], 3)
->>> F.apply(torch.tensor([1.0, 2.0, 3.0]))
-tensor([1., 3.])
->>> cs.maps.ReLU(2).vjp(torch.tensor([-1.0, 2.0]), torch.ones(2))
-tensor([0., 1.])
+>>> conv = cs.maps.Conv1d(torch.ones(1, 1, 2), in_shape=(1, 3)).affine(torch.tensor([0.5]))
+>>> conv.d_in, conv.d_out                 # stalk [x (3); ones (2)] -> R^2
+(5, 2)
+>>> conv.apply(torch.tensor([1.0, 2.0, 3.0, 1.0, 1.0]))
+tensor([3.5000, 5.5000])
 """
 
 from .core import (Compose, Diagonal, Elementwise, Function, HStack, Identity, LeakyReLU, Linear, Map, ReLU, Structured,

@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 __all__ = [
@@ -601,7 +602,36 @@ class Softmax(Map):
         return Linear(self.jacobian(x))
 
 
-class Function(Map):
+class _Autodiff(Map):
+    """A nonlinear map whose derivatives come from its `apply` by torch's autograd: `jvp` by forward
+    mode (dual numbers), `vjp` by reverse mode, `jacobian` by `torch.func` (vectorised over rows)."""
+
+    linear = False
+
+    def jvp(self, x, v):
+        with fwAD.dual_level():
+            t = fwAD.unpack_dual(self.apply(fwAD.make_dual(x, v.to(dtype=x.dtype)))).tangent
+        return torch.zeros(*x.shape[:-1], self.d_out, dtype=x.dtype, device=x.device) if t is None else t
+
+    def vjp(self, x, w):
+        with torch.enable_grad():
+            z = x if x.requires_grad else x.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(self.apply(z), z, w, allow_unused=True,
+                                       create_graph=x.requires_grad or w.requires_grad)
+        return torch.zeros_like(x) if g is None else g
+
+    def jacobian(self, x):
+        flat = x.reshape(-1, self.d_in)
+        J = torch.func.vmap(torch.func.jacrev(lambda z: self.apply(z.unsqueeze(0))[0]))(flat)
+        return J.reshape(*x.shape[:-1], self.d_out, self.d_in)
+
+    def linearize(self, x=None):
+        if x is None or x.dim() != 1:
+            raise ValueError(f"{type(self).__name__}.linearize needs one point of shape ({self.d_in},)")
+        return Linear(self.jacobian(x))
+
+
+class Function(_Autodiff):
     """Any differentiable callable ``fn: (..., d_in) -> (..., d_out)``; Jacobians by autograd.
 
     Examples
@@ -611,8 +641,6 @@ class Function(Map):
     >>> F.vjp(torch.tensor([1.0, 3.0]), torch.ones(2))
     tensor([2., 6.])
     """
-
-    linear = False
 
     def __init__(self, fn: Callable[[Tensor], Tensor], d_in: int, d_out: int, name: str | None = None):
         self.fn, self.d_in, self.d_out = fn, int(d_in), int(d_out)
@@ -627,23 +655,6 @@ class Function(Map):
                 f"expected {(*x.shape[:-1], self.d_out)}"
             )
         return y
-
-    def jvp(self, x, v):
-        return torch.func.jvp(self.apply, (x,), (v,))[1]
-
-    def vjp(self, x, w):
-        with torch.enable_grad():
-            return torch.func.vjp(self.apply, x)[1](w)[0]
-
-    def jacobian(self, x):
-        flat = x.reshape(-1, self.d_in)
-        J = torch.func.vmap(torch.func.jacrev(lambda z: self.apply(z.unsqueeze(0))[0]))(flat)
-        return J.reshape(*x.shape[:-1], self.d_out, self.d_in)
-
-    def linearize(self, x=None):
-        if x is None or x.dim() != 1:
-            raise ValueError(f"Function.linearize needs one point of shape ({self.d_in},)")
-        return Linear(self.jacobian(x))
 
     def _key(self):
         return (self.fn,)

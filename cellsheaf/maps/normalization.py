@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as fn
 from torch import Tensor
 
-from .core import Linear, Structured, _as_tensor
+from .core import Structured, _as_tensor, _Autodiff
 
 __all__ = ["ShapedMap", "LayerNorm", "RMSNorm", "GroupNorm", "SoftmaxAlong"]
 
@@ -41,11 +41,10 @@ def _like(t: Tensor | None, x: Tensor) -> Tensor | None:
     return t if (t.dtype, t.device) == (x.dtype, x.device) else t.to(dtype=x.dtype, device=x.device)
 
 
-class ShapedMap(Structured):
+class ShapedMap(_Autodiff, Structured):
     """A nonlinear map of a stalk that holds a per-sample ``shape``, given by `forward` on ``(N, *shape)``
-    tensors; `jvp`, `vjp` and `jacobian` are exact, by `torch.func`."""
+    tensors; `jvp`, `vjp` and `jacobian` are exact, by autograd."""
 
-    linear = False
     _params = ("shape",)
 
     def __init__(self, shape: Sequence[int], out_shape: Sequence[int] | None = None):
@@ -60,23 +59,6 @@ class ShapedMap(Structured):
     def apply(self, x):
         lead = x.shape[:-1]
         return self.forward(x.reshape(-1, *self.shape)).reshape(*lead, self.d_out)
-
-    def jvp(self, x, v):
-        return torch.func.jvp(self.apply, (x,), (v,))[1]
-
-    def vjp(self, x, w):
-        with torch.enable_grad():
-            return torch.func.vjp(self.apply, x)[1](w)[0]
-
-    def jacobian(self, x):
-        flat = x.reshape(-1, self.d_in)
-        J = torch.func.vmap(torch.func.jacrev(lambda z: self.apply(z.unsqueeze(0))[0]))(flat)
-        return J.reshape(*x.shape[:-1], self.d_out, self.d_in)
-
-    def linearize(self, x=None):
-        if x is None or x.dim() != 1:
-            raise ValueError(f"{type(self).__name__}.linearize needs one point of shape ({self.d_in},)")
-        return Linear(self.jacobian(x).detach())
 
 
 class LayerNorm(ShapedMap):
