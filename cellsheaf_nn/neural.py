@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -600,6 +600,32 @@ class NeuralSheaf:
         return cs.operators.restricted_laplacian(S, bnd, at=at, format=format, dtype=self.dtype)[0]
 
     # ------------------------------------------------------------------ back to torch
+    def infer_batches(self, batches: Iterable, **kwargs) -> Iterator:
+        """`infer` over an iterable of batches (e.g. a ``DataLoader``), yielding one result per batch.
+
+        Memory stays bounded by one batch: results are produced as the batches arrive. A batch is
+        a tensor (the model's input) or a tuple/list whose first items are the model's inputs;
+        further items (labels, say) are ignored. Under torch.distributed each rank passes the
+        loader of its own shard (a ``DistributedSampler``). ``kwargs`` are `infer`'s options.
+
+        Examples
+        --------
+        >>> import torch, cellsheaf_nn as csnn
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1)).double()
+        >>> data = torch.utils.data.TensorDataset(torch.randn(10, 2, dtype=torch.float64), torch.zeros(10))
+        >>> loader = torch.utils.data.DataLoader(data, batch_size=4)
+        >>> [tuple(y.shape) for y in csnn.compile(model).infer_batches(loader)]
+        [(4, 1), (4, 1), (2, 1)]
+        """
+        n_inputs = len(getattr(self, "inputs", (self.input,)))
+        for k, batch in enumerate(batches):
+            if isinstance(batch, Tensor):
+                batch = (batch,)
+            if not isinstance(batch, (tuple, list)) or len(batch) < n_inputs:
+                raise TypeError(f"batch {k} is a {type(batch).__name__}; infer_batches takes tensors or tuples "
+                                f"whose first {n_inputs} item(s) are the model's inputs")
+            yield self.infer(*batch[:n_inputs], **kwargs)
+
     def to_module(self) -> nn.Module:
         """A torch module (a copy of the compiled model) carrying the sheaf's current weights.
 

@@ -296,3 +296,18 @@ def test_propagation_with_inputs_shared_across_the_batch():
     torch.testing.assert_close(ns.infer(x), model(x).detach(), atol=1e-12, rtol=0)
     x[:] = x[0]  # every column shared
     torch.testing.assert_close(ns.infer(x), model(x).detach(), atol=1e-12, rtol=0)
+
+
+def test_infer_batches_streams_a_dataloader_and_equals_one_big_batch():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2)).double()
+    ns = csnn.compile(model)
+    X = torch.randn(23, 3, dtype=torch.float64)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, torch.zeros(23)), batch_size=5)
+    stream = ns.infer_batches(loader)
+    assert not isinstance(stream, (list, tuple))                 # a generator: nothing computed up front
+    torch.testing.assert_close(torch.cat(list(stream)), model(X), rtol=1e-12, atol=1e-12)
+    plain = [y for y in ns.infer_batches(X.split(10))]           # plain tensors work too
+    assert [len(y) for y in plain] == [10, 10, 3]
+    with pytest.raises(TypeError, match="batch 0"):
+        list(ns.infer_batches([{"x": X}]))
