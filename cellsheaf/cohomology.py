@@ -222,8 +222,9 @@ def _exact(D: sp.csr_matrix) -> NullSpaces:
 
 def _owners(S) -> tuple[np.ndarray, np.ndarray]:
     """Edge index of every row of ``δ`` and vertex index of every column."""
-    rows = np.repeat(np.arange(len(S.edges)), np.fromiter((e.dim for e in S.edge_items()), np.int64))
-    cols = np.repeat(np.arange(len(S.vertices)), np.fromiter((S.dim(v) for v in S.vertices), np.int64))
+    edims, vdims = S._edge_dim_array(), S._dim_array()  # cached layout arrays: no per-edge objects
+    rows = np.repeat(np.arange(edims.size), edims)
+    cols = np.repeat(np.arange(vdims.size), vdims)
     return rows.astype(np.int64), cols.astype(np.int64)
 
 

@@ -96,7 +96,7 @@ def _nonunique_message(S, rel: RelativeCohomology) -> str:
     B = rel.basis_sparse().tocsc()
     first = B[:, 0]
     coords = first.indices[np.abs(first.data) > 1e-8 * np.abs(first.data).max()]
-    owner = np.repeat(np.arange(len(S.vertices)), [S.dim(v) for v in S.vertices])
+    owner = np.repeat(np.arange(len(S.vertices)), S._dim_array())
     names = [S.vertices[i] for i in np.unique(owner[coords])]
     shown = f"{names[:10]}{' ...' if len(names) > 10 else ''}"
     return (f"the harmonic extension is not unique: H⁰(G,U;F) has dimension {rel.dim} (certificate: "
@@ -261,8 +261,7 @@ def harmonic_extension(
     omega = solve(rhs)
     x = _assemble(S, rb, omega, u)
 
-    needs_grad = torch.is_grad_enabled() and (u.requires_grad or any(
-        t.requires_grad for e in S.edge_items() for t in e.Fu.tensors() + e.Fv.tensors()))
+    needs_grad = torch.is_grad_enabled() and (u.requires_grad or S.requires_grad)
     if needs_grad:
         residual = apply_laplacian(S, _assemble(S, rb, omega.detach(), u))[..., rb.free]
         omega = omega.detach() - _ImplicitSolve.apply(residual, solve)

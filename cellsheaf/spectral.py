@@ -268,7 +268,7 @@ def eigenpairs(S, k: int, which: str = "smallest", boundary=None, at=None, norma
 
 
 def _needs_grad(S) -> bool:
-    return any(t.requires_grad for e in S.edge_items() for t in e.Fu.tensors() + e.Fv.tensors())
+    return S.requires_grad
 
 
 def _embed(S, boundary, X: Tensor) -> tuple[Tensor, Tensor | None]:
