@@ -105,7 +105,7 @@ class _Compiler:
         if comp is not None:
             return self.emit(comp, where, type(module).__name__.lower(), path, (module,), args, {}, module)
         if type(module).forward is nn.Sequential.forward:
-            for name, child in module.named_children():
+            for name, child in module._modules.items():  # every position: a module reused twice runs twice
                 args = [self.module(child, f"{path}.{name}" if path else name, args)]
             return args[0]
         if _is_torch_leaf(module):

@@ -247,3 +247,17 @@ def test_compiled_sheaf_is_plain_cellsheaf():
     assert isinstance(ns.sheaf, cs.Sheaf)
     spec_edges = [e.name for e in ns.sheaf.edge_items()]
     assert spec_edges == ns.sheaf.edges
+
+
+def test_a_module_reused_in_a_sequential_compiles_once_per_use():
+    torch.manual_seed(0)
+    act = nn.ReLU()
+    model = nn.Sequential(nn.Linear(6, 16), act, nn.Linear(16, 16), act, nn.Linear(16, 3)).double()
+    ns = csnn.compile(model)
+    assert ns.edges_of("act") == ["act:a1", "act:a2"]
+    x = torch.randn(7, 6, dtype=torch.float64)
+    assert torch.allclose(ns.infer(x), model(x), atol=1e-12, rtol=0)
+    lin = nn.Linear(4, 4)
+    tied = nn.Sequential(lin, nn.Tanh(), lin).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    assert torch.allclose(csnn.compile(tied).infer(x), tied(x), atol=1e-12, rtol=0)
