@@ -367,6 +367,13 @@ class Builder:
             if e.dst == value.vertex and e.kind == old:
                 e.kind = kind
 
+    def set_shape(self, value: Value) -> None:
+        """Record ``value.shape`` as the per-sample shape of its vertex (its neural block in C order)."""
+        v = self._vertices[value.vertex]
+        if v.dim != value.dim:
+            raise ValueError(f"shape {value.shape} does not fit a neural block of size {v.dim}")
+        v.shape = tuple(value.shape)
+
     @property
     def n_vertices(self) -> int:
         """Number of vertices created so far (a marker for "vertices created after this point")."""

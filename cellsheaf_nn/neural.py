@@ -89,23 +89,30 @@ class NeuralSheaf:
         Per vertex: kind, neural block and ones blocks within the stalk, per-sample shape, layer, module.
     edge_info : dict[str, EdgeInfo]
         Per edge: kind, endpoints, layer, module, the ones block its bias reads.
-    input, output : str
-        Names of the input and output vertices.
-    input_shape, output_shape : tuple of int
-        Per-sample shapes.
+    inputs, outputs : list of str
+        Names of the input and output vertices, in the order of the model's arguments and outputs.
+    input_shapes, output_shapes : list of tuple of int
+        Their per-sample shapes.
+    input, output, input_shape, output_shape
+        The first input and output and their shapes.
 
     Boundary data (Sec. 3.2): the input's neural block holds ``x``; every ones
     block holds ``1``. Pins add hard boundary coordinates or soft penalty edges
     (`pinned_sheaf`).
     """
 
-    def __init__(self, built: Built, *, model: nn.Module, input_vertex: str, output: str,
-                 input_shape: tuple[int, ...], output_shape: tuple[int, ...]):
+    def __init__(self, built: Built, *, model: nn.Module, inputs: Sequence[str], outputs: Sequence[str],
+                 input_shapes: Sequence[tuple[int, ...]], output_shapes: Sequence[tuple[int, ...]],
+                 tuple_output: bool = False):
         self.sheaf = built.sheaf
         self.layout: dict[str, VertexInfo] = built.vertices
         self.edge_info: dict[str, EdgeInfo] = built.edges
-        self.input, self.output = input_vertex, output
-        self.input_shape, self.output_shape = tuple(input_shape), tuple(output_shape)
+        self.inputs, self.outputs = list(inputs), list(outputs)
+        self.input_shapes = [tuple(s) for s in input_shapes]
+        self.output_shapes = [tuple(s) for s in output_shapes]
+        self.input, self.output = self.inputs[0], self.outputs[0]
+        self.input_shape, self.output_shape = self.input_shapes[0], self.output_shapes[0]
+        self._tuple_output = bool(tuple_output)
         self._model = model
         self._writebacks = built.writebacks
         self._pins: dict[int, Pin] = {}
@@ -168,8 +175,19 @@ class NeuralSheaf:
         """Names of the network edges of one kind, in order (e.g. ``edges_of("weight")``)."""
         return [n for n, e in self.edge_info.items() if e.kind == kind]
 
-    def coords(self, vertex: str, coords: Sequence[int] | None = None) -> Tensor:
-        """Flat indices in the 0-cochain of neural coordinates ``coords`` (default all) of ``vertex``."""
+    def coords(self, vertex: str, coords=None) -> Tensor:
+        """Flat indices in the 0-cochain of neural coordinates ``coords`` (default all) of ``vertex``.
+
+        ``coords`` holds flat indices into the neural block, or index tuples into the vertex's
+        per-sample shape (``(c, h, w)`` on a feature map), or a mix.
+
+        Examples
+        --------
+        >>> import torch, cellsheaf_nn as csnn
+        >>> ns = csnn.compile(torch.nn.Sequential(torch.nn.Linear(2, 6)).double())
+        >>> ns.coords("x", [(1,)]).tolist() == ns.coords("x", [1]).tolist()
+        True
+        """
         info = self._info(vertex)
         idx = self._neural_coords(info, coords)
         return torch.as_tensor(idx, dtype=torch.long) + self.sheaf.vertex_slice(vertex).start
@@ -181,10 +199,15 @@ class NeuralSheaf:
             raise KeyError(f"unknown vertex {vertex!r}; the network's vertices are {list(self.layout)}") from None
 
     @staticmethod
-    def _neural_coords(info: VertexInfo, coords: Sequence[int] | None) -> list[int]:
+    def _neural_coords(info: VertexInfo, coords) -> list[int]:
         if coords is None:
             return list(range(info.n))
-        idx = [int(c) for c in (coords.tolist() if isinstance(coords, Tensor) else coords)]
+        if isinstance(coords, Tensor):
+            coords = coords.tolist()
+        if isinstance(coords, tuple) and coords and all(isinstance(c, (int, np.integer)) for c in coords) \
+                and len(coords) == len(info.shape) > 1:
+            coords = [coords]  # one index tuple
+        idx = [_flat_index(info, c) for c in coords]
         bad = [c for c in idx if not 0 <= c < info.n]
         if bad:
             raise IndexError(f"coordinates {bad} outside the {info.n} neurons of vertex {info.name!r}")
@@ -212,35 +235,53 @@ class NeuralSheaf:
         return W, M[idx, info.ones.start + idx].clone()
 
     # ------------------------------------------------------------------ boundary
-    def _batch_input(self, x) -> tuple[Tensor, bool]:
-        x = torch.as_tensor(x).to(dtype=self.dtype, device=self.device)
-        if tuple(x.shape) == self.input_shape:
-            return x.reshape(1, -1), True
-        if x.dim() >= 1 and tuple(x.shape[1:]) == self.input_shape:
-            return x.reshape(x.shape[0], -1), False
-        raise ValueError(f"input of shape {tuple(x.shape)}; the network takes {self.input_shape} or "
-                         f"(B, {', '.join(map(str, self.input_shape))})")
+    def _batch_input(self, x) -> tuple[list[Tensor], bool]:
+        """The inputs as flat ``(B, n_i)`` tensors, one per input vertex, and whether they came unbatched."""
+        xs = list(x) if isinstance(x, (tuple, list)) and len(self.inputs) > 1 else [x]
+        if len(xs) != len(self.inputs):
+            raise ValueError(f"the network takes {len(self.inputs)} inputs ({', '.join(self.inputs)}), got {len(xs)}")
+        out, single = [], set()
+        for name, shape, xi in zip(self.inputs, self.input_shapes, xs):
+            xi = torch.as_tensor(xi)
+            if xi.is_complex():
+                raise TypeError(f"input {name!r} is complex; the network's stalks are real")
+            xi = xi.to(dtype=self.dtype, device=self.device)
+            if tuple(xi.shape) == shape:
+                out.append(xi.reshape(1, -1))
+                single.add(True)
+            elif xi.dim() >= 1 and tuple(xi.shape[1:]) == shape:
+                out.append(xi.reshape(xi.shape[0], -1))
+                single.add(False)
+            else:
+                raise ValueError(f"input {name!r} of shape {tuple(xi.shape)}; the network takes {shape} or "
+                                 f"(B, {', '.join(map(str, shape))})")
+        if len(single) > 1 or len({xi.shape[0] for xi in out}) > 1:
+            raise ValueError(f"the inputs have batch sizes {[tuple(xi.shape) for xi in out]}; they must agree")
+        return out, single.pop()
 
-    def boundary(self, x) -> cs.Boundary:
-        """The boundary data for inputs ``x`` (``(B, *input_shape)``): input, ones blocks, hard pins, anchors.
+    def boundary(self, *x) -> cs.Boundary:
+        """The boundary data for inputs ``x`` (``(B, *input_shape)`` each): inputs, ones blocks, hard pins, anchors.
 
         Freed input coordinates (`free_input`) are left out.
         """
-        xb, _ = self._batch_input(x)
-        return self._boundary(xb, self._penalties())
+        xs, _ = self._batch_input(x if len(x) > 1 else x[0])
+        return self._boundary(xs, self._penalties())
 
-    def _input_boundary(self, xb: Tensor, keep: list[int]) -> cs.Boundary:
-        """The input coordinates ``keep`` fixed to ``xb`` and every ones block fixed at 1 (in cochain order)."""
+    def _input_boundary(self, xs: list[Tensor], keep: list[int]) -> cs.Boundary:
+        """The coordinates ``keep`` of the first input and every other input fixed to ``xs``, and every ones
+        block fixed at 1 (in cochain order)."""
         b = cs.Boundary()
         if keep:
-            b.fix(self.input, xb if len(keep) == self.n_in else xb[:, keep], coords=keep)
+            b.fix(self.input, xs[0] if len(keep) == self.n_in else xs[0][:, keep], coords=keep)
+        for name, xi in zip(self.inputs[1:], xs[1:]):
+            b.fix(name, xi, coords=list(range(xi.shape[1])))
         for name, (idx, ones) in self._ones.items():
-            b.fix(name, ones.to(xb.dtype), coords=idx)
+            b.fix(name, ones.to(xs[0].dtype), coords=idx)
         return b
 
-    def _boundary(self, xb: Tensor, penalties) -> cs.Boundary:
+    def _boundary(self, xs: list[Tensor], penalties) -> cs.Boundary:
         freed = {c for p in self._pins.values() if p.kind == "free" for c in p.coords}
-        b = self._input_boundary(xb, [c for c in range(self.n_in) if c not in freed])
+        b = self._input_boundary(xs, [c for c in range(self.n_in) if c not in freed])
         for p in self._pins.values():
             if p.kind == "hard":
                 b.fix(p.vertex, p.values.to(self.dtype), coords=list(p.coords))
@@ -375,9 +416,8 @@ class NeuralSheaf:
     # ------------------------------------------------------------------ inference
     def infer(
         self,
-        x,
+        *inputs,
         method: str = "auto",
-        *,
         return_state: bool = False,
         init: str | None = None,
         tol: float | None = None,
@@ -392,8 +432,9 @@ class NeuralSheaf:
 
         Parameters
         ----------
-        x : tensor ``(B, *input_shape)`` or ``input_shape``
-            The inputs (values at freed input coordinates serve only as a starting point).
+        *inputs : tensors ``(B, *input_shape)`` or ``input_shape``
+            The inputs, as ``model(*inputs)`` takes them (values at freed input coordinates
+            serve only as a starting point).
         method : {"auto", "propagate", "newton", "euler", "diffusion"}
             ``"auto"``: propagation when the sheaf is determined (no pins: the forward
             pass, exact), Newton otherwise. ``"diffusion"``: the paper's Euler heat
@@ -412,7 +453,8 @@ class NeuralSheaf:
 
         Returns
         -------
-        y : tensor ``(B, *output_shape)`` (``output_shape`` for an unbatched ``x``)
+        y : tensor ``(B, *output_shape)`` (``output_shape`` for unbatched inputs), or a tuple of them
+            when the model returns a tuple: the structure of ``model(*inputs)``.
         state : NeuralState, only with ``return_state=True``.
 
         Examples
@@ -425,22 +467,22 @@ class NeuralSheaf:
         >>> torch.allclose(y, model(x), atol=1e-8), state.info.converged
         (True, True)
         """
-        xb, single = self._batch_input(x)
+        xs, single = self._batch_input(inputs if len(inputs) != 1 else inputs[0])
         if method in ("auto", "propagate") and not self._pins:
             compiled = self._forward_plan()
             if compiled is not None:
-                return self._propagated(compiled, xb, single, return_state, check, method)
+                return self._propagated(compiled, xs, single, return_state, check, method)
         S, penalties = self._pinned_state()
-        bnd = self._boundary(xb, penalties)
+        bnd = self._boundary(xs, penalties)
         if method == "diffusion":
-            x0 = self._start(init or "random", xb, S, bnd, generator)
+            x0 = self._start(init or "random", xs, S, bnd, generator)
             res = cs.diffuse(S, x0, boundary=bnd, method="euler", dt=dt, alpha=alpha,
                              tol=default_tol(self.dtype) if tol is None else tol,
                              max_steps=100_000 if max_steps is None else max_steps, record=record)
         elif method in _MINIMIZE_METHODS:
             pinned = bool(self._pins)
             start = init or ("forward_pass" if method in ("newton", "euler") or pinned else None)
-            x0 = None if start is None or method == "propagate" else self._start(start, xb, S, bnd, generator)
+            x0 = None if start is None or method == "propagate" else self._start(start, xs, S, bnd, generator)
             res = cs.minimize(S, bnd, method=method, x0=x0, tol=tol, max_iter=max_steps, dt=dt, alpha=alpha,
                               record=record)
         else:
@@ -448,10 +490,8 @@ class NeuralSheaf:
         if check and not res.converged:
             raise ConvergenceError(f"infer(method={method!r}) did not converge: {res.message} "
                                    "(pass check=False to get the last state, or raise max_steps)", res)
-        flat = res.x.flat if res.x.flat.dim() == 2 else res.x.flat.expand(xb.shape[0], -1)
-        y = flat[:, self.coords(self.output)].reshape(-1, *self.output_shape)
-        if single:
-            y = y[0]
+        flat = res.x.flat if res.x.flat.dim() == 2 else res.x.flat.expand(xs[0].shape[0], -1)
+        y = self._structured([flat[:, self.coords(v)] for v in self.outputs], single)
         if not return_state:
             return y
         values = {v: flat[:, self.coords(v)] for v in self.layout}
@@ -473,38 +513,41 @@ class NeuralSheaf:
             except cs.NotDeterminedError:
                 compiled = None
             self.sheaf._cache[key] = compiled
-            self._io_slices = (self._neural_slice(self.input), self._neural_slice(self.output))
+            self._io_slices = ([self._neural_slice(v) for v in self.inputs],
+                               [self._neural_slice(v) for v in self.outputs])
         return self.sheaf._cache[key]
 
     def _fixed_pattern(self) -> tuple[Tensor, Tensor]:
-        """The input coordinates and the ones coordinates (sorted) in the 0-cochain of `sheaf`."""
-        start = self.sheaf.vertex_slice(self.input).start
+        """The coordinates of every input and the ones coordinates (sorted) in the 0-cochain of `sheaf`."""
+        inputs = [c for v in self.inputs for c in range(self._neural_slice(v).start, self._neural_slice(v).stop)]
         ones = sorted(self.sheaf.vertex_slice(v).start + c for v, (idx, _) in self._ones.items() for c in idx)
-        return torch.arange(start, start + self.n_in), torch.as_tensor(ones, dtype=torch.long)
+        return torch.as_tensor(inputs, dtype=torch.long), torch.as_tensor(ones, dtype=torch.long)
 
-    def _propagated(self, compiled, xb: Tensor, single: bool, return_state: bool, check: bool, method: str):
+    def _propagated(self, compiled, xs: list[Tensor], single: bool, return_state: bool, check: bool, method: str):
         """``infer`` by the compiled forward pass: the input written into a cochain, one run of the plan.
 
         Without ``return_state`` the plan runs on its own buffer for this batch shape (views taken once)
         and only the output is copied out.
         """
-        inp, out = self._io_slices
+        ins, outs = self._io_slices
+        xb = xs[0]
         if not return_state:
             bound = compiled.bound(xb.shape[0], xb.dtype, xb.device)
-            bound.columns(inp).copy_(xb)
+            for sl, xi in zip(ins, xs):
+                bound.columns(sl).copy_(xi)
             bound.run(check)
-            y = bound.columns(out).clone().reshape(-1, *self.output_shape)
-            return y[0] if single else y
+            return self._structured([bound.columns(sl).clone() for sl in outs], single)
         S = self.sheaf
         x = torch.empty(xb.shape[0], S.C0, dtype=xb.dtype, device=xb.device)
-        x[:, inp] = xb
+        for sl, xi in zip(ins, xs):
+            x[:, sl] = xi
         compiled.run(x, check=check)
-        y = x[:, out].reshape(-1, *self.output_shape)
+        y = self._structured([x[:, sl] for sl in outs], False)
         why = "the sheaf is determined" if method == "auto" else ""
         res = _verify_propagation(S, x, compiled.free, default_tol(x.dtype), why, compiled.residuals(x))
         values = {v: x[:, self._neural_slice(v)] for v in self.layout}
         if single:
-            y, values = y[0], {v: t[0] for v, t in values.items()}
+            y, values = _first(y), {v: t[0] for v, t in values.items()}
         return y, NeuralState(values, res, res.x)
 
     def _neural_slice(self, vertex: str) -> slice:
@@ -512,30 +555,38 @@ class NeuralSheaf:
         start = self.sheaf.vertex_slice(vertex).start
         return slice(start, start + self.layout[vertex].n)
 
-    def _start(self, init: str, xb: Tensor, S: cs.Sheaf, bnd: cs.Boundary, generator) -> Tensor:
+    def _structured(self, flats: list[Tensor], single: bool):
+        """The outputs ``(B, n_k)`` shaped as the model returns them: a tensor or a tuple of tensors."""
+        ys = [f.reshape(-1, *shape) for f, shape in zip(flats, self.output_shapes)]
+        if single:
+            ys = [y[0] for y in ys]
+        return tuple(ys) if self._tuple_output else ys[0]
+
+    def _start(self, init: str, xs: list[Tensor], S: cs.Sheaf, bnd: cs.Boundary, generator) -> Tensor:
         """Initial cochain of ``S`` (the pinned sheaf) for a batch: random, zeros or the forward pass."""
         if init not in _INITS:
             raise ValueError(f"init must be one of {_INITS}, got {init!r}")
-        B = xb.shape[0]
+        B = xs[0].shape[0]
         if init == "random":
             x0 = torch.randn(B, S.C0, dtype=self.dtype, generator=generator).to(self.device)  # same draw anywhere
         else:
             x0 = torch.zeros(B, S.C0, dtype=self.dtype, device=self.device)
         if init == "forward_pass":
-            base = self._input_boundary(xb, list(range(self.n_in)))
+            base = self._input_boundary(xs, list(range(self.n_in)))
             fwd = cs.minimize(self.sheaf, base, method="propagate")
             x0[:, : self.sheaf.C0] = fwd.x.flat
         return bnd.resolve(S, dtype=self.dtype).fill(x0)
 
     # ------------------------------------------------------------------ structure at a point
     def _at(self, x) -> tuple[cs.Sheaf, cs.Boundary, Tensor]:
-        xb, single = self._batch_input(x)
-        if xb.shape[0] != 1:
+        xs, single = self._batch_input(x)
+        if xs[0].shape[0] != 1:
             raise ValueError(f"structural checks take one input of shape {self.input_shape}, got a batch of "
-                             f"{xb.shape[0]}")
+                             f"{xs[0].shape[0]}")
         S, penalties = self._pinned_state()
-        state = self.infer(xb, return_state=True, check=False)[1]  # a pinned equilibrium may sit on a kink
-        return S, self._boundary(xb, penalties), state.cochain.flat.reshape(-1)
+        shaped = [xi.reshape(-1, *shape) for xi, shape in zip(xs, self.input_shapes)]
+        state = self.infer(*shaped, return_state=True, check=False)[1]  # a pinned equilibrium may sit on a kink
+        return S, self._boundary(xs, penalties), state.cochain.flat.reshape(-1)
 
     def restricted_coboundary(self, x, format: str = "dense"):
         """``δ_Ω``: the coboundary at the activation pattern of input ``x`` (shape ``input_shape``),
@@ -652,6 +703,21 @@ class NeuralSheaf:
             kinds[e.kind] = kinds.get(e.kind, 0) + 1
         return (f"NeuralSheaf({self.input_shape} -> {self.output_shape}, {len(self.layout)} vertices, "
                 f"edges {kinds}, {len(self._pins)} pins)")
+
+
+def _first(y):
+    """The first batch item of an output (a tensor or a tuple of tensors)."""
+    return tuple(t[0] for t in y) if isinstance(y, tuple) else y[0]
+
+
+def _flat_index(info: VertexInfo, c) -> int:
+    """A flat index into the neural block of ``info`` from a flat index or an index tuple into its shape."""
+    if isinstance(c, (tuple, list)):
+        if len(c) != len(info.shape) or not all(-s <= int(i) < s for i, s in zip(c, info.shape)):
+            raise IndexError(f"index {tuple(c)} does not fit the per-sample shape {info.shape} of vertex "
+                             f"{info.name!r}")
+        return int(np.ravel_multi_index(tuple(int(i) % s for i, s in zip(c, info.shape)), info.shape))
+    return int(c)
 
 
 def _export(D: sp.spmatrix, format: str, dtype: torch.dtype):

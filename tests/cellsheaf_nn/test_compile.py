@@ -221,12 +221,12 @@ def test_unsupported_op_error_lists_supported_and_how_to_register():
 
 
 def test_bad_models_get_clear_errors():
-    class Two(nn.Module):
+    class Named(nn.Module):
         def forward(self, x):
-            return x + 1, x
+            return {"y": x + 1}
 
-    with pytest.raises(csnn.CompileError, match="one tensor"):
-        csnn.compile(Two(), input_shape=(2,))
+    with pytest.raises(csnn.CompileError, match="a tensor or a tuple of tensors"):
+        csnn.compile(Named(), input_shape=(2,))
     with pytest.raises(csnn.CompileError, match="input_shape"):
         csnn.compile(nn.Sequential(nn.ReLU()))
     with pytest.raises(csnn.CompileError, match="probe"):
@@ -261,3 +261,59 @@ def test_a_module_reused_in_a_sequential_compiles_once_per_use():
     tied = nn.Sequential(lin, nn.Tanh(), lin).double()
     x = torch.randn(5, 4, dtype=torch.float64)
     assert torch.allclose(csnn.compile(tied).infer(x), tied(x), atol=1e-12, rtol=0)
+
+
+class TwoInTwoOut(nn.Module):
+    """Two inputs, two outputs: ``(relu(A a + B b), tanh(C a))``."""
+
+    def __init__(self):
+        super().__init__()
+        self.A, self.B, self.C = nn.Linear(3, 4), nn.Linear(2, 4), nn.Linear(3, 2)
+
+    def forward(self, a, b):
+        return torch.relu(self.A(a) + self.B(b)), torch.tanh(self.C(a))
+
+
+def test_several_inputs_and_outputs_mirror_the_model():
+    torch.manual_seed(0)
+    model = TwoInTwoOut().double()
+    ns = csnn.compile(model, input_shape=[(3,), (2,)])
+    assert ns.inputs == ["a", "b"] and ns.outputs == ["y0", "y1"]
+    a, b = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    got, want = ns.infer(a, b), model(a, b)
+    assert isinstance(got, tuple) and len(got) == 2
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, atol=1e-12, rtol=0)
+    one = ns.infer(a[0], b[0])
+    assert torch.allclose(one[1], want[1][0], atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="takes 2 inputs"):
+        ns.infer(a)
+    with pytest.raises(csnn.CompileError, match="input_shape"):
+        csnn.compile(model)
+
+
+def test_every_unsupported_op_is_named_in_one_message():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.emb = nn.Linear(3, 3), nn.Bilinear(3, 3, 3)
+
+        def forward(self, x):
+            return torch.cumsum(self.fc(x), -1).exp()
+
+    with pytest.raises(csnn.UnsupportedOpError) as err:
+        csnn.compile(Odd().double())
+    first = str(err.value).splitlines()[0]
+    assert "2 operations" in first and "cumsum" in first and "Tensor.exp" in first
+    assert "b.activation" in str(err.value) and "cs.maps.Function" in str(err.value)
+
+
+def test_untraceable_model_names_the_line():
+    with pytest.raises(csnn.CompileError, match=r"test_compile.py:\d+: if x.sum\(\) > 0:"):
+        csnn.compile(Untraceable())
+
+
+def test_integer_inputs_get_a_clear_message():
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(8, 2))
+    with pytest.raises(csnn.CompileError, match=r"'0' \(Embedding\) reads integer token ids.*outside the model"):
+        csnn.compile(model, input_shape=(2,))

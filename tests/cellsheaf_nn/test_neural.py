@@ -311,3 +311,20 @@ def test_infer_batches_streams_a_dataloader_and_equals_one_big_batch():
     assert [len(y) for y in plain] == [10, 10, 3]
     with pytest.raises(TypeError, match="batch 0"):
         list(ns.infer_batches([{"x": X}]))
+
+
+def test_coords_and_pins_take_index_tuples_into_the_per_sample_shape():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6, 2)).double()
+    ns = csnn.compile(model, input_shape=(2, 3))
+    assert ns.layout["x"].shape == (2, 3)
+    assert ns.coords("x", [(1, 2), (0, 1)]).tolist() == ns.coords("x", [5, 1]).tolist()
+    assert ns.coords("x", (1, 2)).tolist() == ns.coords("x", [5]).tolist()
+    ns.free_input([(1, 2)])
+    pin = ns.pin("z1", [(0,)], torch.tensor([0.5], dtype=torch.float64))
+    x = torch.randn(2, 3, dtype=torch.float64)
+    _, state = ns.infer(x, return_state=True)
+    assert abs(float(state["z1"][0]) - 0.5) < 1e-9
+    ns.unpin(pin)
+    with pytest.raises(IndexError, match=r"\(2, 0\) does not fit the per-sample shape \(2, 3\)"):
+        ns.coords("x", [(2, 0)])
