@@ -115,7 +115,8 @@ def _apply(s: PropagationStep, xs: Tensor) -> Tensor:
 
 def _scaled_selection(F: Map) -> tuple[np.ndarray, np.ndarray] | None:
     """``(columns, scales)`` if ``F`` picks one input coordinate per output row with a nonzero factor."""
-    if not F.linear or F.d_out == 0 or F.d_out > F.d_in or F.d_out * F.d_in > _SELECTION_MAX:
+    cheap = isinstance(F, (Identity, Select))  # coo() without a matrix, whatever the size
+    if not F.linear or F.d_out == 0 or F.d_out > F.d_in or (not cheap and F.d_out * F.d_in > _SELECTION_MAX):
         return None
     r, c, v = F.coo()
     if len(r) != F.d_out or len(np.unique(r)) != F.d_out or len(np.unique(c)) != F.d_out or np.any(v == 0):

@@ -260,15 +260,20 @@ class Builder:
     def affine(
         self,
         x: Value,
-        weight: Tensor,
+        weight: Tensor | M.Map,
         bias: Tensor | None = None,
         *,
         kind: str = "weight",
         trainable: bool = True,
         mask: Tensor | None = None,
         writeback: Writeback | None = None,
+        shape: Sequence[int] | None = None,
     ) -> Value:
         """``z = W x + b`` as a new vertex and one edge with ``W̄ = (W | diag(b))`` (Eqs. 10, 15).
+
+        ``weight`` is a matrix or any linear map (a convolution, a per-token linear map, ...);
+        a structured map is kept as an operator (`cellsheaf.maps.Affine`), never densified,
+        and is not trainable. ``shape`` is the output's per-sample shape.
 
         Examples
         --------
@@ -277,9 +282,11 @@ class Builder:
         >>> b.affine(x, torch.ones(2, 3), torch.ones(2)).dim
         2
         """
-        weight = self._cast(weight)
-        z = self.vertex(weight.shape[0], kind="linear" if kind == "weight" else kind)
-        self.edge(x, z, M.Linear(weight), kind=kind, bias=bias, trainable=trainable, mask=mask, writeback=writeback)
+        A = weight if isinstance(weight, M.Map) else M.Linear(self._cast(weight))
+        if trainable and not isinstance(A, M.Linear):
+            raise ValueError(f"a trainable affine edge needs a dense matrix, got {A!r}")
+        z = self.vertex(A.d_out, kind="linear" if kind == "weight" else kind, shape=shape)
+        self.edge(x, z, A, kind=kind, bias=bias, trainable=trainable, mask=mask, writeback=writeback)
         return z
 
     def activation(self, x: Value, fn: M.Map, *, kind: str = "act") -> Value:
@@ -348,12 +355,15 @@ class Builder:
 
         With ``since`` (a value of `n_vertices`), the unnamed vertices created
         after that point are named after it too: ``"{name}.in"`` for a merge vertex,
-        ``"{name}.{kind}"`` otherwise.
+        ``"{name}.{kind}"`` otherwise (numbered ``.in1``, ``.{kind}1``, ... when an op makes several).
         """
         self._vertices[value.vertex].name = name
+        seen: dict[str, int] = {}
         for v in self._vertices[since if since is not None else len(self._vertices):]:
             if v.name is None:
-                v.name = f"{name}.in" if v.kind == "merge" else f"{name}.{v.kind}"
+                base = f"{name}.in" if v.kind == "merge" else f"{name}.{v.kind}"
+                k = seen[base] = seen.get(base, -1) + 1
+                v.name = base if k == 0 else f"{base}{k}"
 
     def named(self, value: Value) -> str | None:
         """The name given to the vertex of ``value`` so far (``None`` if not named yet)."""
@@ -437,6 +447,8 @@ def _source_map(e: _Edge, src: VertexInfo, ones: slice | None) -> M.Map:
             return e.Fu
         P = M.Select(range(n), D)  # P_n: read the neural block only
         return P if isinstance(e.Fu, M.Identity) else M.Compose(e.Fu, P)
+    if not e.trainable:  # a fixed bias: A·x + b through the ones block, A kept as an operator
+        return M.Affine(e.Fu, e.bias, d_in=D, ones=ones.start)
     A = e.Fu.matrix()
     W = A.new_zeros(A.shape[0], D)
     W[:, :n] = A

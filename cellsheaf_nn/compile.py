@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 import os
 import traceback
 from dataclasses import dataclass
@@ -205,6 +206,9 @@ class _Compiler:
     def node(self, gm: fx.GraphModule, node: fx.Node, path: str, env: dict) -> _Q:
         args = fx.node.map_arg(node.args, lambda n: env[n])
         kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
+        if node.target is operator.getitem and isinstance(args[0].value, tuple):  # one of several outputs
+            i = args[1].value if isinstance(args[1], _Q) else args[1]
+            return _Q(args[0].value[i], args[0].probe[i])
         has_value = any(isinstance(q.value, Value) for q in _leaves((args, kwargs)))
         sub = f"{path}.{node.target}" if path and node.op == "call_module" else str(node.target)
         if node.op == "call_module":  # a leaf: a registered module or a torch.nn module
@@ -222,7 +226,8 @@ class _Compiler:
             where = f"function {getattr(node.target, '__name__', node.target)} (node {node.name!r})"
             comp = lookup(node.target)
         probe = _run(run, _probe(args), _probe(kwargs), where)
-        if not has_value or not isinstance(probe, (Tensor, tuple, list)):
+        if not has_value or not (isinstance(probe, Tensor) or isinstance(probe, (tuple, list))
+                                 and any(isinstance(p, Tensor) for p in probe)):
             return _Q(probe, probe)  # a constant, or a shape query such as x.size(0)
         if comp is None:
             return self.stand_in(where, probe)
@@ -244,12 +249,16 @@ class _Compiler:
         except UnsupportedOpError as err:
             return self.stand_in(where, probe, str(err))
         if isinstance(out, (tuple, list)) and isinstance(probe, (tuple, list)) and len(out) == len(probe):
-            return _Q(tuple(self.check(comp, where, o, p, f"{name}.{k}" if len(out) > 1 else name, mark)
-                            for k, (o, p) in enumerate(zip(out, probe))), tuple(probe))
+            qs = [self.check(comp, where, o, p, f"{name}.{k}", mark, others=False) if o is not None
+                  else _Q(None, None) for k, (o, p) in enumerate(zip(out, probe))]
+            first = next(q.value for q in qs if q.value is not None)
+            self.b.name(first, self.b.named(first), since=mark)  # the op's other vertices
+            return _Q(tuple(q.value for q in qs), tuple(q.probe for q in qs))
         return self.check(comp, where, out, probe, name, mark)
 
-    def check(self, comp: OpCompiler, where: str, out, probe, name: str, mark: int) -> _Q:
-        """Check a compiler's output against the probe, give it the probe's shape and name new vertices."""
+    def check(self, comp: OpCompiler, where: str, out, probe, name: str, mark: int, others: bool = True) -> _Q:
+        """Check a compiler's output against the probe, give it the probe's shape and name it (and, with
+        ``others``, the other vertices the op created since ``mark``)."""
         if not isinstance(out, Value):
             raise CompileError(f"the op compiler {comp.fn.__qualname__} for {where} returned "
                                f"{type(out).__name__}, not a csnn.Value")
@@ -264,7 +273,7 @@ class _Compiler:
             self.b.set_shape(out)
         if out.vertex >= mark and self.b.named(out) is None:
             base = f"{comp.prefix}{self.layer}" if comp.prefix else name
-            self.b.name(out, self.unique(base), since=mark)
+            self.b.name(out, self.unique(base), since=mark if others else None)
         return _Q(out, probe)
 
 

@@ -36,9 +36,10 @@ Examples
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -196,8 +197,8 @@ def _feature_dim(x: Value, dim: int | None, what: str) -> None:
 
 
 def _constant(c, x: Value, what: str) -> Tensor:
-    """A constant broadcast to one sample of ``x``, flattened."""
-    c = torch.as_tensor(c)
+    """A constant broadcast to one sample of ``x``, flattened (a Python number is read in float64, exactly)."""
+    c = c if isinstance(c, Tensor) else torch.as_tensor(c, dtype=torch.float64)
     try:
         return torch.broadcast_to(c, (1, *x.shape)).reshape(-1)
     except RuntimeError:
@@ -215,8 +216,8 @@ def _linear_terms(b: Builder, terms: list[tuple[Any, float]], what: str) -> Valu
     const = sum(consts[1:], consts[0]) if consts else None
     if len(values) == 1:
         c = values[0][1]
-        return b.affine(x, c * torch.eye(x.dim), const, kind="affine" if const is not None else "scale",
-                        trainable=False)
+        return b.affine(x, M.Scaled(c, x.dim), const, kind="affine" if const is not None else "scale",
+                        trainable=False, shape=x.shape)
     return b.combine([t for t, _ in values], [None if c == 1 else c * torch.eye(t.dim) for t, c in values],
                      const)
 
@@ -232,9 +233,14 @@ def _writeback_linear(module: nn.Linear, W: Tensor, b: Tensor | None) -> None:
 
 @register(nn.Linear, prefix="z", layer=True)
 def linear(b: Builder, module: nn.Linear, x: Value) -> Value:
-    """``z = W x + b``: a weight edge with ``W̄ = (W | diag(b))`` (Eqs. 10, 15)."""
-    _flat(x, "Linear")
-    return b.affine(x, module.weight, module.bias, writeback=_writeback_linear)
+    """``z = W x + b``: a weight edge with ``W̄ = (W | diag(b))`` (Eqs. 10, 15); on ``(..., T, D)`` the same
+    map on every token (`cellsheaf.maps.TokenLinear`)."""
+    if len(x.shape) == 1:
+        return b.affine(x, module.weight, module.bias, writeback=_writeback_linear)
+    tokens = math.prod(x.shape[:-1])
+    shape = (*x.shape[:-1], module.out_features)
+    bias = None if module.bias is None else module.bias.detach().expand(tokens, -1).reshape(-1)
+    return b.affine(x, M.TokenLinear(module.weight.detach(), tokens), bias, trainable=False, shape=shape)
 
 
 def _bn_scale(module: nn.BatchNorm1d) -> Tensor:
@@ -292,9 +298,8 @@ def tanh_module(b: Builder, module: nn.Module, x: Value) -> Value:
 
 @register(nn.Softmax, prefix="a")
 def softmax_module(b: Builder, module: nn.Softmax, x: Value) -> Value:
-    """Softmax over the feature axis."""
-    _feature_dim(x, module.dim, "Softmax")
-    return b.activation(x, M.Softmax(x.dim))
+    """Softmax along the module's dim."""
+    return b.activation(x, _softmax_map(x, module.dim if module.dim is not None else -1, False))
 
 
 @register(nn.Identity)
@@ -303,16 +308,7 @@ def identity_module(b: Builder, module: nn.Module, x: Value, *args, **kwargs) ->
     return b.alias(x)
 
 
-_register_all((nn.Dropout, nn.AlphaDropout, nn.Dropout1d), identity_module)  # eval semantics: the identity
-
-
-@register(nn.Flatten)
-def flatten_module(b: Builder, module: nn.Flatten, x: Value) -> Value:
-    """Flattening the per-sample axes: stalks are flat already, so no vertex is added."""
-    if module.start_dim not in (1, -len(x.shape) - 1) or module.end_dim != -1:
-        raise UnsupportedOpError(f"Flatten(start_dim={module.start_dim}, end_dim={module.end_dim}): only "
-                                 "Flatten(1, -1) (keep the batch axis) is supported")
-    return b.alias(x)
+_register_all((nn.Dropout, nn.AlphaDropout, nn.Dropout1d, nn.Dropout2d), identity_module)  # eval semantics: the identity
 
 
 # ---------------------------------------------------------------------------- functions and methods
@@ -341,27 +337,8 @@ def leaky_relu_fn(b: Builder, x: Value, negative_slope: float = 0.01, inplace: b
 @register(F.softmax, prefix="a")
 @register("softmax", prefix="a")
 def softmax_fn(b: Builder, x: Value, dim: int | None = None, *args, **kwargs) -> Value:
-    """Softmax over the feature axis."""
-    _feature_dim(x, dim, "softmax")
-    return b.activation(x, M.Softmax(x.dim))
-
-
-@register(torch.flatten)
-@register("flatten")
-def flatten_fn(b: Builder, x: Value, start_dim: int = 0, end_dim: int = -1) -> Value:
-    """``torch.flatten(x, 1)``: no vertex."""
-    if start_dim != 1 or end_dim != -1:
-        raise UnsupportedOpError(f"flatten(start_dim={start_dim}, end_dim={end_dim}): only flatten(x, 1) "
-                                 "(keep the batch axis) is supported")
-    return b.alias(x)
-
-
-@register("view")
-@register("reshape")
-@register(torch.reshape)
-def reshape_fn(b: Builder, x: Value, *shape) -> Value:
-    """Reshapes that keep the batch axis (the compiler checks the per-sample size): no vertex."""
-    return b.alias(x)
+    """Softmax along ``dim``."""
+    return b.activation(x, _softmax_map(x, dim, False))
 
 
 @register(operator.add)
@@ -394,21 +371,23 @@ def neg(b: Builder, x: Value) -> Value:
 @register(torch.mul)
 @register("mul")
 def mul(b: Builder, x, y) -> Value:
-    """Multiplication by a constant (number or tensor broadcast to one sample): a diagonal ``scale`` edge."""
-    if isinstance(x, Value) and isinstance(y, Value):
-        raise UnsupportedOpError("the product of two network quantities is bilinear, not a restriction map of "
-                                 "one vertex; register a compiler for the module that computes it")
+    """Multiplication by a constant (number or tensor broadcast to one sample): a diagonal ``scale`` edge;
+    the product of two quantities (a gate): a merge vertex and a `Product` edge."""
+    if isinstance(x, Value) and isinstance(y, Value):  # a gate: x ⊙ y through a merge vertex
+        _same_shape(x, y, "the product")
+        return _pair(b, x, y, M.Product(x.dim), x.shape)
     v, c = (x, y) if isinstance(x, Value) else (y, x)
-    return b.affine(v, torch.diag(_constant(c, v, "mul").to(b.dtype)), kind="scale", trainable=False)
+    return b.affine(v, M.Diagonal(_constant(c, v, "mul").to(b.dtype)), kind="scale", trainable=False, shape=v.shape)
 
 
 @register(operator.truediv)
 @register(torch.div)
 @register("div")
 def div(b: Builder, x: Value, y) -> Value:
-    """Division by a constant."""
+    """Division by a constant, or ``x / y`` of two quantities (a merge vertex and a `Quotient` edge)."""
     if isinstance(y, Value):
-        raise UnsupportedOpError("division by a network quantity is not a restriction map of one vertex")
+        _same_shape(x, y, "the quotient")
+        return _pair(b, x, y, M.Quotient(x.dim), x.shape)
     return mul(b, x, 1.0 / torch.as_tensor(y, dtype=b.dtype))
 
 
@@ -422,3 +401,320 @@ def cat(b: Builder, tensors, dim: int = 0) -> Value:
     for t in tensors:
         _feature_dim(t, dim, "torch.cat")
     return b.concat(tensors)
+
+
+# ---------------------------------------------------------------------------- the model zoo: structured ops
+
+
+def _frozen(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach()
+
+
+def _per_channel(v: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """A per-channel vector ``(C,)`` spread over a per-sample ``shape = (C, *spatial)``, flattened."""
+    return v.reshape(-1, *([1] * (len(shape) - 1))).expand(shape).reshape(-1)
+
+
+@register(nn.Conv1d, prefix="z", layer=True)
+@register(nn.Conv2d, prefix="z", layer=True)
+def conv(b: Builder, module: nn.Conv1d | nn.Conv2d, x: Value) -> Value:
+    """A convolution: the matrix-free `cellsheaf.maps.Conv1d`/`Conv2d` with its bias through a ones block."""
+    if module.padding_mode != "zeros":
+        raise UnsupportedOpError(f"{type(module).__name__}(padding_mode={module.padding_mode!r}): only zero "
+                                 "padding is supported")
+    cls = M.Conv1d if isinstance(module, nn.Conv1d) else M.Conv2d
+    F = cls(_frozen(module.weight), in_shape=x.shape, stride=module.stride, padding=module.padding,
+            dilation=module.dilation, groups=module.groups)
+    bias = None if module.bias is None else _per_channel(_frozen(module.bias), F.out_shape)
+    return b.affine(x, F, bias, trainable=False, shape=F.out_shape)
+
+
+def _pool_args(module, what: str) -> None:
+    if getattr(module, "ceil_mode", False) or getattr(module, "divisor_override", None) is not None \
+            or getattr(module, "return_indices", False):
+        raise UnsupportedOpError(f"{what} with ceil_mode, divisor_override or return_indices is not supported")
+
+
+@register(nn.AvgPool1d)
+@register(nn.AvgPool2d)
+def avg_pool(b: Builder, module: nn.AvgPool1d | nn.AvgPool2d, x: Value) -> Value:
+    """Average pooling: a fixed linear map (`cellsheaf.maps.AvgPool1d`/`AvgPool2d`)."""
+    _pool_args(module, type(module).__name__)
+    cls = M.AvgPool1d if isinstance(module, nn.AvgPool1d) else M.AvgPool2d
+    F = cls(module.kernel_size, x.shape, module.stride, module.padding, module.count_include_pad)
+    return b.affine(x, F, kind="pool", trainable=False, shape=F.out_shape)
+
+
+@register(nn.AdaptiveAvgPool1d)
+@register(nn.AdaptiveAvgPool2d)
+def adaptive_avg_pool(b: Builder, module, x: Value) -> Value:
+    """Adaptive average pooling: a fixed linear map."""
+    cls = M.AdaptiveAvgPool1d if isinstance(module, nn.AdaptiveAvgPool1d) else M.AdaptiveAvgPool2d
+    F = cls(module.output_size, x.shape)
+    return b.affine(x, F, kind="pool", trainable=False, shape=F.out_shape)
+
+
+@register(nn.MaxPool1d, prefix="a")
+@register(nn.MaxPool2d, prefix="a")
+def max_pool(b: Builder, module, x: Value) -> Value:
+    """Max pooling: a piecewise-linear selection map (kinks like ReLU's)."""
+    _pool_args(module, type(module).__name__)
+    cls = M.MaxPool1d if isinstance(module, nn.MaxPool1d) else M.MaxPool2d
+    return b.activation(x, cls(module.kernel_size, x.shape, module.stride, module.padding, module.dilation),
+                        kind="pool")
+
+
+@register(nn.BatchNorm2d, prefix="bn")
+def batchnorm2d(b: Builder, module: nn.BatchNorm2d, x: Value) -> Value:
+    """Eval-mode batch norm over channels: a per-channel scale and shift (one fixed affine edge)."""
+    if module.running_mean is None:
+        raise UnsupportedOpError("BatchNorm2d without running statistics normalises with batch statistics even "
+                                 "in eval mode; it has no fixed affine map")
+    s = torch.rsqrt(module.running_var + module.eps)
+    if module.affine:
+        s = s * module.weight.detach()
+    t = (module.bias.detach() if module.affine else torch.zeros_like(s)) - s * module.running_mean
+    return b.affine(x, M.Diagonal(_per_channel(s, x.shape).to(b.dtype)), _per_channel(t, x.shape), kind="affine",
+                    trainable=False, shape=x.shape)
+
+
+@register(nn.LayerNorm, prefix="ln")
+def layer_norm(b: Builder, module: nn.LayerNorm, x: Value) -> Value:
+    """Layer norm over the trailing axes: a nonlinear map on the stalk."""
+    return b.activation(x, M.LayerNorm(x.shape, module.normalized_shape, _frozen(module.weight),
+                                       _frozen(module.bias), module.eps), kind="norm")
+
+
+@register(nn.RMSNorm, prefix="ln")
+def rms_norm(b: Builder, module: nn.RMSNorm, x: Value) -> Value:
+    """RMS norm over the trailing axes: a nonlinear map on the stalk."""
+    return b.activation(x, M.RMSNorm(x.shape, module.normalized_shape, _frozen(module.weight), None, module.eps),
+                        kind="norm")
+
+
+@register(nn.GroupNorm, prefix="ln")
+def group_norm(b: Builder, module: nn.GroupNorm, x: Value) -> Value:
+    """Group norm over ``(C, *spatial)``: a nonlinear map on the stalk."""
+    return b.activation(x, M.GroupNorm(x.shape, module.num_groups, _frozen(module.weight), _frozen(module.bias),
+                                       module.eps), kind="norm")
+
+
+def _smooth_module(b: Builder, module: nn.Module, x: Value) -> Value:
+    """An elementwise activation module (GELU, SiLU, ELU, Softplus, ...): `cellsheaf.maps.activation`."""
+    return b.activation(x, M.activation(module, x.dim))
+
+
+_register_all((nn.GELU, nn.SiLU, nn.ELU, nn.CELU, nn.SELU, nn.Softplus, nn.Mish, nn.Hardtanh, nn.Hardswish,
+               nn.Hardsigmoid, nn.ReLU6, nn.LogSigmoid, nn.Softsign, nn.Tanhshrink), _smooth_module, prefix="a")
+
+
+def _smooth_fn(name: str, options: Callable[..., dict]) -> Callable[..., Value]:
+    def compile_fn(b: Builder, x: Value, *args, **kwargs) -> Value:
+        return b.activation(x, M.Activation(name, x.dim, options(*args, **kwargs)))
+
+    compile_fn.__doc__ = f"Elementwise {name}."
+    return compile_fn
+
+
+def _no_options(*args, **kwargs) -> dict:
+    return {}
+
+
+@register(F.gelu, prefix="a")
+def gelu_fn(b: Builder, x: Value, approximate: str = "none") -> Value:
+    """``F.gelu`` (exact or ``approximate="tanh"``)."""
+    return b.activation(x, M.Activation("gelu_tanh" if approximate == "tanh" else "gelu", x.dim))
+
+
+_register_all((F.silu, "silu"), _smooth_fn("silu", _no_options), prefix="a")
+_register_all((F.mish, "mish"), _smooth_fn("mish", _no_options), prefix="a")
+_register_all((F.softplus, "softplus"),
+              _smooth_fn("softplus", lambda beta=1.0, threshold=20.0: {"beta": beta, "threshold": threshold}),
+              prefix="a")
+_register_all((F.elu, "elu"), _smooth_fn("elu", lambda alpha=1.0, inplace=False: {"alpha": alpha}), prefix="a")
+_register_all((F.logsigmoid,), _smooth_fn("logsigmoid", _no_options), prefix="a")
+_register_all((F.hardswish,), _smooth_fn("hardswish", lambda inplace=False: {}), prefix="a")
+_register_all((F.relu6,), _smooth_fn("relu6", lambda inplace=False: {}), prefix="a")
+
+
+def _softmax_map(x: Value, dim: int | None, log: bool) -> M.Map:
+    """Softmax (or log-softmax) of a ``(B, *shape)`` tensor along ``dim`` (not the batch axis)."""
+    if dim is None:
+        raise UnsupportedOpError("softmax without dim: give the axis explicitly")
+    axis = dim - 1 if dim > 0 else dim
+    if dim == 0 or not -len(x.shape) <= axis < len(x.shape):
+        raise UnsupportedOpError(f"softmax over dim={dim}: only axes after the batch axis are supported")
+    if len(x.shape) == 1 and not log:
+        return M.Softmax(x.dim)
+    return M.SoftmaxAlong(x.shape, axis, log)
+
+
+@register(nn.LogSoftmax, prefix="a")
+def log_softmax_module(b: Builder, module: nn.LogSoftmax, x: Value) -> Value:
+    """Log-softmax along the module's dim."""
+    return b.activation(x, _softmax_map(x, module.dim, True))
+
+
+@register(torch.log_softmax, prefix="a")
+@register(F.log_softmax, prefix="a")
+@register("log_softmax", prefix="a")
+def log_softmax_fn(b: Builder, x: Value, dim: int | None = None, *args, **kwargs) -> Value:
+    """Log-softmax along ``dim``."""
+    return b.activation(x, _softmax_map(x, dim, True))
+
+
+# ---------------------------------------------------------------------------- shape ops: coordinate selections
+
+
+def _index_op(run: Callable[..., Any]) -> Callable[..., Value]:
+    """The compiler of a shape op (view, permute, getitem, chunk, ...): each output coordinate copies one input
+    coordinate, found by running the op on coordinate numbers. No vertex for a plain reshape, a `Select`
+    edge otherwise."""
+
+    def compile_fn(b: Builder, x: Value, *args, **kwargs):
+        if any(isinstance(a, Value) for a in (*args, *kwargs.values())):
+            raise UnsupportedOpError("a shape op with a network quantity as an argument")
+        n = x.dim
+        numbers = torch.arange(2 * n, dtype=torch.float64).reshape(2, *x.shape)  # two samples: keep the batch
+        out = run(numbers, *args, **kwargs)
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        values = []
+        for t in outs:
+            if not isinstance(t, Tensor) or t.dim() < 1 or t.shape[0] != 2 or not bool((t[1] - t[0] == n).all()):
+                raise UnsupportedOpError("the op mixes the batch axis with the others; only ops that keep the "
+                                         "batch axis first are supported")
+            idx = t[0].reshape(-1).long()
+            shape = tuple(t.shape[1:])
+            if len(idx) == n and bool((idx == torch.arange(n)).all()):
+                values.append(Value(x.vertex, n, shape))  # a reshape: the same coordinates
+            else:
+                values.append(b.affine(x, M.Select(idx, n), kind="select", trainable=False, shape=shape))
+        return tuple(values) if isinstance(out, (tuple, list)) else values[0]
+
+    return compile_fn
+
+
+def _method(name: str) -> Callable[..., Any]:
+    def run(t, *args, **kwargs):
+        return getattr(t, name)(*args, **kwargs)
+
+    return run
+
+
+for _name in ("view", "reshape", "flatten", "unflatten", "permute", "transpose", "unsqueeze", "squeeze",
+              "contiguous", "chunk", "split", "narrow", "select", "expand", "repeat", "movedim", "swapaxes"):
+    register(_name)(_index_op(_method(_name)))
+for _fn in (torch.reshape, torch.flatten, torch.permute, torch.transpose, torch.unsqueeze, torch.squeeze,
+            torch.chunk, torch.split, torch.narrow, torch.movedim, operator.getitem):
+    register(_fn)(_index_op(_fn))
+
+
+@register(nn.Flatten)
+def flatten_module(b: Builder, module: nn.Flatten, x: Value) -> Value:
+    """``nn.Flatten``: a reshape (no vertex) when it keeps the batch axis."""
+    return _index_op(module)(b, x)
+
+
+@register(nn.Unflatten)
+def unflatten_module(b: Builder, module: nn.Unflatten, x: Value) -> Value:
+    """``nn.Unflatten``: a reshape (no vertex)."""
+    return _index_op(module)(b, x)
+
+
+def _reduction(mean: bool, what: str) -> Callable[..., Value]:
+    """``sum``/``mean`` over per-sample axes: a sparse linear map (each input coordinate adds to one output)."""
+
+    def compile_fn(b: Builder, x: Value, dim=None, keepdim: bool = False, *, dtype=None) -> Value:
+        dims = [dim] if isinstance(dim, int) else list(dim or [])
+        if not dims or any(d % (len(x.shape) + 1) == 0 for d in dims):
+            raise UnsupportedOpError(f"{what} over the batch axis (give dim= of the per-sample axes)")
+        n = x.dim
+        ones = torch.ones(1, *x.shape)
+        kept = tuple(ones.sum(dim, keepdim=True).shape[1:])
+        shape = tuple(ones.sum(dim, keepdim=keepdim).shape[1:])
+        m = math.prod(shape)
+        rows = torch.arange(m).reshape(kept).expand(x.shape).reshape(-1)
+        vals = torch.full((n,), m / n if mean else 1.0, dtype=b.dtype)
+        A = torch.sparse_coo_tensor(torch.stack([rows, torch.arange(n)]), vals, (m, n)).coalesce()
+        return b.affine(x, M.Linear(A), kind="reduce", trainable=False, shape=shape)
+
+    compile_fn.__doc__ = f"``{what}`` over per-sample axes: a fixed sparse linear map."
+    return compile_fn
+
+
+_register_all((torch.sum, "sum"), _reduction(False, "sum"))
+_register_all((torch.mean, "mean"), _reduction(True, "mean"))
+
+
+# ---------------------------------------------------------------------------- products of two quantities
+
+
+def _pair(b: Builder, x: Value, y: Value, F: M.Map, shape: Sequence[int]) -> Value:
+    """``f(x, y)`` through a merge vertex ``[x; y]`` and one ``product`` edge with the two-block map ``F``
+    (docs: Architecture, "Skip connections": ``δ_Ω`` stays square and unitriangular)."""
+    m = b.concat([x, y], kind="merge")
+    out = b.vertex(F.d_out, kind="product", shape=tuple(shape))
+    b.edge(m, out, F, kind="product")
+    return out
+
+
+def _same_shape(x: Value, y: Value, what: str) -> None:
+    if x.shape != y.shape:
+        raise UnsupportedOpError(f"{what} of quantities of per-sample shapes {x.shape} and {y.shape}: only equal "
+                                 "shapes are supported (expand the smaller one first)")
+
+
+@register(torch.matmul)
+@register(operator.matmul)
+@register(torch.bmm)
+@register("matmul")
+@register("bmm")
+def matmul(b: Builder, x, y) -> Value:
+    """``x @ y`` of two network quantities (attention scores, ``att @ v``): a merge vertex and a `MatMul` edge."""
+    if not (isinstance(x, Value) and isinstance(y, Value)):
+        raise UnsupportedOpError("matmul with a constant matrix: use nn.Linear (a constant is not trainable)")
+    F = M.MatMul(x.shape, y.shape)
+    return _pair(b, x, y, F, F.out_shape)
+
+
+@register(torch.where)
+def where(b: Builder, condition, x, y) -> Value:
+    """``torch.where(mask, x, y)`` with a constant mask: a coordinate selection from ``[x; y]``."""
+    if isinstance(condition, Value) or not (isinstance(x, Value) and isinstance(y, Value)):
+        raise UnsupportedOpError("torch.where needs a constant mask and two network quantities")
+    _same_shape(x, y, "torch.where")
+    mask = torch.broadcast_to(torch.as_tensor(condition, dtype=torch.bool), (1, *x.shape)).reshape(-1)
+    return _pair(b, x, y, M.Where(mask), x.shape)
+
+
+@register(nn.MultiheadAttention)
+def multihead_attention(b: Builder, module: nn.MultiheadAttention, query: Value, key: Value, value: Value,
+                        key_padding_mask=None, need_weights: bool = True, attn_mask=None,
+                        average_attn_weights: bool = True, is_causal: bool = False):
+    """``nn.MultiheadAttention`` (``batch_first=True``, no masks) expanded into per-token linear maps, head
+    reshapes, `MatMul` edges for ``q kᵀ`` and ``att v``, and a softmax along the keys. Returns
+    ``(output, None)``: the attention weights are not an output."""
+    if not module.batch_first or key_padding_mask is not None or attn_mask is not None or is_causal \
+            or module.bias_k is not None or module.add_zero_attn or not module._qkv_same_embed_dim:
+        raise UnsupportedOpError("MultiheadAttention is supported with batch_first=True, no masks, no bias_kv or "
+                                 "zero attention, and equal query/key/value sizes")
+    E, H = module.embed_dim, module.num_heads
+    d = E // H
+    W, bias = module.in_proj_weight.detach(), _frozen(module.in_proj_bias)
+
+    def project(x: Value, k: int) -> Value:
+        T = x.shape[0]
+        bk = None if bias is None else bias[k * E:(k + 1) * E].expand(T, -1).reshape(-1)
+        z = b.affine(x, M.TokenLinear(W[k * E:(k + 1) * E], T), bk, trainable=False, shape=(T, E))
+        return _index_op(lambda t: t.reshape(t.shape[0], T, H, d).transpose(1, 2))(b, z)  # (H, T, d)
+
+    q, k, v = project(query, 0), project(key, 1), project(value, 2)
+    kt = _index_op(lambda t: t.transpose(-2, -1))(b, k)
+    scores = mul(b, matmul(b, q, kt), 1.0 / math.sqrt(d))
+    att = b.activation(scores, M.SoftmaxAlong(scores.shape, -1), kind="act")
+    heads = matmul(b, att, v)  # (H, T, d)
+    T = heads.shape[1]
+    merged = _index_op(lambda t: t.transpose(1, 2).reshape(t.shape[0], T, E))(b, heads)
+    ob = None if module.out_proj.bias is None else module.out_proj.bias.detach().expand(T, -1).reshape(-1)
+    out = b.affine(merged, M.TokenLinear(module.out_proj.weight.detach(), T), ob, trainable=False, shape=(T, E))
+    return out, None
