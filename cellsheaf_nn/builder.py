@@ -43,7 +43,7 @@ from torch import Tensor
 import cellsheaf as cs
 from cellsheaf import maps as M
 
-__all__ = ["Value", "Builder", "VertexInfo", "EdgeInfo", "Writeback", "Built"]
+__all__ = ["Value", "Param", "Builder", "VertexInfo", "EdgeInfo", "Writeback", "Built"]
 
 #: ``writeback(module, weight, bias)`` copies an affine edge's current ``(W, b)`` into a module's parameters.
 Writeback = Callable[[torch.nn.Module, Tensor, "Tensor | None"], None]
@@ -120,6 +120,19 @@ class Built(NamedTuple):
     vertices: dict[str, VertexInfo]
     edges: dict[str, EdgeInfo]
     writebacks: list[tuple[str, str | None, Writeback]]  # (edge name, module path, writeback)
+    parameters: dict[str, Tensor] | None = None  # learned tensors the maps hold, by their name in the model
+
+
+@dataclass(frozen=True)
+class Param:
+    """Handle of a learned tensor of the model used directly in ``forward`` (a scale, a gate vector).
+
+    ``tensor`` is the model's own `torch.nn.Parameter`; the maps that use it hold it (shared, not
+    copied), so the sheaf trains it and ``ns.to_module()`` carries it.
+    """
+
+    name: str
+    tensor: Tensor
 
 
 @dataclass
@@ -185,6 +198,7 @@ class Builder:
         self._edges: list[_Edge] = []
         self.layer: int | None = None
         self.module: str | None = None
+        self.parameters: dict[str, Tensor] = {}
 
     # ------------------------------------------------------------------ primitives
     def input(self, dim: int, shape: Sequence[int] | None = None, name: str = "x") -> Value:
@@ -241,7 +255,8 @@ class Builder:
         if Fu.d_out != Fv.d_out:
             raise ValueError(f"{kind} edge: Fu maps to size {Fu.d_out} but Fv to {Fv.d_out}; they must agree")
         if bias is not None:
-            bias = self._cast(bias).reshape(-1)
+            keep = not trainable and isinstance(bias, torch.nn.Parameter) and bias.dim() == 1  # held, see `use`
+            bias = bias if keep else self._cast(bias).reshape(-1)
             if not Fu.linear:
                 raise ValueError(f"{kind} edge: a bias needs a linear Fu (the extended map (W | diag(b)), Eq. 10)")
             if bias.numel() != Fu.d_out:
@@ -377,6 +392,11 @@ class Builder:
             if e.dst == value.vertex and e.kind == old:
                 e.kind = kind
 
+    def use(self, param: Param) -> Tensor:
+        """The tensor of a learned parameter, recorded as a parameter of the sheaf (for a map to hold)."""
+        self.parameters[param.name] = param.tensor
+        return param.tensor
+
     def set_shape(self, value: Value) -> None:
         """Record ``value.shape`` as the per-sample shape of its vertex (its neural block in C order)."""
         v = self._vertices[value.vertex]
@@ -435,7 +455,7 @@ class Builder:
             S.add_edge(src.name, dst.name, _source_map(e, src, ones), _target_map(e, dst), name=name)
             edges[name] = EdgeInfo(name, e.kind, src.name, dst.name, e.layer, e.module, ones)
         writebacks = [(name, e.module, e.writeback) for name, e in zip(edges, self._edges) if e.writeback]
-        return Built(S, layout, edges, writebacks)
+        return Built(S, layout, edges, writebacks, dict(self.parameters))
 
 
 def _source_map(e: _Edge, src: VertexInfo, ones: slice | None) -> M.Map:

@@ -53,7 +53,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from .builder import Builder, Value
+from .builder import Builder, Param, Value
 from .neural import NeuralSheaf
 from .ops import HOW_TO_REGISTER, OpCompiler, UnsupportedOpError, lookup, supported_ops
 
@@ -185,6 +185,8 @@ class _Compiler:
     def attribute(self, gm: fx.GraphModule, target: str, path: str) -> _Q:
         """A ``get_attr`` node: a learned parameter becomes a parameter of the sheaf, anything else a constant."""
         obj = _fetch_attr(gm, target)
+        if isinstance(obj, nn.Parameter) and obj.requires_grad:
+            return _Q(Param(f"{path}.{target}" if path else target, obj), obj.detach())
         const = obj.detach() if isinstance(obj, Tensor) else obj
         return _Q(const, const)
 
@@ -209,7 +211,7 @@ class _Compiler:
         if node.target is operator.getitem and isinstance(args[0].value, tuple):  # one of several outputs
             i = args[1].value if isinstance(args[1], _Q) else args[1]
             return _Q(args[0].value[i], args[0].probe[i])
-        has_value = any(isinstance(q.value, Value) for q in _leaves((args, kwargs)))
+        has_value = any(isinstance(q.value, (Value, Param)) for q in _leaves((args, kwargs)))
         sub = f"{path}.{node.target}" if path and node.op == "call_module" else str(node.target)
         if node.op == "call_module":  # a leaf: a registered module or a torch.nn module
             module = gm.get_submodule(node.target)

@@ -9,8 +9,10 @@ edge (Sec. 5.2.3, App. B.3), summed over samples; `Loss.scale` converts,
 
 Which losses fit which output activation: a *difference* loss (MSE, L1, Huber,
 p-norm) fits any activation ``φ`` (the output edge carries ``U(φ(z) − y)``,
-Eq. 21); binary cross-entropy needs a sigmoid output and cross-entropy a
-softmax output, where the force on the logits is ``φ(z) − y`` (Eq. 27).
+Eq. 21); binary cross-entropy needs a sigmoid output, ``"bce_with_logits"`` and ``"cross_entropy"`` take the
+logits themselves as ``torch.nn.BCEWithLogitsLoss``/``torch.nn.CrossEntropyLoss`` do (cross-entropy also
+fits a softmax output, ``"nll"`` a log-softmax one); the force on the logits is ``φ(z) − y`` (Eq. 27).
+`Loss.bind` sets a loss up for the network's output activation.
 
 Examples
 --------
@@ -18,10 +20,10 @@ Examples
 >>> mse = csnn.losses.get("mse")
 >>> mse(torch.tensor([[1.0], [3.0]]), torch.tensor([[0.0], [1.0]]))
 tensor(2.5000)
->>> csnn.losses.get("ce").check_output("identity")
+>>> csnn.losses.get("bce").check_output("identity")
 Traceback (most recent call last):
 ...
-ValueError: loss 'ce' needs a softmax output activation, but the network's output is 'identity'; ...
+ValueError: loss 'bce' needs a sigmoid output activation, but the network's output is 'identity'; ...
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from torch import Tensor
 
 import cellsheaf as cs
 
-__all__ = ["Loss", "MSE", "L1", "Huber", "PNorm", "BCE", "CrossEntropy", "get", "accuracy", "LOSSES"]
+__all__ = ["Loss", "MSE", "L1", "Huber", "PNorm", "BCE", "BCEWithLogits", "CrossEntropy", "NLL", "get", "accuracy",
+           "LOSSES", "ALIASES"]
 
 _LOG_FLOOR = -100.0  # torch's BCELoss convention: log-probabilities are clamped at -100
 
@@ -79,6 +82,11 @@ class Loss:
     def scale(self, n_out: int) -> float:
         """``c`` with ``loss(batch) = c · mean_m U(sample m)`` for the potential ``U``."""
         return 1.0 / n_out if self.per_element else 1.0
+
+    def bind(self, activation: str) -> "Loss":
+        """This loss checked against (and set up for) a network whose output activation is ``activation``."""
+        self.check_output(activation)
+        return self
 
     def check_output(self, activation: str) -> None:
         """Raise ``ValueError`` if this loss does not fit the output activation ``activation``."""
@@ -182,45 +190,92 @@ class BCE(Loss):
 
 
 class CrossEntropy(Loss):
-    """Cross-entropy ``−Σ_i y_i log p_i`` on softmax outputs, per sample then mean.
+    """Cross-entropy ``−Σ_i y_i log p_i``, per sample then mean: ``torch.nn.CrossEntropyLoss``.
 
-    Targets are integer class indices ``(B,)`` in ``[0, n_out)`` or probability rows ``(B, n_out)``.
+    On a logits model (no output activation) ``p = softmax(logits)``, exactly as
+    ``nn.CrossEntropyLoss`` (no Softmax layer needed); on a softmax output ``p`` is that output
+    (the loss of the logits before it). Targets are integer class indices ``(B,)`` in
+    ``[0, n_out)`` or probability rows ``(B, n_out)``.
+
+    Examples
+    --------
+    >>> import torch, cellsheaf_nn as csnn
+    >>> logits, y = torch.tensor([[2.0, 0.0, -1.0]]), torch.tensor([1])
+    >>> ce = csnn.losses.get("cross_entropy").bind("identity")
+    >>> torch.allclose(ce(logits, y), torch.nn.CrossEntropyLoss()(logits, y))
+    True
     """
 
-    name = "ce"
-    outputs = ("softmax",)
+    name = "cross_entropy"
+    outputs = ("softmax", "identity")
     per_element = False
     logits = True
+    from_logits = False
+
+    def bind(self, activation):
+        self.check_output(activation)
+        out = type(self)()
+        out.from_logits = activation == "identity"
+        return out
 
     def elementwise(self, output, y):
-        return -y * torch.log(output).clamp_min(_LOG_FLOOR)
+        logp = torch.log_softmax(output, -1) if self.from_logits else torch.log(output)
+        return -y * logp.clamp_min(_LOG_FLOOR)
 
     def target(self, Y, n_out, dtype=torch.float64):
         Y = torch.as_tensor(Y)
         if Y.dim() == 1 and not Y.is_floating_point():
             bad = (Y < 0) | (Y >= n_out)
             if bool(bad.any()):
-                raise ValueError(f"loss 'ce': label {int(Y[bad][0])} is outside the classes 0..{n_out - 1} of a "
-                                 f"network with {n_out} outputs")
+                raise ValueError(f"loss {self.name!r}: label {int(Y[bad][0])} is outside the classes 0..{n_out - 1} "
+                                 f"of a network with {n_out} outputs")
             return F.one_hot(Y, n_out).to(dtype)
         if Y.dim() == 1:
-            raise ValueError("loss 'ce': give integer class labels (B,) or probability rows (B, n_out)")
+            raise ValueError(f"loss {self.name!r}: give integer class labels (B,) or probability rows (B, n_out)")
         Y = super().target(Y, n_out, dtype)
         if bool((Y < 0).any()) or not torch.allclose(Y.sum(1), torch.ones_like(Y[:, 0])):
-            raise ValueError("loss 'ce': target rows must be probability vectors (nonnegative, summing to 1); "
-                             "for class labels pass an integer tensor of shape (B,)")
+            raise ValueError(f"loss {self.name!r}: target rows must be probability vectors (nonnegative, summing "
+                             "to 1); for class labels pass an integer tensor of shape (B,)")
         return Y
 
     def potential(self):
         return cs.potentials.CrossEntropy("softmax")
 
 
-LOSSES: dict[str, type[Loss]] = {c.name: c for c in (MSE, L1, Huber, PNorm, BCE, CrossEntropy)}
-_SUGGEST = {"sigmoid": "'bce'", "softmax": "'ce'", "identity": "'mse', 'l1', 'huber' or 'pnorm'"}
+class NLL(CrossEntropy):
+    """``torch.nn.NLLLoss`` on a log-softmax output: ``−Σ_i y_i out_i``, the cross-entropy of the logits
+    before the log-softmax."""
+
+    name = "nll"
+    outputs = ("log_softmax",)
+
+    def bind(self, activation):
+        self.check_output(activation)
+        return self
+
+    def elementwise(self, output, y):
+        return -y * output
+
+
+class BCEWithLogits(BCE):
+    """``torch.nn.BCEWithLogitsLoss`` on a logits model (no output activation), mean over elements."""
+
+    name = "bce_with_logits"
+    outputs = ("identity",)
+
+    def elementwise(self, output, y):
+        return F.binary_cross_entropy_with_logits(output, y, reduction="none")
+
+
+LOSSES: dict[str, type[Loss]] = {c.name: c for c in (MSE, L1, Huber, PNorm, BCE, CrossEntropy, NLL, BCEWithLogits)}
+ALIASES = {"ce": "cross_entropy", "binary_cross_entropy": "bce", "mean_squared_error": "mse", "smooth_l1": "huber"}
+_SUGGEST = {"sigmoid": "'bce'", "softmax": "'cross_entropy'", "log_softmax": "'nll'",
+            "identity": "'mse', 'l1', 'huber', 'pnorm', 'cross_entropy' or 'bce_with_logits'"}
 
 
 def get(loss: str | Loss, **kwargs) -> Loss:
-    """A `Loss` from its name (``"mse"``, ``"l1"``, ``"huber"``, ``"pnorm"``, ``"bce"``, ``"ce"``).
+    """A `Loss` from its name: ``"mse"``, ``"l1"``, ``"huber"``, ``"pnorm"``, ``"bce"``, ``"bce_with_logits"``,
+    ``"cross_entropy"`` (alias ``"ce"``), ``"nll"``.
 
     Examples
     --------
@@ -232,9 +287,11 @@ def get(loss: str | Loss, **kwargs) -> Loss:
         if kwargs:
             raise TypeError("keyword arguments apply only when the loss is given by name")
         return loss
-    if loss not in LOSSES:
-        raise KeyError(f"unknown loss {loss!r}; choose from {sorted(LOSSES)} or pass a csnn.losses.Loss")
-    return LOSSES[loss](**kwargs)
+    name = ALIASES.get(loss, loss)
+    if name not in LOSSES:
+        raise KeyError(f"unknown loss {loss!r}; choose from {sorted(LOSSES)} (aliases {sorted(ALIASES)}) or pass "
+                       "a csnn.losses.Loss")
+    return LOSSES[name](**kwargs)
 
 
 def accuracy(output: Tensor, target: Tensor) -> float:

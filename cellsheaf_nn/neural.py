@@ -115,6 +115,8 @@ class NeuralSheaf:
         self._tuple_output = bool(tuple_output)
         self._model = model
         self._writebacks = built.writebacks
+        #: learned tensors of the model used directly in ``forward``, held by the maps (trained in place)
+        self.parameters: dict[str, Tensor] = dict(built.parameters or {})
         self._pins: dict[int, Pin] = {}
         self._next_id = 0
         self._pinned: tuple | None = None  # (key, sheaf, penalties)

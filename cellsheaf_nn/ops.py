@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from cellsheaf import maps as M
 
-from .builder import Builder, Value
+from .builder import Builder, Param, Value
 
 __all__ = ["register", "OpCompiler", "lookup", "supported_ops", "UnsupportedOpError", "HOW_TO_REGISTER"]
 
@@ -211,6 +211,13 @@ def _linear_terms(b: Builder, terms: list[tuple[Any, float]], what: str) -> Valu
     values = [(t, c) for t, c in terms if isinstance(t, Value)]
     if not values:
         raise UnsupportedOpError(f"{what} of constants only")
+    params = [(t, c) for t, c in terms if isinstance(t, Param)]
+    if params:  # a learned shift: x + p through the ones block, p held by the map
+        (x, cx), (p, cp) = values[0], params[0]
+        if len(terms) != 2 or cx != 1 or cp != 1 or p.tensor.dim() != 1 or p.tensor.numel() != x.dim:
+            raise UnsupportedOpError(f"{what} with the learned parameter {p.name!r}: only x + p with a vector p of "
+                                     "the quantity's size is supported")
+        return b.affine(x, M.Identity(x.dim), b.use(p), kind="affine", trainable=False, shape=x.shape)
     x = values[0][0]
     consts = [_constant(t, x, what).to(b.dtype) * c for t, c in terms if not isinstance(t, Value)]
     const = sum(consts[1:], consts[0]) if consts else None
@@ -377,6 +384,11 @@ def mul(b: Builder, x, y) -> Value:
         _same_shape(x, y, "the product")
         return _pair(b, x, y, M.Product(x.dim), x.shape)
     v, c = (x, y) if isinstance(x, Value) else (y, x)
+    if isinstance(c, Param):  # a learned gate: a diagonal map holding the parameter itself
+        if c.tensor.dim() != 1 or c.tensor.numel() != v.dim:
+            raise UnsupportedOpError(f"a learned parameter {c.name!r} of shape {tuple(c.tensor.shape)} multiplying a "
+                                     f"quantity of shape {v.shape}: only a vector of the quantity's size is supported")
+        return b.affine(v, M.Diagonal(b.use(c)), kind="scale", trainable=False, shape=v.shape)
     return b.affine(v, M.Diagonal(_constant(c, v, "mul").to(b.dtype)), kind="scale", trainable=False, shape=v.shape)
 
 

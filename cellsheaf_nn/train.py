@@ -45,7 +45,8 @@ class DivergenceError(FloatingPointError):
     """Training produced non-finite stalks, weights or energies; the message names the step and a smaller
     ``dt``/``beta``/``lr`` to try."""
 
-_ACTIVATIONS = {nn.Sigmoid: "sigmoid", nn.Softmax: "softmax", nn.Tanh: "tanh", nn.Identity: "identity"}
+_ACTIVATIONS = {nn.Sigmoid: "sigmoid", nn.Softmax: "softmax", nn.LogSoftmax: "log_softmax", nn.Tanh: "tanh",
+                nn.Identity: "identity"}
 
 
 @dataclass
@@ -319,8 +320,7 @@ def train_sgd(model: nn.Module, X: Tensor, Y: Tensor, loss: str | _losses.Loss =
     >>> len(h.step), h.train_acc[-1] > 0.5
     (51, True)
     """
-    loss = _losses.get(loss)
-    loss.check_output(output_activation(model))
+    loss = _losses.get(loss).bind(output_activation(model))
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
@@ -380,6 +380,8 @@ def _output_activation_of(ns) -> str:
     if not out:
         return "identity"
     F = ns.sheaf.edge(out[-1]).Fu
+    if isinstance(F, cs.maps.SoftmaxAlong):
+        return "log_softmax" if F.log else "softmax"
     return _OUTPUT_MAPS.get(type(F).__name__, type(F).__name__.lower())
 
 
@@ -475,8 +477,7 @@ class SheafTrainer:
             raise ValueError("mode='joint' is the paper's Euler dynamics with rate beta; optimizers drive the "
                              "local modes 'equilibrium' and 'nudged'")
         self.ns, self.mode = ns, mode
-        self.loss = _losses.get(loss)
-        self.loss.check_output(_output_activation_of(ns))
+        self.loss = _losses.get(loss).bind(_output_activation_of(ns))
         self.alpha, self.beta, self.dt, self.gamma = float(alpha), beta, float(dt), float(gamma)
         self.init, self.warm_start, self.lam, self.mu, self.anchor = init, warm_start, float(lam), float(mu), anchor
         self.batch_size, self.tol, self.max_iter, self.seed = batch_size, tol, max_iter, int(seed)
@@ -486,7 +487,8 @@ class SheafTrainer:
                         if side == "u" and edge in ns.edge_info}
         if not self.weights:
             raise ValueError("the network has no trainable weight maps (compile it from a model with nn.Linear)")
-        self.optimizer = make_optimizer(optimizer, [F.weight for F in self.weights.values()], self.lr) \
+        self.optimizer = make_optimizer(optimizer, [F.weight for F in self.weights.values()]
+                                        + list(ns.parameters.values()), self.lr) \
             if mode != "joint" else None
         self.history = History()
         self.step = 0
@@ -514,6 +516,10 @@ class SheafTrainer:
             S.add_edge(src, "target", Fu, cs.maps.Identity(ns.n_out), name="loss:target", weight=self.gamma,
                        potential=loss.potential())
             return S, "target"
+        if loss.logits and pred_edge is None and loss.outputs and "identity" in loss.outputs:
+            raise ValueError(f"loss {loss.name!r} on a logits model trains in mode='nudged' (the clamped modes "
+                             "need an output activation to read the logits from); add a Softmax/Sigmoid layer "
+                             "with loss 'cross_entropy'/'bce' for the clamped modes")
         for e in [e for e in S.edge_items() if e.v == ns.output]:
             if loss.potential().quadratic and not loss.logits:
                 continue
@@ -644,6 +650,8 @@ class SheafTrainer:
             grads = distributed.union_mean(grads, len(X))
             for name, F in self.weights.items():
                 F.weight.grad = grads[name]
+            for name, p in self.ns.parameters.items():
+                p.grad = grads[name]
             self.optimizer.step()
             self._maps_changed()
         self._check_finite(x)
@@ -693,7 +701,7 @@ class SheafTrainer:
         """The compiled forward pass of the training sheaf's network part (input, ones and targets fixed),
         or ``None`` when the network has pins (then Newton solves the nudged state)."""
         ns = self.ns
-        if ns.pins or len(self.sheaf.edges) != len(ns.sheaf.edges) + 1:
+        if ns.pins or ns.parameters or len(ns.inputs) > 1 or len(self.sheaf.edges) != len(ns.sheaf.edges) + 1:
             return None
         if self._nudge is None:  # the pattern outlives weight updates: built once
             inputs, ones = ns._fixed_pattern()
@@ -736,7 +744,11 @@ class SheafTrainer:
     def _map_gradients(self, x: Tensor, scale: float) -> dict[str, Tensor]:
         """``scale · Π_W ∇_W E`` at stalks ``x`` for every weight edge (Eq. 24, `cellsheaf.learning`)."""
         grads = learning.edge_gradients(self.sheaf, x, [(name, "u") for name in self.weights])
-        return {name: scale * grads[(name, "u")] for name in self.weights}
+        out = {name: scale * grads[(name, "u")] for name in self.weights}
+        if self.ns.parameters:  # learned tensors used in forward: the generic local rule (autograd per edge)
+            local = learning.local_gradients(self.sheaf, x, self.ns.parameters)
+            out.update({name: scale * g for name, g in local.items()})
+        return out
 
     def _maps_changed(self) -> None:
         """Weights changed in place: drop the operators cached from the old values."""
@@ -832,6 +844,9 @@ class SheafTrainer:
         grads = distributed.union_mean(grads, len(X))
         out: dict[str, Tensor] = {}
         for edge, G in grads.items():
+            if edge in ns.parameters:
+                out[edge] = G.clone()
+                continue
             info = ns.edge_info[edge]
             w_name, b_name = _parameter_names(info)
             out[w_name] = G[:, : ns.layout[info.u].n].clone()

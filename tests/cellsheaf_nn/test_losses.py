@@ -100,3 +100,37 @@ def test_get_and_accuracy():
         losses.PNorm(1.0)
     assert losses.accuracy(torch.tensor([[0.7], [0.2]]), torch.tensor([[1.0], [1.0]])) == 0.5
     assert losses.accuracy(torch.eye(3), torch.tensor([0, 1, 1])) == pytest.approx(2 / 3)
+
+
+def test_losses_as_torch_users_expect():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 4, generator=g, dtype=D)
+    labels = torch.tensor([0, 3, 1, 2, 2, 0])
+    probs = torch.softmax(torch.randn(6, 4, generator=g, dtype=D), -1)
+    ce = losses.get("cross_entropy").bind("identity")
+    assert torch.allclose(ce(logits, labels), torch.nn.CrossEntropyLoss()(logits, labels))
+    assert torch.allclose(ce(logits, probs), torch.nn.CrossEntropyLoss()(logits, probs))
+    assert torch.allclose(losses.get("ce").bind("softmax")(torch.softmax(logits, -1), labels),
+                          torch.nn.CrossEntropyLoss()(logits, labels))
+    nll = losses.get("nll").bind("log_softmax")
+    assert torch.allclose(nll(torch.log_softmax(logits, -1), labels),
+                          torch.nn.NLLLoss()(torch.log_softmax(logits, -1), labels))
+    y = (torch.rand(6, 4, generator=g, dtype=D) > 0.5).double()
+    assert torch.allclose(losses.get("bce_with_logits").bind("identity")(logits, y),
+                          torch.nn.BCEWithLogitsLoss()(logits, y))
+    with pytest.raises(ValueError, match="use 'nll'"):
+        losses.get("cross_entropy").bind("log_softmax")
+
+
+def test_cross_entropy_on_a_logits_model_trains_nudged_like_backprop():
+    import cellsheaf_nn as csnn
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 4)).double()
+    X, Y = torch.randn(8, 3, dtype=D), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    trainer = csnn.SheafTrainer(csnn.compile(model), mode="nudged", loss="cross_entropy", gamma=1e-7)
+    local = trainer.local_gradients(X, Y)
+    model.zero_grad()
+    torch.nn.CrossEntropyLoss()(model(X), Y).backward()
+    for name, p in model.named_parameters():
+        assert torch.allclose(local[name], p.grad, rtol=1e-4, atol=1e-7), name

@@ -298,3 +298,35 @@ def test_callbacks_records_and_progress():
     assert seen == [10, 20] and hist.step == [0, 10, 20] and len(hist.val_loss) == 3
     assert [r["step"] for r in hist.records] == [5, 10, 15, 20]
     assert trainer.discord().keys() == {"weight", "act"}
+
+
+class _Scaled(torch.nn.Module):
+    """A learned gate vector and a learned shift used directly in ``forward``."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)
+        self.gate = torch.nn.Parameter(torch.tensor([0.5, -1.0, 2.0, 1.5]))
+        self.shift = torch.nn.Parameter(torch.tensor([0.1, 0.2, -0.3, 0.0]))
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.fc(x) * self.gate + self.shift))
+
+
+def test_parameters_used_in_forward_are_sheaf_parameters_with_local_gradients():
+    torch.manual_seed(0)
+    model = _Scaled().double()
+    ns = csnn.compile(model)
+    assert set(ns.parameters) == {"gate", "shift"}
+    X, Y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+    assert torch.allclose(ns.infer(X), model(X), atol=1e-12, rtol=0)
+    trainer = csnn.SheafTrainer(ns, mode="nudged", loss="mse", gamma=1e-7)
+    local = trainer.local_gradients(X, Y)
+    model.zero_grad()
+    torch.nn.functional.mse_loss(model(X), Y).backward()
+    for name, p in model.named_parameters():
+        assert torch.allclose(local[name], p.grad, rtol=1e-4, atol=1e-7), name
+    trainer.fit(X, Y, steps=3, progress=False)
+    back = ns.to_module()
+    assert not torch.equal(back.gate.detach(), model.gate.detach())
+    assert torch.allclose(back(X), ns.infer(X), atol=1e-12, rtol=0)
