@@ -178,6 +178,26 @@ def bench_pinned(quick: bool) -> None:
                   f"gap {gap:.2e}")
 
 
+def bench_zoo(quick: bool) -> None:
+    print("== 5. the model zoo: infer vs torch forward, B = 256, float64 ==")
+    from tests.cellsheaf_nn.zoo import LeNet, ResCNN, TransformerBlock, randomise_batchnorm
+
+    torch.manual_seed(0)
+    rows = [("LeNet CNN, 1x28x28", LeNet(), (1, 28, 28)),
+            ("residual CNN 3 blocks x 16 ch, 16x16", randomise_batchnorm(ResCNN(16, 3)), (3, 16, 16)),
+            ("transformer block T=32, D=64", TransformerBlock(64, 4), (32, 64))]
+    for name, model, shape in rows:
+        model = model.double().eval()
+        ns = csnn.compile(model, input_shape=shape)
+        x = torch.randn(256, *shape, dtype=F64)
+        with torch.no_grad():
+            err = float((ns.infer(x) - model(x)).abs().max())
+            tf, ti, r = paired(lambda: model(x), lambda: ns.infer(x), 3 if quick else 7)
+        print(f"  {name:38s} torch {tf * 1e3:8.2f} ms   sheaf {ti * 1e3:8.2f} ms   ratio {r:5.2f}x   "
+              f"max error {err:.1e}")
+    print("  target <= 1.5x, error <= 1e-10")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller batches and fewer repetitions")
@@ -191,6 +211,7 @@ def main() -> None:
     bench_depth(args.quick)
     bench_diffusion(args.quick)
     bench_pinned(args.quick)
+    bench_zoo(args.quick)
 
 
 if __name__ == "__main__":
