@@ -670,7 +670,7 @@ class NeuralSheaf:
         >>> [tuple(y.shape) for y in csnn.compile(model).infer_batches(loader)]
         [(4, 1), (4, 1), (2, 1)]
         """
-        n_inputs = len(getattr(self, "inputs", (self.input,)))
+        n_inputs = len(self.inputs)
         for k, batch in enumerate(batches):
             if isinstance(batch, Tensor):
                 batch = (batch,)
