@@ -29,9 +29,10 @@ __all__ = ["edge_energies", "energy", "discord", "forces", "gradient"]
 def _layout(S) -> tuple[Tensor, Tensor, list]:
     """Edge id of every 1-cochain coordinate, mask of quadratic coordinates, special edges."""
     if "energy_layout" not in S._cache:
-        ids = torch.cat([torch.full((e.dim,), k, dtype=torch.long) for k, e in enumerate(S.edge_items())]) \
-            if S.edges else torch.zeros(0, dtype=torch.long)
-        special = [(k, e, S.edge_slice(e.name)) for k, e in enumerate(S.edge_items()) if not e.quadratic]
+        dims = torch.as_tensor(S._edge_dim_array())
+        ids = torch.repeat_interleave(torch.arange(dims.shape[0]), dims)
+        special = [(start + k, e, S.edge_slice(e.name)) for seg, start in zip(S._segments, S._segment_starts())
+                   if isinstance(seg, dict) for k, e in enumerate(seg.values()) if not e.quadratic]  # stacks: quadratic
         quad = torch.ones(S.C1, dtype=torch.bool)
         for _, _, sl in special:
             quad[sl] = False

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from .boundary import Boundary, ResolvedBoundary
+from . import maps as _maps
 from .cochain import as_flat
 from .stacked import EdgeStack
 
@@ -195,7 +196,7 @@ class _Plan:
             for k, e in enumerate(seg.values()):
                 Fu, Fv = e.Fu, e.Fv
                 small = e.dim * (Fu.d_in + Fv.d_in) <= _GROUP_MAX
-                dense = not getattr(Fu, "sparse", False) and not getattr(Fv, "sparse", False)
+                dense = not any(getattr(F, "sparse", False) or isinstance(F, _maps.Structured) for F in (Fu, Fv))
                 if Fu.linear and Fv.linear and small and dense:
                     buckets[(Fu.d_in, Fv.d_in, e.dim)].append((e, start + k))
                 else:
@@ -211,6 +212,7 @@ class _Plan:
         self.C0, self.C1 = S.C0, S.C1
         self.vertices = _Vertices(S)
         self.vertex_index = vpos
+        self.cache: dict = {}  # structure-only tensors (per device)
         self._aranges: dict[tuple[int, int], Tensor] = {}
 
     def index(self, sl: slice) -> Tensor:
@@ -481,19 +483,64 @@ def _cached_blocks(S, plan: _Plan, dtype, device) -> tuple[list, list]:
     return blocks
 
 
-def _blocks_laplacian(S, plan: _Plan, xt: Tensor, out: Tensor) -> None:
-    """``out += Σ_groups L_g x`` from cached blocks: one block product per vertex and two per edge
-    (about half the work of going through the maps twice). Differentiable in ``x`` only."""
-    V, B = plan.vertices, xt.shape[1]
-    D, O = _cached_blocks(S, plan, xt.dtype, xt.device)
-    _apply_vertex_blocks(plan, D, xt, out)
+def _block_pieces(plan: _Plan, D: list[Tensor], O: list[Tensor], device) -> tuple[list, list, list]:
+    """Rows, columns and values of every block entry of the grouped part of ``L``: vertex blocks,
+    then each group's edge blocks ``L_uv`` and their transposes ``L_vu`` (duplicates not summed)."""
+    rows, cols, vals = [], [], []
+    for (d, _, flat, _), blk in zip(plan.vertices.groups(device), D):
+        f = flat.view(-1, d)
+        if blk.dim() == 2:
+            rows.append(f); cols.append(f)
+        else:
+            rows.append(f.unsqueeze(2).expand(blk.shape)); cols.append(f.unsqueeze(1).expand(blk.shape))
+        vals.append(blk)
     for g, blk in zip(plan.groups, O):
-        idx = g.index(xt.device)
-        for s, t in _chunks(len(g), (g.du + g.dv) * B):
-            ix, b = _sub(idx, s, t, g), blk[s:t]
-            V.scatter_add(out, ix, "u", _apply(b, V.gather(xt, ix, "v", g.dv)))
-            V.scatter_add(out, ix, "v", _adjoint(b, V.gather(xt, ix, "u", g.du)) if b.dim() == 3 else
-                          b.unsqueeze(2) * V.gather(xt, ix, "u", g.du))
+        idx = g.index(device)
+        uf, vf = idx["uflat"].view(-1, g.du), idx["vflat"].view(-1, g.dv)
+        if blk.dim() == 2:
+            rows += [uf, vf]; cols += [vf, uf]; vals += [blk, blk]
+            continue
+        bt = blk.transpose(1, 2)
+        rows += [uf.unsqueeze(2).expand(blk.shape), vf.unsqueeze(2).expand(bt.shape)]
+        cols += [vf.unsqueeze(1).expand(blk.shape), uf.unsqueeze(1).expand(bt.shape)]
+        vals += [blk, bt]
+    return rows, cols, vals
+
+
+def _csr_structure(plan: _Plan, D: list[Tensor], O: list[Tensor], device) -> tuple[Tensor, Tensor, Tensor]:
+    """``(crow, col, slot)`` of the grouped part of ``L`` in CSR form, with ``slot`` the CSR position of
+    every block entry (entries sharing a position, e.g. of parallel edges, are summed). Structure only:
+    cached on the plan per device."""
+    key = ("csr", torch.device(device))
+    if key not in plan.cache:
+        rows, cols, _ = _block_pieces(plan, D, O, device)
+        r = torch.cat([t.reshape(-1) for t in rows]) if rows else torch.zeros(0, dtype=torch.long, device=device)
+        c = torch.cat([t.reshape(-1) for t in cols]) if cols else torch.zeros(0, dtype=torch.long, device=device)
+        keys, slot = torch.unique(r * plan.C0 + c, return_inverse=True)
+        crow = torch.zeros(plan.C0 + 1, dtype=torch.long, device=device)
+        crow[1:] = torch.cumsum(torch.bincount(keys // max(plan.C0, 1), minlength=plan.C0), 0)
+        plan.cache[key] = (crow, keys % max(plan.C0, 1), slot)
+    return plan.cache[key]
+
+
+def _csr_laplacian(S, plan: _Plan, dtype, device) -> Tensor:
+    """The grouped part of ``L`` as a torch CSR matrix on ``device`` (values from the cached blocks, the
+    structure from the plan): what a matrix-free product runs on when nothing requires grad."""
+    key = ("L_torch_csr", dtype, torch.device(device))
+    token = tuple(g.token() for g in plan.groups)
+    hit = S._cache.get(key)
+    if hit is not None and hit[0] == token:
+        return hit[1]
+    D, O = _cached_blocks(S, plan, dtype, device)
+    crow, col, slot = _csr_structure(plan, D, O, device)
+    _, _, vals = _block_pieces(plan, D, O, device)
+    flat = torch.cat([v.reshape(-1) for v in vals]) if vals else torch.zeros(0, dtype=dtype, device=device)
+    values = flat.new_zeros(col.shape[0]).index_add_(0, slot, flat)
+    with warnings.catch_warnings():  # torch calls its CSR support beta; products with dense blocks are solid
+        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
+        L = torch.sparse_csr_tensor(crow, col, values, (plan.C0, plan.C0), check_invariants=False)
+    S._cache[key] = (token, L)
+    return L
 
 
 def _singles_laplacian(S, plan: _Plan, xb: Tensor, at) -> Tensor | None:
@@ -522,12 +569,12 @@ def _singles_laplacian(S, plan: _Plan, xb: Tensor, at) -> Tensor | None:
 
 def _laplacian_columns(S, plan: _Plan, xt: Tensor, at=None) -> Tensor:
     """``L x`` on the ``(C0, B)`` layout."""
-    out = xt.new_zeros(xt.shape)
-    if plan.groups:
-        if plan.tracks_grad():
+    if plan.groups and not plan.tracks_grad():
+        out = _csr_laplacian(S, plan, xt.dtype, xt.device) @ xt
+    else:
+        out = xt.new_zeros(xt.shape)
+        if plan.groups:
             _groups_laplacian(plan, xt, out)
-        else:
-            _blocks_laplacian(S, plan, xt, out)
     single = _singles_laplacian(S, plan, xt.T, at)
     return out if single is None else out + single
 

@@ -37,6 +37,7 @@ True
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 from pathlib import Path
@@ -55,7 +56,7 @@ __all__ = [
     "SparseLinearSpec", "IdentitySpec", "ScaledSpec", "SelectSpec", "DiagonalSpec", "HStackSpec", "VStackSpec",
     "ComposeSpec", "ReLUSpec", "LeakyReLUSpec", "SigmoidSpec", "TanhSpec", "SoftmaxSpec", "StructuredSpec",
     "TensorSpec", "to_spec", "from_spec",
-    "map_to_spec", "register_potential",
+    "map_to_spec", "register_potential", "ArraySpec", "StackSpec",
 ]
 
 Name = Union[StrictStr, StrictInt]
@@ -344,6 +345,88 @@ class TensorSpec(_Model):
         return _tensor(self.data, self.dtype).reshape(self.shape)
 
 
+ArrayDType = Literal["float16", "bfloat16", "float32", "float64", "int64"]
+
+
+class ArraySpec(_Model):
+    """A tensor stored compactly and exactly: ``shape``, ``dtype`` and its raw little-endian bytes in base64
+    (stacked edges: dumping and loading cost a copy, not a float-to-text conversion per entry)."""
+
+    shape: list[NonNegativeInt]
+    dtype: ArrayDType
+    base64: str
+
+    @model_validator(mode="after")
+    def _check(self):
+        size = int(np.prod(self.shape)) * getattr(torch, self.dtype).itemsize
+        if len(self.base64) != 4 * ((size + 2) // 3):
+            raise ValueError(f"array: {len(self.base64)} base64 characters do not hold {self.shape} {self.dtype}")
+        return self
+
+    @classmethod
+    def of(cls, t: torch.Tensor) -> "ArraySpec":
+        t = t.detach().cpu().contiguous()
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise SpecError("the tensor has NaN or Inf entries, which a spec cannot carry")
+        name = str(t.dtype).removeprefix("torch.")
+        if name not in ArrayDType.__args__:
+            raise SpecError(f"tensors of dtype {t.dtype} cannot be serialised")
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        return cls(shape=list(t.shape), dtype=name, base64=base64.b64encode(raw).decode("ascii"))
+
+    def to_tensor(self) -> torch.Tensor:
+        raw = base64.b64decode(self.base64, validate=True)
+        dtype = getattr(torch, self.dtype)
+        if not raw:
+            return torch.zeros(self.shape, dtype=dtype)
+        return torch.frombuffer(bytearray(raw), dtype=dtype).reshape(self.shape)
+
+
+class StackSpec(_Model):
+    """Edges of one shape stored as arrays (a `cellsheaf.EdgeStack`, from `Sheaf.from_arrays` or
+    `Sheaf.add_edges`): ``at`` is the position of its first edge in the edge order, ``index`` the ``(2, E)``
+    vertex positions, ``Fu``/``Fv`` the stacked maps, ``weights`` and ``names`` optional (default names are
+    the integers ``at, at + 1, ...``)."""
+
+    at: NonNegativeInt
+    index: ArraySpec
+    Fu: ArraySpec
+    Fv: ArraySpec
+    weights: ArraySpec | None = None
+    names: list[Name] | None = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.index.dtype != "int64" or len(self.index.shape) != 2 or self.index.shape[0] != 2:
+            raise ValueError(f"stack at {self.at}: index must be int64 of shape (2, E), got {self.index.shape}")
+        E = self.index.shape[1]
+        for what, a in (("Fu", self.Fu), ("Fv", self.Fv), ("weights", self.weights)):
+            if a is not None and (not a.shape or a.shape[0] != E or a.dtype == "int64"):
+                raise ValueError(f"stack at {self.at}: {what} must be a float array with {E} rows, got {a.shape}")
+        if self.names is not None and len(self.names) != E:
+            raise ValueError(f"stack at {self.at}: {len(self.names)} names for {E} edges")
+        return self
+
+    def add_to(self, S) -> None:
+        """Add these edges to the sheaf ``S`` (its edge count must be ``at``)."""
+        try:
+            S.add_edges(self.index.to_tensor(), self.Fu.to_tensor(), self.Fv.to_tensor(), names=self.names,
+                        weights=None if self.weights is None else self.weights.to_tensor())
+        except (ValueError, TypeError, IndexError, KeyError) as err:
+            raise SpecError(f"stack at {self.at}: {err}") from None
+
+
+def _stack_to_spec(st, at: int) -> StackSpec:
+    names = None
+    if st._names is not None or st.name0 != at:
+        names = [_check_name(n, "edge") for n in st.names()]
+    try:
+        return StackSpec(at=at, index=ArraySpec.of(st.index), Fu=ArraySpec.of(st.Fu), Fv=ArraySpec.of(st.Fv),
+                         weights=None if st.weights is None else ArraySpec.of(st.weights), names=names)
+    except SpecError as err:
+        raise SpecError(f"stack at {at} (edges {st.name(0)!r}...): {err}") from None
+
+
 class StructuredSpec(_Model):
     """A `cellsheaf.maps.Structured` map (convolution, pooling, affine, norm, ...): its class name ``kind``,
     hyperparameters ``params``, tensors and inner maps, passed back to its constructor."""
@@ -551,6 +634,7 @@ class SheafSpec(_Model):
     version: Literal[1] = 1
     vertices: list[VertexSpec] = Field(default_factory=list)
     edges: list[EdgeSpec] = Field(default_factory=list)
+    stacks: list[StackSpec] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _check(self):
@@ -581,12 +665,25 @@ class SheafSpec(_Model):
         S = Sheaf()
         for vx in self.vertices:
             S.add_vertex(vx.name, vx.dim)
-        for e in self.edges:
-            try:
-                pot = None if e.potential is None else e.potential.to_potential()
-            except (ValueError, TypeError) as err:
-                raise SpecError(f"edge {e.name!r}: {err}") from None
-            S.add_edge(e.u, e.v, e.Fu.to_map(), e.Fv.to_map(), name=e.name, weight=e.weight, potential=pot)
+        stacks = sorted(self.stacks, key=lambda st: st.at)
+        edges, count = iter(self.edges), 0
+        for st in stacks + [None]:
+            while st is None or count < st.at:
+                e = next(edges, None)
+                if e is None:
+                    if st is None:
+                        return S
+                    raise SpecError(f"stack at {st.at}: only {count} edges precede it")
+                try:
+                    pot = None if e.potential is None else e.potential.to_potential()
+                except (ValueError, TypeError) as err:
+                    raise SpecError(f"edge {e.name!r}: {err}") from None
+                S.add_edge(e.u, e.v, e.Fu.to_map(), e.Fv.to_map(), name=e.name, weight=e.weight, potential=pot)
+                count += 1
+            if count != st.at:
+                raise SpecError(f"stack at {st.at}: {count} edges precede it (stacks overlap)")
+            st.add_to(S)
+            count += st.index.shape[1]
         return S
 
 
@@ -612,8 +709,11 @@ def to_spec(S) -> SheafSpec:
     IdentitySpec(type='identity', dim=1)
     """
     vertices = [VertexSpec(name=_check_name(v, "vertex"), dim=S.dim(v)) for v in S.vertices]
-    edges = []
-    for e in S.edge_items():
+    edges, stacks = [], []
+    for seg, at in zip(S._segments, S._segment_starts()):
+        if not isinstance(seg, dict):
+            stacks.append(_stack_to_spec(seg, at))
+    for e in (e for seg in S._segments if isinstance(seg, dict) for e in seg.values()):
         _check_name(e.name, "edge")
         specs = {}
         for side in ("Fu", "Fv"):
@@ -623,7 +723,7 @@ def to_spec(S) -> SheafSpec:
                 raise SpecError(f"edge {e.name!r}, map {side}: {err}") from None
         pot = None if e.potential is None else _potential_to_spec(e.potential, f"edge {e.name!r}")
         edges.append(EdgeSpec(name=e.name, u=e.u, v=e.v, weight=e.weight, potential=pot, **specs))
-    return SheafSpec(vertices=vertices, edges=edges)
+    return SheafSpec(vertices=vertices, edges=edges, stacks=stacks)
 
 
 def _locate(loc: tuple, raw: Any) -> str:

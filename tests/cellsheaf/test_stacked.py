@@ -369,3 +369,41 @@ def test_build_memory_is_stacked_not_per_edge():
     held = sum(t.numel() * t.element_size() for st_ in S.stacks for t in (st_.index, st_.Fu, st_.Fv))
     assert held / S.num_edges == 16 + 2 * 9 * 8
     assert sp.issparse(S.laplacian(format="scipy"))
+
+
+# ---------------------------------------------------------------------------- specs
+
+
+def test_spec_stores_stacks_as_arrays_and_round_trips():
+    index, Fu, Fv, w = random_arrays(7, 6, 12)
+    S = cs.Sheaf.from_arrays([3] * 6, index, Fu, Fv, weights=w)
+    S.add_edge(0, 1, torch.randn(2, 3, dtype=F64), M.Select([0, 2], 3), name="single")
+    S.add_edges([[1, 2], [2, 3]], torch.rand(2, 3).float() + 0.5, torch.rand(2, 3).float() + 0.5, names=["p", "q"])
+    spec = S.to_spec()
+    assert len(spec.edges) == 1 and [st.at for st in spec.stacks] == [0, 13]
+    text = spec.model_dump_json()
+    assert '"base64"' in text and len(text) < 4000
+    T = cs.Sheaf.from_spec(text)
+    assert T == S and T.edges == S.edges and T.stacks[1].Fu.dtype == torch.float32
+    assert torch.equal(T.laplacian(format="dense"), S.laplacian(format="dense"))
+    S.remove_edge(0)  # default names no longer start at the stack's position: stored explicitly
+    assert cs.Sheaf.from_spec(S.to_spec().model_dump_json()).edges == S.edges
+
+
+def test_old_specs_load_and_bad_stacks_are_named():
+    old = {"vertices": [{"name": 0, "dim": 1}, {"name": 1, "dim": 1}],
+           "edges": [{"name": "e", "u": 0, "v": 1, "Fu": {"type": "identity", "dim": 1},
+                      "Fv": {"type": "identity", "dim": 1}}]}
+    assert cs.Sheaf.from_spec(old).cohomology().h0 == 1
+    S = cs.Sheaf.from_arrays([1, 1], [[0], [1]], torch.ones(1, 1, 1, dtype=F64), torch.ones(1, 1, 1, dtype=F64))
+    raw = S.to_spec().model_dump()
+    raw["stacks"][0]["index"] = cs.spec.ArraySpec.of(torch.tensor([[0], [5]])).model_dump()
+    with pytest.raises(cs.SpecError, match="stack at 0: add_edges: edge 0 joins positions \\[0, 5\\]"):
+        cs.Sheaf.from_spec(raw)
+    raw["stacks"][0]["at"] = 3
+    with pytest.raises(cs.SpecError, match="stack at 3: only 0 edges precede it"):
+        cs.Sheaf.from_spec(raw)
+    raw = S.to_spec().model_dump()
+    raw["stacks"][0]["Fu"]["base64"] = "AAAA"
+    with pytest.raises(cs.SpecError, match="base64 characters"):
+        cs.Sheaf.from_spec(raw)
