@@ -1,29 +1,44 @@
-"""Core benchmark: build a large random sheaf, assemble L, matrix-free Lx vs torch.sparse.mm, harmonic extension.
+"""Core benchmark: bulk construction and operators of a large random sheaf, against baselines in the same process.
 
-A random sheaf with 100 000 vertices (stalk dim 3) and 300 000 edges with random
-3×3 maps (``--quick``: 10 000 and 30 000). Prints medians over repeats and the
-ratio of matrix-free ``apply_laplacian`` to one ``torch.sparse.mm`` with the
-assembled ``L`` (measured in the same process; target ≤ 2×).
+A random sheaf with 100 000 vertices (stalk dim 3) and 300 000 edges with random 3×3 maps
+(``--quick``: 10 000 and 30 000), built with ``Sheaf.from_arrays``. Every row prints medians over
+repeats and the ratio to its baseline measured in the same process (the machine may be loaded:
+ratios, not absolute times, are the figures to quote). Rows, one function each (``ROWS``):
+
+- ``build``: ``from_arrays`` (time, bytes held per edge) vs an ``add_edge`` loop on a slice of the edges;
+- ``assembly``: ``S.laplacian(format="scipy")`` from scratch vs a vectorised numpy/scipy build of ``δᵀδ``;
+- ``lx``: ``apply_laplacian`` on ``B`` columns vs ``torch.sparse.mm`` with the same ``L`` in CSR, without
+  gradients and with maps that require grad (the sheaf-neural-network path, through the maps);
+- ``spec``: JSON dump and load of 50 000 stacked edges vs the per-edge spec of the same sheaf;
+- ``cohomology``, ``cg``, ``eigenpairs``: cohomology of the big sheaf, CG per iteration against scipy's CG,
+  eigenpairs of a 2k-vertex sheaf (``--no-rank`` skips them);
+- ``harmonic``: harmonic extension with a tenth of the vertices fixed;
+- ``million``: a 10⁶-vertex, 3·10⁶-edge sheaf (``--quick``: 10⁵): build, harmonic extension by CG, peak
+  memory of the process (run ``--rows million`` alone for a clean peak).
 
 Run::
 
-    python benchmarks/bench_core.py [--quick] [--repeats 5] [--batch 16] [--threads N] [--clock wall|cpu]
-                                    [--no-harmonic] [--harmonic-method auto|direct|cg]
+    python benchmarks/bench_core.py [--quick] [--rows build,assembly,lx,spec,cohomology,cg,eigenpairs,harmonic,million]
+                                    [--repeats 5] [--batch 16] [--threads 1] [--clock wall|cpu] [--harmonic-method cg]
+                                    [--no-rank] [--no-harmonic]
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
+import sys
 import time
 import warnings
+from dataclasses import dataclass, field
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 import cellsheaf as cs
 from cellsheaf.operators import apply_laplacian
-
 
 CLOCK = time.perf_counter
 
@@ -39,7 +54,7 @@ def timed(fn, repeats: int) -> tuple[float, object]:
 
 
 def random_data(n: int, m: int, d: int, seed: int = 0):
-    """Endpoints and stacked random maps of ``m >= n`` edges on ``n`` vertices.
+    """``edge_index (2, m)`` and stacked random maps of ``m >= n`` edges on ``n`` vertices.
 
     The first ``n`` edges form a random Hamiltonian cycle (so the graph is connected and
     the harmonic extension with some vertices fixed is unique); the others join random pairs.
@@ -51,102 +66,194 @@ def random_data(n: int, m: int, d: int, seed: int = 0):
     v[n:] = (u[n:] + rng.integers(1, n, m - n)) % n  # no self-loops
     Fu = torch.as_tensor(rng.standard_normal((m, d, d)))
     Fv = torch.as_tensor(rng.standard_normal((m, d, d)))
-    return u.tolist(), v.tolist(), Fu, Fv
+    return torch.as_tensor(np.stack([u, v])), Fu, Fv
 
 
-def build(n: int, d: int, u, v, Fu, Fv) -> cs.Sheaf:
+def per_edge_build(n: int, d: int, index: torch.Tensor, Fu, Fv) -> cs.Sheaf:
+    """The same sheaf built one ``add_edge`` at a time (the baseline of ``build`` and ``spec``)."""
     S = cs.Sheaf()
     for i in range(n):
         S.add_vertex(i, d)
-    for k in range(len(u)):
-        S.add_edge(u[k], v[k], Fu[k], Fv[k], name=k)
+    u, v = index.tolist()
+    for k, (Mu, Mv) in enumerate(zip(Fu.unbind(0), Fv.unbind(0))):
+        S.add_edge(u[k], v[k], Mu, Mv, name=k)
     return S
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="10x smaller sheaf")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                    help="wall time, or process CPU time (steadier on a shared machine with --threads 1)")
-    ap.add_argument("--harmonic-method", default="cg", choices=["auto", "direct", "cg"],
-                    help="method of harmonic_extension; 'direct' (sparse LU) fills in on random expander graphs")
-    ap.add_argument("--no-harmonic", action="store_true", help="skip the harmonic extension")
-    ap.add_argument("--no-rank", action="store_true", help="skip cohomology, CG per iteration and eigenpairs")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    global CLOCK
-    CLOCK = time.perf_counter if args.clock == "wall" else time.process_time
-    n, m, d = (10_000, 30_000, 3) if args.quick else (100_000, 300_000, 3)
-    r = args.repeats
-    print(f"random sheaf: {n} vertices, stalk dim {d}, {m} edges with random {d}x{d} maps; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.clock} clock, medians of {r} repeats")
+def scipy_laplacian(n: int, d: int, index: torch.Tensor, Fu, Fv) -> sp.csr_matrix:
+    """A vectorised numpy/scipy build of ``L = δᵀδ`` (the baseline of ``assembly``)."""
+    u, v = index.numpy()
+    m = u.size
+    e = np.arange(m * d).reshape(m, d)
+    rows = np.broadcast_to(e[:, :, None], (m, d, d)).ravel()
+    cu = np.broadcast_to((u[:, None] * d + np.arange(d))[:, None, :], (m, d, d)).ravel()
+    cv = np.broadcast_to((v[:, None] * d + np.arange(d))[:, None, :], (m, d, d)).ravel()
+    D = sp.csr_matrix((np.concatenate([-Fu.numpy().ravel(), Fv.numpy().ravel()]),
+                       (np.concatenate([rows, rows]), np.concatenate([cu, cv]))), shape=(m * d, n * d))
+    return (D.T @ D).tocsr()
 
-    u, v, Fu, Fv = random_data(n, m, d)
-    t_build, S = timed(lambda: build(n, d, u, v, Fu, Fv), max(1, min(r, 3)))
-    print(f"build (add_vertex/add_edge loop):      {t_build:8.3f} s   ({1e6 * t_build / m:.1f} µs per edge)")
 
-    def assemble():
-        S._cache.clear()
-        return S.laplacian()  # plan + δ (scipy) + L = δᵀWδ + torch sparse export
+def torch_csr(L: sp.csr_matrix, dtype) -> torch.Tensor:
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore")
+        return torch.sparse_csr_tensor(torch.as_tensor(L.indptr.astype(np.int64)),
+                                       torch.as_tensor(L.indices.astype(np.int64)),
+                                       torch.as_tensor(L.data).to(dtype), L.shape)
 
-    t_asm, L = timed(assemble, r)
-    print(f"assemble L (torch sparse, {L._nnz()} nnz):  {t_asm:8.3f} s")
 
+def held_bytes(S: cs.Sheaf) -> int:
+    """Bytes the sheaf holds: stacked tensors and the vertex table (no cached operators)."""
+    tensors = sum(t.numel() * t.element_size() for st in S.stacks for t in [st.index] + st.tensors())
+    table = sys.getsizeof(S._dims) + sum(sys.getsizeof(k) for k in S._dims if not (isinstance(k, int) and k < 257))
+    return tensors + table
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # ru_maxrss is in KiB on Linux
+
+
+@dataclass
+class Context:
+    """What the rows share: arguments, sizes, the random data and the sheaf (built on first use)."""
+
+    args: argparse.Namespace
+    n: int
+    m: int
+    d: int = 3
+    _cache: dict = field(default_factory=dict)
+
+    @property
+    def data(self):
+        if "data" not in self._cache:
+            self._cache["data"] = random_data(self.n, self.m, self.d)
+        return self._cache["data"]
+
+    @property
+    def sheaf(self) -> cs.Sheaf:
+        if "sheaf" not in self._cache:
+            self._cache["sheaf"] = cs.Sheaf.from_arrays([self.d] * self.n, *self.data)
+        return self._cache["sheaf"]
+
+
+def row_build(ctx: Context) -> None:
+    index, Fu, Fv = ctx.data
+    r = max(1, min(ctx.args.repeats, 3))
+    t, S = timed(lambda: cs.Sheaf.from_arrays([ctx.d] * ctx.n, index, Fu, Fv), r)
+    k = min(ctx.m, 30_000)
+    t_loop, _ = timed(lambda: per_edge_build(ctx.n, ctx.d, index[:, :k], Fu[:k], Fv[:k]), 1)
+    per, per_loop = t / ctx.m, t_loop / k
+    print(f"build: from_arrays {t:7.3f} s ({1e6 * per:.2f} µs/edge, {held_bytes(S) / ctx.m:.0f} bytes/edge held; "
+          f"targets 0.5 s at 3e5 edges, 300 B/edge) | add_edge loop {1e6 * per_loop:.1f} µs/edge on {k} edges | "
+          f"ratio {per / per_loop:.3f}")
+
+
+def row_assembly(ctx: Context) -> None:
+    S, (index, Fu, Fv) = ctx.sheaf, ctx.data
+    r = ctx.args.repeats
+
+    def ours():
+        S._cache.clear()  # plan, coboundary and L from scratch
+        return S.laplacian(format="scipy")
+
+    t_base, Lb = timed(lambda: scipy_laplacian(ctx.n, ctx.d, index, Fu, Fv), r)
+    t_ours, L = timed(ours, r)
+    diff = abs(L - Lb).max() / abs(Lb).max()
+    print(f"assembly: S.laplacian(format='scipy') {t_ours:7.3f} s | vectorised scipy δᵀδ {t_base:7.3f} s | "
+          f"ratio {t_ours / t_base:.2f} (target <= 1.2) | {L.nnz} nnz, max rel diff {diff:.1e}")
+
+
+def row_lx(ctx: Context) -> None:
+    S = ctx.sheaf
+    L = S.laplacian(format="scipy")
+    r = ctx.args.repeats
     for dtype in (torch.float64, torch.float32):
-        X = torch.randn(args.batch, S.C0, dtype=dtype)
-        Ld = L.to(dtype)
-        with warnings.catch_warnings():  # "sparse CSR support is in beta"
-            warnings.simplefilter("ignore")
-            Lcsr = Ld.to_sparse_csr()
+        X = torch.randn(ctx.args.batch, S.C0, dtype=dtype)
         XT = X.T.contiguous()
-        apply_laplacian(S, X)  # warm the plan and the stacked maps
+        Lcsr = torch_csr(L, dtype)
+        apply_laplacian(S, X)  # warm: plan, blocks, CSR structure
         t_mf, Y = timed(lambda: apply_laplacian(S, X), r)
-        t_coo, Z = timed(lambda: torch.sparse.mm(Ld, XT), r)
-        t_csr, _ = timed(lambda: torch.sparse.mm(Lcsr, XT), r)
+        t_csr, Z = timed(lambda: torch.sparse.mm(Lcsr, XT), r)
         err = float((Y - Z.T).abs().max() / Z.abs().max())
-        print(f"[{str(dtype).removeprefix('torch.')}] B={args.batch}: matrix-free Lx {1e3 * t_mf:8.2f} ms | "
-              f"torch.sparse.mm COO {1e3 * t_coo:8.2f} ms | CSR {1e3 * t_csr:8.2f} ms | "
-              f"ratio matrix-free/COO {t_mf / t_coo:5.2f}x, /CSR {t_mf / t_csr:5.2f}x (target <= 2x) | "
-              f"max rel diff {err:.1e}")
+        line = (f"lx [{str(dtype).removeprefix('torch.')}] B={ctx.args.batch}: apply_laplacian {1e3 * t_mf:8.2f} ms | "
+                f"torch CSR {1e3 * t_csr:8.2f} ms | ratio {t_mf / t_csr:5.2f} (target <= 1.2) | max rel diff {err:.1e}")
+        st = S.stacks[0]
+        Fu, Fv = st.Fu, st.Fv
+        S.update_maps(Fu.to(dtype).clone().requires_grad_(), Fv.to(dtype).clone().requires_grad_(), check=False)
+        t_grad, _ = timed(lambda: apply_laplacian(S, X), max(1, r // 2))
+        S.update_maps(Fu, Fv, check=False)
+        print(line + f" | through maps requiring grad {1e3 * t_grad:8.2f} ms ({t_grad / t_csr:.2f}x CSR)")
 
-    if not args.no_rank:
-        rank_rows(S, args)
-    if args.no_harmonic:
-        return
-    rng = np.random.default_rng(1)
+
+def row_spec(ctx: Context) -> None:
+    m = 50_000 if not ctx.args.quick else 5_000
+    n, d = m // 3, ctx.d
+    index, Fu, Fv = random_data(n, m, d, seed=2)
+    S = cs.Sheaf.from_arrays([d] * n, index, Fu, Fv)
+    P = per_edge_build(n, d, index, Fu, Fv)
+    r = max(1, min(ctx.args.repeats, 3))
+    t_dump, text = timed(lambda: S.to_spec().model_dump_json(), r)
+    t_load, T = timed(lambda: cs.Sheaf.from_spec(text), r)
+    t_dump0, text0 = timed(lambda: P.to_spec().model_dump_json(), 1)
+    t_load0, _ = timed(lambda: cs.Sheaf.from_spec(text0), 1)
+    assert T.edges == S.edges and torch.equal(T.stacks[0].Fu, Fu)
+    print(f"spec ({m} edges): arrays dump {t_dump:6.3f} s, load {t_load:6.3f} s ({len(text) / 1e6:.1f} MB) | "
+          f"per-edge dump {t_dump0:6.3f} s, load {t_load0:6.3f} s ({len(text0) / 1e6:.1f} MB) | "
+          f"speed-up dump {t_dump0 / t_dump:.0f}x, load {t_load0 / t_load:.0f}x (target >= 10x)")
+
+
+def harmonic(S: cs.Sheaf, n: int, d: int, batch: int, method: str, repeats: int, seed: int = 1):
+    """Harmonic extension with a tenth of the vertices fixed to random values; time, result, residual."""
+    rng = np.random.default_rng(seed)
     fixed = rng.choice(n, n // 10, replace=False)
+    values = torch.as_tensor(rng.standard_normal((len(fixed), batch, d)))
     b = cs.Boundary()
-    for i in fixed.tolist():
-        b.fix(i, torch.as_tensor(rng.standard_normal((args.batch, d))))
+    for i, val in zip(fixed.tolist(), values):
+        b.fix(i, val)
+    t, sol = timed(lambda: cs.harmonic_extension(S, b, method=method), repeats)
     rb = b.resolve(S)
-    t_harm, sol = timed(lambda: cs.harmonic_extension(S, b, method=args.harmonic_method), max(1, min(r, 3)))
     x = sol.flat
-    LOO_free = apply_laplacian(S, x)[:, rb.free]  # the free rows of L x vanish at the harmonic extension
     zero = torch.zeros_like(x)
     zero[:, rb.fixed] = rb.values.to(x.dtype)
-    ref = apply_laplacian(S, zero)[:, rb.free]
-    res = float(LOO_free.norm() / ref.norm())
-    info = sol.info
-    print(f"harmonic extension ({len(fixed)} of {n} vertices fixed, B={args.batch}): {t_harm:8.3f} s, "
-          f"method={info.method}, iterations={info.iterations}, relative residual "
-          f"||L[Ω,:]x||/||L[Ω,U]u|| = {res:.2e} (solver reports {info.residual:.2e})")
+    res = float(apply_laplacian(S, x)[:, rb.free].norm() / apply_laplacian(S, zero)[:, rb.free].norm())
+    return t, sol.info, res, len(fixed)
 
 
-# ---------------------------------------------------------------------------- rank decisions, CG, spectra
+def row_harmonic(ctx: Context) -> None:
+    t, info, res, k = harmonic(ctx.sheaf, ctx.n, ctx.d, ctx.args.batch, ctx.args.harmonic_method,
+                               max(1, min(ctx.args.repeats, 3)))
+    print(f"harmonic extension ({k} of {ctx.n} vertices fixed, B={ctx.args.batch}): {t:8.3f} s, method={info.method}, "
+          f"iterations={info.iterations}, relative residual ||L[Ω,:]x||/||L[Ω,U]u|| = {res:.2e} "
+          f"(solver reports {info.residual:.2e})")
 
 
-def rank_rows(S: cs.Sheaf, args) -> None:
-    """Cohomology of the big sheaf, CG per iteration against scipy's CG, eigenpairs of a 2k-node sheaf."""
+def row_million(ctx: Context) -> None:
+    n = 100_000 if ctx.args.quick else 1_000_000
+    m, d = 3 * n, ctx.d
+    index, Fu, Fv = random_data(n, m, d, seed=3)
+    t_build, S = timed(lambda: cs.Sheaf.from_arrays([d] * n, index, Fu, Fv), 1)
+    t, info, res, k = harmonic(S, n, d, 1, "cg", 1)
+    print(f"million ({n} vertices, {m} edges): build {t_build:6.2f} s | harmonic extension by CG ({k} vertices "
+          f"fixed) {t:7.1f} s, iterations={info.iterations}, converged={info.converged}, relative residual "
+          f"{res:.1e} | peak RSS of the process {peak_rss_gib():.2f} GiB (limit 24)")
+
+
+def row_cohomology(ctx: Context) -> None:
+    S = ctx.sheaf
     t, H = timed(lambda: S.cohomology(), 1)
     dec = H.decision
     print(f"cohomology ({S.C0} x {S.C1} coboundary): {t:8.3f} s, h0={H.h0} h1={H.h1}, certified={dec.certified} "
           f"({dec.certificate}), gap={H.gap:.3g}")
-    bench_cg(S, args.batch, max(1, min(args.repeats, 3)))
-    bench_eigenpairs(max(1, min(args.repeats, 3)))
+
+
+def row_cg(ctx: Context) -> None:
+    bench_cg(ctx.sheaf, ctx.args.batch, max(1, min(ctx.args.repeats, 3)))
+
+
+def row_eigenpairs(ctx: Context) -> None:
+    bench_eigenpairs(max(1, min(ctx.args.repeats, 3)))
+
+
+# ---------------------------------------------------------------------------- rank decisions, CG, spectra
 
 
 def bench_cg(S: cs.Sheaf, batch: int, repeats: int, iters: int = 50) -> None:
@@ -178,13 +285,48 @@ def bench_cg(S: cs.Sheaf, batch: int, repeats: int, iters: int = 50) -> None:
 
 def bench_eigenpairs(repeats: int, n: int = 2000, m: int = 10_000, d: int = 3, k: int = 8) -> None:
     """The ``k`` smallest eigenpairs of the normalised Laplacian of a random sheaf with ``n`` vertices."""
-    u, v, Fu, Fv = random_data(n, m, d, seed=2)
-    S = build(n, d, u, v, Fu, Fv)
+    S = cs.Sheaf.from_arrays([d] * n, *random_data(n, m, d, seed=2))
     t, pairs = timed(lambda: cs.eigenpairs(S, k, normalized=True), repeats)
     info = pairs.info
     print(f"eigenpairs ({k} smallest, normalised L, {n} vertices, d={d}, {m} edges): {t:8.3f} s, route={info.method}, "
           f"operator applications={info.iterations}, residual={info.residual:.1e}, "
           f"values {pairs.values[0]:.4f}..{pairs.values[-1]:.4f}")
+
+
+ROWS = {"build": row_build, "assembly": row_assembly, "lx": row_lx, "spec": row_spec, "cohomology": row_cohomology,
+        "cg": row_cg, "eigenpairs": row_eigenpairs, "harmonic": row_harmonic, "million": row_million}
+RANK_ROWS = ("cohomology", "cg", "eigenpairs")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="10x smaller sheaves")
+    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="wall time, or process CPU time (steadier on a shared machine with --threads 1)")
+    ap.add_argument("--harmonic-method", default="cg", choices=["auto", "direct", "cg"],
+                    help="method of harmonic_extension; 'direct' (sparse LU) fills in on random expander graphs")
+    ap.add_argument("--no-harmonic", action="store_true", help="skip the harmonic extension rows")
+    ap.add_argument("--no-rank", action="store_true", help="skip cohomology, CG per iteration and eigenpairs")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    global CLOCK
+    CLOCK = time.perf_counter if args.clock == "wall" else time.process_time
+    n, m = (10_000, 30_000) if args.quick else (100_000, 300_000)
+    ctx = Context(args, n, m)
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    skip = (RANK_ROWS if args.no_rank else ()) + (("harmonic", "million") if args.no_harmonic else ())
+    rows = [r for r in rows if r not in skip]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        ap.error(f"unknown rows {unknown}; choose from {list(ROWS)}")
+    print(f"random sheaf: {n} vertices, stalk dim 3, {m} edges with random 3x3 maps; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; {args.clock} clock, medians of {args.repeats} repeats")
+    for name in rows:
+        ROWS[name](ctx)
 
 
 if __name__ == "__main__":
