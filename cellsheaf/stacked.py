@@ -60,6 +60,8 @@ def first_bad_row(F: Tensor) -> int | None:
     values = F.detach()
     if values.is_sparse:
         values = values.coalesce().values()
+    if values.numel() == 0:
+        return None
     if values.dim() == 0:
         values = values.reshape(1)
     values = values.reshape(values.shape[0], -1)
