@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, replace
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -64,6 +65,9 @@ class NeuralState(dict):
         super().__init__(values)
         self.info = info
         self.cochain = cochain
+
+
+_PINS_LOCK = threading.RLock()  # serialises pin changes; readers take the current (never mutated) pins dict
 
 
 @dataclass(frozen=True, eq=False)
@@ -281,10 +285,17 @@ class NeuralSheaf:
             b.fix(name, ones.to(xs[0].dtype), coords=idx)
         return b
 
-    def _boundary(self, xs: list[Tensor], penalties) -> cs.Boundary:
-        freed = {c for p in self._pins.values() if p.kind == "free" for c in p.coords}
+    def _boundary(self, xs: list[Tensor], penalties, pins: dict[int, Pin] | None = None) -> cs.Boundary:
+        pins = self._pins if pins is None else pins
+        B = xs[0].shape[0]
+        for p in pins.values():
+            if p.values is not None and p.values.dim() == 2 and p.values.shape[0] not in (1, B):
+                raise ValueError(f"{p.kind} pin {p.id} at vertex {p.vertex!r} (coords {list(p.coords)}) has values "
+                                 f"for a batch of {p.values.shape[0]}, the inputs a batch of {B}; give "
+                                 f"({len(p.coords)},) values or one row per input")
+        freed = {c for p in pins.values() if p.kind == "free" for c in p.coords}
         b = self._input_boundary(xs, [c for c in range(self.n_in) if c not in freed])
-        for p in self._pins.values():
+        for p in pins.values():
             if p.kind == "hard":
                 b.fix(p.vertex, p.values.to(self.dtype), coords=list(p.coords))
         for pen in penalties:
@@ -324,15 +335,14 @@ class NeuralSheaf:
             raise ValueError(f"pin at vertex {vertex!r}: values of shape {tuple(values.shape)} for {len(idx)} "
                              f"coordinates; expected ({len(idx)},) or (B, {len(idx)})")
         cs.cochain.check_finite(values, f"pin values at vertex {vertex!r}")
-        if strength is None:
-            self._check_free(vertex, idx)
-            kind = "hard"
-        else:
+        if strength is not None:
             strength = float(strength)
             if not (strength > 0 and math.isfinite(strength)):
                 raise ValueError(f"pin strength must be positive and finite (or None for a hard pin), got {strength}")
-            kind = "soft"
-        return self._add(Pin(self._next_id, kind, vertex, tuple(idx), values, strength))
+        with _PINS_LOCK:
+            if strength is None:
+                self._check_free(vertex, idx)
+            return self._add(Pin(-1, "hard" if strength is None else "soft", vertex, tuple(idx), values, strength))
 
     def clamp(self, vertex: str, values, coords: Sequence[int] | None = None) -> Pin:
         """Hard-pin (clamp) coordinates of ``vertex``: ``pin(vertex, coords, values)`` (Note 5.1).
@@ -349,11 +359,12 @@ class NeuralSheaf:
         The values of ``x`` at freed coordinates are then only a starting point. Undo with `unpin`.
         """
         idx = self._neural_coords(self._info(self.input), coords)
-        taken = {c for p in self._pins.values() if p.kind in ("free", "hard") and p.vertex == self.input
-                 for c in p.coords}
-        if taken & set(idx):
-            raise ValueError(f"input coordinates {sorted(taken & set(idx))} are already freed or pinned")
-        return self._add(Pin(self._next_id, "free", self.input, tuple(idx)))
+        with _PINS_LOCK:
+            taken = {c for p in self._pins.values() if p.kind in ("free", "hard") and p.vertex == self.input
+                     for c in p.coords}
+            if taken & set(idx):
+                raise ValueError(f"input coordinates {sorted(taken & set(idx))} are already freed or pinned")
+            return self._add(Pin(-1, "free", self.input, tuple(idx)))
 
     def _check_free(self, vertex: str, idx: list[int]) -> None:
         """A hard pin must not overlap another hard pin, nor the fixed part of the input."""
@@ -367,19 +378,25 @@ class NeuralSheaf:
             raise ValueError(f"coordinates {clash} of vertex {vertex!r} are already fixed; {hint}")
 
     def _add(self, p: Pin) -> Pin:
-        self._pins[p.id] = p
-        self._next_id += 1
+        """Register ``p`` under a fresh id. Copy-on-write: a new pins dict replaces the old one, so an
+        `infer` running in another thread keeps the consistent set of pins it started with."""
+        with _PINS_LOCK:
+            p = replace(p, id=self._next_id)
+            self._pins = {**self._pins, p.id: p}
+            self._next_id += 1
         return p
 
     def unpin(self, handle: Pin) -> None:
         """Remove a pin (or undo a `free_input`)."""
-        if handle.id not in self._pins:
-            raise KeyError(f"pin {handle.id} ({handle.kind} at {handle.vertex!r}) is not active")
-        del self._pins[handle.id]
+        with _PINS_LOCK:
+            if handle.id not in self._pins:
+                raise KeyError(f"pin {handle.id} ({handle.kind} at {handle.vertex!r}) is not active")
+            self._pins = {k: p for k, p in self._pins.items() if k != handle.id}
 
     def clear_pins(self) -> None:
         """Remove every pin and re-fix every input coordinate."""
-        self._pins.clear()
+        with _PINS_LOCK:
+            self._pins = {}
 
     @property
     def pins(self) -> list[Pin]:
@@ -398,12 +415,13 @@ class NeuralSheaf:
     def _penalties(self) -> list[cs.Penalty]:
         return self._pinned_state()[1]
 
-    def _pinned_state(self) -> tuple[cs.Sheaf, list[cs.Penalty]]:
-        soft = [p for p in self._pins.values() if p.kind == "soft"]
+    def _pinned_state(self, pins: dict[int, Pin] | None = None) -> tuple[cs.Sheaf, list[cs.Penalty]]:
+        soft = [p for p in (self._pins if pins is None else pins).values() if p.kind == "soft"]
         if not soft:
             return self.sheaf, []
         key = (self.sheaf._version, tuple(p.id for p in soft))
-        if self._pinned is None or self._pinned[0] != key:
+        cached = self._pinned  # read once: another thread may replace it
+        if cached is None or cached[0] != key:
             S = self.sheaf.copy()
             pens = []
             for p in soft:
@@ -412,8 +430,8 @@ class NeuralSheaf:
                     name, k = f"penalty:{p.vertex}.{k}", k + 1
                 pens.append(cs.soft_pin(S, p.vertex, p.values, coords=list(p.coords), strength=p.strength,
                                         name=name))
-            self._pinned = (key, S, pens)
-        return self._pinned[1], self._pinned[2]
+            self._pinned = cached = (key, S, pens)
+        return cached[1], cached[2]
 
     # ------------------------------------------------------------------ inference
     def infer(
@@ -470,19 +488,20 @@ class NeuralSheaf:
         (True, True)
         """
         xs, single = self._batch_input(inputs if len(inputs) != 1 else inputs[0])
-        if method in ("auto", "propagate") and not self._pins:
+        pins = self._pins  # this call's pins: pin/unpin in other threads replace the dict, never change it
+        if method in ("auto", "propagate") and not pins:
             compiled = self._forward_plan()
             if compiled is not None:
                 return self._propagated(compiled, xs, single, return_state, check, method)
-        S, penalties = self._pinned_state()
-        bnd = self._boundary(xs, penalties)
+        S, penalties = self._pinned_state(pins)
+        bnd = self._boundary(xs, penalties, pins)
         if method == "diffusion":
             x0 = self._start(init or "random", xs, S, bnd, generator)
             res = cs.diffuse(S, x0, boundary=bnd, method="euler", dt=dt, alpha=alpha,
                              tol=default_tol(self.dtype) if tol is None else tol,
                              max_steps=100_000 if max_steps is None else max_steps, record=record)
         elif method in _MINIMIZE_METHODS:
-            pinned = bool(self._pins)
+            pinned = bool(pins)
             start = init or ("forward_pass" if method in ("newton", "euler") or pinned else None)
             x0 = None if start is None or method == "propagate" else self._start(start, xs, S, bnd, generator)
             res = cs.minimize(S, bnd, method=method, x0=x0, tol=tol, max_iter=max_steps, dt=dt, alpha=alpha,
