@@ -169,15 +169,36 @@ def _torch_load(path: Path, what: str, weights_only: bool) -> Any:
         raise UserError(f"cannot read {what} {path}: {err}", "check the file and its permissions") from None
 
 
-def load_model(path: str | Path) -> nn.Module:
-    """A torch module from a ``torch.save``-d model or a JSON `ArchitectureSpec` (``.json``).
+MODEL_KIND = "cellsheaf_nn.model"
 
-    Loading a saved model unpickles it: only load files you trust.
+
+def save_model(path: str | Path, spec: ArchitectureSpec, model: nn.Module) -> Path:
+    """Save ``model`` in the safe format: its architecture spec and its state dict (plain data, no code).
+
+    Written atomically (`cellsheaf_nn.checkpoint`); `load_model` reads it back without unpickling code.
+    """
+    from .checkpoint import write_checkpoint
+
+    path = Path(path)
+    arch = spec.model_dump(exclude={"weights"})
+    write_checkpoint(path, {"architecture": arch, "state_dict": {k: v.detach().cpu() for k, v in
+                                                                  model.state_dict().items()}}, kind=MODEL_KIND)
+    return path
+
+
+def load_model(path: str | Path, trust_pickle: bool = False) -> nn.Module:
+    """A torch module from a JSON `ArchitectureSpec` (``.json``), a model saved by `save_model` (what
+    ``cellsheaf-nn train`` writes), or — only with ``trust_pickle=True`` — a ``torch.save``-d module.
+
+    The first two are plain data. A ``torch.save``-d module is a pickle: loading it runs code from the
+    file, so it is refused unless ``trust_pickle`` says you trust the file.
     """
     path = Path(path)
     if path.suffix.lower() == ".json":
         return _read_spec(path, ArchitectureSpec, "architecture spec").build(path.parent)
-    obj = _torch_load(path, "model file", weights_only=False)
+    obj = _safe_or_trusted_load(path, trust_pickle)
+    if isinstance(obj, dict) and obj.get("format") == MODEL_KIND:
+        return _model_from_checkpoint(path, obj)
     if isinstance(obj, dict):
         raise UserError(f"model file {path} holds a state dict (the weights only), not a model",
                         "save the whole module with torch.save(model, path), or write a JSON architecture spec "
@@ -186,6 +207,43 @@ def load_model(path: str | Path) -> nn.Module:
         raise UserError(f"model file {path} holds a {type(obj).__name__}, not a torch.nn.Module",
                         "save a model with torch.save(model, path)")
     return obj.eval()
+
+
+def _safe_or_trusted_load(path: Path, trust_pickle: bool) -> Any:
+    """``torch.load`` with ``weights_only=True``; a file that needs more (pickled code) only with trust."""
+    if not path.exists():
+        raise UserError(f"model file {path} not found", "check the path")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Unsupported operand" in str(err):  # garbage; anything else names a Python object it refused
+            raise UserError(f"cannot read model file {path}: not a torch file", "check the file") from None
+    except Exception:  # noqa: BLE001 - whatever a broken file raises, it is reported by _torch_load below
+        return _torch_load(path, "model file", weights_only=True)
+    if not trust_pickle:
+        raise UserError(f"model file {path} is a pickled Python object; loading it would run code from the file, "
+                        "so it is refused (pass --trust-pickle only if you trust the file)",
+                        "or save the model safely: a JSON architecture spec with a state dict, or the model.pt "
+                        "that cellsheaf-nn train writes")
+    return _torch_load(path, "model file", weights_only=False)
+
+
+def _model_from_checkpoint(path: Path, obj: dict) -> nn.Module:
+    """The module described by a `save_model` file (architecture spec + state dict)."""
+    try:
+        spec = ArchitectureSpec.model_validate(obj.get("architecture"))
+    except ValidationError as err:
+        raise UserError(_validation_message(err, f"the architecture in model file {path}"),
+                        "save it again with cellsheaf-nn train") from None
+    model = spec.build(path.parent)
+    try:
+        model.load_state_dict(obj.get("state_dict") or {})
+    except (RuntimeError, TypeError) as err:
+        raise UserError(f"model file {path}: the weights do not fit its architecture "
+                        f"({str(err).strip().splitlines()[0]})", "save it again with cellsheaf-nn train") from None
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        raise UserError(f"model file {path} has NaN or Inf weights", "retrain with a smaller learning rate")
+    return model.eval()
 
 
 def _compile(model: nn.Module):
@@ -385,7 +443,7 @@ def _figures(progress: bool):
 
 
 def _cmd_compile(args) -> int:
-    model = load_model(args.model)
+    model = load_model(args.model, args.trust_pickle)
     ns = _compile(model)
     print(sheaf_summary(ns))
     if args.spec_out:
@@ -400,7 +458,7 @@ def _cmd_compile(args) -> int:
 
 
 def _cmd_infer(args) -> int:
-    ns = _compile(load_model(args.model))
+    ns = _compile(load_model(args.model, args.trust_pickle))
     X = load_array(args.inputs, "inputs", width=ns.n_in, dtype=ns.dtype)
     _apply_pins(ns, args.pin, args.strength)
     from .neural import ConvergenceError
@@ -428,7 +486,7 @@ def _cmd_diagnose(args) -> int:
     from . import diagnostics as dg
 
     out = output_folder(args.out)
-    ns = _compile(load_model(args.model))
+    ns = _compile(load_model(args.model, args.trust_pickle))
     X = load_array(args.inputs, "inputs", width=ns.n_in, dtype=ns.dtype)
     Y = load_array(args.labels, "labels", width=ns.n_out, dtype=ns.dtype) if args.labels else None
     if Y is not None and len(Y) != len(X):
@@ -494,11 +552,13 @@ def train_from_config(cfg: TrainConfig, out: Path, progress: bool, base: Path = 
             hist = trainer.fit(X, Y, steps=cfg.steps, X_val=task.X_test, Y_val=task.Y_test, progress=progress,
                                eval_every=eval_every)
             model = ns.to_module()
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
+        if isinstance(err, FloatingPointError):
+            raise
         raise UserError(f"bad training option: {err}", "see the documentation of the trainer for its options") \
             from None
     wall = time.perf_counter() - t0
-    torch.save(model, out / "model.pt")
+    save_model(out / "model.pt", spec, model)
     (out / "history.json").write_text(json.dumps(hist.to_dict()))
     figs = _figures(progress)
     figs.training_curves({"train loss": hist.train_loss, "test loss": hist.val_loss, "step": hist.step}, x="step",
@@ -665,9 +725,14 @@ def build_parser() -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help, description=description)
         c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
         c.add_argument("--no-progress", action="store_true", help="no progress output on stderr")
+        c.add_argument("--threads", type=int, default=1, metavar="N",
+                       help="torch CPU threads (default: %(default)s; small networks run fastest on one)")
         return c
 
-    model_help = "a torch.save-d model (loading unpickles it: trusted files only) or a JSON architecture spec"
+    model_help = ("a JSON architecture spec, a model.pt written by cellsheaf-nn train, or (with --trust-pickle) "
+                  "a torch.save-d module")
+    trust_help = ("allow loading a torch.save-d module: unpickling runs code from the file, so only for files "
+                  "you trust (refused by default)")
     c = command("demo", "run the built-in demonstration (no arguments needed)",
                 "Train a small network, compile it, diffuse to the forward pass, pin a neuron, train with local "
                 "updates, print a report and write figures.")
@@ -680,12 +745,14 @@ def build_parser() -> argparse.ArgumentParser:
     c = command("compile", "compile a model and print its sheaf", "Compile a model into a sheaf; print a summary "
                 "and optionally write the sheaf's JSON spec.")
     c.add_argument("model", help=model_help)
+    c.add_argument("--trust-pickle", action="store_true", help=trust_help)
     c.add_argument("--spec-out", help="write the sheaf's JSON spec here")
     c.set_defaults(run=_cmd_compile)
 
     c = command("infer", "run a model as a sheaf on inputs", "Infer outputs by solving on the sheaf, optionally "
                 "with pinned neurons; outputs go to --out or stdout (CSV).")
     c.add_argument("model", help=model_help)
+    c.add_argument("--trust-pickle", action="store_true", help=trust_help)
     c.add_argument("inputs", help="inputs, one sample per row (.csv, .npy, .pt or .json)")
     c.add_argument("--method", default="auto", choices=["auto", "propagate", "newton", "euler", "diffusion"],
                    help="solver (default: %(default)s)")
@@ -701,6 +768,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = command("diagnose", "spectral and discord diagnostics", "Spectrum of L[Ω,Ω] at each input's activation "
                 "pattern, eigenvector block energies, and (with labels) discord with the output pinned.")
     c.add_argument("model", help=model_help)
+    c.add_argument("--trust-pickle", action="store_true", help=trust_help)
     c.add_argument("inputs", help="inputs, one sample per row (.csv, .npy, .pt or .json)")
     c.add_argument("--labels", help="targets for pinned discord, one row per input")
     c.add_argument("--out", default="cellsheaf-nn-diagnose", help="folder for report and figures "
@@ -724,6 +792,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USER
+    if args.threads < 1:
+        print(f"cellsheaf-nn {args.command}: error: --threads must be at least 1, got {args.threads}",
+              file=sys.stderr)
+        return EXIT_USER
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
     try:
         return args.run(args)
     except UserError as err:
@@ -743,6 +817,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cellsheaf-nn {args.command}: {type(err).__name__}: {msg}", file=sys.stderr)
         print("hint: rerun with --debug for the traceback", file=sys.stderr)
         return EXIT_INTERNAL
+    finally:
+        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -41,7 +41,8 @@ def model_files(tmp_path):
     model = mlp([2, 5, 1], seed=3)
     with torch.no_grad():
         model[0].bias.copy_(torch.linspace(-0.5, 0.5, 5, dtype=F64))
-    torch.save(model, tmp_path / "model.pt")
+    cli.save_model(tmp_path / "model.pt", cli.ArchitectureSpec(sizes=[2, 5, 1]), model)  # the safe format
+    torch.save(model, tmp_path / "pickled.pt")
     torch.save(model.state_dict(), tmp_path / "weights.pt")
     (tmp_path / "arch.json").write_text(json.dumps({"sizes": [2, 5, 1], "weights": "weights.pt"}))
     X = torch.randn(7, 2, dtype=F64, generator=torch.Generator().manual_seed(0))
@@ -111,7 +112,7 @@ def test_train_configs(tmp_path, capsys):
     assert code == 0 and "sgd training on paraboloid [2, 6, 1]: 40 steps" in out
     hist = json.loads((tmp_path / "sgd" / "history.json").read_text())
     assert hist["train_loss"][-1] < hist["train_loss"][0]
-    model = torch.load(tmp_path / "sgd" / "model.pt", weights_only=False)
+    model = cli.load_model(tmp_path / "sgd" / "model.pt")  # train's output reloads without unpickling code
     assert isinstance(model, torch.nn.Module) and (tmp_path / "sgd" / "surface.png").exists()
     (tmp_path / "sheaf.json").write_text(json.dumps({**cfg, "method": "sheaf",
                                                      "options": {"mode": "joint", "dt": 0.02}}))
@@ -119,7 +120,7 @@ def test_train_configs(tmp_path, capsys):
     assert code == 0 and "sheaf training" in out
     hist = json.loads((tmp_path / "sheaf" / "history.json").read_text())
     assert hist["train_loss"][-1] < hist["train_loss"][0]
-    trained = torch.load(tmp_path / "sheaf" / "model.pt", weights_only=False)
+    trained = cli.load_model(tmp_path / "sheaf" / "model.pt")
     assert trained[0].weight.shape == (6, 2)
     (tmp_path / "bad.json").write_text(json.dumps({**cfg, "method": "sheaf", "options": {"mdoe": "joint"}}))
     msg = _user_error(capsys, "train", str(tmp_path / "bad.json"), "--out", str(tmp_path / "bad"))
@@ -169,7 +170,7 @@ class CumSum(torch.nn.Module):
 
 def test_model_with_unsupported_op(tmp_path, capsys):
     torch.save(torch.nn.Sequential(torch.nn.Linear(2, 3), CumSum()).double(), tmp_path / "odd.pt")
-    msg = _user_error(capsys, "compile", str(tmp_path / "odd.pt"))
+    msg = _user_error(capsys, "compile", str(tmp_path / "odd.pt"), "--trust-pickle")
     assert msg.startswith("cellsheaf-nn compile: error: cannot compile the model:") and "cumsum" in msg
     assert "Supported" not in msg  # the list of supported ops is left to the hint
 
@@ -215,3 +216,39 @@ def test_subprocess_error_has_no_traceback_unless_debug(tmp_path, capsys):
     assert res.stderr.splitlines()[0] == "cellsheaf-nn infer: error: model file nothing.pt not found"
     with pytest.raises(cli.UserError, match="not found"):
         cli.main(["--debug", "infer", str(tmp_path / "nothing.pt"), "x.csv"])
+
+
+class _Writes:
+    """A pickle whose loading writes a file (as a malicious model file would run any code)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.path), "pwned"))
+
+
+def test_pickled_models_load_only_when_trusted(tmp_path, model_files, capsys):
+    model, X = model_files
+    evil = tmp_path / "evil.pt"
+    torch.save(_Writes(tmp_path / "pwned.txt"), evil)
+    for command in (["compile", str(evil)], ["infer", str(evil), str(tmp_path / "x.csv")],
+                    ["diagnose", str(evil), str(tmp_path / "x.csv"), "--out", str(tmp_path / "d")]):
+        msg = _user_error(capsys, *command)
+        assert f"model file {evil} is a pickled Python object" in msg and "refused" in msg
+        assert not (tmp_path / "pwned.txt").exists()
+    assert "--trust-pickle" in _user_error(capsys, "compile", str(tmp_path / "pickled.pt"))
+    code, out, _ = in_process(capsys, "compile", str(tmp_path / "pickled.pt"), "--trust-pickle")
+    assert code == 0 and "4 vertices" in out
+    torch.testing.assert_close(cli.load_model(tmp_path / "model.pt")(X), model(X))
+
+
+def test_threads_option_and_bad_mode_exit_code(tmp_path, capsys):
+    cfg = {"task": "paraboloid", "steps": 2, "n_train": 20, "model": {"sizes": [2, 3, 1]}, "method": "sheaf"}
+    (tmp_path / "bad.json").write_text(json.dumps({**cfg, "options": {"mode": "backprop"}}))
+    code, _, err = in_process(capsys, "train", str(tmp_path / "bad.json"), "--out", str(tmp_path / "o"),
+                              "--threads", "1")
+    assert code == 2 and "mode must be one of" in err
+    before = torch.get_num_threads()
+    code, _, err = in_process(capsys, "compile", str(tmp_path / "nothing.json"), "--threads", "0")
+    assert code == 2 and "--threads" in err and torch.get_num_threads() == before
