@@ -106,7 +106,8 @@ def union_mean(means: Mapping[str, Tensor], n_local: int) -> dict[str, Tensor]:
         return {}
     like = means[keys[0]]
     count = torch.tensor([float(n_local)], dtype=like.dtype, device=like.device)
-    sums = all_sum([count] + [float(n_local) * means[k] for k in keys])
+    # a rank with an empty shard contributes zeros (its means over no items may be NaN)
+    sums = all_sum([count] + [float(n_local) * means[k] if n_local else torch.zeros_like(means[k]) for k in keys])
     total = sums[0]
     if float(total) <= 0:
         raise ValueError("every rank passed an empty batch: give each rank at least one item of its shard")
