@@ -12,13 +12,17 @@ arbitrary Python code and cannot be serialised.
 * Numbers are float64 and JSON keeps them exactly (shortest round-trip
   representation); each tensor records its dtype (``"float32"`` maps come back
   as float32). NaN and Inf are refused.
-* Potentials are stored by class name plus their attributes (``vars``):
-  ``{"name": "Huber", "params": {"tau": 0.5}}``; any subclass of
-  `cellsheaf.potentials.Potential` is found by name (see
-  `register_potential` for classes defined elsewhere). Tensor attributes
+* Potentials are stored by class name plus their constructor's keywords
+  (their attributes): ``{"name": "Huber", "params": {"tau": 0.5}}``, and
+  loading calls the constructor, so a spec passes the same checks as code
+  (``Huber`` with ``tau <= 0``, unknown keys and keys naming a method are
+  refused). Any subclass of `cellsheaf.potentials.Potential` is found by name
+  (see `register_potential` for classes defined elsewhere). Tensor attributes
   are stored as ``{"__tensor__": [...], "dtype": ...}``, potential attributes
   (a potential wrapping another) as ``{"__potential__": {...}}``; attributes
   holding callables cannot be serialised.
+* Dimensions are JSON integers between 0 and `MAX_DIM` (2²⁶); a structured
+  map's keys are the ones its class declares.
 
 Round trip: ``Sheaf.from_spec(S.to_spec()) == S``, and through JSON with
 ``spec.model_dump_json()`` / ``SheafSpec.model_validate_json(text)`` (or
@@ -38,17 +42,20 @@ True
 from __future__ import annotations
 
 import base64
+import inspect
 import json
+import math
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, NonNegativeInt, StrictInt, StrictStr, \
-    ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, FiniteFloat, NonNegativeInt, StrictInt, \
+    StrictStr, ValidationError, model_validator
 
 from . import maps as M
+from . import potentials as _pot
 from .potentials import Potential
 
 __all__ = [
@@ -56,13 +63,29 @@ __all__ = [
     "SparseLinearSpec", "IdentitySpec", "ScaledSpec", "SelectSpec", "DiagonalSpec", "HStackSpec", "VStackSpec",
     "ComposeSpec", "ReLUSpec", "LeakyReLUSpec", "SigmoidSpec", "TanhSpec", "SoftmaxSpec", "StructuredSpec",
     "TensorSpec", "to_spec", "from_spec",
-    "map_to_spec", "register_potential", "ArraySpec", "StackSpec",
+    "map_to_spec", "register_potential", "ArraySpec", "StackSpec", "MAX_DIM", "Dim", "EncodedTensor",
+    "EncodedPotential", "HuberParams", "PNormParams", "ElasticNetParams", "CrossEntropyParams", "WeightedParams",
 ]
 
 Name = Union[StrictStr, StrictInt]
 """A vertex or edge name: a string or an integer."""
 
 DType = Literal["float16", "bfloat16", "float32", "float64"]
+
+MAX_DIM = 2 ** 26
+"""The largest dimension (stalk, map side, tensor axis) a spec may declare: 2²⁶ coordinates, 512 MiB per
+float64 cochain. Larger values in a file are far more likely a typo or a hostile file than a real sheaf."""
+
+
+def _bounded(value: int) -> int:
+    if value > MAX_DIM:
+        raise ValueError(f"dimension {value} exceeds the limit of {MAX_DIM} (cellsheaf.spec.MAX_DIM) a spec may "
+                         "declare; check the file")
+    return value
+
+
+Dim = Annotated[StrictInt, Field(ge=0), AfterValidator(_bounded)]
+"""A dimension: a JSON integer (not ``1e9`` or ``2.5``), ``0 <= dim <= MAX_DIM``."""
 
 
 class SpecError(ValueError):
@@ -98,7 +121,7 @@ class LinearSpec(_Model):
     """A dense `Linear` map: ``data`` is the ``(d_out, d_in)`` matrix, row by row."""
 
     type: Literal["linear"] = "linear"
-    shape: tuple[NonNegativeInt, NonNegativeInt]
+    shape: tuple[Dim, Dim]
     data: list[list[FiniteFloat]]
     dtype: DType = "float64"
     trainable: bool = False
@@ -125,7 +148,7 @@ class SparseLinearSpec(_Model):
     """A sparse `Linear` map in coordinate form (``rows``, ``cols``, ``values``)."""
 
     type: Literal["sparse_linear"] = "sparse_linear"
-    shape: tuple[NonNegativeInt, NonNegativeInt]
+    shape: tuple[Dim, Dim]
     rows: list[NonNegativeInt]
     cols: list[NonNegativeInt]
     values: list[FiniteFloat]
@@ -152,7 +175,7 @@ class IdentitySpec(_Model):
     """`Identity` on ``R^dim``."""
 
     type: Literal["identity"] = "identity"
-    dim: NonNegativeInt
+    dim: Dim
 
     def dims(self) -> tuple[int, int]:
         return self.dim, self.dim
@@ -166,7 +189,7 @@ class ScaledSpec(_Model):
 
     type: Literal["scaled"] = "scaled"
     c: FiniteFloat
-    dim: NonNegativeInt
+    dim: Dim
 
     def dims(self) -> tuple[int, int]:
         return self.dim, self.dim
@@ -180,7 +203,7 @@ class SelectSpec(_Model):
 
     type: Literal["select"] = "select"
     indices: list[NonNegativeInt]
-    d_in: NonNegativeInt
+    d_in: Dim
 
     @model_validator(mode="after")
     def _check(self):
@@ -272,7 +295,7 @@ class ComposeSpec(_Model):
 
 
 class _ElementwiseSpec(_Model):
-    dim: NonNegativeInt
+    dim: Dim
 
     def dims(self) -> tuple[int, int]:
         return self.dim, self.dim
@@ -327,13 +350,13 @@ class SoftmaxSpec(_ElementwiseSpec):
 class TensorSpec(_Model):
     """A tensor: its ``shape``, its entries ``data`` (flattened, row-major) and ``dtype``."""
 
-    shape: list[NonNegativeInt]
+    shape: list[Dim]
     data: list[FiniteFloat]
     dtype: DType = "float64"
 
     @model_validator(mode="after")
     def _check(self):
-        if int(np.prod(self.shape)) != len(self.data):
+        if math.prod(self.shape) != len(self.data):
             raise ValueError(f"tensor: {len(self.data)} values do not fill the shape {self.shape}")
         return self
 
@@ -352,13 +375,13 @@ class ArraySpec(_Model):
     """A tensor stored compactly and exactly: ``shape``, ``dtype`` and its raw little-endian bytes in base64
     (stacked edges: dumping and loading cost a copy, not a float-to-text conversion per entry)."""
 
-    shape: list[NonNegativeInt]
+    shape: list[Dim]
     dtype: ArrayDType
     base64: str
 
     @model_validator(mode="after")
     def _check(self):
-        size = int(np.prod(self.shape)) * getattr(torch, self.dtype).itemsize
+        size = math.prod(self.shape) * getattr(torch, self.dtype).itemsize
         if len(self.base64) != 4 * ((size + 2) // 3):
             raise ValueError(f"array: {len(self.base64)} base64 characters do not hold {self.shape} {self.dtype}")
         return self
@@ -439,7 +462,9 @@ class StructuredSpec(_Model):
 
     @model_validator(mode="after")
     def _check(self):
-        self.to_map()  # the constructor validates shapes and names the problem
+        F = self.to_map()  # the constructor validates shapes and names the problem
+        for side, d in (("d_in", F.d_in), ("d_out", F.d_out)):
+            _bounded(d)
         return self
 
     def dims(self) -> tuple[int, int]:
@@ -449,10 +474,20 @@ class StructuredSpec(_Model):
     def to_map(self) -> M.Map:
         from .maps.core import _STRUCTURED
 
-        if self.kind not in _STRUCTURED:
+        cls = _STRUCTURED.get(self.kind)
+        if cls is None:
             raise ValueError(f"unknown structured map {self.kind!r}: import the module that defines it")
+        for field, given, allowed in (("params", self.params, cls._params), ("tensors", self.tensors, cls._tensors),
+                                      ("maps", self.maps, cls._maps)):
+            unknown = sorted(set(given) - set(allowed))
+            if unknown:
+                raise ValueError(f"structured map {self.kind}: unknown {field} key {unknown[0]!r} "
+                                 f"(allowed: {', '.join(allowed) or 'none'})")
         tensors = {k: None if t is None else t.to_tensor() for k, t in self.tensors.items()}
-        return _STRUCTURED[self.kind](**self.params, **tensors, **{k: m.to_map() for k, m in self.maps.items()})
+        try:
+            return cls(**self.params, **tensors, **{k: m.to_map() for k, m in self.maps.items()})
+        except (TypeError, IndexError, KeyError, RuntimeError, OverflowError) as err:  # constructors' own checks
+            raise ValueError(f"structured map {self.kind}: {err}") from None
 
 
 MapSpec = Annotated[
@@ -517,6 +552,10 @@ def map_to_spec(F: M.Map):
 
 
 # ---------------------------------------------------------------------------- potentials
+#
+# A potential is stored as its class name and its constructor's keywords; loading calls the constructor, so a
+# spec passes the same checks as code does. The built-in potentials have a pydantic model of their keywords
+# (`_PARAMS`); other subclasses take the parameters of their ``__init__``, and their attributes must be those.
 
 _POTENTIALS: dict[str, type] = {}
 
@@ -526,6 +565,8 @@ def register_potential(cls: type) -> type:
 
     Subclasses of ``Potential`` are also found by name without registering, once
     their module is imported; registering resolves name clashes in favour of ``cls``.
+    A spec rebuilds a potential by calling ``cls(**params)``, so the attributes of an
+    instance must be the keyword arguments of its constructor.
     """
     if not (isinstance(cls, type) and issubclass(cls, Potential)):
         raise TypeError("register_potential needs a subclass of cellsheaf.potentials.Potential")
@@ -549,6 +590,146 @@ def _potential_class(name: str) -> type:
                      "cellsheaf.spec.register_potential")
 
 
+class EncodedTensor(_Model):
+    """A tensor attribute of a potential: ``{"__tensor__": nested lists of floats, "dtype": ...}``."""
+
+    tensor: Any = Field(alias="__tensor__")
+    dtype: DType = "float64"
+
+    @model_validator(mode="after")
+    def _check(self):
+        try:
+            arr = np.asarray(self.tensor, dtype=np.float64)
+        except (ValueError, TypeError):
+            raise ValueError("__tensor__ must be a number or nested lists of numbers of one shape") from None
+        if not np.isfinite(arr).all():
+            raise ValueError("__tensor__ has NaN or Inf entries")
+        if arr.size > MAX_DIM:
+            raise ValueError(f"__tensor__ has {arr.size} entries, beyond the limit {MAX_DIM}")
+        return self
+
+    def to_tensor(self) -> torch.Tensor:
+        return _tensor(self.tensor, self.dtype)
+
+
+class EncodedPotential(_Model):
+    """A potential attribute of a potential: ``{"__potential__": PotentialSpec}``."""
+
+    potential: PotentialSpec = Field(alias="__potential__")
+
+
+class _Params(_Model):
+    """The keywords of a potential's constructor (no unknown keys)."""
+
+    def kwargs(self) -> dict:
+        out = {}
+        for key in type(self).model_fields:
+            value = getattr(self, key)
+            if isinstance(value, EncodedTensor):
+                value = value.to_tensor()
+            elif isinstance(value, EncodedPotential):
+                value = value.potential.to_potential()
+            out[key] = value
+        return out
+
+
+class _NoParams(_Params):
+    pass
+
+
+class HuberParams(_Params):
+    """`Huber`: threshold ``tau > 0``."""
+
+    tau: FiniteFloat = Field(1.0, gt=0)
+
+
+class PNormParams(_Params):
+    """`PNorm`: exponent ``p > 1``."""
+
+    p: FiniteFloat = Field(2.0, gt=1)
+
+
+class ElasticNetParams(_Params):
+    """`ElasticNet`: ``l1, l2 >= 0``, not both zero."""
+
+    l1: FiniteFloat = Field(1.0, ge=0)
+    l2: FiniteFloat = Field(1.0, ge=0)
+
+
+class CrossEntropyParams(_Params):
+    """`CrossEntropy`: the activation read on the prediction end and which end predicts."""
+
+    activation: Literal["softmax", "sigmoid"] | None = "softmax"
+    prediction: Literal["u", "v"] = "u"
+
+
+class WeightedParams(_Params):
+    """`Weighted`: the weighted potential and its weights (scalar or per coordinate)."""
+
+    potential: EncodedPotential
+    weights: EncodedTensor | FiniteFloat
+
+
+_PARAMS: dict[type, type[_Params]] = {
+    _pot.Quadratic: _NoParams, _pot.L1: _NoParams, _pot.Huber: HuberParams, _pot.PNorm: PNormParams,
+    _pot.ElasticNet: ElasticNetParams, _pot.CrossEntropy: CrossEntropyParams, _pot.Weighted: WeightedParams,
+}
+
+
+def _constructor_keywords(cls: type) -> set[str] | None:
+    """Names the constructor of a user potential takes by keyword (None: it takes ``**kwargs``)."""
+    params = inspect.signature(cls.__init__).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return None
+    return {name for name, p in list(params.items())[1:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def _check_keys(cls: type, keys) -> None:
+    """Refuse keys the constructor of ``cls`` does not take, naming them (and methods posing as parameters)."""
+    allowed = _constructor_keywords(cls)
+    for key in keys:
+        if allowed is not None and key in allowed:
+            continue
+        if hasattr(cls, key):
+            raise ValueError(f"potential {cls.__name__}: {key!r} names a method or class attribute of "
+                             f"{cls.__name__}, not a parameter")
+        if allowed is not None:
+            raise ValueError(f"potential {cls.__name__}: unknown parameter {key!r} (allowed: "
+                             f"{', '.join(sorted(allowed)) or 'none'})")
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, dict) and "__tensor__" in value:
+        return EncodedTensor.model_validate(value).to_tensor()
+    if isinstance(value, dict) and "__potential__" in value:
+        return EncodedPotential.model_validate(value).potential.to_potential()
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    return value
+
+
+def _build_potential(name: str, params: dict) -> Potential:
+    """Validate ``params`` against the constructor of the potential ``name`` and call it."""
+    cls = _potential_class(name)
+    model = _PARAMS.get(cls)
+    if model is not None:
+        _check_keys(cls, params)
+        try:
+            kwargs = model.model_validate(params).kwargs()
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(p) for p in first["loc"] if "[" not in str(p))  # not pydantic's validator names
+            raise ValueError(f"potential {name}: {where + ': ' if where else ''}"
+                             f"{first['msg'].removeprefix('Value error, ')}") from None
+    else:
+        _check_keys(cls, params)
+        kwargs = {k: _decode(v) for k, v in params.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"potential {name}: {err}") from None
+
+
 def _encode(value: Any, where: str) -> Any:
     """A JSON-ready form of a potential attribute."""
     if value is None or isinstance(value, (bool, int, str)):
@@ -566,33 +747,41 @@ def _encode(value: Any, where: str) -> Any:
     raise SpecError(f"{where} holds a {type(value).__name__}, which cannot be serialised")
 
 
-def _decode(value: Any) -> Any:
-    if isinstance(value, dict) and "__tensor__" in value:
-        return _tensor(value["__tensor__"], value.get("dtype", "float64"))
-    if isinstance(value, dict) and "__potential__" in value:
-        return PotentialSpec.model_validate(value["__potential__"]).to_potential()
-    if isinstance(value, list):
-        return [_decode(v) for v in value]
-    return value
-
-
 class PotentialSpec(_Model):
-    """An edge potential: its class name and attributes."""
+    """An edge potential: its class name and its constructor's keywords, checked as the constructor checks
+    them (``Huber`` with ``tau <= 0``, unknown keys and keys naming methods are refused)."""
 
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
 
+    @model_validator(mode="after")
+    def _check(self):
+        _build_potential(self.name, self.params)
+        return self
+
     def to_potential(self) -> Potential:
-        cls = _potential_class(self.name)
-        pot = cls.__new__(cls)
-        vars(pot).update({k: _decode(v) for k, v in self.params.items()})
-        return pot
+        return _build_potential(self.name, self.params)
+
+
+EncodedPotential.model_rebuild()
+WeightedParams.model_rebuild()
 
 
 def _potential_to_spec(p: Potential, where: str) -> PotentialSpec:
-    name = type(p).__name__
+    cls = type(p)
+    name = cls.__name__
+    if _PARAMS.get(cls) is None:
+        allowed = _constructor_keywords(cls)
+        stray = sorted(set(vars(p)) - allowed) if allowed is not None else []
+        if stray:
+            raise SpecError(f"{where}: potential {name} stores attribute {stray[0]!r}, which its constructor "
+                            "does not take; a spec rebuilds potentials by calling the constructor with their "
+                            "attributes")
     params = {k: _encode(v, f"{where}: attribute {k!r} of potential {name}") for k, v in vars(p).items()}
-    return PotentialSpec(name=name, params=params)
+    try:
+        return PotentialSpec(name=name, params=params)
+    except ValidationError as err:
+        raise SpecError(f"{where}: {err.errors()[0]['msg'].removeprefix('Value error, ')}") from None
 
 
 # ---------------------------------------------------------------------------- the sheaf
@@ -602,7 +791,7 @@ class VertexSpec(_Model):
     """A vertex: its name and stalk dimension."""
 
     name: Name
-    dim: NonNegativeInt
+    dim: Dim
 
 
 class EdgeSpec(_Model):

@@ -221,3 +221,83 @@ def test_docstring_examples_run():
 
     result = doctest.testmod(sys.modules["cellsheaf.spec"], optionflags=doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted > 0
+
+
+def with_potential(potential: dict, dim=2) -> dict:
+    spec = broken(["edges", 0, "potential"], potential)
+    spec["vertices"][0]["dim"] = dim
+    return spec
+
+
+@pytest.mark.parametrize("spec, match", [
+    (with_potential({"name": "Huber", "params": {"tau": -1.0}}), "edge 'e'.*Huber: tau.*greater than 0"),
+    (with_potential({"name": "Huber", "params": {"tau": 0.5, "grad": 3}}), "edge 'e'.*'grad' names a method"),
+    (with_potential({"name": "L1", "params": {"quadratic": True}}), "edge 'e'.*'quadratic'"),
+    (with_potential({"name": "PNorm", "params": {"p": 1.0}}), "edge 'e'.*PNorm: p"),
+    (with_potential({"name": "ElasticNet", "params": {"l1": 0.0, "l2": 0.0}}), "edge 'e'.*ElasticNet.*not both zero"),
+    (with_potential({"name": "CrossEntropy", "params": {"activation": "relu"}}), "edge 'e'.*activation"),
+    (with_potential({"name": "Weighted", "params": {"potential": {"__potential__": {"name": "L1", "params": {}}},
+                                                    "weights": {"__tensor__": [1.0], "dtype": "complex64"}}}),
+     "edge 'e'.*dtype.*'float16', 'bfloat16', 'float32' or 'float64'"),
+    (with_potential({"name": "Weighted", "params": {"potential": {"__potential__": {"name": "L1", "params": {}}},
+                                                    "weights": {"__tensor__": [-1.0]}}}), "edge 'e'.*non-negative"),
+    (broken(["edges", 0, "Fu"], {"type": "linear", "shape": [1, 2], "data": [[1.0, 2.0]], "dtype": "int8"}),
+     "edge 'e'.*'float16', 'bfloat16', 'float32' or 'float64'"),
+    (with_potential(None, dim=1e9), "vertex 'a': dim.*integer"),
+    (with_potential(None, dim=2.5), "vertex 'a': dim.*integer"),
+    (with_potential(None, dim=-3), "vertex 'a': dim"),
+    (with_potential(None, dim=10 ** 9), "vertex 'a': dim.*exceeds the limit"),
+    (broken(["edges", 0, "Fu"], {"type": "identity", "dim": 10 ** 9}), "edge 'e': Fu.*exceeds the limit"),
+    (broken(["edges", 0, "Fu"], {"type": "structured", "kind": "Reduce",
+                                 "params": {"shape": [2], "dims": [0], "mean": False, "grad": 1}}),
+     "edge 'e'.*unknown params key 'grad'"),
+    (broken(["edges", 0, "Fu"], {"type": "structured", "kind": "Reduce", "params": {"shape": [2]}}),
+     "edge 'e'.*Reduce"),
+])
+def test_specs_pass_the_constructors_checks(spec, match):
+    """Potentials and maps loaded from a spec are built by their constructors, with every check they make."""
+    with pytest.raises(SpecError, match=match):
+        from_spec(spec)
+    with pytest.raises(SpecError, match=match):
+        from_spec(json.dumps(spec))
+
+
+def test_a_loaded_potential_is_constructed_not_patched():
+    spec = with_potential({"name": "L1", "params": {}})
+    U = from_spec(spec).edge("e").potential
+    assert type(U) is P.L1 and vars(U) == {} and not U.quadratic
+    spec = with_potential({"name": "Huber", "params": {"tau": 0.25}})
+    U = from_spec(json.dumps(spec)).edge("e").potential
+    assert U == P.Huber(0.25) and U.value(torch.tensor([3.0])) == 0.25 * (3.0 - 0.125)
+
+
+def test_custom_potentials_round_trip_through_their_constructor():
+    class Scaled(P.Potential):
+        def __init__(self, c: float):
+            if not c > 0:
+                raise ValueError(f"c must be positive, got {c}")
+            self.c = float(c)
+
+        def value(self, r):
+            return self.c * (r * r).sum(-1)
+
+    class Hidden(P.Potential):
+        def __init__(self):
+            self.secret = 1.0
+
+        def value(self, r):
+            return (r * r).sum(-1)
+
+    S = cs.Sheaf(); S.add_vertex("a", 1); S.add_vertex("b", 1)
+    S.add_edge("a", "b", torch.ones(1, 1, dtype=F64), torch.ones(1, 1, dtype=F64), name="e", potential=Scaled(2.0))
+    raw = S.to_spec().model_dump()
+    assert cs.Sheaf.from_spec(raw).edge("e").potential.c == 2.0
+    raw["edges"][0]["potential"]["params"]["c"] = -1.0
+    with pytest.raises(SpecError, match="edge 'e'.*c must be positive"):
+        cs.Sheaf.from_spec(raw)
+    raw["edges"][0]["potential"]["params"] = {"c": 1.0, "value": 3}
+    with pytest.raises(SpecError, match="edge 'e'.*'value' names a method"):
+        cs.Sheaf.from_spec(raw)
+    S.add_edge("a", "b", torch.ones(1, 1, dtype=F64), torch.ones(1, 1, dtype=F64), name="h", potential=Hidden())
+    with pytest.raises(SpecError, match="edge 'h'.*'secret'.*constructor"):
+        S.to_spec()
