@@ -605,11 +605,11 @@ class PinnedDiscord:
 def pinned_discord(ns, X, Y, **infer_kw) -> PinnedDiscord:
     """Per-edge discord with the output hard-pinned to the labels (Table 3).
 
-    Clamps the output of ``ns`` to ``Y`` (``(B, n_out)``), lets the rest of the
-    network settle (``ns.infer`` with ``infer_kw``; by default Newton from the
-    forward pass, which also finds the critical points on switching surfaces
-    that gradient flow only creeps towards), and returns every edge's discord
-    per input. The clamp is removed afterwards. Works for any network, trained
+    Clamps the output of ``ns`` to ``Y`` (``(B, n_out)``, or integer class
+    indices ``(B,)`` as one-hot rows), lets the rest of the network settle
+    (``ns.infer`` with ``infer_kw``; by default Newton from the forward pass,
+    which also finds the critical points on switching surfaces that gradient
+    flow only creeps towards), and returns every edge's discord per input. The clamp is removed afterwards. Works for any network, trained
     by SGD or as a sheaf.
 
     Examples
@@ -623,7 +623,13 @@ def pinned_discord(ns, X, Y, **infer_kw) -> PinnedDiscord:
     (True, True)
     """
     X = _check_inputs(ns, X)
-    Y = torch.as_tensor(Y, dtype=X.dtype).reshape(X.shape[0], -1)
+    Y = torch.as_tensor(Y)
+    if Y.dim() == 1 and not Y.is_floating_point() and ns.n_out > 1:  # class indices, as the losses take them
+        if bool(((Y < 0) | (Y >= ns.n_out)).any()):
+            raise ValueError(f"class labels must lie in 0..{ns.n_out - 1} for the output {ns.output!r}; got "
+                             f"{int(Y[(Y < 0) | (Y >= ns.n_out)][0])}")
+        Y = torch.nn.functional.one_hot(Y.long(), ns.n_out)
+    Y = Y.to(X.dtype).reshape(X.shape[0], -1)
     if Y.shape[1] != ns.n_out:
         raise ValueError(f"labels must have shape (B, {ns.n_out}) for the output {ns.output!r}; got {tuple(Y.shape)}")
     pin = ns.clamp(ns.output, Y)

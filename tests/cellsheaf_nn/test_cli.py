@@ -252,3 +252,275 @@ def test_threads_option_and_bad_mode_exit_code(tmp_path, capsys):
     before = torch.get_num_threads()
     code, _, err = in_process(capsys, "compile", str(tmp_path / "nothing.json"), "--threads", "0")
     assert code == 2 and "--threads" in err and torch.get_num_threads() == before
+
+
+# ---------------------------------------------------------------------------- your own model on your own data
+
+
+def _blob_data(n: int = 24, seed: int = 0):
+    """Three separable classes in 2-d: inputs (n, 2) and class indices (n,)."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 3
+    centres = torch.tensor([[-2.0, 0.0], [2.0, 0.0], [0.0, 2.5]], dtype=F64)
+    return centres[y] + 0.3 * torch.randn(n, 2, dtype=F64, generator=g), y
+
+
+def test_train_own_model_on_npz_and_csv(tmp_path, capsys):
+    X, y = _blob_data()
+    np.savez(tmp_path / "train.npz", X=X.numpy(), y=y.numpy())
+    cli.save_model(tmp_path / "net.pt", cli.ArchitectureSpec(sizes=[2, 8, 3], output="softmax"),
+                   csnn.mlp([2, 8, 3], output="softmax", seed=1))
+    code, out, err = in_process(capsys, "train", "--model", str(tmp_path / "net.pt"), "--data",
+                                str(tmp_path / "train.npz"), "--steps", "30", "--out", str(tmp_path / "o"))
+    assert code == 0, err
+    line = out.splitlines()[0]
+    assert line.startswith("sheaf training (nudged) on train.npz [2, 8, 3]: 30 steps")  # nudged is the default
+    assert "train accuracy" in line
+    hist = json.loads((tmp_path / "o" / "history.json").read_text())
+    assert len(hist["train_acc"]) == len(hist["step"]) and hist["train_loss"][-1] < hist["train_loss"][0]
+    assert float(line.split("train accuracy ")[1].split(" -> ")[1][:5]) == pytest.approx(hist["train_acc"][-1],
+                                                                                           abs=1e-3)
+    trained = cli.load_model(tmp_path / "o" / "model.pt")
+    acc = float((trained(X).argmax(1) == y).double().mean())
+    assert acc == pytest.approx(hist["train_acc"][-1])
+    # the same data as csv with a named label column, by SGD: the same accuracy definition
+    header = "a,label,b"
+    rows = np.column_stack([X[:, 0].numpy(), y.numpy(), X[:, 1].numpy()])
+    np.savetxt(tmp_path / "train.csv", rows, delimiter=",", header=header, comments="")
+    code, out, err = in_process(capsys, "train", "--model", str(tmp_path / "net.pt"), "--data",
+                                str(tmp_path / "train.csv"), "--label", "label", "--method", "sgd", "--steps", "5",
+                                "--out", str(tmp_path / "c"))
+    assert code == 0, err
+    assert out.startswith("sgd training on train.csv [2, 8, 3]: 5 steps") and "train accuracy" in out
+
+
+def test_train_x_y_files_regression_with_config_and_validation(tmp_path, capsys):
+    g = torch.Generator().manual_seed(2)
+    X = torch.rand(20, 3, dtype=F64, generator=g)
+    Y = X.sum(1)
+    np.save(tmp_path / "X.npy", X.numpy())
+    np.save(tmp_path / "y.npy", Y.numpy())  # 1-d targets: one column
+    torch.save({"X": X[:6], "y": Y[:6, None]}, tmp_path / "val.pt")
+    (tmp_path / "cfg.json").write_text(json.dumps({
+        "model": {"sizes": [3, 4, 1]}, "data": {"x": "X.npy", "y": "y.npy"}, "val_data": "val.pt",
+        "steps": 10, "options": {"mode": "joint", "dt": 0.02, "loss": "mse"}}))
+    code, out, err = in_process(capsys, "train", str(tmp_path / "cfg.json"), "--out", str(tmp_path / "o"))
+    assert code == 0, err
+    assert out.startswith("sheaf training (joint) on X.npy [3, 4, 1]: 10 steps") and "test loss" in out
+    assert "accuracy" not in out  # regression
+    hist = json.loads((tmp_path / "o" / "history.json").read_text())
+    assert len(hist["val_loss"]) == len(hist["step"]) and not hist["train_acc"]
+
+
+NET_MODULE = '''
+import torch
+import cellsheaf_nn as csnn
+
+
+class Cube(torch.nn.Module):
+    """An operation with no built-in compiler: registered below."""
+
+    def forward(self, x):
+        return x ** 3
+
+
+@csnn.register(Cube, override=True)
+def compile_cube(b, module, x):
+    import cellsheaf as cs
+    return b.activation(x, cs.maps.Function(lambda v: v ** 3, x.dim, x.dim))
+
+
+class Net(torch.nn.Module):
+    def __init__(self, width=4, n_in=2):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = torch.nn.Linear(n_in, width), torch.nn.Tanh(), torch.nn.Linear(width, 1)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class CubeNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.cube = torch.nn.Linear(2, 2), Cube()
+
+    def forward(self, x):
+        return self.cube(self.fc(x))
+'''
+
+
+def test_train_a_class_from_a_py_file_and_reload_only_with_import(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    name = "cli_user_net_a"
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    (tmp_path / f"{name}.py").write_text(NET_MODULE)
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(16, 2, dtype=F64, generator=g)
+    np.savetxt(tmp_path / "d.csv", np.column_stack([X.numpy(), X.sum(1).numpy()]), delimiter=",")
+    (tmp_path / "cfg.json").write_text(json.dumps({"model": {"class": f"{name}.py:Net", "kwargs": {"width": 3}},
+                                                   "data": "d.csv", "steps": 5, "method": "sgd"}))
+    code, out, err = in_process(capsys, "train", str(tmp_path / "cfg.json"), "--out", str(tmp_path / "o"))
+    assert code == 0, err
+    assert "sgd training on d.csv Net: 5 steps" in out
+    saved = torch.load(tmp_path / "o" / "model.pt", weights_only=True)
+    assert saved["architecture"]["class"] == f"{name}:Net" and saved["architecture"]["kwargs"] == {"width": 3}
+    model = cli.load_model(tmp_path / "o" / "model.pt")  # its module is imported (by the config) in this process
+    assert type(model).__name__ == "Net" and model.fc1.weight.shape == (3, 2)
+    # in a fresh process the module is not imported: a model file never imports code by itself
+    monkeypatch.delitem(sys.modules, name)
+    msg = _user_error(capsys, "compile", str(tmp_path / "o" / "model.pt"))
+    assert f"needs class Net from module '{name}', which is not imported" in msg
+    code, out, err = in_process(capsys, "compile", str(tmp_path / "o" / "model.pt"), "--import",
+                                str(tmp_path / f"{name}.py"))
+    assert code == 0, err
+
+
+def test_import_registers_custom_ops_on_every_subcommand(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    name = "cli_user_ops_b"
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    (tmp_path / f"{name}.py").write_text(NET_MODULE)
+    msg = _user_error(capsys, "compile", f"{name}:CubeNet")  # not on the path: not importable by name
+    assert f"cannot import module '{name}'" in msg
+    code, out, err = in_process(capsys, "compile", f"{name}:CubeNet", "--import", str(tmp_path / f"{name}.py"))
+    assert code == 0, err
+    assert "3 vertices" in out
+    np.savetxt(tmp_path / "x.csv", np.array([[0.5, -1.0], [2.0, 0.25]]), delimiter=",")
+    code, out, err = in_process(capsys, "infer", f"{name}:CubeNet", str(tmp_path / "x.csv"), "--import",
+                                str(tmp_path / f"{name}.py"))
+    assert code == 0, err
+    module = sys.modules[name]
+    model = module.CubeNet().double()  # built with no arguments: the default initialisation of torch
+    assert np.loadtxt(out.splitlines(), delimiter=",", ndmin=2).shape == (2, 2)
+    assert isinstance(model.cube, module.Cube)
+    for cmd in (["compile", "m.json"], ["infer", "m.json", "x.csv"], ["diagnose", "m.json", "x.csv"],
+                ["train", "--steps", "1"], ["demo", "--quick"]):
+        msg = _user_error(capsys, *cmd, "--import", "no_such_module_xyz.ops")
+        assert "cannot import module 'no_such_module_xyz.ops': no module named 'no_such_module_xyz'" in msg
+    (tmp_path / "broken_mod_c.py").write_text("raise RuntimeError('boom')\n")
+    msg = _user_error(capsys, "compile", "m.json", "--import", str(tmp_path / "broken_mod_c.py"))
+    assert "importing" in msg and "broken_mod_c.py failed: RuntimeError: boom" in msg
+    assert "broken_mod_c" not in sys.modules
+
+
+class ScriptNet(torch.nn.Module):
+    """Stands for a class defined in the user's script (module ``__main__``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(2, 1)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_pickled_model_of_a_script_class_gets_the_right_hint(tmp_path, capsys, monkeypatch):
+    main_module = sys.modules["__main__"]
+    monkeypatch.setattr(ScriptNet, "__module__", "__main__")
+    monkeypatch.setattr(main_module, "ScriptNet", ScriptNet, raising=False)
+    torch.save(ScriptNet(), tmp_path / "script.pt")
+    monkeypatch.delattr(main_module, "ScriptNet")
+    msg = _user_error(capsys, "compile", str(tmp_path / "script.pt"), "--trust-pickle")
+    assert "was pickled from class ScriptNet defined in the script that saved it (module __main__)" in msg
+    _, _, err = in_process(capsys, "compile", str(tmp_path / "script.pt"), "--trust-pickle")
+    assert "move the class into a module file" in err and "--import" in err
+
+
+def test_every_user_mistake_in_train_exits_2(tmp_path, capsys):
+    X, y = _blob_data(12)
+    np.savez(tmp_path / "d.npz", X=X.numpy(), y=y.numpy())
+    np.savez(tmp_path / "keys.npz", inputs_wrong=X.numpy())
+    np.save(tmp_path / "one.npy", X.numpy())
+    (tmp_path / "bad.csv").write_text("a,b,label\n1,2,x\n")
+    (tmp_path / "ok.csv").write_text("a,b,label\n1,2,0\n")
+    np.savez(tmp_path / "wide.npz", X=np.ones((12, 5)), y=y.numpy())
+    np.savez(tmp_path / "short.npz", X=X.numpy(), y=y.numpy()[:5])
+    np.savez(tmp_path / "range.npz", X=X.numpy(), y=(y.numpy() + 3))
+    spec = tmp_path / "net.json"
+    spec.write_text(json.dumps({"sizes": [2, 4, 3], "output": "softmax"}))
+    base = ["train", "--model", str(spec), "--steps", "2", "--out", str(tmp_path / "o")]
+    d = str(tmp_path / "d.npz")
+    cases = {
+        "--mode": (["--data", d, "--mode", "backprop"], None),  # argparse: exit 2
+        "unknown loss": (["--data", d, "--loss", "hinge"], "unknown loss 'hinge'"),
+        "loss fit": (["--data", d, "--loss", "bce"], "does not fit the model"),
+        "missing": (["--data", str(tmp_path / "nope.npz")], "not found"),
+        "keys": (["--data", str(tmp_path / "keys.npz")], "expected X and y"),
+        "one array": (["--data", str(tmp_path / "one.npy")], "holds a single array"),
+        "non-numeric": (["--data", str(tmp_path / "bad.csv")], "non-numeric entry"),
+        "width": (["--data", str(tmp_path / "wide.npz")], "cannot run on the training inputs (5 columns)"),
+        "rows": (["--data", str(tmp_path / "short.npz")], "12 inputs but 5 targets"),
+        "range": (["--data", str(tmp_path / "range.npz")], "is not one of 0..2"),
+        "label": (["--data", str(tmp_path / "ok.csv"), "--label", "species"], "no column named 'species'"),
+        "x only": (["--x", str(tmp_path / "one.npy")], "give both x and y"),
+        "steps": (["--data", d, "--steps", "0"], "steps: Input should be greater than 0"),
+        "sgd mode": (["--data", d, "--method", "sgd", "--mode", "joint"], "--mode joint applies to method sheaf"),
+    }
+    torch.save(csnn.mlp([2, 3, 3]), tmp_path / "pickled.pt")
+    for label, (extra, expected) in cases.items():
+        if expected is None:
+            with pytest.raises(SystemExit) as exc:
+                cli.main(base + extra)
+            assert exc.value.code == 2, label
+            capsys.readouterr()
+            continue
+        msg = _user_error(capsys, *base, *extra)
+        assert expected in msg, (label, msg)
+    assert "is a pickled Python object" in _user_error(capsys, "train", "--model", str(tmp_path / "pickled.pt"),
+                                                        "--data", d, "--out", str(tmp_path / "o"))
+    assert "no model to train" in _user_error(capsys, "train", "--data", d, "--out", str(tmp_path / "o"))
+    (tmp_path / "both.json").write_text(json.dumps({"task": "blobs", "data": "d.npz"}))
+    assert "give either task ('blobs') or data" in _user_error(capsys, "train", str(tmp_path / "both.json"))
+    (tmp_path / "div.json").write_text(json.dumps({"task": "paraboloid", "n_train": 20, "steps": 30,
+                                                   "model": {"sizes": [2, 3, 1]},
+                                                   "options": {"mode": "joint", "dt": 1e6}}))
+    assert "training diverged" in _user_error(capsys, "train", str(tmp_path / "div.json"), "--out",
+                                              str(tmp_path / "o"))
+
+
+def test_loss_in_options_works_or_names_the_duplicate(tmp_path, capsys):
+    cfg = {"task": "circular", "n_train": 30, "steps": 3, "model": {"sizes": [2, 4, 1], "output": "sigmoid"}}
+    (tmp_path / "ok.json").write_text(json.dumps({**cfg, "options": {"loss": "bce", "lr": 0.05}}))
+    code, out, err = in_process(capsys, "train", str(tmp_path / "ok.json"), "--out", str(tmp_path / "o"))
+    assert code == 0, err
+    assert "train accuracy" in out and "test accuracy" in out
+    (tmp_path / "same.json").write_text(json.dumps({**cfg, "loss": "bce", "options": {"loss": "bce"}}))
+    code, _, err = in_process(capsys, "train", str(tmp_path / "same.json"), "--out", str(tmp_path / "o"))
+    assert code == 0, err
+    (tmp_path / "dup.json").write_text(json.dumps({**cfg, "loss": "bce", "options": {"loss": "mse"}}))
+    msg = _user_error(capsys, "train", str(tmp_path / "dup.json"), "--out", str(tmp_path / "o"))
+    assert "loss is given twice: loss='bce' and options.loss='mse'" in msg
+    (tmp_path / "prog.json").write_text(json.dumps({**cfg, "options": {"progress": True}}))
+    msg = _user_error(capsys, "train", str(tmp_path / "prog.json"), "--out", str(tmp_path / "o"))
+    assert "options.progress is set by the command" in msg
+
+
+def test_progress_bar_shows_the_loss_and_stays(tmp_path, capsys):
+    cfg = cli.TrainConfig(task="paraboloid", n_train=20, steps=4, model={"sizes": [2, 3, 1]})
+    cli.train_from_config(cfg, tmp_path, progress=True)
+    err = capsys.readouterr().err
+    last = err.rstrip("\n").split("\r")[-1]  # what is left on the line when the bar closes
+    assert "100%" in last and "4/4" in last and "loss=" in last  # leave=True: not erased
+
+
+def test_diagnose_labels_as_class_indices(tmp_path, capsys):
+    X, y = _blob_data(9)
+    model = csnn.mlp([2, 5, 3], output="softmax", seed=0)
+    cli.save_model(tmp_path / "net.pt", cli.ArchitectureSpec(sizes=[2, 5, 3], output="softmax"), model)
+    np.savetxt(tmp_path / "x.csv", X.numpy(), delimiter=",")
+    np.savetxt(tmp_path / "idx.csv", y.numpy(), delimiter=",")
+    np.savetxt(tmp_path / "onehot.csv", torch.nn.functional.one_hot(y, 3).numpy(), delimiter=",")
+    tables = []
+    for labels in ("idx.csv", "onehot.csv"):
+        code, _, err = in_process(capsys, "diagnose", str(tmp_path / "net.pt"), str(tmp_path / "x.csv"),
+                                  "--labels", str(tmp_path / labels), "--out", str(tmp_path / labels[:-4]))
+        assert code == 0, err
+        tables.append(json.loads((tmp_path / labels[:-4] / "pinned_discord.json").read_text()))
+    assert tables[0] == tables[1]
+    ns = csnn.compile(model)
+    direct = csnn.diagnostics.pinned_discord(ns, X, y).table()  # the Python API takes class indices too
+    assert direct["total"][0] == pytest.approx(tables[0]["total"][0], rel=1e-12)
+    np.savetxt(tmp_path / "bad.csv", np.array([0.5, 1, 2, 0, 1, 2, 0, 1, 2]), delimiter=",")
+    msg = _user_error(capsys, "diagnose", str(tmp_path / "net.pt"), str(tmp_path / "x.csv"), "--labels",
+                      str(tmp_path / "bad.csv"), "--out", str(tmp_path / "d"))
+    assert "0.5 is not one of 0..2" in msg
