@@ -129,7 +129,7 @@ class _Group:
             return self._vals[key]
         Mu = torch.stack([e.Fu.matrix() for e in self.source]).to(dtype=dtype, device=device)
         Mv = torch.stack([e.Fv.matrix() for e in self.source]).to(dtype=dtype, device=device)
-        if not (torch.is_grad_enabled() and self.requires_grad):
+        if not self.requires_grad:  # (a copy made under no_grad must not serve a later call that tracks grad)
             self._vals[key] = (Mu, Mv)
         return Mu, Mv
 
@@ -417,7 +417,8 @@ def edge_weights(S, dtype=None, device=None) -> Tensor:
                                                                                                  device=device))
     w = torch.cat(parts) if parts else torch.zeros(0, dtype=dtype, device=device)
     out = torch.repeat_interleave(w, dims.to(w.device))
-    if not (torch.is_grad_enabled() and out.requires_grad):
+    if not any(isinstance(seg, EdgeStack) and seg.weights is not None and seg.weights.requires_grad
+               for seg in S._segments):  # a copy made under no_grad must not serve a call that tracks grad
         S._cache[key] = out
     return out
 

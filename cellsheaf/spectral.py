@@ -4,17 +4,22 @@ Every function works on the weighted Laplacian ``L = δᵀWδ`` or, given a
 ``boundary``, on the block ``L[Ω,Ω]`` of the free coordinates (the operator of
 the heat equation with stubborn coordinates); ``at`` linearises a nonlinear
 sheaf at a point; ``normalized=True`` uses ``D^{-1/2} L D^{-1/2}``
-(`cellsheaf.operators.laplacian`). Computations run in float64 on the
-assembled scipy matrix; results come back in the sheaf's dtype.
+(`cellsheaf.operators.laplacian`). Computations run in float64; results come
+back in the sheaf's dtype, on its device.
 
-Routes (``method``): ``"dense"`` (LAPACK ``eigh``), ``"sparse"`` (smallest
-eigenvalues: Lanczos (ARPACK) without any factorisation for operators above 4000
-rows, with repeated eigenvalues checked by deflation; block inverse iteration on
-one sparse LU of ``L + sI`` for smaller ones or when Lanczos does not converge;
-largest: ARPACK Lanczos), ``"auto"``: dense up to `DENSE_LIMIT` coordinates.
-`eigenpairs` results carry ``.info`` (route, operator applications, residual)
-and are differentiable with respect to the maps where the eigenvalues are
-simple (positional encodings for sheaf neural networks).
+Routes (``method``): ``"lobpcg"`` (torch, matrix-free, on the sheaf's device:
+block LOBPCG on `cellsheaf.operators.apply_laplacian`, `cellsheaf.lobpcg`),
+``"dense"`` (LAPACK ``eigh`` of the assembled scipy matrix), ``"sparse"``
+(scipy; smallest eigenvalues: Lanczos (ARPACK) without any factorisation for
+operators above 4000 rows, with repeated eigenvalues checked by deflation; block
+inverse iteration on one sparse LU of ``L + sI`` for smaller ones or when Lanczos
+does not converge; largest: ARPACK Lanczos). ``"auto"``: on the CPU dense up to
+`DENSE_LIMIT` coordinates and scipy's sparse routes above; on any other device
+``"lobpcg"``, so that nothing leaves the device (the scipy routes copy the
+operator to the CPU, and say so once). `eigenpairs` results carry ``.info``
+(route, iterations, residual) and are differentiable with respect to the maps
+where the eigenvalues are simple (positional encodings for sheaf neural
+networks); the backward pass is pure torch on every route.
 
 Examples
 --------
@@ -33,6 +38,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import warnings
+
 import numpy as np
 import scipy.linalg as sla
 import scipy.sparse as sp
@@ -41,6 +48,7 @@ import torch
 from torch import Tensor
 
 from .cochain import as_flat
+from .lobpcg import deflated_solve, lobpcg
 from .operators import apply_laplacian, fixed_indices, laplacian
 from .results import SolveInfo
 
@@ -65,8 +73,10 @@ class Eigenpairs(_Pairs):
     ``n`` is ``C0``, or the number of free coordinates when a boundary was
     given (in the order of ``boundary.resolve(S).free``). It unpacks as
     ``values, vectors``; ``.info`` (a `SolveInfo`) says which route ran, how many
-    operator applications it took (``iterations``) and the largest residual
-    ``‖A v − λ v‖`` relative to ``‖A‖`` (``residual``).
+    iterations it took (``iterations``: block iterations of LOBPCG, operator
+    applications of Lanczos, 0 for a dense solve) and the largest residual
+    ``‖A v − λ v‖`` relative to ``‖A‖`` (``residual``); ``info.extra`` holds
+    ``"applications"`` (columns the operator was applied to) on the LOBPCG route.
     """
 
     info: SolveInfo | None
@@ -80,9 +90,18 @@ class Eigenpairs(_Pairs):
 # ---------------------------------------------------------------------------- helpers
 
 
+_CPU_NOTICE: set = set()
+
+
 def _operator(S, boundary, at, normalized: bool) -> sp.csr_matrix:
-    """``L`` or ``L[Ω,Ω]`` as a float64 scipy CSR matrix."""
-    L = laplacian(S, at=at, normalized=normalized, format="scipy")
+    """``L`` or ``L[Ω,Ω]`` as a float64 scipy CSR matrix (built without autograd: nothing here is
+    differentiated through scipy; `eigenpairs` attaches its gradients in torch)."""
+    if S.device.type != "cpu" and S.device.type not in _CPU_NOTICE:
+        _CPU_NOTICE.add(S.device.type)
+        warnings.warn(f"cellsheaf.spectral: this route assembles the operator with scipy on the CPU (the sheaf "
+                      f"is on {S.device}); eigenpairs(method='lobpcg') stays on the device", stacklevel=3)
+    with torch.no_grad():
+        L = laplacian(S, at=at, normalized=normalized, format="scipy")
     if boundary is None:
         return L
     fixed = fixed_indices(S, boundary).cpu().numpy()
@@ -90,10 +109,12 @@ def _operator(S, boundary, at, normalized: bool) -> sp.csr_matrix:
     return L[free][:, free].tocsr()
 
 
-def _route(n: int, method: str) -> str:
-    if method not in ("auto", "dense", "sparse"):
-        raise ValueError(f"method must be 'auto', 'dense' or 'sparse', got {method!r}")
+def _route(n: int, method: str, device: torch.device | None = None) -> str:
+    if method not in ("auto", "dense", "sparse", "lobpcg"):
+        raise ValueError(f"method must be 'auto', 'dense', 'sparse' or 'lobpcg', got {method!r}")
     if method == "auto":
+        if device is not None and device.type != "cpu":
+            return "lobpcg"
         return "dense" if n <= DENSE_LIMIT else "sparse"
     return method
 
@@ -182,7 +203,7 @@ def _largest(A: sp.spmatrix, k: int, tol: float = 0.0) -> tuple[np.ndarray, np.n
 
 
 def _out(a: np.ndarray, S) -> Tensor:
-    return torch.from_numpy(np.array(a, dtype=np.float64, order="C")).to(S.dtype)
+    return torch.from_numpy(np.array(a, dtype=np.float64, order="C")).to(dtype=S.dtype, device=S.device)
 
 
 # ---------------------------------------------------------------------------- public API
@@ -205,20 +226,28 @@ def eigenpairs(S, k: int, which: str = "smallest", boundary=None, at=None, norma
         Linearisation point (needed for nonlinear maps).
     normalized : bool or "augmented"
         Use ``D^{-1/2} L D^{-1/2}`` (``True``) or ``(D + I)^{-1/2} L (D + I)^{-1/2}`` (``"augmented"``).
-    method : {"auto", "dense", "sparse"}
-        ``"sparse"`` (``"auto"`` above `DENSE_LIMIT`) finds the smallest eigenpairs by Lanczos
-        (ARPACK, no factorisation; repeated eigenvalues verified by deflation), and falls back
-        to block inverse iteration on a sparse LU when Lanczos does not converge.
+    method : {"auto", "dense", "sparse", "lobpcg"}
+        ``"lobpcg"``: block LOBPCG in torch on the matrix-free operator, on the sheaf's device
+        (``"auto"`` off the CPU). ``"sparse"`` (``"auto"`` on the CPU above `DENSE_LIMIT`) finds
+        the smallest eigenpairs by Lanczos (ARPACK, no factorisation; repeated eigenvalues
+        verified by deflation), and falls back to block inverse iteration on a sparse LU when
+        Lanczos does not converge. ``"dense"``: LAPACK.
     differentiable : bool, optional
-        Attach gradients with respect to the maps (default: when grad mode is on and a map
-        requires grad): eigenvalues by ``dλ = vᵀ dA v``, eigenvectors by their first-order
-        response ``dv = −(A − λ)⁺ dA v`` (one MINRES solve per vector in the backward pass).
-        Valid where the eigenvalues are simple; ``at`` (nonlinear maps) is not supported.
+        Attach gradients with respect to the maps and weights (default: when grad mode is on
+        and a map requires grad): eigenvalues by ``dλ = vᵀ dA v``, eigenvectors by their
+        first-order response ``dv = −(A − λ)⁺ dA v``, applied in the backward pass in torch on
+        the sheaf's device (the other computed eigenvectors in closed form, the rest by
+        conjugate gradients on the complement of their span, where ``A − λ`` is definite).
+        Eigenvalues always have gradients; an eigenvector has one only where its eigenvalue is
+        simple: the backward pass raises ``ValueError`` naming the eigenvalues and their gap
+        when a gradient reaches a vector of a repeated eigenvalue. ``at`` (nonlinear maps) is
+        not supported: with ``at`` and maps that require grad the result is detached, with a
+        warning.
 
     Returns
     -------
     Eigenpairs
-        ``(values (k,), vectors (n, k))`` and ``.info`` (route, operator applications, residual).
+        ``(values (k,), vectors (n, k))`` and ``.info`` (route, iterations, residual).
         A route that does not converge raises ``RuntimeError``.
 
     Examples
@@ -232,18 +261,56 @@ def eigenpairs(S, k: int, which: str = "smallest", boundary=None, at=None, norma
     """
     if which not in ("smallest", "largest"):
         raise ValueError(f"which must be 'smallest' or 'largest', got {which!r}")
-    A = _operator(S, boundary, at, normalized)
-    n = A.shape[0]
+    free = _free(S, boundary)
+    n = S.C0 if free is None else int(free.numel())
     if isinstance(k, bool) or int(k) != k or not 1 <= k <= n:
         raise ValueError(f"k must be an integer in [1, {n}] (the operator is {n}x{n}), got {k!r}")
     k = int(k)
-    route = _route(n, method)
-    matvecs = 0
+    wants_grad = torch.is_grad_enabled() and S.requires_grad
+    if differentiable is None:
+        differentiable = wants_grad and at is None
+        if wants_grad and at is not None:
+            warnings.warn("eigenpairs(at=...) is detached from the maps that require grad: gradients need a linear "
+                          "sheaf (linearize it first, S.linearize(x))", stacklevel=2)
+    elif differentiable and at is not None:
+        raise ValueError("differentiable eigenpairs need a linear sheaf: linearize it first (S.linearize(x))")
+    route = _route(n, method, S.device)
+    if route == "lobpcg":
+        values, vectors, info, nxt = _lobpcg_route(S, boundary, at, normalized, k, which)
+    else:
+        values, vectors, info, nxt = _scipy_route(S, boundary, at, normalized, k, which, route)
+    if differentiable:
+        values, vectors = _attach_gradients(S, boundary, normalized, values, vectors, which, nxt)
+    return Eigenpairs(values, vectors, info)
+
+
+def _lobpcg_route(S, boundary, at, normalized, k: int, which: str):
+    """The pure-torch route: LOBPCG in float64 on the matrix-free operator, on the sheaf's device."""
+    with torch.no_grad():
+        n = S.C0 if boundary is None else int(_free(S, boundary).numel())
+        out = lobpcg(lambda X: _apply(S, boundary, normalized, X, at), n, k, dtype=torch.float64,
+                     device=S.device, largest=which == "largest")
+    if not out.converged:
+        raise RuntimeError(f"LOBPCG: the {k} {which} eigenpairs of the {n}x{n} operator did not converge in "
+                           f"{out.iterations} iterations (relative residual {out.residual:.2e}); try "
+                           "method='sparse' (scipy, on the CPU) or method='dense' if it fits in memory")
+    info = SolveInfo("lobpcg", True, out.iterations, out.residual, extra={"applications": out.applications})
+    return out.values.to(S.dtype), out.vectors.to(S.dtype), info, out.next_value
+
+
+def _scipy_route(S, boundary, at, normalized, k: int, which: str, route: str):
+    """The scipy routes (dense LAPACK, Lanczos, sparse LU), on the CPU in float64."""
+    A = _operator(S, boundary, at, normalized)
+    n = A.shape[0]
+    matvecs, nxt = 0, None
     if route == "dense":
-        lo, hi = (0, k - 1) if which == "smallest" else (n - k, n - 1)
+        extra = int(k < n)  # one more eigenvalue: the gap beyond the last one returned
+        lo, hi = (0, k - 1 + extra) if which == "smallest" else (n - k - extra, n - 1)
         lam, V = sla.eigh(A.toarray(), subset_by_index=[lo, hi])
         if which == "largest":
             lam, V = lam[::-1], V[:, ::-1]
+        nxt = float(lam[k]) if extra else None
+        lam, V = lam[:k], V[:, :k]
     elif which == "largest":
         lam, V = _largest(A, k)
     else:
@@ -256,35 +323,45 @@ def eigenpairs(S, k: int, which: str = "smallest", boundary=None, at=None, norma
             route = "inverse iteration"
     bound = float(abs(A).sum(axis=1).max()) or 1.0
     res = float(np.linalg.norm(A @ V - V * lam, axis=0).max() / bound) if k else 0.0
-    info = SolveInfo(route, True, matvecs, res)
-    values, vectors = _out(lam, S), _out(V, S)
-    if differentiable is None:
-        differentiable = torch.is_grad_enabled() and at is None and _needs_grad(S)
-    if differentiable:
-        if at is not None:
-            raise ValueError("differentiable eigenpairs need a linear sheaf: linearize it first (S.linearize(x))")
-        values, vectors = _attach_gradients(S, boundary, normalized, values, vectors)
-    return Eigenpairs(values, vectors, info)
+    return _out(lam, S), _out(V, S), SolveInfo(route, True, matvecs, res), nxt
 
 
-def _needs_grad(S) -> bool:
-    return S.requires_grad
+def _free(S, boundary) -> Tensor | None:
+    """Flat indices of the free coordinates (``None`` without a boundary), on the sheaf's device."""
+    if boundary is None:
+        return None
+    fixed = fixed_indices(S, boundary).to(S.device)
+    mask = torch.ones(S.C0, dtype=torch.bool, device=S.device)
+    mask[fixed] = False
+    return mask.nonzero().squeeze(1)
 
 
 def _embed(S, boundary, X: Tensor) -> tuple[Tensor, Tensor | None]:
     """``(n, k)`` columns on the free coordinates as ``(k, C0)`` cochains (zero on the fixed ones)."""
-    if boundary is None:
+    free = _free(S, boundary)
+    if free is None:
         return X.T, None
-    fixed = fixed_indices(S, boundary).cpu().numpy()
-    free = torch.as_tensor(np.setdiff1d(np.arange(S.C0), fixed), device=X.device)
+    free = free.to(X.device)
     return X.new_zeros(X.shape[1], S.C0).index_copy(1, free, X.T), free
 
 
-def _apply(S, boundary, normalized, X: Tensor) -> Tensor:
+def _apply(S, boundary, normalized, X: Tensor, at=None) -> Tensor:
     """``A X`` for ``X (n, k)`` through the differentiable matrix-free Laplacian (``A = L`` or ``L[Ω,Ω]``)."""
     Y, free = _embed(S, boundary, X)
-    out = apply_laplacian(S, Y, normalized=normalized)
+    out = apply_laplacian(S, Y, at=at, normalized=normalized)
     return (out if free is None else out[:, free]).T
+
+
+def _degenerate(lam: Tensor, nxt: float | None) -> list[tuple[int, int, float]]:
+    """Pairs ``(i, j, gap)`` of numerically equal eigenvalues (``j = k`` for the first value not returned)."""
+    vals = lam.detach().double().cpu().tolist()
+    scale = max([abs(v) for v in vals] + [abs(nxt) if nxt is not None and nxt == nxt else 0.0, 1.0])
+    tol = 1e-8 * scale
+    out = [(i, j, abs(vals[i] - vals[j])) for i in range(len(vals)) for j in range(i + 1, len(vals))
+           if abs(vals[i] - vals[j]) <= tol]
+    if nxt is not None and nxt == nxt and abs(vals[-1] - nxt) <= tol:
+        out.append((len(vals) - 1, len(vals), abs(vals[-1] - nxt)))
+    return out
 
 
 class _EigenvectorResponse(torch.autograd.Function):
@@ -292,38 +369,58 @@ class _EigenvectorResponse(torch.autograd.Function):
 
     With ``r_i = A(θ) v_i`` (``v_i`` held fixed) as input, ``v_i + response(r)`` has the first-order
     variation ``dv_i = −(A − λ_i)⁺ P_i dA v_i`` of a simple eigenvector (``P_i = I − v_i v_iᵀ``).
-    The pseudo-inverse is applied by MINRES on the symmetric, singular but consistent system.
+    Within the computed eigenvectors the pseudo-inverse is diagonal (``1/(λ_j − λ_i)``); on the
+    complement of their span ``A − λ_i`` is definite and `deflated_solve` applies its inverse by CG.
+    All in torch, on the device of the vectors.
     """
 
     @staticmethod
-    def forward(ctx, R: Tensor, V: Tensor, lam: Tensor, op) -> Tensor:
+    def forward(ctx, R: Tensor, V: Tensor, lam: Tensor, apply, degenerate, largest: bool) -> Tensor:
         ctx.save_for_backward(V, lam)
-        ctx.op = op
+        ctx.operator, ctx.degenerate, ctx.largest = apply, degenerate, largest
         return torch.zeros_like(R)
 
     @staticmethod
     def backward(ctx, G: Tensor):
         V, lam = ctx.saved_tensors
-        Vn, Gn = V.detach().double().cpu().numpy(), G.detach().double().cpu().numpy()
-        n = Vn.shape[0]
-        out = np.zeros_like(Gn)
-        for i in range(Vn.shape[1]):
-            v = Vn[:, i]
-            shifted = spla.LinearOperator((n, n), matvec=lambda x, li=float(lam[i]): ctx.op @ x - li * x,
-                                          dtype=np.float64)
-            g = Gn[:, i] - v * (v @ Gn[:, i])
-            y = spla.minres(shifted, g, rtol=1e-12, maxiter=20 * n)[0]
-            out[:, i] = -(y - v * (v @ y))
-        return torch.as_tensor(out).to(G), None, None, None
+        V64, lam64, G64 = V.double(), lam.double(), G.double()
+        k = V.shape[1]
+        if ctx.degenerate:
+            reached = (G64.abs().sum(0) > 0).tolist()
+            bad = [(i, j, gap) for i, j, gap in ctx.degenerate if reached[i] or (j < k and reached[j])]
+            if bad:
+                i, j, gap = bad[0]
+                other = f"eigenvalue {j}" if j < k else f"the next eigenvalue (number {j}, not returned)"
+                raise ValueError(f"eigenpairs: eigenvalue {i} and {other} are repeated (gap {gap:.3g}): their "
+                                 "eigenvectors are not unique and have no gradient; differentiate only functions "
+                                 "of the eigenvalues or of the whole eigenspace, or ask for a k that does not split "
+                                 "the repeated eigenvalue")
+        C = V64.T @ G64  # (k, k): component of g_i along v_j
+        diff = lam64[:, None] - lam64[None, :]  # λ_j − λ_i at (j, i)
+        off = ~torch.eye(k, dtype=torch.bool, device=V.device)
+        coef = torch.where(off & (diff != 0), C / torch.where(diff != 0, diff, torch.ones_like(diff)),
+                           torch.zeros_like(C))
+        inside = V64 @ coef
+        outside, iters, rel = deflated_solve(ctx.operator, V64, lam64, G64, largest=ctx.largest)
+        if not rel <= 1e-8:
+            raise RuntimeError(f"eigenpairs backward: the deflated solve for the eigenvector gradient stopped at "
+                               f"relative residual {rel:.2e} after {iters} CG iterations; the {k}-th eigenvalue is "
+                               "probably (nearly) repeated just beyond the ones returned: ask for a larger k")
+        return -(inside + outside).to(G.dtype), None, None, None, None, None
 
 
-def _attach_gradients(S, boundary, normalized, values: Tensor, vectors: Tensor):
+def _attach_gradients(S, boundary, normalized, values: Tensor, vectors: Tensor, which: str, nxt: float | None):
     """Values ``λ_i = v_iᵀ A(θ) v_i`` (Hellmann–Feynman) and vectors with their first-order response."""
     V = vectors.detach()
     R = _apply(S, boundary, normalized, V)  # differentiable in the maps
     lam = (V * R).sum(0)
-    op = _operator(S, boundary, None, normalized)
-    vecs = V + _EigenvectorResponse.apply(R, V, values.detach(), op)
+
+    def apply(X: Tensor) -> Tensor:
+        with torch.no_grad():
+            return _apply(S, boundary, normalized, X)
+
+    vecs = V + _EigenvectorResponse.apply(R, V, values.detach(), apply, _degenerate(values, nxt),
+                                      which == "largest")
     return lam, vecs
 
 

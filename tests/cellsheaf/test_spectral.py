@@ -32,7 +32,7 @@ def check_pairs(vals, vecs, A, expected):
     np.testing.assert_allclose(A @ vecs, vecs * vals, atol=1e-7)
 
 
-@pytest.mark.parametrize("method", ["dense", "sparse"])
+@pytest.mark.parametrize("method", ["dense", "sparse", "lobpcg"])
 @pytest.mark.parametrize("seed", range(4))
 def test_eigenpairs_match_numpy(seed, method):
     S = build_random_sheaf(seed, n_vertices=30, n_edges=45, maps="mixed", weights=True, connected=True)
@@ -43,7 +43,7 @@ def test_eigenpairs_match_numpy(seed, method):
     check_pairs(*cs.eigenpairs(S, k, which="largest", method=method), L, w[::-1][:k])
 
 
-@pytest.mark.parametrize("method", ["dense", "sparse"])
+@pytest.mark.parametrize("method", ["dense", "sparse", "lobpcg"])
 def test_restricted_normalized_and_linearised(method):
     S = build_random_sheaf(5, n_vertices=25, n_edges=40, maps="dense", connected=True)
     L = dense_laplacian(S)
@@ -222,3 +222,98 @@ def test_eigenpairs_are_differentiable_where_simple(normalized):
                 E[i, j] = eps
                 fd[i, j] = (f(M0 + E) - f(M0 - E)) / (2 * eps)
     torch.testing.assert_close(M.grad, fd, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- the torch route (LOBPCG)
+
+
+def test_lobpcg_route_matches_dense_and_reports():
+    S = build_random_sheaf(7, n_vertices=150, n_edges=450, dims=(2, 3), edge_dims=(2, 3), maps="dense",
+                           connected=True)
+    for normalized in (False, True, "augmented"):
+        N = cs.operators.laplacian(S, normalized=normalized, format="dense").numpy()
+        pairs = cs.eigenpairs(S, 6, normalized=normalized, method="lobpcg")
+        assert pairs.info.method == "lobpcg" and pairs.info.converged and pairs.info.residual < 1e-9
+        assert pairs.info.iterations > 0 and pairs.info.extra["applications"] > 0
+        check_pairs(*pairs, N, np.linalg.eigvalsh(N)[:6])
+        assert pairs.values.device == S.device and pairs.values.dtype == S.dtype
+
+
+def test_lobpcg_route_finds_repeated_eigenvalues():
+    S = constant_sheaf(nx.cycle_graph(120), 3)  # every eigenvalue of L has multiplicity >= 3
+    vals, vecs = cs.eigenpairs(S, 9, method="lobpcg")
+    L = dense_laplacian(S)
+    check_pairs(vals, vecs, L, np.linalg.eigvalsh(L)[:9])
+
+
+def test_auto_route_stays_on_the_device():
+    assert spectral._route(10_000, "auto", torch.device("cpu")) == "sparse"
+    assert spectral._route(100, "auto", torch.device("cpu")) == "dense"
+    assert spectral._route(100, "auto", torch.device("meta")) == "lobpcg"  # any non-CPU device: torch only
+
+
+def learnable_sheaf(Fu: torch.Tensor, Fv: torch.Tensor) -> cs.Sheaf:
+    """A 7-vertex stacked sheaf with 2-dimensional stalks and the given maps ``(10, 2, 2)``."""
+    index = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 0, 1, 2], [1, 2, 3, 4, 5, 6, 0, 3, 4, 5]])
+    return cs.Sheaf.from_arrays([2] * 7, index, Fu, Fv)
+
+
+@pytest.mark.parametrize("method", ["dense", "lobpcg"])
+@pytest.mark.parametrize("normalized", [False, True])
+def test_eigenpairs_gradcheck(method, normalized):
+    g = torch.Generator().manual_seed(5)
+    Fu = torch.randn(10, 2, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    Fv = torch.randn(10, 2, 2, generator=g, dtype=torch.float64)
+    w = torch.randn(14, generator=g, dtype=torch.float64)
+
+    def f(Fu):
+        vals, vecs = cs.eigenpairs(learnable_sheaf(Fu, Fv), 3, normalized=normalized, method=method)
+        return vals, (vecs * w[:, None]) ** 2  # invariant to the eigenvectors' signs
+
+    spectral_values = np.linalg.eigvalsh(cs.operators.laplacian(learnable_sheaf(Fu.detach(), Fv),
+                                                                normalized=normalized, format="dense").numpy())
+    assert np.diff(spectral_values[:4]).min() > 1e-3  # simple eigenvalues: the gradient exists
+    assert torch.autograd.gradcheck(f, (Fu,), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_eigenpairs_gradient_of_largest_and_with_boundary():
+    g = torch.Generator().manual_seed(6)
+    Fu = torch.randn(10, 2, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    Fv = torch.randn(10, 2, 2, generator=g, dtype=torch.float64)
+    b = cs.Boundary().fix(0, torch.zeros(2, dtype=torch.float64))
+    w = torch.randn(12, generator=g, dtype=torch.float64)
+
+    def f(Fu):
+        S = learnable_sheaf(Fu, Fv)
+        top = cs.eigenpairs(S, 2, which="largest", method="lobpcg")
+        low = cs.eigenpairs(S, 2, boundary=b, method="dense")
+        return top.values, top.vectors ** 2, low.values, (low.vectors * w[:, None]) ** 2
+
+    assert torch.autograd.gradcheck(f, (Fu,), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_repeated_eigenvalues_have_value_gradients_and_vector_gradients_raise():
+    F = torch.eye(2, dtype=torch.float64).expand(6, 2, 2).clone().requires_grad_(True)
+    index = torch.tensor([[0, 1, 2, 3, 4, 5], [1, 2, 3, 4, 5, 0]])
+    S = cs.Sheaf.from_arrays([2] * 6, index, F, torch.eye(2, dtype=torch.float64).expand(6, 2, 2))
+    vals, vecs = cs.eigenpairs(S, 6)  # the constant sheaf R^2 on C6: 0 twice, then 1 four times
+    vals.sum().backward()  # the sum over whole eigenspaces is differentiable
+    assert torch.isfinite(F.grad).all()
+    vals, vecs = cs.eigenpairs(S, 3)
+    with pytest.raises(ValueError, match=r"eigenvalue 2 and the next eigenvalue .* repeated \(gap"):
+        vecs[:, 2].pow(3).sum().backward()
+
+
+def test_eigenpairs_with_grad_do_not_warn_and_at_warns_that_it_detaches(recwarn):
+    import warnings
+
+    F = torch.randn(10, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+    S = learnable_sheaf(F, F.detach())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for method in ("dense", "sparse", "lobpcg"):
+            assert cs.eigenpairs(S, 2, normalized=True, method=method).values.requires_grad
+        cs.spectral_gap(S), cs.lambda_max(S)
+    with pytest.warns(UserWarning, match="detached"):
+        vals = cs.eigenpairs(S, 2, at=torch.zeros(S.C0, dtype=torch.float64)).values
+    assert not vals.requires_grad
