@@ -20,13 +20,15 @@ Examples
 
 from __future__ import annotations
 
-from typing import Mapping
+from itertools import islice
+from typing import Iterable, Mapping
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["active", "world_size", "rank", "is_main", "all_sum", "union_mean", "union_count"]
+__all__ = ["active", "world_size", "rank", "is_main", "all_sum", "union_mean", "union_count", "shard",
+           "is_sharded"]
 
 
 def active() -> bool:
@@ -112,3 +114,33 @@ def union_mean(means: Mapping[str, Tensor], n_local: int) -> dict[str, Tensor]:
     if float(total) <= 0:
         raise ValueError("every rank passed an empty batch: give each rank at least one item of its shard")
     return {k: s / total for k, s in zip(keys, sums[1:])}
+
+
+def is_sharded(batches) -> bool:
+    """Whether ``batches`` is a ``DataLoader`` that already gives each rank its own shard (its sampler, or
+    its batch sampler's, is a ``DistributedSampler``)."""
+    from torch.utils.data import DataLoader
+    from torch.utils.data.distributed import DistributedSampler
+
+    if not isinstance(batches, DataLoader):
+        return False
+    samplers = (getattr(batches, "sampler", None), getattr(getattr(batches, "batch_sampler", None), "sampler", None))
+    return any(isinstance(s, DistributedSampler) for s in samplers)
+
+
+def shard(batches: Iterable) -> Iterable:
+    """This rank's share of an iterable of batches: batches ``rank, rank + W, rank + 2W, …`` (``W`` ranks).
+
+    A ``DataLoader`` whose sampler is a ``DistributedSampler`` is already this rank's shard and is
+    returned as it is; so is everything without a process group. Lazy: batches of other ranks
+    are skipped as they arrive, never held.
+
+    Examples
+    --------
+    >>> import cellsheaf_nn as csnn
+    >>> list(csnn.distributed.shard(range(5)))  # one process: everything
+    [0, 1, 2, 3, 4]
+    """
+    if not active() or is_sharded(batches):
+        return batches
+    return islice(batches, rank(), None, world_size())

@@ -25,7 +25,7 @@ import copy
 import math
 import threading
 from dataclasses import dataclass, replace
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -36,6 +36,7 @@ import cellsheaf as cs
 from cellsheaf.minimize import _verify_propagation, default_tol
 from cellsheaf.operators import to_torch_sparse
 
+from . import distributed
 from .builder import Built, EdgeInfo, VertexInfo
 
 __all__ = ["NeuralSheaf", "NeuralState", "Pin", "ConvergenceError"]
@@ -452,9 +453,11 @@ class NeuralSheaf:
 
         Parameters
         ----------
-        *inputs : tensors ``(B, *input_shape)`` or ``input_shape``
+        *inputs : tensors ``(B, *input_shape)`` or ``input_shape``, or one iterable of batches
             The inputs, as ``model(*inputs)`` takes them (values at freed input coordinates
-            serve only as a starting point).
+            serve only as a starting point). A single iterable of batches instead (a
+            ``DataLoader``, a generator, a list of tensors or of tuples) streams: ``infer``
+            then returns a generator with one result per batch, as `infer_batches` does.
         method : {"auto", "propagate", "newton", "euler", "diffusion"}
             ``"auto"``: propagation when the sheaf is determined (no pins: the forward
             pass, exact), Newton otherwise. ``"diffusion"``: the paper's Euler heat
@@ -486,7 +489,13 @@ class NeuralSheaf:
         >>> y, state = ns.infer(x, method="diffusion", return_state=True)
         >>> torch.allclose(y, model(x), atol=1e-8), state.info.converged
         (True, True)
+        >>> [tuple(y.shape) for y in ns.infer(x.split(3))]  # an iterable of batches streams
+        [(3, 1), (1, 1)]
         """
+        if self._is_stream(inputs):
+            return self.infer_batches(inputs[0], method=method, return_state=return_state, init=init, tol=tol,
+                                      max_steps=max_steps, alpha=alpha, dt=dt, generator=generator, record=record,
+                                      check=check)
         xs, single = self._batch_input(inputs if len(inputs) != 1 else inputs[0])
         pins = self._pins  # this call's pins: pin/unpin in other threads replace the dict, never change it
         if method in ("auto", "propagate") and not pins:
@@ -672,13 +681,37 @@ class NeuralSheaf:
         return cs.operators.restricted_laplacian(S, bnd, at=at, format=format, dtype=self.dtype)[0]
 
     # ------------------------------------------------------------------ back to torch
-    def infer_batches(self, batches: Iterable, **kwargs) -> Iterator:
+    def _is_stream(self, inputs: tuple) -> bool:
+        """Whether `infer` was given one iterable of batches rather than the model's inputs.
+
+        Tensors, arrays, numbers and nested lists of numbers are inputs (as before); so is a
+        tuple/list of tensors for a model with several inputs. A list/tuple of non-scalar tensors
+        (one input) or of tuples/lists starting with a tensor, and any other iterable (a
+        ``DataLoader``, a generator), are batches."""
+        if len(inputs) != 1:
+            return False
+        x = inputs[0]
+        if isinstance(x, (Tensor, np.ndarray, str, bytes, Mapping)) or not isinstance(x, Iterable):
+            return False
+        if not isinstance(x, (list, tuple)):
+            return True
+        if not x:
+            return False
+        grouped = all(isinstance(b, (list, tuple)) and len(b) > 0 and isinstance(b[0], Tensor) for b in x)
+        if len(self.inputs) > 1:
+            return grouped
+        return grouped or all(isinstance(b, Tensor) and b.dim() >= 1 and b.numel() > 1 for b in x)
+
+    def infer_batches(self, batches: Iterable, shard: bool = True, **kwargs) -> Iterator:
         """`infer` over an iterable of batches (e.g. a ``DataLoader``), yielding one result per batch.
 
         Memory stays bounded by one batch: results are produced as the batches arrive. A batch is
         a tensor (the model's input) or a tuple/list whose first items are the model's inputs;
-        further items (labels, say) are ignored. Under torch.distributed each rank passes the
-        loader of its own shard (a ``DistributedSampler``). ``kwargs`` are `infer`'s options.
+        further items (labels, say) are ignored. ``ns.infer(batches)`` is the same call.
+        Under torch.distributed each rank infers its own shard: a ``DataLoader`` with a
+        ``DistributedSampler`` is taken as it is, any other iterable is dealt out round robin
+        (rank ``r`` of ``W`` gets batches ``r, r + W, …``; `cellsheaf_nn.distributed.shard`);
+        ``shard=False`` infers every batch on every rank. ``kwargs`` are `infer`'s options.
 
         Examples
         --------
@@ -690,6 +723,8 @@ class NeuralSheaf:
         [(4, 1), (4, 1), (2, 1)]
         """
         n_inputs = len(self.inputs)
+        if shard:
+            batches = distributed.shard(batches)
         for k, batch in enumerate(batches):
             if isinstance(batch, Tensor):
                 batch = (batch,)

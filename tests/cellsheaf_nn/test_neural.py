@@ -3,6 +3,8 @@ Lemma 3.2 on compiled networks, pins and clamping (Sec. 5.1, Note 5.1)."""
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -328,3 +330,62 @@ def test_coords_and_pins_take_index_tuples_into_the_per_sample_shape():
     ns.unpin(pin)
     with pytest.raises(IndexError, match=r"\(2, 0\) does not fit the per-sample shape \(2, 3\)"):
         ns.coords("x", [(2, 0)])
+
+
+def test_infer_dispatches_an_iterable_of_batches_to_streaming():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2)).double()
+    ns = csnn.compile(model)
+    X = torch.randn(11, 3, dtype=torch.float64)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, torch.zeros(11)), batch_size=4)
+    stream = ns.infer(loader)
+    assert inspect.isgenerator(stream)                                # lazy: one batch at a time
+    torch.testing.assert_close(torch.cat(list(stream)), model(X), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.cat(list(ns.infer(X.split(5)))), model(X), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.cat(list(ns.infer(b for b in X.split(3)))), model(X), rtol=1e-12, atol=1e-12)
+    # inputs as before: a tensor, one sample, a nested list of numbers
+    torch.testing.assert_close(ns.infer(X), model(X), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ns.infer(X[0]), model(X[0]), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ns.infer(X[:2].tolist()), model(X[:2]), rtol=1e-6, atol=1e-6)  # via float32
+    ys = list(ns.infer(loader, return_state=True))                    # infer's options pass through
+    assert len(ys) == 3 and all(state.info.converged for _, state in ys)
+
+
+def test_infer_streams_tuple_batches_of_a_multi_input_model():
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(2, 3), torch.nn.Linear(4, 3)
+
+        def forward(self, x, z):
+            return torch.relu(self.a(x) + self.b(z))
+
+    torch.manual_seed(1)
+    model = Two().double()
+    ns = csnn.compile(model, input_shape=[(2,), (4,)])
+    X, Z = torch.randn(7, 2, dtype=torch.float64), torch.randn(7, 4, dtype=torch.float64)
+    torch.testing.assert_close(ns.infer((X, Z)), model(X, Z), rtol=1e-12, atol=1e-12)   # the inputs, as before
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, Z, torch.zeros(7)), batch_size=3)
+    torch.testing.assert_close(torch.cat(list(ns.infer(loader))), model(X, Z), rtol=1e-12, atol=1e-12)
+    pairs = list(zip(X.split(4), Z.split(4)))
+    torch.testing.assert_close(torch.cat(list(ns.infer(pairs))), model(X, Z), rtol=1e-12, atol=1e-12)
+
+
+def test_infer_batches_under_a_process_group_takes_this_ranks_shard(monkeypatch):
+    from cellsheaf_nn import distributed
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2)).double()
+    ns = csnn.compile(model)
+    X = torch.arange(20, dtype=torch.float64).reshape(10, 2)
+    batches = X.split(2)                                              # five batches
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    got = list(ns.infer(batches))                                     # rank 1 of 2: batches 1 and 3
+    torch.testing.assert_close(torch.cat(got), model(torch.cat([batches[1], batches[3]])), rtol=1e-12, atol=1e-12)
+    assert len(list(ns.infer_batches(batches, shard=False))) == 5
+    sampler = torch.utils.data.distributed.DistributedSampler(torch.utils.data.TensorDataset(X), num_replicas=2,
+                                                              rank=1, shuffle=False)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X), batch_size=2, sampler=sampler)
+    assert distributed.is_sharded(loader)                             # already this rank's shard: taken as it is
+    torch.testing.assert_close(torch.cat(list(ns.infer(loader))), model(X[1::2]), rtol=1e-12, atol=1e-12)
