@@ -497,6 +497,20 @@ class Sheaf:
         Fu, Fv = st.maps(k)
         return Edge(st.name(k), names[u], names[v], Fu, Fv, st.weight(k))
 
+    def blocks(self) -> list["EdgeStack | list[Edge]"]:
+        """The edges in cochain order, block by block: an `cellsheaf.stacked.EdgeStack` for stacked
+        edges (`add_edges`, `from_arrays`), a list of `Edge` records for edges added one by one.
+
+        Examples
+        --------
+        >>> import torch, cellsheaf as cs
+        >>> S = cs.Sheaf.from_arrays([1, 1, 1], [[0], [1]], torch.ones(1, 1, 1), torch.ones(1, 1, 1))
+        >>> _ = S.add_edge(1, 2, torch.ones(1, 1), torch.ones(1, 1), name="e")
+        >>> [type(b).__name__ for b in S.blocks()], [e.name for e in S.blocks()[1]]
+        (['EdgeStack', 'list'], ['e'])
+        """
+        return [seg if isinstance(seg, EdgeStack) else list(seg.values()) for seg in self._segments]
+
     def edge_items(self) -> Iterable[Edge]:
         """All `Edge` records in order (stacked edges as light views, made on the fly)."""
         for seg in self._segments:

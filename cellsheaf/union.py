@@ -72,12 +72,11 @@ def disjoint_union(sheaves: Sequence[Sheaf]) -> tuple[Sheaf, Tensor]:
             raise TypeError(f"disjoint_union takes a sequence of cellsheaf.Sheaf; item {i} is {type(S).__name__}")
     plain = all(_plain(S) for S in sheaves)
     U = Sheaf()
-    if plain:
-        U._add_vertices([d for S in sheaves for d in S._dim_array().tolist()])
-    else:
-        for i, S in enumerate(sheaves):
-            for v in S.vertices:
-                U.add_vertex((i, v), S.dim(v))
+    base = 0
+    for i, S in enumerate(sheaves):
+        for k, v in enumerate(S.vertices):
+            U.add_vertex(base + k if plain else (i, v), S.dim(v))
+        base += len(S)
     pending: list[tuple[EdgeStack, int, int]] = []  # stacks waiting to be joined: (stack, graph, vertex offset)
 
     def flush() -> None:
@@ -93,15 +92,15 @@ def disjoint_union(sheaves: Sequence[Sheaf]) -> tuple[Sheaf, Tensor]:
 
     voff = eoff = 0
     for i, S in enumerate(sheaves):
-        position = S._vertex_index()
-        for seg in S._segments:
-            if isinstance(seg, EdgeStack):
-                if pending and _stack_kind(pending[0][0]) != _stack_kind(seg):
+        position = {v: k for k, v in enumerate(S.vertices)}
+        for block in S.blocks():
+            if isinstance(block, EdgeStack):
+                if pending and _stack_kind(pending[0][0]) != _stack_kind(block):
                     flush()
-                pending.append((seg, i, voff))
+                pending.append((block, i, voff))
                 continue
             flush()
-            for e in seg.values():
+            for e in block:
                 name: Hashable = eoff + e.name if plain else (i, e.name)
                 u, v = (voff + position[e.u], voff + position[e.v]) if plain else ((i, e.u), (i, e.v))
                 U.add_edge(u, v, e.Fu, e.Fv, name=name, weight=e.weight, potential=e.potential)
@@ -129,7 +128,7 @@ def pool(S: Sheaf, x, batch: Tensor, reduce: str = "mean", num_graphs: int | Non
     """
     if reduce not in REDUCTIONS:
         raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
-    dims = set(S._dim_array().tolist())
+    dims = {S.dim(v) for v in S.vertices}
     if len(dims) > 1:
         raise ValueError(f"pool needs equal stalk dims; this sheaf has stalks of dims {sorted(dims)}")
     d, N = (dims.pop() if dims else 0), len(S)
