@@ -528,7 +528,7 @@ def map_to_spec(F: M.Map):
     if t is M.Select:
         return SelectSpec(indices=F.indices.tolist(), d_in=F.d_in)
     if t is M.Diagonal:
-        return DiagonalSpec(values=_finite_values(F.v), dtype=_dtype_name(F.v))
+        return DiagonalSpec(values=_finite_values(F.diagonal()), dtype=_dtype_name(F.v))
     if t is M.HStack:
         return HStackSpec(maps=[map_to_spec(m) for m in F.maps])
     if t is M.VStack:

@@ -334,9 +334,11 @@ def _is_torch_leaf(module: nn.Module) -> bool:
 
 
 def _default_dtype(model: nn.Module) -> torch.dtype:
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
+    """The dtype of the model's first floating parameter, else of its first floating buffer, else torch's
+    default dtype (``torch.get_default_dtype()``): a model with no tensors of its own has none to read."""
+    for t in (*model.parameters(), *model.buffers()):
+        if t.is_floating_point():
+            return t.dtype
     return torch.get_default_dtype()
 
 
@@ -405,7 +407,11 @@ def compile(
         put in eval mode (dropout off, batch norm with running statistics); the
         original is not touched.
     dtype : torch dtype, optional
-        Dtype of the sheaf's maps (default: the model's parameter dtype).
+        Dtype of the sheaf's maps. Default: the dtype of the model's parameters (of its
+        floating buffers if it has no parameters); a model with no tensors of its own
+        (only functional and shape ops) compiles in ``torch.get_default_dtype()``, so
+        pass ``dtype=torch.float64`` for such a model to infer in float64. Inputs are
+        cast to this dtype.
     input_shape : sequence of int, or one per input, optional
         Per-sample input shape (no batch axis), e.g. ``(1, 28, 28)``; for a model
         with several inputs a list of shapes. Default (one input): ``(in_features,)``

@@ -470,7 +470,8 @@ class NeuralSheaf:
             ``"forward_pass"`` for ``newton``/``euler`` and for ``auto`` when pinned.
         tol : gradient-norm tolerance (default ``1e-10`` in float64, ``1e-4`` in float32).
         max_steps : step cap of ``euler``/``diffusion``, iteration cap of ``newton``.
-        alpha, dt : the diffusion rate and Euler step (``dt`` default ``1/(α λ_max)``).
+        alpha, dt : the diffusion rate and Euler step (``dt`` default ``1/(α λ_max)``, ``λ_max`` of the
+            linearised ``L[Ω,Ω]``, the largest over the batch at the start and at the forward pass).
         record : record per-edge energies every ``record`` steps (``state.info.extra["trajectory"]``).
         check : raise `ConvergenceError` if the solver did not converge (else return what it found).
 
@@ -506,6 +507,7 @@ class NeuralSheaf:
         bnd = self._boundary(xs, penalties, pins)
         if method == "diffusion":
             x0 = self._start(init or "random", xs, S, bnd, generator)
+            dt = self._diffusion_dt(S, bnd, x0, xs, alpha) if dt is None else dt
             res = cs.diffuse(S, x0, boundary=bnd, method="euler", dt=dt, alpha=alpha,
                              tol=default_tol(self.dtype) if tol is None else tol,
                              max_steps=100_000 if max_steps is None else max_steps, record=record)
@@ -528,6 +530,19 @@ class NeuralSheaf:
         if single:
             values = {v: t[0] for v, t in values.items()}
         return y, NeuralState(values, res, res.x)
+
+    def _diffusion_dt(self, S: cs.Sheaf, bnd: cs.Boundary, x0: Tensor, xs: list[Tensor], alpha: float) -> float | None:
+        """The default Euler step ``1/(α λ*)``: ``λ*`` is the largest ``λ_max`` of the linearised ``L[Ω,Ω]`` over
+        every batch item, at the start and at the forward pass.
+
+        The start alone is not enough for a nonlinear map whose Jacobian grows toward the answer (a LayerNorm
+        of small pre-activations has ``‖J‖ ~ 1/σ``): a step stable at the start makes Euler circle the
+        answer instead of reaching it. ``None`` (the solver's own default) when nothing is free.
+        """
+        fwd = self._start("forward_pass", xs, S, bnd, None)
+        lam = max((float(cs.lambda_max(S, boundary=bnd, at=p[b])) for p in (x0, fwd) for b in range(p.shape[0])),
+                  default=0.0)
+        return 1.0 / (alpha * lam) if lam > 0 else None
 
     def _forward_plan(self) -> cs.propagation.PropagationPlan | None:
         """The compiled forward pass (`cellsheaf.propagation.plan`): input and ones fixed, the ones constant.

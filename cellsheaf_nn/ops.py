@@ -384,11 +384,19 @@ def mul(b: Builder, x, y) -> Value:
         _same_shape(x, y, "the product")
         return _pair(b, x, y, M.Product(x.dim), x.shape)
     v, c = (x, y) if isinstance(x, Value) else (y, x)
-    if isinstance(c, Param):  # a learned gate: a diagonal map holding the parameter itself
-        if c.tensor.dim() != 1 or c.tensor.numel() != v.dim:
-            raise UnsupportedOpError(f"a learned parameter {c.name!r} of shape {tuple(c.tensor.shape)} multiplying a "
-                                     f"quantity of shape {v.shape}: only a vector of the quantity's size is supported")
-        return b.affine(v, M.Diagonal(b.use(c)), kind="scale", trainable=False, shape=v.shape)
+    if isinstance(c, Param):  # a learned scale or gate: a diagonal map holding the parameter itself
+        p = c.tensor
+        if p.dim() == 1 and p.numel() == v.dim and len(v.shape) == 1:
+            return b.affine(v, M.Diagonal(b.use(c)), kind="scale", trainable=False, shape=v.shape)
+        try:
+            fits = torch.broadcast_shapes(p.shape, (1, *v.shape)) == (1, *v.shape)
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise UnsupportedOpError(f"a learned parameter {c.name!r} of shape {tuple(p.shape)} multiplying a "
+                                     f"quantity of per-sample shape {v.shape}: it must broadcast to one sample")
+        shape = v.shape if p.dim() <= len(v.shape) else (1, *v.shape)  # same size: the batch axis is 1
+        return b.affine(v, M.Diagonal(b.use(c), shape=shape), kind="scale", trainable=False, shape=v.shape)
     return b.affine(v, M.Diagonal(_constant(c, v, "mul").to(b.dtype)), kind="scale", trainable=False, shape=v.shape)
 
 

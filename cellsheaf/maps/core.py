@@ -17,6 +17,7 @@ tensor([0., 1.])
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import numpy as np
@@ -315,32 +316,53 @@ class Select(Map):
 
 
 class Diagonal(Map):
-    """A diagonal map ``x -> v * x``."""
+    """A diagonal map ``x -> v * x``.
 
-    def __init__(self, v):
+    With ``shape``, ``v`` broadcasts to ``shape`` (a scalar, a per-channel ``(C, 1, 1)`` vector) and the map
+    acts on stalks holding ``shape`` flattened; ``v`` itself is kept (a learned parameter stays the tensor
+    the map holds).
+
+    Examples
+    --------
+    >>> import torch, cellsheaf as cs
+    >>> cs.maps.Diagonal(torch.tensor(2.0), shape=(3,)).apply(torch.ones(3))
+    tensor([2., 2., 2.])
+    """
+
+    def __init__(self, v, shape: Sequence[int] | None = None):
         v = _as_tensor(v, "diagonal")
-        self.v = v if v.dim() == 1 else v.reshape(-1)  # keep a 1-d parameter itself, not a view of it
-        self.d_in = self.d_out = self.v.numel()
+        self.shape = None if shape is None else tuple(int(s) for s in shape)
+        if self.shape is None:
+            self.v = v if v.dim() == 1 else v.reshape(-1)  # keep a 1-d parameter itself, not a view of it
+        elif v.dim() > len(self.shape) or torch.broadcast_shapes(v.shape, self.shape) != self.shape:
+            raise ValueError(f"Diagonal: v of shape {tuple(v.shape)} does not broadcast to {self.shape}")
+        else:
+            self.v = v
+        self.d_in = self.d_out = self.v.numel() if self.shape is None else math.prod(self.shape)
+
+    def diagonal(self) -> Tensor:
+        """The diagonal, ``(d,)``."""
+        return self.v if self.shape is None else self.v.expand(self.shape).reshape(-1)
 
     def apply(self, x):
-        return x * self.v.to(dtype=x.dtype, device=x.device)
+        return x * self.diagonal().to(dtype=x.dtype, device=x.device)
 
     adjoint = apply
 
     def squared_vjp(self, x, d):
-        return d * self.v.to(dtype=d.dtype, device=d.device) ** 2
+        return d * self.diagonal().to(dtype=d.dtype, device=d.device) ** 2
 
     def matrix(self):
-        return torch.diag(self.v)
+        return torch.diag(self.diagonal())
 
     def coo(self):
-        v = self.v.detach().double().cpu().numpy()
+        v = self.diagonal().detach().double().cpu().numpy()
         r = np.nonzero(v)[0]
         return r, r, v[r]
 
     def to(self, dtype=None, device=None):
         v = self.v.to(dtype=dtype or self.v.dtype, device=device or self.v.device)
-        return self if v is self.v else Diagonal(v)
+        return self if v is self.v else Diagonal(v, self.shape)
 
     def tensors(self):
         return [self.v]

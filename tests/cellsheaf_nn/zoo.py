@@ -1,5 +1,6 @@
 """The model zoo of the compiler tests: CNNs, a residual CNN, Conv1d, smooth-activation and norm MLPs, SwiGLU,
-pre-norm transformer blocks (hand-written attention and ``nn.MultiheadAttention``), shared modules."""
+pre-norm transformer blocks (hand-written attention and ``nn.MultiheadAttention``), shared modules, learned
+tensors used in ``forward``."""
 
 from __future__ import annotations
 
@@ -146,6 +147,22 @@ class Gated(nn.Module):
         gate = torch.sigmoid(self.g(a)) * torch.tanh(self.v(b))
         ratio = torch.tanh(self.v(b)) / (1.5 + torch.sigmoid(self.g(a)))
         return gate, torch.where(self.mask, gate, ratio)
+
+
+class Learned(nn.Module):
+    """Learned tensors used directly in ``forward``: a per-channel scale ``(C, 1, 1)`` on a feature map, a gate
+    vector, a scalar and a shift vector."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(2, 3, 3, padding=1), nn.Linear(3 * 4 * 4, 4)
+        self.channel = nn.Parameter(torch.linspace(0.5, 1.5, 3).reshape(3, 1, 1))
+        self.gate, self.shift = nn.Parameter(torch.linspace(-1.0, 1.0, 4)), nn.Parameter(torch.full((4,), 0.25))
+        self.scale = nn.Parameter(torch.tensor(0.7))
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x) * self.channel)
+        return self.scale * torch.sigmoid(self.fc(h.flatten(1)) * self.gate + self.shift)
 
 
 def smooth_mlp(act) -> nn.Sequential:
