@@ -89,7 +89,7 @@ class Cochain:
 
 
 def as_flat(sheaf, x) -> Tensor:
-    """The flat tensor of a `Cochain`, tensor or dict ``x``, checked against ``sheaf``."""
+    """The flat tensor of a [`Cochain`][cellsheaf.cochain.Cochain], tensor or dict ``x``, checked against ``sheaf``."""
     if isinstance(x, Cochain):
         if x.sheaf is not sheaf and x.sheaf.C0 != sheaf.C0:
             raise ValueError("the cochain belongs to a sheaf with a different layout")

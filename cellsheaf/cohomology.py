@@ -8,19 +8,19 @@ follow from one rank decision on ``δ``, and ``dim H⁰ − dim H¹ = C0 − C1`
 Rank decisions
 --------------
 A numerical rank is a decision: singular values above a tolerance count,
-the others are treated as zero. Decisions are made by `cellsheaf.rank`:
+the others are treated as zero. Decisions are made by [`cellsheaf.rank`][cellsheaf.rank]:
 edges are equilibrated (rescaling an edge never changes a rank), vertex stalks
 are equilibrated (local kernels are decided vertex by vertex), connected
 components are decided separately, and each component gets a certified count:
-a dense SVD up to `DENSE_LIMIT` rows and columns, beyond that a Lanczos bound or
+a dense SVD up to [`DENSE_LIMIT`][cellsheaf.cohomology.DENSE_LIMIT] rows and columns, beyond that a Lanczos bound or
 an ``LDLᵀ`` inertia count on the sparse equilibrated Laplacian. Every result
 reports the tolerance, the singular values it saw, the *gap* at the cut and
-whether the count is certified (see `RankDecision`). The default tolerance
+whether the count is certified (see [`RankDecision`][cellsheaf.rank.RankDecision]). The default tolerance
 follows the precision of the maps: float32 maps are decided in float64 with
 float32's epsilon.
 
 ``method``
-    ``"auto"`` (dense SVD per component up to `DENSE_LIMIT`, sparse count beyond),
+    ``"auto"`` (dense SVD per component up to [`DENSE_LIMIT`][cellsheaf.cohomology.DENSE_LIMIT], sparse count beyond),
     ``"dense"`` (every component by SVD) or ``"sparse"`` (the sparse count for every
     component above 64 rows or columns).
 ``exact=True``
@@ -103,7 +103,7 @@ class Cohomology(_Decided):
     H1 : ``(C1, h1)`` orthonormal basis of ``ker δᵀ ≅ coker δ``, computed when first read, or
         ``None`` when a sparse component has more than ``k`` of its vectors.
     C0, C1 : dimensions of the cochain spaces.
-    decision : the `RankDecision` on ``δ`` (``.certified``, ``.gap``, ``.tol``, ``.certificate``).
+    decision : the [`RankDecision`][cellsheaf.rank.RankDecision] on ``δ`` (``.certified``, ``.gap``, ``.tol``, ``.certificate``).
     """
 
     h0: int
@@ -152,7 +152,7 @@ class RelativeCohomology(_Decided):
     dim : ``dim H⁰(G, U; F)``.
     basis : ``(C0, dim)`` orthonormal basis, zero on the fixed coordinates (computed when first read).
     free : sorted flat indices of the free coordinates ``Ω``.
-    decision : the `RankDecision` on ``δ_Ω = δ[:, Ω]``.
+    decision : the [`RankDecision`][cellsheaf.rank.RankDecision] on ``δ_Ω = δ[:, Ω]``.
     """
 
     dim: int
@@ -275,7 +275,7 @@ def cohomology(S, tol: float | None = None, exact: bool = False, at=None, method
     S : Sheaf
     tol : float, optional
         Singular values of the equilibrated coboundary ``> tol`` count towards the rank
-        (default: from the dtype of the maps; see `cellsheaf.rank`).
+        (default: from the dtype of the maps; see [`cellsheaf.rank`][cellsheaf.rank]).
     exact : bool
         Decide the rank exactly over the rationals (needs sympy).
     at : cochain, optional
@@ -312,7 +312,7 @@ def global_sections(S, tol: float | None = None, exact: bool = False, at=None, m
                     k: int | None = None) -> Tensor:
     """An orthonormal ``(C0, h0)`` basis of the global sections ``H⁰ = ker δ``.
 
-    Arguments as in `cohomology`.
+    Arguments as in [`cohomology`][cellsheaf.cohomology.cohomology].
 
     Examples
     --------
@@ -342,7 +342,7 @@ def relative_cohomology(S, boundary, tol: float | None = None, exact: bool = Fal
     boundary : Boundary, ResolvedBoundary or sequence of flat indices
         The fixed coordinates ``U`` (their values do not matter).
     tol, exact, at, method, k
-        As in `cohomology`.
+        As in [`cohomology`][cellsheaf.cohomology.cohomology].
 
     Returns
     -------

@@ -67,7 +67,7 @@ def connection_sheaf(edge_index, Fu: Tensor, Fv: Tensor | None = None, num_verti
     Returns
     -------
     Sheaf
-        Stacked (`cellsheaf.Sheaf.from_arrays`): differentiable in the maps, and its
+        Stacked ([`cellsheaf.Sheaf.from_arrays`][cellsheaf.sheaf.Sheaf.from_arrays]): differentiable in the maps, and its
         Laplacian is the connection Laplacian.
 
     Examples

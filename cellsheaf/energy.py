@@ -115,7 +115,7 @@ def discord(S, x) -> dict[Hashable, Tensor]:
 
 def edge_forces(S, name, x: Tensor) -> tuple[Tensor, Tensor]:
     """``(∂E_e/∂a_v, ∂E_e/∂a_u)`` of one edge at a batch ``x`` (``(B, C0)``): its own weighted potential
-    gradient, from its own discord only (the slice of `forces` for that edge, without a pass over the others).
+    gradient, from its own discord only (the slice of [`forces`][cellsheaf.energy.forces] for that edge, without a pass over the others).
 
     Examples
     --------

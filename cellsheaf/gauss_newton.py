@@ -115,7 +115,7 @@ class GaussNewton:
         """``(J_Ωᵀ W J_Ω)⁻¹ r`` for the square, triangular part ``J_Ω`` of ``J_δ(x)`` on the edges of ``steps``.
 
         ``steps`` is a propagation schedule of quadratic edges that defines every free
-        coordinate once (`cellsheaf.propagation.determined_part`); ``r`` (``(B, C0)``)
+        coordinate once ([`cellsheaf.propagation.determined_part`][cellsheaf.propagation.determined_part]); ``r`` (``(B, C0)``)
         must vanish on the fixed coordinates, and so does the result. A transposed
         substitution in reverse order solves ``J_Ωᵀ y = r``, then a forward one solves
         ``J_Ω z = W⁻¹ y``: two sweeps of Jacobian products along the schedule, batched.
@@ -168,7 +168,7 @@ class GaussNewton:
 
 
 def determined_solve(S, x: Tensor, steps: list[PropagationStep], r: Tensor) -> Tensor:
-    """``(J_Ωᵀ W J_Ω)⁻¹ r`` at ``x`` for the determined part ``steps`` (see `GaussNewton.determined_solve`)."""
+    """``(J_Ωᵀ W J_Ω)⁻¹ r`` at ``x`` for the determined part ``steps`` (see [`GaussNewton.determined_solve`][cellsheaf.gauss_newton.GaussNewton.determined_solve])."""
     acc, ys = r.clone(), []
     for s in reversed(steps):  # J_Ωᵀ y = r: each edge's row meets its targets last
         y = acc[:, _where(s, x)]
@@ -195,7 +195,7 @@ def _squared_jacobian_pullback(F, x: Tensor, d: Tensor) -> Tensor:
 
 @dataclass
 class NewtonOptions:
-    """Tuning of `newton` (defaults suit most sheaves)."""
+    """Tuning of [`newton`][cellsheaf.gauss_newton.newton] (defaults suit most sheaves)."""
 
     armijo: float = 1e-4        # sufficient-decrease constant c₁
     max_backtracks: int = 40    # halvings of the step before a line search fails
@@ -399,7 +399,7 @@ def newton(S, x: Tensor, free: Tensor, tol: float, max_iter: int = 100,
     ``on_kinks`` (coordinates held at kinks per item), ``cg_iterations`` (total),
     ``stalled`` (bool per item) and, with ``record``, the ``trajectory``
     ``{"step": (K,), "edge_energy": (K, B, E)}`` every ``record`` iterations. Use
-    `cellsheaf.minimize` for the public interface.
+    [`cellsheaf.minimize`][cellsheaf.minimize.minimize] for the public interface.
     """
     every = int(record)
     trace_steps, trace = [], []

@@ -179,14 +179,14 @@ def harmonic_extension(
     """The harmonic extension of ``boundary`` on a linear sheaf ``S``.
 
     Uniqueness is checked on every route before solving: the relative cohomology
-    ``H⁰(G,U;F)`` is decided by `cellsheaf.relative_cohomology` (free coordinates that
+    ``H⁰(G,U;F)`` is decided by [`cellsheaf.relative_cohomology`][cellsheaf.cohomology.relative_cohomology] (free coordinates that
     no edge sees and free components that touch no boundary are found combinatorially
     first, then each component gets a certified rank count).
 
     Parameters
     ----------
     S : Sheaf
-        A linear sheaf (for nonlinear maps or potentials use `cellsheaf.minimize`).
+        A linear sheaf (for nonlinear maps or potentials use [`cellsheaf.minimize`][cellsheaf.minimize.minimize]).
     boundary : Boundary, optional
         Fixed coordinates and their values, ``(k,)`` or batched ``(B, k)``.
         Without one, every coordinate is free and the answer is the zero section
@@ -202,7 +202,7 @@ def harmonic_extension(
         after checking the true residual ``‖b − A x‖ <= tol · ‖b‖``.
     allow_nonunique : bool
         If ``H⁰(G,U;F) ≠ 0`` the minimiser is not unique: by default a
-        `NonUniqueError` names a free part that can move. With ``True`` the minimum-norm
+        [`NonUniqueError`][cellsheaf.harmonic.NonUniqueError] names a free part that can move. With ``True`` the minimum-norm
         solution is returned (on every route) and ``info.extra["nullspace"]`` holds an
         orthonormal ``(C0, k)`` basis of the directions that can be added (zero on the
         fixed coordinates; a torch sparse COO tensor when it would have more than 2²⁵ entries).
@@ -210,7 +210,7 @@ def harmonic_extension(
     Returns
     -------
     Cochain
-        ``(C0,)`` or ``(B, C0)``; ``.info`` is a `SolveInfo` with the method, iterations,
+        ``(C0,)`` or ``(B, C0)``; ``.info`` is a [`SolveInfo`][cellsheaf.results.SolveInfo] with the method, iterations,
         the residual ``‖L[Ω,:] x‖ / ‖L[Ω,U] u‖`` (float64, assembled blocks), and in ``extra``: ``"nullity"`` (``dim H⁰(G,U;F)``),
         ``"certificate"`` (how uniqueness was decided), ``"lambda_min"`` (smallest
         eigenvalue of ``L[Ω,Ω]``, dense route) and ``"nullspace"`` (see ``allow_nonunique``).

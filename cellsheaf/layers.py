@@ -2,22 +2,22 @@
 
 Optional for users who only want the mathematics: nothing in `cellsheaf` imports
 this module, and it uses the same operators as everything else
-(`cellsheaf.operators`), so a layer's Laplacian is the sheaf's Laplacian.
+([`cellsheaf.operators`][cellsheaf.operators]), so a layer's Laplacian is the sheaf's Laplacian.
 
 Map parametrisations turn a stack of unconstrained parameter vectors
 ``(..., num_parameters)`` into a stack of restriction maps:
 
-- `GeneralMaps`: any ``d_e × d`` matrix;
-- `DiagonalMaps`: a diagonal ``d × d`` map, stored as its diagonal ``(..., d)``
+- [`GeneralMaps`][cellsheaf.layers.GeneralMaps]: any ``d_e × d`` matrix;
+- [`DiagonalMaps`][cellsheaf.layers.DiagonalMaps]: a diagonal ``d × d`` map, stored as its diagonal ``(..., d)``
   (a diagonal stack, applied elementwise);
-- `OrthogonalMaps`: a ``d × d`` orthogonal matrix (`cellsheaf.orthogonal`);
-- `ScaledOrthogonalMaps`: ``c Q`` with ``Q`` orthogonal and ``c`` a real scalar.
+- [`OrthogonalMaps`][cellsheaf.layers.OrthogonalMaps]: a ``d × d`` orthogonal matrix ([`cellsheaf.orthogonal`][cellsheaf.orthogonal]);
+- [`ScaledOrthogonalMaps`][cellsheaf.layers.ScaledOrthogonalMaps]: ``c Q`` with ``Q`` orthogonal and ``c`` a real scalar.
 
-`MapLearner` predicts the two maps of every edge from the features of its
+[`MapLearner`][cellsheaf.layers.MapLearner] predicts the two maps of every edge from the features of its
 endpoints (a small network on ``[x_u, x_v]`` and ``[x_v, x_u]``), and
-`SheafDiffusion` is one step of neural sheaf diffusion,
+[`SheafDiffusion`][cellsheaf.layers.SheafDiffusion] is one step of neural sheaf diffusion,
 ``X ← X − σ(Δ (I ⊗ W1) X W2)`` with ``Δ`` the augmented-normalised sheaf
-Laplacian of the learned maps (`cellsheaf.operators.apply_laplacian`).
+Laplacian of the learned maps ([`cellsheaf.operators.apply_laplacian`][cellsheaf.operators.apply_laplacian]).
 
 Examples
 --------
@@ -126,7 +126,7 @@ class OrthogonalMaps(MapParametrisation):
     ``method`` is ``"exp"`` (matrix exponential of a skew-symmetric matrix: all of
     ``SO(d)``), ``"cayley"`` (Cayley transform) or ``"householder"`` (``d``
     reflections, determinant ``(−1)^d``); ``d = 2, 3`` use closed forms
-    (`cellsheaf.orthogonal`). Zero parameters give the identity for ``"exp"`` and
+    ([`cellsheaf.orthogonal`][cellsheaf.orthogonal]). Zero parameters give the identity for ``"exp"`` and
     ``"cayley"``.
 
     Examples
@@ -158,7 +158,7 @@ class OrthogonalMaps(MapParametrisation):
 
 class ScaledOrthogonalMaps(OrthogonalMaps):
     """``c Q``: a real scale ``c`` (the first parameter) times an orthogonal ``Q`` (the other
-    ``d(d-1)/2``, as in `OrthogonalMaps`).
+    ``d(d-1)/2``, as in [`OrthogonalMaps`][cellsheaf.layers.OrthogonalMaps]).
 
     Examples
     --------
@@ -217,7 +217,7 @@ class MapLearner(nn.Module):
     in_features : int
         Features per vertex (``d * channels`` for a sheaf diffusion layer).
     maps : MapParametrisation
-        How parameters become maps (`GeneralMaps`, `DiagonalMaps`, `OrthogonalMaps`, ...).
+        How parameters become maps ([`GeneralMaps`][cellsheaf.layers.GeneralMaps], [`DiagonalMaps`][cellsheaf.layers.DiagonalMaps], [`OrthogonalMaps`][cellsheaf.layers.OrthogonalMaps], ...).
     hidden : int, optional
         Width of a hidden layer; by default ``φ`` is one linear layer.
     out_activation : callable, optional
@@ -271,7 +271,7 @@ class SheafDiffusion(nn.Module):
 
     ``X`` holds ``channels`` 0-cochains of a sheaf with ``d``-dimensional stalks,
     as a tensor ``(N, d, channels)``; the maps of every edge are predicted from
-    ``X`` by a `MapLearner`, ``Δ`` is the augmented-normalised sheaf Laplacian
+    ``X`` by a [`MapLearner`][cellsheaf.layers.MapLearner], ``Δ`` is the augmented-normalised sheaf Laplacian
     ``(D + I)^{-1/2} L (D + I)^{-1/2}`` of those maps (or ``normalized=True`` /
     ``False``: ``D^{-1/2} L D^{-1/2}`` / ``L``), ``W1`` (``d × d``, acting on every
     stalk) and ``W2`` (``channels × channels``) are learned and start at the identity,
@@ -281,9 +281,9 @@ class SheafDiffusion(nn.Module):
 
     The graph is an ``edge_index (2, E)`` (the sheaf is built on the first call and
     its index plan reused while the same ``edge_index`` tensor comes back) or a
-    `cellsheaf.Sheaf` with one stack of edges (`cellsheaf.Sheaf.from_arrays`)
-    whose maps the layer overwrites (`cellsheaf.Sheaf.update_maps`). The sheaf of
-    the last call is `sheaf`.
+    [`cellsheaf.Sheaf`][cellsheaf.sheaf.Sheaf] with one stack of edges ([`cellsheaf.Sheaf.from_arrays`][cellsheaf.sheaf.Sheaf.from_arrays])
+    whose maps the layer overwrites ([`cellsheaf.Sheaf.update_maps`][cellsheaf.sheaf.Sheaf.update_maps]). The sheaf of
+    the last call is [`sheaf`][cellsheaf.sheaf].
 
     Parameters
     ----------
@@ -292,7 +292,7 @@ class SheafDiffusion(nn.Module):
     channels : int
         Channels per stalk dimension.
     maps : str or MapParametrisation
-        ``"general"``, ``"diagonal"``, ``"orthogonal"``, ``"scaled_orthogonal"`` (`MAPS`) or a
+        ``"general"``, ``"diagonal"``, ``"orthogonal"``, ``"scaled_orthogonal"`` ([`MAPS`][cellsheaf.layers.MAPS]) or a
         parametrisation making ``d × d`` maps.
     hidden : int, optional
         Hidden width of the map learner (one linear layer by default).

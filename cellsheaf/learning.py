@@ -1,6 +1,6 @@
 """Learning restriction maps: the joint state/map dynamics of Sec. 5.2 and App. B.1.
 
-A trainable map is a dense `cellsheaf.maps.Linear` with ``trainable=True``
+A trainable map is a dense [`cellsheaf.maps.Linear`][cellsheaf.maps.Linear] with ``trainable=True``
 and an optional 0/1 ``mask`` of the entries that may change (the projection
 ``Π_W``, e.g. "keep the diagonal of the bias block", Eq. 25). The energy
 gradient with respect to a map is *local* (Eq. 24): for ``e = u -> v`` with
@@ -16,11 +16,11 @@ The joint dynamics Eq. (26), regularised as Eq. (42), are
 
     ``dω/dt = −α P_Ω (∇_ω E + λ(ω − ω₀))``,   ``dF/dt = −β Π_W (∇_F E + μ(F − F₀))``,
 
-integrated by forward Euler in `joint_step` / `joint_flow`. The state
-term ``λ`` is the same as reluctance edges (`cellsheaf.reluctance`); the map
+integrated by forward Euler in [`joint_step`][cellsheaf.learning.joint_step] / [`joint_flow`][cellsheaf.learning.joint_flow]. The state
+term ``λ`` is the same as reluctance edges ([`cellsheaf.reluctance`][cellsheaf.penalty.reluctance]); the map
 term ``μ`` is reluctance on the parameter sheaf. The map tensors are ordinary
 torch tensors, so a torch optimizer can drive them instead
-(`parameters`, `optimizer_step`).
+([`parameters`][cellsheaf.learning.parameters], [`optimizer_step`][cellsheaf.learning.optimizer_step]).
 
 Maps are keyed ``(edge, side)`` with ``side`` in ``{"u", "v"}``. Where an
 argument takes such a dictionary (anchors), a bare edge name also works when
@@ -64,7 +64,7 @@ MapKey = tuple  # (edge name, "u" | "v")
 def set_trainable(S, edge: Hashable, side: str = "u", mask=None, trainable: bool = True) -> Linear:
     """Mark the map on ``side`` (``"u"`` or ``"v"``) of ``edge`` as trainable, with an optional 0/1 ``mask``.
 
-    The map must be a dense `Linear` (a tensor map); it is
+    The map must be a dense [`Linear`][cellsheaf.maps.Linear] (a tensor map); it is
     replaced by a trainable copy holding its own tensor, which is returned.
 
     Examples
@@ -108,7 +108,7 @@ def trainable_maps(S) -> dict[MapKey, Linear]:
 
 
 def parameters(S) -> list[Tensor]:
-    """The tensors of the trainable maps, for a torch optimizer (see `optimizer_step`)."""
+    """The tensors of the trainable maps, for a torch optimizer (see [`optimizer_step`][cellsheaf.learning.optimizer_step])."""
     return [F.weight for F in trainable_maps(S).values()]
 
 
@@ -133,7 +133,7 @@ def snapshot(S) -> dict[MapKey, Tensor]:
 
 
 def map_parameters(S) -> list[Tensor]:
-    """Every trainable tensor the maps of ``S`` hold (`cellsheaf.maps.Map.parameters`), each once, in edge order.
+    """Every trainable tensor the maps of ``S`` hold ([`cellsheaf.maps.Map.parameters`][cellsheaf.maps.Map.parameters]), each once, in edge order.
 
     Examples
     --------
@@ -167,7 +167,7 @@ def local_gradients(S, x, params: Mapping | list | None = None) -> dict | list:
 
     One rule for every map kind (dense and affine weights, convolution kernels, norm weights,
     scalars, gates, tied matrices), by autograd through the maps of the edges that hold ``θ``
-    (found by identity among their `cellsheaf.maps.Map.tensors`): nothing but each edge's
+    (found by identity among their [`cellsheaf.maps.Map.tensors`][cellsheaf.maps.Map.tensors]): nothing but each edge's
     discrepancy and its end stalks enters (Eq. 24 for a dense map).
 
     Parameters
@@ -176,7 +176,7 @@ def local_gradients(S, x, params: Mapping | list | None = None) -> dict | list:
     x : Cochain or tensor ``(C0,)`` / ``(B, C0)``
         The state; held fixed (not differentiated).
     params : mapping ``{name: tensor}``, sequence of tensors, or None
-        The parameters (default: `map_parameters`). A tensor that does not require grad
+        The parameters (default: [`map_parameters`][cellsheaf.learning.map_parameters]). A tensor that does not require grad
         is differentiated all the same.
 
     Returns
@@ -238,7 +238,7 @@ def _local_gradients(S, x: Tensor, gv: Tensor, gu: Tensor, maps: dict[MapKey, Li
 
 def edge_gradients(S, x: Tensor, keys) -> dict[MapKey, Tensor]:
     """Eq. (24) for the trainable maps ``keys`` (``(edge, side)``) at a batch ``x`` (``(B, C0)``), each from
-    its own edge's discord alone: what `map_gradients` gives for them, without a pass over the other edges.
+    its own edge's discord alone: what [`map_gradients`][cellsheaf.learning.map_gradients] gives for them, without a pass over the other edges.
 
     Examples
     --------
@@ -262,7 +262,7 @@ def map_gradients(S, x, mu: float = 0.0, anchors: Mapping | None = None) -> dict
     """``Π_W ∇_F`` of the energy (summed over a batch) for every trainable map, by Eq. (24).
 
     With ``mu > 0`` adds the structure regularisation ``μ(F − F₀)`` of Eq. (42)
-    (anchors ``F₀`` from `snapshot`; default zero, Eq. 29).
+    (anchors ``F₀`` from [`snapshot`][cellsheaf.learning.snapshot]; default zero, Eq. 29).
 
     Parameters
     ----------
@@ -304,8 +304,8 @@ def _regularised(S, grads: dict, maps: dict, mu: float, anchors: Mapping | None)
 
 
 def assign_gradients(S, x, mu: float = 0.0, anchors: Mapping | None = None) -> dict[MapKey, Tensor]:
-    """Write `map_gradients` into the ``.grad`` of every trainable map tensor (and return them),
-    so that a torch optimizer over `parameters` can step."""
+    """Write [`map_gradients`][cellsheaf.learning.map_gradients] into the ``.grad`` of every trainable map tensor (and return them),
+    so that a torch optimizer over [`parameters`][cellsheaf.learning.parameters] can step."""
     grads = map_gradients(S, x, mu, anchors)
     for k, F in trainable_maps(S).items():
         F.weight.grad = grads[k].to(F.weight.dtype)
@@ -434,7 +434,7 @@ def joint_step(
         The coordinates that move (``P_Ω``); None: all of them.
     alpha, beta, dt : rates of the state and the maps, and the time step.
     lam, x_anchor : state regularisation ``λ(ω − ω₀)`` (``ω₀`` default 0); the same as reluctance edges.
-    mu, map_anchors : map regularisation ``μ(F − F₀)`` (``F₀`` default 0, or from `snapshot`).
+    mu, map_anchors : map regularisation ``μ(F − F₀)`` (``F₀`` default 0, or from [`snapshot`][cellsheaf.learning.snapshot]).
     reduce : callable, optional
         Combines the batch sums of the map gradients with those of other processes before the
         step (e.g. an all-reduce sum under torch.distributed, so every process takes the same step).
@@ -484,7 +484,7 @@ def joint_flow(
 ) -> Result:
     """Integrate the joint dynamics for ``steps`` Euler steps (or until the energy stops changing).
 
-    Returns a `Result` with the final state ``x``; the maps
+    Returns a [`Result`][cellsheaf.results.Result] with the final state ``x``; the maps
     are trained in place. ``extra["energy"]`` is the total energy ``(K,)`` of the
     regularised objective (Eq. 41, summed over the batch) every ``record`` steps and
     ``extra["step"]`` the step numbers; ``residual`` is the norm of the joint

@@ -47,7 +47,7 @@ def cg(
     Returns
     -------
     x : tensor ``(B, n)``
-    info : `SolveInfo` (``converged`` is True only if every row's true residual met ``tol``;
+    info : [`SolveInfo`][cellsheaf.results.SolveInfo] (``converged`` is True only if every row's true residual met ``tol``;
         ``residual`` is the largest true relative residual)
     """
     squeeze = b.dim() == 1

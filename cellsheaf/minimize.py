@@ -5,14 +5,14 @@ with the stubborn coordinates held at their boundary values. Three methods:
 
 ``"euler"``
     The paper's gradient flow ``dω/dt = −α ∇_Ω E`` by forward Euler
-    (`cellsheaf.diffuse`), with the step checked against the stability
+    ([`cellsheaf.diffuse`][cellsheaf.diffusion.diffuse]), with the step checked against the stability
     bound of the current linearisation and an optional per-edge energy record.
 ``"propagate"``
     Forward substitution along a triangular order, for *determined* sheaves
-    (`cellsheaf.propagation`): every compiled feedforward network. Exact in
+    ([`cellsheaf.propagation`][cellsheaf.propagation]): every compiled feedforward network. Exact in
     one pass; the zero discord of the result is verified.
 ``"newton"``
-    Gauss–Newton / active-set Newton with a line search (`cellsheaf.gauss_newton`):
+    Gauss–Newton / active-set Newton with a line search ([`cellsheaf.gauss_newton`][cellsheaf.gauss_newton]):
     pins, penalty edges, tall ``δ_Ω``, non-quadratic potentials.
 
 ``"auto"`` propagates when the sheaf is determined and otherwise runs Newton.
@@ -116,13 +116,13 @@ def minimize(
         Stubborn coordinates and their values (``(k,)`` or batched ``(B, k)``).
     method : {"auto", "euler", "propagate", "newton"}
         See the module documentation. ``"propagate"`` on a sheaf that is not
-        determined raises `NotDeterminedError` saying why.
+        determined raises [`NotDeterminedError`][cellsheaf.propagation.NotDeterminedError] saying why.
     x0 : Cochain or tensor, optional
         Starting point of ``"euler"``/``"newton"`` (default zeros); its fixed
         coordinates are overwritten by the boundary values.
     tol : float, optional
         Stop when every item's gradient norm on the free coordinates is ``<= tol``
-        (default `default_tol`: ``1e-10`` in float64). For ``"propagate"``
+        (default [`default_tol`][cellsheaf.minimize.default_tol]: ``1e-10`` in float64). For ``"propagate"``
         convergence is zero discord up to rounding.
     max_iter : int, optional
         Iteration cap: Euler steps (default 100 000) or Newton steps (default 100).

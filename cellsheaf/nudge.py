@@ -1,7 +1,7 @@
 """Equilibria of a determined sheaf nudged by soft edges, by sweeps along its propagation order.
 
 Split the edges into a *determined part* ``D`` (a propagation schedule: ``δ_Ω``
-square and triangular, `cellsheaf.propagation.determined_part`) and the *rest*
+square and triangular, [`cellsheaf.propagation.determined_part`][cellsheaf.propagation.determined_part]) and the *rest*
 ``R``: soft edges such as a loss edge of small weight ``γ`` or penalty edges.
 The equilibrium of ``D`` alone is its propagation ``x*`` (zero discord on ``D``).
 The rest moves it by ``Δ`` solving
@@ -16,7 +16,7 @@ the whole activation region). ``M⁻¹`` is two triangular sweeps along the sche
     ``Δ_{k+1} = −M⁻¹ ∇E_R(x* + Δ_k)``,   ``Δ_0 = 0``
 
 costs two sweeps per iteration (for a rest that is not soft the contraction is slow:
-use Newton, `cellsheaf.minimize`, warm-started from the result). ``Δ_1`` is the linear response (exact as ``γ → 0``);
+use Newton, [`cellsheaf.minimize`][cellsheaf.minimize.minimize], warm-started from the result). ``Δ_1`` is the linear response (exact as ``γ → 0``);
 each further iteration corrects the error by a factor ``O(γ ‖M⁻¹‖ ‖∇²E_R‖)``.
 In the model, the gradient of the energy on the free coordinates at ``x_k = x* + Δ_k``
 is ``∇E_R(x_k) − ∇E_R(x_{k−1})`` (the determined part contributes ``M Δ_k``), so the
@@ -80,7 +80,7 @@ def nudged_equilibrium(S, plan: PropagationPlan, x: Tensor, tol: float = 1e-10, 
     ----------
     S : Sheaf
     plan : PropagationPlan
-        The plan of the determined part (`cellsheaf.propagation.plan` with ``determined=True``);
+        The plan of the determined part ([`cellsheaf.propagation.plan`][cellsheaf.propagation.plan] with ``determined=True``);
         its steps' edges are ``D``, every other edge of ``S`` is the rest ``R``.
     x : tensor ``(B, C0)``
         ``x*``: the boundary values set and the plan run (zero discord on ``D``).

@@ -6,7 +6,7 @@ matmul and one ``index_add`` per group, so a sheaf with 10⁵ vertices runs no
 Python loop per edge. Other edges (large, structured or nonlinear maps) are
 applied one by one through their map objects.
 
-Nonlinear maps are handled throughout: `apply_coboundary` is the
+Nonlinear maps are handled throughout: [`apply_coboundary`][cellsheaf.operators.apply_coboundary] is the
 nonlinear discrepancy ``F_v(x_v) − F_u(x_u)``; adjoints and assembled
 matrices take a point ``at`` and use the Jacobians there.
 
@@ -601,10 +601,10 @@ def apply_laplacian(S, x, at=None, normalized: Normalization = False) -> Tensor:
     normalized : False, True or "augmented"
         ``True`` applies ``D^{-1/2} L D^{-1/2}`` and ``"augmented"`` applies
         ``(D + I)^{-1/2} L (D + I)^{-1/2}``, with ``D`` the vertex-diagonal blocks of ``L``
-        (`degree_blocks`; pseudo-inverse roots where a block is singular).
+        ([`degree_blocks`][cellsheaf.operators.degree_blocks]; pseudo-inverse roots where a block is singular).
 
     Differentiable with respect to ``x`` and to stacked maps and weights that require
-    grad (`cellsheaf.Sheaf.update_maps`); when nothing requires grad, the blocks of ``L``
+    grad ([`cellsheaf.Sheaf.update_maps`][cellsheaf.sheaf.Sheaf.update_maps]); when nothing requires grad, the blocks of ``L``
     are cached and reused while the maps are unchanged.
 
     Examples
@@ -813,7 +813,7 @@ def dirichlet_energy(S, x, normalized: Normalization = False) -> Tensor:
 
     ``normalized=True`` / ``"augmented"`` evaluates it at ``D^{-1/2} x`` /
     ``(D + I)^{-1/2} x``, i.e. ``½ xᵀ Δ x`` with the normalised Laplacian ``Δ`` of
-    `apply_laplacian`. Differentiable with respect to ``x``, stacked maps and weights.
+    [`apply_laplacian`][cellsheaf.operators.apply_laplacian]. Differentiable with respect to ``x``, stacked maps and weights.
 
     Examples
     --------
@@ -1094,7 +1094,7 @@ def laplacian(S, at=None, normalized: Normalization = False, format: str = "torc
     With all weights 1 (the default) this is ``δᵀδ``. ``normalized=True`` gives
     ``D^{-1/2} L D^{-1/2}`` with ``D`` the block diagonal of ``L`` (Hansen & Ghrist),
     ``normalized="augmented"`` gives ``(D + I)^{-1/2} L (D + I)^{-1/2}``.
-    Arguments as in `coboundary`. The result is always a new matrix (never a cached one).
+    Arguments as in [`coboundary`][cellsheaf.operators.coboundary]. The result is always a new matrix (never a cached one).
 
     When maps or weights require grad (and grad mode is on), ``format="torch"``/``"dense"``
     are assembled in torch and keep autograd; ``format="scipy"`` (or ``at=``) cannot, and
@@ -1134,8 +1134,8 @@ def fixed_indices(S, boundary) -> Tensor:
 def restricted_laplacian(S, boundary, at=None, format: str = "torch", dtype: torch.dtype | None = None):
     """The blocks ``(L[Ω,Ω], L[Ω,U])`` for the fixed coordinates ``U`` of ``boundary``.
 
-    ``boundary`` is a `Boundary`, a resolved one, or a list of
-    flat indices. Other arguments as in `laplacian`.
+    ``boundary`` is a [`Boundary`][cellsheaf.boundary.Boundary], a resolved one, or a list of
+    flat indices. Other arguments as in [`laplacian`][cellsheaf.operators.laplacian].
 
     Examples
     --------

@@ -2,18 +2,18 @@
 
 Each function takes a stack of parameter vectors ``(..., d(d-1)/2)`` and
 returns a stack of ``d × d`` orthogonal matrices ``(..., d, d)``, smooth in the
-parameters everywhere (zero parameters give the identity for `exp_skew` and
-`cayley`). They are the building blocks of orthogonal restriction maps
-(connection sheaves, `cellsheaf.connection_sheaf`) and of the orthogonal map
-parametrisations in `cellsheaf.layers`.
+parameters everywhere (zero parameters give the identity for [`exp_skew`][cellsheaf.orthogonal.exp_skew] and
+[`cayley`][cellsheaf.orthogonal.cayley]). They are the building blocks of orthogonal restriction maps
+(connection sheaves, [`cellsheaf.connection_sheaf`][cellsheaf.connection.connection_sheaf]) and of the orthogonal map
+parametrisations in [`cellsheaf.layers`][cellsheaf.layers].
 
-- `exp_skew`: the matrix exponential of a skew-symmetric matrix (all of
+- [`exp_skew`][cellsheaf.orthogonal.exp_skew]: the matrix exponential of a skew-symmetric matrix (all of
   ``SO(d)``); closed forms for ``d = 2`` (rotation by an angle) and ``d = 3``
   (Rodrigues' formula), ``torch.linalg.matrix_exp`` above.
-- `cayley`: the Cayley transform ``(I − A)^{-1} (I + A)`` (``SO(d)`` except the
+- [`cayley`][cellsheaf.orthogonal.cayley]: the Cayley transform ``(I − A)^{-1} (I + A)`` (``SO(d)`` except the
   rotations with eigenvalue −1); closed form ``I + 2 (A + A²) / (1 + θ²)`` for
   ``d = 2, 3``, a batched solve above.
-- `householder`: a product of ``d`` Householder reflections (determinant
+- [`householder`][cellsheaf.orthogonal.householder]: a product of ``d`` Householder reflections (determinant
   ``(−1)^d``), the parametrisation of ``torch.nn.utils.parametrizations.orthogonal``.
 
 Examples
@@ -132,7 +132,7 @@ def householder(a: Tensor, d: int) -> Tensor:
     """The product ``H_1 ⋯ H_d`` of reflections ``H_k = I − 2 v_k v_kᵀ / ‖v_k‖²``, in ``O(d)``.
 
     ``v_k`` is the ``k``-th column of the unit lower-triangular matrix whose strictly
-    lower part holds ``a`` (row order, as in `skew`); ``‖v_k‖ ≥ 1``, so the map is
+    lower part holds ``a`` (row order, as in [`skew`][cellsheaf.orthogonal.skew]); ``‖v_k‖ ≥ 1``, so the map is
     smooth everywhere. Its determinant is ``(−1)^d``.
 
     Examples
@@ -155,7 +155,7 @@ def householder(a: Tensor, d: int) -> Tensor:
 
 
 def orthogonal(a: Tensor, d: int, method: str = "exp") -> Tensor:
-    """Orthogonal matrices ``(..., d, d)`` from parameters ``(..., d(d-1)/2)`` by ``method`` (see `METHODS`).
+    """Orthogonal matrices ``(..., d, d)`` from parameters ``(..., d(d-1)/2)`` by ``method`` (see [`METHODS`][cellsheaf.orthogonal.METHODS]).
 
     Examples
     --------

@@ -8,8 +8,8 @@ energy is ``(γ/2)‖P_J x_v − p‖²`` with the quadratic potential (Eq. 23).
 reference values ``ω₀`` with strength ``λ``, which adds ``(λ/2)‖ω − ω₀‖²`` to the
 energy (Eq. 41): regularisation is just more edges.
 
-The anchor's value is boundary data: a pin's `Penalty.boundary` adds it to
-a `Boundary` for the solvers.
+The anchor's value is boundary data: a pin's [`Penalty.boundary`][cellsheaf.penalty.Penalty.boundary] adds it to
+a [`Boundary`][cellsheaf.boundary.Boundary] for the solvers.
 
 Examples
 --------
@@ -74,7 +74,7 @@ class Penalty:
 
 @dataclass
 class Penalties:
-    """Several penalty edges added together (e.g. by `reluctance`)."""
+    """Several penalty edges added together (e.g. by [`reluctance`][cellsheaf.penalty.reluctance])."""
 
     items: list[Penalty]
 

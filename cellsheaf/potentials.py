@@ -40,10 +40,10 @@ def _kink_eps(r: Tensor) -> Tensor:
 class Potential:
     """Base class of edge potentials.
 
-    Difference potentials implement `value` and `grad` of ``r``
-    (and `curvature`; the default uses autograd). Two-argument potentials
-    set ``difference = False`` and implement `pair_value`,
-    `pair_grad` and `pair_curvature` of ``(a_v, a_u)`` where
+    Difference potentials implement [`value`][cellsheaf.potentials.Potential.value] and [`grad`][cellsheaf.potentials.Potential.grad] of ``r``
+    (and [`curvature`][cellsheaf.potentials.Potential.curvature]; the default uses autograd). Two-argument potentials
+    set ``difference = False`` and implement [`pair_value`][cellsheaf.potentials.Potential.pair_value],
+    [`pair_grad`][cellsheaf.potentials.Potential.pair_grad] and [`pair_curvature`][cellsheaf.potentials.Potential.pair_curvature] of ``(a_v, a_u)`` where
     ``a_v = F_v x_v`` and ``a_u = F_u x_u``.
 
     Attributes
@@ -65,7 +65,7 @@ class Potential:
         raise NotImplementedError
 
     def grad(self, r: Tensor) -> Tensor:
-        """Gradient (a subgradient where not differentiable) of `value` at ``r``."""
+        """Gradient (a subgradient where not differentiable) of [`value`][cellsheaf.potentials.Potential.value] at ``r``."""
         with torch.enable_grad():
             r = r.detach().requires_grad_(True)
             return torch.autograd.grad(self.value(r).sum(), r)[0]

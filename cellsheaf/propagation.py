@@ -14,7 +14,7 @@ penalty edges make ``δ_Ω`` tall and the sheaf not determined.
 
 The schedule depends only on the structure and the set of fixed coordinates; it
 is cached on the sheaf (``S._cache``) and rebuilt when the sheaf changes. A
-`PropagationPlan` (`plan`) compiles the schedule into a short list of tensor
+[`PropagationPlan`][cellsheaf.propagation.PropagationPlan] ([`plan`][cellsheaf.propagation.plan]) compiles the schedule into a short list of tensor
 operations: index tensors and views computed once, affine edges applied as one
 ``addmm`` with the contribution of constant boundary columns (the "ones" of a
 compiled network) as its bias, no host synchronisation while it runs, and one
@@ -243,7 +243,7 @@ def _fixed_of(S, boundary) -> Tensor:
 
 
 def schedule(S, boundary: Boundary | ResolvedBoundary | None = None) -> list[PropagationStep]:
-    """The propagation order of a determined sheaf; raises `NotDeterminedError` saying why not.
+    """The propagation order of a determined sheaf; raises [`NotDeterminedError`][cellsheaf.propagation.NotDeterminedError] saying why not.
 
     Examples
     --------
@@ -284,7 +284,7 @@ def determined_part(S, boundary: Boundary | ResolvedBoundary | None = None) -> l
     (weight times largest squared map entry below its smallest stiffness), so that
     the determined part dominates the curvature. The steps' edges form a
     square, triangular ``δ_Ω`` (used to precondition Gauss–Newton steps, see
-    `cellsheaf.gauss_newton`). Cached on the sheaf like `schedule`.
+    [`cellsheaf.gauss_newton`][cellsheaf.gauss_newton]). Cached on the sheaf like [`schedule`][cellsheaf.propagation.schedule].
 
     Examples
     --------
@@ -475,19 +475,19 @@ def _step_binder(s: PropagationStep, const: np.ndarray, values: np.ndarray):
 class PropagationPlan:
     """A propagation schedule compiled into tensor operations, for one boundary pattern.
 
-    Built by `plan` (once per sheaf and pattern, cached). ``run(x)`` fills the
+    Built by [`plan`][cellsheaf.propagation.plan] (once per sheaf and pattern, cached). ``run(x)`` fills the
     constant and free coordinates of a batch of cochains ``x`` (``(B, C0)``, the other
     fixed coordinates already set) in place: per step one kernel where the map allows
     it (an affine edge is one ``addmm`` into the cochain, an activation one
     elementwise kernel), no Python lists and no host synchronisation; then, unless
-    ``check=False``, one reduction checks that everything is finite. `bound` keeps a
+    ``check=False``, one reduction checks that everything is finite. [`bound`][cellsheaf.propagation.PropagationPlan.bound] keeps a
     cochain buffer per batch shape with every view taken once, for repeated runs. The
     plan holds the maps, not their matrices: weights changed in place are read at every
     run (a map's entries outside its trainable mask must stay zero).
 
     Attributes
     ----------
-    steps : the schedule (`PropagationStep`), in order.
+    steps : the schedule ([`PropagationStep`][cellsheaf.propagation.PropagationStep]), in order.
     fixed, free : sorted index tensors of the fixed and free coordinates.
     constant, constant_values : the fixed coordinates whose values were given when
         the plan was built (the same for every item and call), and those values.
@@ -516,7 +516,7 @@ class PropagationPlan:
         self._bound: dict = {}
 
     def needs_autograd(self, x: Tensor) -> bool:
-        """Whether a run at ``x`` must be differentiable (then `propagate` runs instead: ``run`` writes in place)."""
+        """Whether a run at ``x`` must be differentiable (then [`propagate`][cellsheaf.propagation.propagate] runs instead: ``run`` writes in place)."""
         return torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in self._tensors))
 
     def _write_constants(self, x: Tensor) -> None:
@@ -588,7 +588,7 @@ class PropagationPlan:
 
 
 class BoundPlan:
-    """A `PropagationPlan` bound to its own cochain buffer ``x`` (made by `PropagationPlan.bound`)."""
+    """A [`PropagationPlan`][cellsheaf.propagation.PropagationPlan] bound to its own cochain buffer ``x`` (made by [`PropagationPlan.bound`][cellsheaf.propagation.PropagationPlan.bound])."""
 
     def __init__(self, plan: PropagationPlan, batch: int, dtype: torch.dtype, device):
         self.plan = plan
@@ -611,7 +611,7 @@ class BoundPlan:
         return v
 
     def run(self, check: bool = True) -> Tensor:
-        """Run the plan on the buffer (see `PropagationPlan.run`); returns the buffer."""
+        """Run the plan on the buffer (see [`PropagationPlan.run`][cellsheaf.propagation.PropagationPlan.run]); returns the buffer."""
         return self.plan._execute(self._ops, self.x, check)
 
 
@@ -622,11 +622,11 @@ def plan(S, fixed: Tensor, constant: Tensor | None = None, constant_values: Tens
     ``constant`` (a subset of ``fixed``) are coordinates whose values
     ``constant_values`` are known now and the same for every item (the ones blocks of a
     compiled network): their contribution to an affine edge becomes the bias of its
-    ``addmm``, and `PropagationPlan.run` writes them itself. Raises
-    `NotDeterminedError` when the sheaf with this boundary is not determined.
+    ``addmm``, and [`PropagationPlan.run`][cellsheaf.propagation.PropagationPlan.run] writes them itself. Raises
+    [`NotDeterminedError`][cellsheaf.propagation.NotDeterminedError] when the sheaf with this boundary is not determined.
     With ``determined=True`` the plan propagates the sheaf's determined part
-    (`determined_part`: the other, softer edges are left out, e.g. to start
-    `cellsheaf.nudge.nudged_equilibrium`).
+    ([`determined_part`][cellsheaf.propagation.determined_part]: the other, softer edges are left out, e.g. to start
+    [`cellsheaf.nudge.nudged_equilibrium`][cellsheaf.nudge.nudged_equilibrium]).
 
     Examples
     --------

@@ -18,9 +18,9 @@ module makes it in four steps, each of which keeps the exact rank unchanged:
 3. **Connected components** of ``δ'`` (rows and columns linked by nonzeros) are
    decided separately: the rank is the sum.
 4. **Per component**, a certified count of the singular values of ``δ'`` above
-   ``tol``: a dense SVD (up to `DENSE_LIMIT` rows and columns), else a sparse count on
+   ``tol``: a dense SVD (up to [`DENSE_LIMIT`][cellsheaf.rank.DENSE_LIMIT] rows and columns), else a sparse count on
    ``N = δ'ᵀδ'`` with threshold ``tol²``: first a Lanczos bound (no eigenvalue of ``N``
-   below ``μ``, with failure probability at most `FAILURE_PROBABILITY` over the
+   below ``μ``, with failure probability at most [`FAILURE_PROBABILITY`][cellsheaf.rank.FAILURE_PROBABILITY] over the
    random start, Kuczyński–Woźniakowski); if Lanczos cannot certify, the inertia of
    ``N − tol²·I`` from a symmetric sparse ``LDLᵀ`` (Sylvester's law: the number of
    negative pivots is the number of eigenvalues below ``tol²``), with the kernel from
@@ -89,7 +89,7 @@ class RankDecision:
         on it (``None`` if none was).
     certified : whether the count is proved: by a dense SVD, an exact computation, an
         ``LDLᵀ`` inertia count, or a Lanczos bound (wrong with probability at most
-        `FAILURE_PROBABILITY`). ``False`` means the sparse route could not certify the count
+        [`FAILURE_PROBABILITY`][cellsheaf.rank.FAILURE_PROBABILITY]). ``False`` means the sparse route could not certify the count
         (the rank is then a best estimate, and ``gap`` is ``None``).
     certificate : how the count was certified, in words.
     """
@@ -125,7 +125,7 @@ class RankDecision:
 
 
 class NullSpaces:
-    """The outcome of `decide`: the decision and, on request, orthonormal null-space bases.
+    """The outcome of [`decide`][cellsheaf.rank.decide]: the decision and, on request, orthonormal null-space bases.
 
     ``right()`` is an ``(n, n − rank)`` basis of ``ker D``, ``left()`` an ``(m, m − rank)`` basis
     of ``ker Dᵀ`` or ``None`` when the sparse route did not compute it (more than ``k``
@@ -446,8 +446,8 @@ def decide(D: sp.spmatrix, row_owner: np.ndarray, col_owner: np.ndarray, eps: fl
     row_owner : ``(m,)`` edge index of every row.
     col_owner : ``(n,)`` vertex index of every column, non-decreasing.
     eps : machine epsilon of the data (float32 maps: float32's).
-    tol : tolerance on singular values of the equilibrated matrix (default: `default_tol`).
-    method : ``"auto"`` (dense SVD per component up to `DENSE_LIMIT`), ``"dense"`` or ``"sparse"``.
+    tol : tolerance on singular values of the equilibrated matrix (default: [`default_tol`][cellsheaf.rank.default_tol]).
+    method : ``"auto"`` (dense SVD per component up to [`DENSE_LIMIT`][cellsheaf.rank.DENSE_LIMIT]), ``"dense"`` or ``"sparse"``.
     k : on sparse components the left null space is computed only when it has at most ``k`` vectors.
     """
     D = sp.csr_matrix(D, dtype=np.float64, copy=True)  # D may be a cached operator: never touch it

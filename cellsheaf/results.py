@@ -39,7 +39,7 @@ class SolveInfo:
 
 @dataclass
 class Result(SolveInfo):
-    """A `SolveInfo` carrying the final cochain ``x`` (and ``t``, the time reached, for diffusion)."""
+    """A [`SolveInfo`][cellsheaf.results.SolveInfo] carrying the final cochain ``x`` (and ``t``, the time reached, for diffusion)."""
 
     x: Cochain | None = None
     t: float | None = None

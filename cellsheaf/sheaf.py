@@ -1,4 +1,4 @@
-"""The `Sheaf`: an oriented multigraph with stalks and restriction maps.
+"""The [`Sheaf`][cellsheaf.sheaf.Sheaf]: an oriented multigraph with stalks and restriction maps.
 
 For an edge ``e = u -> v`` the coboundary is ``(δx)_e = F_v x_v − F_u x_u``.
 Vertices and edges keep their insertion order, which is the order of the
@@ -74,13 +74,13 @@ class Sheaf:
     """A cellular sheaf on an oriented multigraph.
 
     Vertex stalks are ``R^d``; each edge carries two restriction maps
-    (`cellsheaf.maps`; a plain tensor means `cellsheaf.maps.Linear`),
+    ([`cellsheaf.maps`][cellsheaf.maps]; a plain tensor means [`cellsheaf.maps.Linear`][cellsheaf.maps.Linear]),
     an optional weight and an optional edge potential.
 
     Edges live in one of two storages behind the same interface: one record
-    per edge (`add_edge`: few, heterogeneous, structured or nonlinear maps)
-    or stacked tensors (`from_arrays`, `add_edges`: many edges of one shape,
-    see `cellsheaf.stacked`). `edge`, `edge_items` and every operator,
+    per edge ([`add_edge`][cellsheaf.sheaf.Sheaf.add_edge]: few, heterogeneous, structured or nonlinear maps)
+    or stacked tensors ([`from_arrays`][cellsheaf.sheaf.Sheaf.from_arrays], [`add_edges`][cellsheaf.sheaf.Sheaf.add_edges]: many edges of one shape,
+    see [`cellsheaf.stacked`][cellsheaf.stacked]). [`edge`][cellsheaf.sheaf.Sheaf.edge], [`edge_items`][cellsheaf.sheaf.Sheaf.edge_items] and every operator,
     solver and spec work on both.
 
     Examples
@@ -163,11 +163,11 @@ class Sheaf:
         Parameters
         ----------
         edge_index : (2, E) integer tensor or array
-            Positions in `vertices` of the tails ``u`` (row 0) and heads ``v`` (row 1).
+            Positions in [`vertices`][cellsheaf.sheaf.Sheaf.vertices] of the tails ``u`` (row 0) and heads ``v`` (row 1).
         Fu, Fv : tensors
             ``(E, d_e, d_u)`` and ``(E, d_e, d_v)`` dense maps, or ``(E, d)`` diagonal maps
             applied elementwise. Held by reference: maps that require grad keep autograd
-            through every operator (see `update_maps`).
+            through every operator (see [`update_maps`][cellsheaf.sheaf.Sheaf.update_maps]).
         names : sequence, optional
             Edge names; by default the integers ``k0, k0 + 1, ...`` with ``k0`` the number of
             edges already in the sheaf.
@@ -219,7 +219,7 @@ class Sheaf:
             Stalk dimension of each vertex. Vertices are named ``0 .. n-1`` unless a
             mapping gives their names (in its order).
         edge_index, Fu, Fv, names, weights
-            As in `add_edges`: ``edge_index`` holds positions in the vertex order.
+            As in [`add_edges`][cellsheaf.sheaf.Sheaf.add_edges]: ``edge_index`` holds positions in the vertex order.
 
         Examples
         --------
@@ -308,8 +308,8 @@ class Sheaf:
 
         ``Fu``/``Fv`` have the shapes of the stored stacks (``(E, d_e, d_u)``/``(E, d_e, d_v)``,
         or ``(E, d)`` for diagonal stacks); ``None`` keeps a side. With several stacks
-        (several `add_edges` calls) pass a list with one tensor per stack. Tensors that
-        require grad keep autograd through every operator (`cellsheaf.operators`), which is
+        (several [`add_edges`][cellsheaf.sheaf.Sheaf.add_edges] calls) pass a list with one tensor per stack. Tensors that
+        require grad keep autograd through every operator ([`cellsheaf.operators`][cellsheaf.operators]), which is
         how a sheaf neural network learns its maps. ``check=False`` skips the NaN/Inf scan
         (one pass over the values and a host sync).
 
@@ -448,7 +448,7 @@ class Sheaf:
 
     @property
     def stacks(self) -> list[EdgeStack]:
-        """The stacked blocks of edges (`cellsheaf.stacked.EdgeStack`), in cochain order."""
+        """The stacked blocks of edges ([`cellsheaf.stacked.EdgeStack`][cellsheaf.stacked.EdgeStack]), in cochain order."""
         return [seg for seg in self._segments if isinstance(seg, EdgeStack)]
 
     @property
@@ -486,7 +486,7 @@ class Sheaf:
         return found
 
     def edge(self, name: Hashable) -> Edge:
-        """The `Edge` called ``name`` (for stacked edges a light view of the stacked tensors)."""
+        """The [`Edge`][cellsheaf.sheaf.Edge] called ``name`` (for stacked edges a light view of the stacked tensors)."""
         seg, key = self._find(name)
         return seg[key] if isinstance(seg, dict) else self._stack_edge(seg, key)
 
@@ -512,7 +512,7 @@ class Sheaf:
         return [seg if isinstance(seg, EdgeStack) else list(seg.values()) for seg in self._segments]
 
     def edge_items(self) -> Iterable[Edge]:
-        """All `Edge` records in order (stacked edges as light views, made on the fly)."""
+        """All [`Edge`][cellsheaf.sheaf.Edge] records in order (stacked edges as light views, made on the fly)."""
         for seg in self._segments:
             if isinstance(seg, dict):
                 yield from seg.values()
@@ -710,12 +710,12 @@ class Sheaf:
 
         Optional edge attributes ``name``, ``weight`` and ``potential`` are used when present.
         Undirected graphs are oriented as their edges are listed. Edges are added in the
-        order of their ``index`` attribute when every edge has one (as `to_networkx`
+        order of their ``index`` attribute when every edge has one (as [`to_networkx`][cellsheaf.sheaf.Sheaf.to_networkx]
         writes, so the cochain order survives a round trip), else as networkx lists them.
 
         ``stalk=d`` is the default for what is missing: nodes without ``dim`` get stalk
         ``R^d`` and edges without maps get identities on ``R^d``. On a plain graph (no
-        attributes at all) this is `constant_sheaf` (stacked storage, integer edge names).
+        attributes at all) this is [`constant_sheaf`][cellsheaf.sheaf.constant_sheaf] (stacked storage, integer edge names).
 
         Examples
         --------
@@ -756,19 +756,19 @@ class Sheaf:
 
     # ------------------------------------------------------------------ operators
     def coboundary(self, at=None, format: str = "torch", dtype: torch.dtype | None = None):
-        """The coboundary ``δ`` of shape ``(C1, C0)``; see `cellsheaf.operators.coboundary`."""
+        """The coboundary ``δ`` of shape ``(C1, C0)``; see [`cellsheaf.operators.coboundary`][cellsheaf.operators.coboundary]."""
         from .operators import coboundary
 
         return coboundary(self, at=at, format=format, dtype=dtype)
 
     def laplacian(self, at=None, normalized: bool = False, format: str = "torch", dtype: torch.dtype | None = None):
-        """The (weighted) Laplacian ``δᵀWδ``; see `cellsheaf.operators.laplacian`."""
+        """The (weighted) Laplacian ``δᵀWδ``; see [`cellsheaf.operators.laplacian`][cellsheaf.operators.laplacian]."""
         from .operators import laplacian
 
         return laplacian(self, at=at, normalized=normalized, format=format, dtype=dtype)
 
     def cohomology(self, **kwargs):
-        """Dimensions and bases of H⁰ and H¹; see `cellsheaf.cohomology.cohomology`."""
+        """Dimensions and bases of H⁰ and H¹; see [`cellsheaf.cohomology.cohomology`][cellsheaf.cohomology.cohomology]."""
         from .cohomology import cohomology
 
         return cohomology(self, **kwargs)
@@ -780,14 +780,14 @@ class Sheaf:
         return global_sections(self, **kwargs)
 
     def to_spec(self):
-        """The pydantic `cellsheaf.spec.SheafSpec` of this sheaf."""
+        """The pydantic [`cellsheaf.spec.SheafSpec`][cellsheaf.spec.SheafSpec] of this sheaf."""
         from .spec import to_spec
 
         return to_spec(self)
 
     @classmethod
     def from_spec(cls, spec) -> "Sheaf":
-        """Build a sheaf from a `cellsheaf.spec.SheafSpec` (or its dict / JSON string)."""
+        """Build a sheaf from a [`cellsheaf.spec.SheafSpec`][cellsheaf.spec.SheafSpec] (or its dict / JSON string)."""
         from .spec import from_spec
 
         return from_spec(spec)

@@ -1,9 +1,9 @@
 """JSON description of a sheaf: validated pydantic models and a lossless round trip.
 
-A `SheafSpec` lists the vertices (name, stalk dim) and the edges (name,
+A [`SheafSpec`][cellsheaf.spec.SheafSpec] lists the vertices (name, stalk dim) and the edges (name,
 endpoints ``u -> v``, weight, the two restriction maps, an optional
 potential). Maps are a discriminated union on their ``"type"`` field, one
-model per map class of `cellsheaf.maps` (`MapSpec`); nested maps
+model per map class of [`cellsheaf.maps`][cellsheaf.maps] ([`MapSpec`][cellsheaf.spec.MapSpec]); nested maps
 (``hstack``, ``vstack``, ``compose``) nest their specs. ``Function`` maps wrap
 arbitrary Python code and cannot be serialised.
 
@@ -16,8 +16,8 @@ arbitrary Python code and cannot be serialised.
   (their attributes): ``{"name": "Huber", "params": {"tau": 0.5}}``, and
   loading calls the constructor, so a spec passes the same checks as code
   (``Huber`` with ``tau <= 0``, unknown keys and keys naming a method are
-  refused). Any subclass of `cellsheaf.potentials.Potential` is found by name
-  (see `register_potential` for classes defined elsewhere). Tensor attributes
+  refused). Any subclass of [`cellsheaf.potentials.Potential`][cellsheaf.potentials.Potential] is found by name
+  (see [`register_potential`][cellsheaf.spec.register_potential] for classes defined elsewhere). Tensor attributes
   are stored as ``{"__tensor__": [...], "dtype": ...}``, potential attributes
   (a potential wrapping another) as ``{"__potential__": {...}}``; attributes
   holding callables cannot be serialised.
@@ -26,7 +26,7 @@ arbitrary Python code and cannot be serialised.
 
 Round trip: ``Sheaf.from_spec(S.to_spec()) == S``, and through JSON with
 ``spec.model_dump_json()`` / ``SheafSpec.model_validate_json(text)`` (or
-``Sheaf.from_spec(text)``). Bad input raises `SpecError` naming the
+``Sheaf.from_spec(text)``). Bad input raises [`SpecError`][cellsheaf.spec.SpecError] naming the
 vertex or edge at fault.
 
 Examples
@@ -118,7 +118,7 @@ def _finite_values(t: torch.Tensor) -> list:
 
 
 class LinearSpec(_Model):
-    """A dense `Linear` map: ``data`` is the ``(d_out, d_in)`` matrix, row by row."""
+    """A dense [`Linear`][cellsheaf.maps.Linear] map: ``data`` is the ``(d_out, d_in)`` matrix, row by row."""
 
     type: Literal["linear"] = "linear"
     shape: tuple[Dim, Dim]
@@ -145,7 +145,7 @@ class LinearSpec(_Model):
 
 
 class SparseLinearSpec(_Model):
-    """A sparse `Linear` map in coordinate form (``rows``, ``cols``, ``values``)."""
+    """A sparse [`Linear`][cellsheaf.maps.Linear] map in coordinate form (``rows``, ``cols``, ``values``)."""
 
     type: Literal["sparse_linear"] = "sparse_linear"
     shape: tuple[Dim, Dim]
@@ -172,7 +172,7 @@ class SparseLinearSpec(_Model):
 
 
 class IdentitySpec(_Model):
-    """`Identity` on ``R^dim``."""
+    """[`Identity`][cellsheaf.maps.Identity] on ``R^dim``."""
 
     type: Literal["identity"] = "identity"
     dim: Dim
@@ -185,7 +185,7 @@ class IdentitySpec(_Model):
 
 
 class ScaledSpec(_Model):
-    """`Scaled`: ``c`` times the identity on ``R^dim``."""
+    """[`Scaled`][cellsheaf.maps.Scaled]: ``c`` times the identity on ``R^dim``."""
 
     type: Literal["scaled"] = "scaled"
     c: FiniteFloat
@@ -199,7 +199,7 @@ class ScaledSpec(_Model):
 
 
 class SelectSpec(_Model):
-    """`Select`: coordinates ``indices`` of ``R^{d_in}``."""
+    """[`Select`][cellsheaf.maps.Select]: coordinates ``indices`` of ``R^{d_in}``."""
 
     type: Literal["select"] = "select"
     indices: list[NonNegativeInt]
@@ -220,7 +220,7 @@ class SelectSpec(_Model):
 
 
 class DiagonalSpec(_Model):
-    """`Diagonal` with the given diagonal ``values``."""
+    """[`Diagonal`][cellsheaf.maps.Diagonal] with the given diagonal ``values``."""
 
     type: Literal["diagonal"] = "diagonal"
     values: list[FiniteFloat]
@@ -234,7 +234,7 @@ class DiagonalSpec(_Model):
 
 
 class HStackSpec(_Model):
-    """`HStack`: the block row ``[A_1 ... A_n]``."""
+    """[`HStack`][cellsheaf.maps.HStack]: the block row ``[A_1 ... A_n]``."""
 
     type: Literal["hstack"] = "hstack"
     maps: list[MapSpec] = Field(min_length=1)
@@ -254,7 +254,7 @@ class HStackSpec(_Model):
 
 
 class VStackSpec(_Model):
-    """`VStack`: the block column ``[A_1; ...; A_n]``."""
+    """[`VStack`][cellsheaf.maps.VStack]: the block column ``[A_1; ...; A_n]``."""
 
     type: Literal["vstack"] = "vstack"
     maps: list[MapSpec] = Field(min_length=1)
@@ -274,7 +274,7 @@ class VStackSpec(_Model):
 
 
 class ComposeSpec(_Model):
-    """`Compose`: ``outer ∘ inner``."""
+    """[`Compose`][cellsheaf.maps.Compose]: ``outer ∘ inner``."""
 
     type: Literal["compose"] = "compose"
     outer: MapSpec
@@ -302,7 +302,7 @@ class _ElementwiseSpec(_Model):
 
 
 class ReLUSpec(_ElementwiseSpec):
-    """`ReLU` on ``R^dim``."""
+    """[`ReLU`][cellsheaf.maps.ReLU] on ``R^dim``."""
 
     type: Literal["relu"] = "relu"
 
@@ -311,7 +311,7 @@ class ReLUSpec(_ElementwiseSpec):
 
 
 class LeakyReLUSpec(_ElementwiseSpec):
-    """`LeakyReLU` on ``R^dim`` with negative ``slope``."""
+    """[`LeakyReLU`][cellsheaf.maps.LeakyReLU] on ``R^dim`` with negative ``slope``."""
 
     type: Literal["leaky_relu"] = "leaky_relu"
     slope: FiniteFloat = 0.01
@@ -321,7 +321,7 @@ class LeakyReLUSpec(_ElementwiseSpec):
 
 
 class SigmoidSpec(_ElementwiseSpec):
-    """`Sigmoid` on ``R^dim``."""
+    """[`Sigmoid`][cellsheaf.maps.Sigmoid] on ``R^dim``."""
 
     type: Literal["sigmoid"] = "sigmoid"
 
@@ -330,7 +330,7 @@ class SigmoidSpec(_ElementwiseSpec):
 
 
 class TanhSpec(_ElementwiseSpec):
-    """`Tanh` on ``R^dim``."""
+    """[`Tanh`][cellsheaf.maps.Tanh] on ``R^dim``."""
 
     type: Literal["tanh"] = "tanh"
 
@@ -339,7 +339,7 @@ class TanhSpec(_ElementwiseSpec):
 
 
 class SoftmaxSpec(_ElementwiseSpec):
-    """`Softmax` over ``R^dim``."""
+    """[`Softmax`][cellsheaf.maps.Softmax] over ``R^dim``."""
 
     type: Literal["softmax"] = "softmax"
 
@@ -406,8 +406,8 @@ class ArraySpec(_Model):
 
 
 class StackSpec(_Model):
-    """Edges of one shape stored as arrays (a `cellsheaf.EdgeStack`, from `Sheaf.from_arrays` or
-    `Sheaf.add_edges`): ``at`` is the position of its first edge in the edge order, ``index`` the ``(2, E)``
+    """Edges of one shape stored as arrays (a [`cellsheaf.EdgeStack`][cellsheaf.stacked.EdgeStack], from [`Sheaf.from_arrays`][cellsheaf.sheaf.Sheaf.from_arrays] or
+    [`Sheaf.add_edges`][cellsheaf.sheaf.Sheaf.add_edges]): ``at`` is the position of its first edge in the edge order, ``index`` the ``(2, E)``
     vertex positions, ``Fu``/``Fv`` the stacked maps, ``weights`` and ``names`` optional (default names are
     the integers ``at, at + 1, ...``)."""
 
@@ -451,7 +451,7 @@ def _stack_to_spec(st, at: int) -> StackSpec:
 
 
 class StructuredSpec(_Model):
-    """A `cellsheaf.maps.Structured` map (convolution, pooling, affine, norm, ...): its class name ``kind``,
+    """A [`cellsheaf.maps.Structured`][cellsheaf.maps.Structured] map (convolution, pooling, affine, norm, ...): its class name ``kind``,
     hyperparameters ``params``, tensors and inner maps, passed back to its constructor."""
 
     type: Literal["structured"] = "structured"
@@ -502,7 +502,7 @@ for _model in (HStackSpec, VStackSpec, ComposeSpec, StructuredSpec):
 
 
 def map_to_spec(F: M.Map):
-    """The `MapSpec` of a restriction map; `SpecError` for maps that cannot be serialised.
+    """The [`MapSpec`][cellsheaf.spec.MapSpec] of a restriction map; [`SpecError`][cellsheaf.spec.SpecError] for maps that cannot be serialised.
 
     Examples
     --------
@@ -561,7 +561,7 @@ _POTENTIALS: dict[str, type] = {}
 
 
 def register_potential(cls: type) -> type:
-    """Register a `Potential` subclass under its class name (usable as a decorator).
+    """Register a [`Potential`][cellsheaf.potentials.Potential] subclass under its class name (usable as a decorator).
 
     Subclasses of ``Potential`` are also found by name without registering, once
     their module is imported; registering resolves name clashes in favour of ``cls``.
@@ -848,7 +848,7 @@ class SheafSpec(_Model):
         return self
 
     def to_sheaf(self):
-        """Build the `Sheaf`."""
+        """Build the [`Sheaf`][cellsheaf.sheaf.Sheaf]."""
         from .sheaf import Sheaf
 
         S = Sheaf()
@@ -883,9 +883,9 @@ def _check_name(name, what: str):
 
 
 def to_spec(S) -> SheafSpec:
-    """The `SheafSpec` of a sheaf (maps, weights, potentials).
+    """The [`SheafSpec`][cellsheaf.spec.SheafSpec] of a sheaf (maps, weights, potentials).
 
-    Raises `SpecError` naming the edge whose map or potential cannot be
+    Raises [`SpecError`][cellsheaf.spec.SpecError] naming the edge whose map or potential cannot be
     serialised (``Function`` maps, potentials holding callables) and the
     vertex or edge whose name is neither ``str`` nor ``int``.
 
@@ -940,10 +940,10 @@ def _explain(err: ValidationError, raw: Any, source: str) -> SpecError:
 
 
 def from_spec(spec) -> Any:
-    """Build a `Sheaf` from a `SheafSpec`, a dict, a JSON string or a JSON file path.
+    """Build a [`Sheaf`][cellsheaf.sheaf.Sheaf] from a [`SheafSpec`][cellsheaf.spec.SheafSpec], a dict, a JSON string or a JSON file path.
 
     Strings are parsed as JSON text; pass a `pathlib.Path` (or other
-    ``os.PathLike``) to read a file. Problems raise `SpecError` naming the
+    ``os.PathLike``) to read a file. Problems raise [`SpecError`][cellsheaf.spec.SpecError] naming the
     vertex or edge at fault.
 
     Examples

@@ -4,19 +4,19 @@ Every function works on the weighted Laplacian ``L = δᵀWδ`` or, given a
 ``boundary``, on the block ``L[Ω,Ω]`` of the free coordinates (the operator of
 the heat equation with stubborn coordinates); ``at`` linearises a nonlinear
 sheaf at a point; ``normalized=True`` uses ``D^{-1/2} L D^{-1/2}``
-(`cellsheaf.operators.laplacian`). Computations run in float64; results come
+([`cellsheaf.operators.laplacian`][cellsheaf.operators.laplacian]). Computations run in float64; results come
 back in the sheaf's dtype, on its device.
 
 Routes (``method``): ``"lobpcg"`` (torch, matrix-free, on the sheaf's device:
-block LOBPCG on `cellsheaf.operators.apply_laplacian`, `cellsheaf.lobpcg`),
+block LOBPCG on [`cellsheaf.operators.apply_laplacian`][cellsheaf.operators.apply_laplacian], `cellsheaf.lobpcg`),
 ``"dense"`` (LAPACK ``eigh`` of the assembled scipy matrix), ``"sparse"``
 (scipy; smallest eigenvalues: Lanczos (ARPACK) without any factorisation for
 operators above 4000 rows, with repeated eigenvalues checked by deflation; block
 inverse iteration on one sparse LU of ``L + sI`` for smaller ones or when Lanczos
 does not converge; largest: ARPACK Lanczos). ``"auto"``: on the CPU dense up to
-`DENSE_LIMIT` coordinates and scipy's sparse routes above; on any other device
+[`DENSE_LIMIT`][cellsheaf.spectral.DENSE_LIMIT] coordinates and scipy's sparse routes above; on any other device
 ``"lobpcg"``, so that nothing leaves the device (the scipy routes copy the
-operator to the CPU, and say so once). `eigenpairs` results carry ``.info``
+operator to the CPU, and say so once). [`eigenpairs`][cellsheaf.spectral.eigenpairs] results carry ``.info``
 (route, iterations, residual) and are differentiable with respect to the maps
 where the eigenvalues are simple (positional encodings for sheaf neural
 networks); the backward pass is pure torch on every route.
@@ -72,7 +72,7 @@ class Eigenpairs(_Pairs):
 
     ``n`` is ``C0``, or the number of free coordinates when a boundary was
     given (in the order of ``boundary.resolve(S).free``). It unpacks as
-    ``values, vectors``; ``.info`` (a `SolveInfo`) says which route ran, how many
+    ``values, vectors``; ``.info`` (a [`SolveInfo`][cellsheaf.results.SolveInfo]) says which route ran, how many
     iterations it took (``iterations``: block iterations of LOBPCG, operator
     applications of Lanczos, 0 for a dense solve) and the largest residual
     ``‖A v − λ v‖`` relative to ``‖A‖`` (``residual``); ``info.extra`` holds
@@ -228,7 +228,7 @@ def eigenpairs(S, k: int, which: str = "smallest", boundary=None, at=None, norma
         Use ``D^{-1/2} L D^{-1/2}`` (``True``) or ``(D + I)^{-1/2} L (D + I)^{-1/2}`` (``"augmented"``).
     method : {"auto", "dense", "sparse", "lobpcg"}
         ``"lobpcg"``: block LOBPCG in torch on the matrix-free operator, on the sheaf's device
-        (``"auto"`` off the CPU). ``"sparse"`` (``"auto"`` on the CPU above `DENSE_LIMIT`) finds
+        (``"auto"`` off the CPU). ``"sparse"`` (``"auto"`` on the CPU above [`DENSE_LIMIT`][cellsheaf.spectral.DENSE_LIMIT]) finds
         the smallest eigenpairs by Lanczos (ARPACK, no factorisation; repeated eigenvalues
         verified by deflation), and falls back to block inverse iteration on a sparse LU when
         Lanczos does not converge. ``"dense"``: LAPACK.
@@ -473,7 +473,7 @@ def spectral_gap(S, boundary=None, at=None, normalized: bool = False, tol: float
 
 def fiedler_vector(S, boundary=None, at=None, normalized: bool = False, tol: float | None = None,
                    method: str = "auto") -> Tensor:
-    """The unit eigenvector of the spectral gap (see `spectral_gap`), shape ``(n,)``.
+    """The unit eigenvector of the spectral gap (see [`spectral_gap`][cellsheaf.spectral.spectral_gap]), shape ``(n,)``.
 
     Its sign is arbitrary; for a constant sheaf ``R¹`` on a connected graph it
     is the classical Fiedler vector.
@@ -537,7 +537,7 @@ def block_energy(S, vec, boundary=None) -> Tensor:
 
     ``vec`` is a 0-cochain ``(C0,)``/``(B, C0)``, or, with a ``boundary``, a
     vector on the free coordinates ``(n_free,)``/``(B, n_free)`` (as returned by
-    `eigenpairs` with that boundary; pass ``vectors.T`` for all of them).
+    [`eigenpairs`][cellsheaf.spectral.eigenpairs] with that boundary; pass ``vectors.T`` for all of them).
     Rows sum to 1 (a zero vector gives zeros).
 
     Examples

@@ -1,8 +1,8 @@
 """Stacked edge storage: many edges of one shape, their maps held as ``(E, d_e, d)`` tensors.
 
-An `EdgeStack` is one of the two storages behind a `cellsheaf.Sheaf` (the
-other keeps one `cellsheaf.Edge` record per edge). It is what
-`Sheaf.from_arrays` and `Sheaf.add_edges` create: endpoints as an
+An [`EdgeStack`][cellsheaf.stacked.EdgeStack] is one of the two storages behind a [`cellsheaf.Sheaf`][cellsheaf.sheaf.Sheaf] (the
+other keeps one [`cellsheaf.Edge`][cellsheaf.sheaf.Edge] record per edge). It is what
+[`Sheaf.from_arrays`][cellsheaf.sheaf.Sheaf.from_arrays] and [`Sheaf.add_edges`][cellsheaf.sheaf.Sheaf.add_edges] create: endpoints as an
 ``(2, E)`` index (positions in the vertex order), restriction maps as stacked
 tensors — dense ``(E, d_e, d_u)`` / ``(E, d_e, d_v)`` or diagonal ``(E, d)``
 (applied elementwise, never densified) — and optional ``(E,)`` weights.
@@ -212,7 +212,7 @@ class EdgeStack:
 def check_stack(Fu, Fv, E: int | None, where: str) -> tuple[Tensor, Tensor]:
     """Stacked maps as real tensors of matching shapes: ``(E, d_e, d_u)``/``(E, d_e, d_v)`` or diagonal ``(E, d)``.
 
-    Finiteness is checked by the caller (`first_bad_row`), which knows the edge names.
+    Finiteness is checked by the caller ([`first_bad_row`][cellsheaf.stacked.first_bad_row]), which knows the edge names.
     """
     Fu, Fv = as_map_tensor(Fu, f"{where}: Fu"), as_map_tensor(Fv, f"{where}: Fv")
     if Fu.dim() != Fv.dim() or Fu.dim() not in (2, 3):

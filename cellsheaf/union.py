@@ -3,7 +3,7 @@
 The convention is torch-geometric's: the sheaves of a batch are laid side by
 side as one sheaf whose Laplacian is block diagonal, and a batch vector
 ``(N,)`` says which graph each vertex came from. Stacked edges
-(`cellsheaf.Sheaf.from_arrays`) of one shape are concatenated into one stack,
+([`cellsheaf.Sheaf.from_arrays`][cellsheaf.sheaf.Sheaf.from_arrays]) of one shape are concatenated into one stack,
 so a batch of graphs costs one batched product per operator call, and maps
 that require grad keep their autograd graph.
 
@@ -52,7 +52,7 @@ def disjoint_union(sheaves: Sequence[Sheaf]) -> tuple[Sheaf, Tensor]:
 
     Vertices and edges keep their order, graph after graph, so a cochain of the union
     is the concatenation of the graphs' cochains. When every sheaf names its vertices
-    ``0..n-1`` and its edges ``0..m-1`` (as `cellsheaf.Sheaf.from_arrays` does) the
+    ``0..n-1`` and its edges ``0..m-1`` (as [`cellsheaf.Sheaf.from_arrays`][cellsheaf.sheaf.Sheaf.from_arrays] does) the
     union does too, with offsets (torch-geometric's convention); otherwise vertex and
     edge names become pairs ``(graph, name)``. Consecutive stacks of equal shape are
     joined into one stack; maps are shared, not copied, by per-edge records.
@@ -113,7 +113,7 @@ def disjoint_union(sheaves: Sequence[Sheaf]) -> tuple[Sheaf, Tensor]:
 def pool(S: Sheaf, x, batch: Tensor, reduce: str = "mean", num_graphs: int | None = None) -> Tensor:
     """Pool a 0-cochain over the vertices of each graph: ``(..., C0) -> (..., G, d)``.
 
-    ``batch (N,)`` gives the graph of every vertex (`disjoint_union`); every stalk has
+    ``batch (N,)`` gives the graph of every vertex ([`disjoint_union`][cellsheaf.union.disjoint_union]); every stalk has
     the same dimension ``d``. ``reduce`` is ``"sum"``, ``"mean"`` or ``"max"`` (per
     coordinate); ``num_graphs`` defaults to ``batch.max() + 1`` (graphs without
     vertices pool to 0). Differentiable in ``x``.

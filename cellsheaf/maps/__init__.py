@@ -1,8 +1,8 @@
 """Restriction maps: operators, not matrices.
 
 Every map acts on the last axis of a batch ``(..., d_in) -> (..., d_out)``.
-Linear maps expose `apply`, `adjoint`, `coo` (sparse assembly) and, on
-request only, `matrix`; nonlinear maps expose `apply`, `jvp` and `vjp` (the
+Linear maps expose [`apply`][cellsheaf.maps.Map.apply], [`adjoint`][cellsheaf.maps.Map.adjoint], [`coo`][cellsheaf.maps.Map.coo] (sparse assembly) and, on
+request only, [`matrix`][cellsheaf.maps.Map.matrix]; nonlinear maps expose [`apply`][cellsheaf.maps.Map.apply], [`jvp`][cellsheaf.maps.Map.jvp] and [`vjp`][cellsheaf.maps.Map.vjp] (the
 local adjoint, Sec. 4.2 of the paper). Structured maps (convolutions, pooling,
 the extended affine map ``(A | diag b)``) never build a dense matrix on the way.
 

@@ -2,9 +2,9 @@
 
 A vertex stalk ``[x; 1]`` carries the neural block ``x`` and a block of stubborn
 ones; the weight edge reads it through ``(A | diag b)``, i.e. ``A·x + b ⊙ 1``.
-`Affine` keeps that structure: ``A`` is any linear map (dense, sparse,
+[`Affine`][cellsheaf.maps.Affine] keeps that structure: ``A`` is any linear map (dense, sparse,
 convolution, pooling, ...) applied as an operator, the bias is a vector, and
-no dense matrix is built unless `matrix` is asked for.
+no dense matrix is built unless [`matrix`][cellsheaf.maps.Map.matrix] is asked for.
 
 Examples
 --------
@@ -43,12 +43,12 @@ class Affine(Structured):
     ----------
     A : map or matrix
         The linear part on the leading block ``x`` (its first ``A.d_in`` coordinates):
-        a tensor or any linear `Map` (e.g. `Conv2d`); it is applied, never densified.
+        a tensor or any linear [`Map`][cellsheaf.maps.Map] (e.g. [`Conv2d`][cellsheaf.maps.Conv2d]); it is applied, never densified.
     b : tensor, optional
         The bias, read through the ones block: ``(A.d_out,)``, or one value per
         feature along ``axis`` of the output ``shape`` (a conv bias ``(C,)`` on
         ``(C, H, W)`` with ``axis=0``, a token bias ``(D,)`` on ``(T, D)``), broadcast
-        inside `apply` so that a `torch.nn.Parameter` stays the tensor that learns.
+        inside [`apply`][cellsheaf.maps.Map.apply] so that a `torch.nn.Parameter` stays the tensor that learns.
         Without it the map is ``(A | 0)``.
     d_in : int, optional
         The stalk dimension (default: ``A.d_in``, plus ``A.d_out`` with a bias).
@@ -61,7 +61,7 @@ class Affine(Structured):
 
     Notes
     -----
-    ``apply`` is exact for any stalk value; `apply_affine` takes the neural block
+    ``apply`` is exact for any stalk value; [`apply_affine`][cellsheaf.maps.Affine.apply_affine] takes the neural block
     alone and adds ``b`` as the ones block would (``A·x + b``, one ``addmm`` for a
     dense ``A``), for solvers that know the ones are ones.
 

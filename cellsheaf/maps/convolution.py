@@ -2,11 +2,11 @@
 
 A stalk is a flat vector; the per-sample shape it holds (``(C, L)`` or
 ``(C, H, W)`` for a convolution, ``(T, D)`` for tokens) is a parameter of the
-map. `apply` runs `torch.nn.functional.conv1d`/`conv2d` (or a batched
-matmul), `adjoint` the matching transposed convolution (torch's own input
-gradient of the convolution, ``convolution_backward``), and `coo` lists the
+map. [`apply`][cellsheaf.maps.Map.apply] runs `torch.nn.functional.conv1d`/`conv2d` (or a batched
+matmul), [`adjoint`][cellsheaf.maps.Map.adjoint] the matching transposed convolution (torch's own input
+gradient of the convolution, ``convolution_backward``), and [`coo`][cellsheaf.maps.Map.coo] lists the
 nonzero entries from index arithmetic: nothing builds the dense
-``(C_out·H_out·W_out) × (C_in·H·W)`` matrix unless `matrix` is asked for.
+``(C_out·H_out·W_out) × (C_in·H·W)`` matrix unless [`matrix`][cellsheaf.maps.Map.matrix] is asked for.
 
 Examples
 --------
@@ -73,7 +73,7 @@ class Conv(Structured):
         ``padding="same"`` or ``"valid"`` also work when the padding they mean is symmetric)
     groups : int
 
-    The output shape is ``out_shape``; a bias is added by `Affine` (see `affine`).
+    The output shape is ``out_shape``; a bias is added by [`Affine`][cellsheaf.maps.Affine] (see [`affine`][cellsheaf.maps.Conv.affine]).
 
     Examples
     --------
@@ -182,20 +182,20 @@ class Conv(Structured):
         return M.to(dtype=self.weight.dtype, device=self.weight.device)
 
     def affine(self, bias=None, **kw):
-        """This convolution with a per-channel ``bias`` ``(C_out,)`` as an `Affine` map ``(conv | diag b)``."""
+        """This convolution with a per-channel ``bias`` ``(C_out,)`` as an [`Affine`][cellsheaf.maps.Affine] map ``(conv | diag b)``."""
         from .affine import Affine
 
         return Affine(self, bias, shape=self.out_shape, axis=0, **kw)
 
 
 class Conv1d(Conv):
-    """`Conv` on ``(C, L)`` stalks (as `torch.nn.Conv1d`, zero padding)."""
+    """[`Conv`][cellsheaf.maps.Conv] on ``(C, L)`` stalks (as `torch.nn.Conv1d`, zero padding)."""
 
     ndim = 1
 
 
 class Conv2d(Conv):
-    """`Conv` on ``(C, H, W)`` stalks (as `torch.nn.Conv2d`, zero padding)."""
+    """[`Conv`][cellsheaf.maps.Conv] on ``(C, H, W)`` stalks (as `torch.nn.Conv2d`, zero padding)."""
 
     ndim = 2
 
@@ -204,8 +204,8 @@ class AvgPool(Structured):
     """N-d average pooling (as `torch.nn.AvgPool2d`, ``ceil_mode=False``) on a stalk holding ``in_shape``.
 
     A depthwise sum over each window divided by the window size (``count_include_pad=True``)
-    or by the number of input positions it covers (``False``). `apply` and `adjoint` run torch's
-    average pooling and its backward; `coo` comes from the depthwise sum.
+    or by the number of input positions it covers (``False``). [`apply`][cellsheaf.maps.Map.apply] and [`adjoint`][cellsheaf.maps.Map.adjoint] run torch's
+    average pooling and its backward; [`coo`][cellsheaf.maps.Map.coo] comes from the depthwise sum.
 
     Examples
     --------
@@ -277,13 +277,13 @@ class AvgPool(Structured):
 
 
 class AvgPool1d(AvgPool):
-    """`AvgPool` on ``(C, L)`` stalks (as `torch.nn.AvgPool1d`)."""
+    """[`AvgPool`][cellsheaf.maps.AvgPool] on ``(C, L)`` stalks (as `torch.nn.AvgPool1d`)."""
 
     ndim = 1
 
 
 class AvgPool2d(AvgPool):
-    """`AvgPool` on ``(C, H, W)`` stalks (as `torch.nn.AvgPool2d`)."""
+    """[`AvgPool`][cellsheaf.maps.AvgPool] on ``(C, H, W)`` stalks (as `torch.nn.AvgPool2d`)."""
 
     ndim = 2
 
@@ -359,13 +359,13 @@ class AdaptiveAvgPool(Structured):
 
 
 class AdaptiveAvgPool1d(AdaptiveAvgPool):
-    """`AdaptiveAvgPool` on ``(C, L)`` stalks."""
+    """[`AdaptiveAvgPool`][cellsheaf.maps.AdaptiveAvgPool] on ``(C, L)`` stalks."""
 
     ndim = 1
 
 
 class AdaptiveAvgPool2d(AdaptiveAvgPool):
-    """`AdaptiveAvgPool` on ``(C, H, W)`` stalks."""
+    """[`AdaptiveAvgPool`][cellsheaf.maps.AdaptiveAvgPool] on ``(C, H, W)`` stalks."""
 
     ndim = 2
 
@@ -418,7 +418,7 @@ class TokenLinear(Structured):
 
 
 def permutation(shape: Sequence[int], dims: Sequence[int]):
-    """The `Select` map that permutes the axes of a per-sample ``shape`` (``x.permute(dims)``, flattened).
+    """The [`Select`][cellsheaf.maps.Select] map that permutes the axes of a per-sample ``shape`` (``x.permute(dims)``, flattened).
 
     Examples
     --------

@@ -52,8 +52,8 @@ def _as_tensor(M, name: str = "matrix") -> Tensor:
 class Map:
     """Base class of restriction maps ``R^{d_in} -> R^{d_out}``.
 
-    Subclasses implement `apply` and, if nonlinear, `vjp` and
-    `jvp`; linear ones implement `adjoint` and `matrix`.
+    Subclasses implement [`apply`][cellsheaf.maps.Map.apply] and, if nonlinear, [`vjp`][cellsheaf.maps.Map.vjp] and
+    [`jvp`][cellsheaf.maps.Map.jvp]; linear ones implement [`adjoint`][cellsheaf.maps.Map.adjoint] and [`matrix`][cellsheaf.maps.Map.matrix].
     """
 
     d_in: int
@@ -163,7 +163,7 @@ class Linear(Map):
     ----------
     M : tensor, numpy array or scipy sparse matrix
     trainable : bool
-        Whether learning rules (`cellsheaf.learning`) may change it.
+        Whether learning rules ([`cellsheaf.learning`][cellsheaf.learning]) may change it.
     mask : tensor, optional
         0/1 pattern of the entries that may change (a projection such as
         "keep the diagonal of a block", Eq. 25 of the paper).
@@ -514,7 +514,7 @@ class Elementwise(Map):
     """A nonlinear map applied coordinatewise, with closed-form derivative.
 
     ``kinks`` lists the points where the derivative jumps (ReLU: 0); there
-    `derivative` is the one on the right (the fast selection rule, Eq. 12).
+    [`derivative`][cellsheaf.maps.Elementwise.derivative] is the one on the right (the fast selection rule, Eq. 12).
     """
 
     linear = False
@@ -702,8 +702,8 @@ class Structured(Map):
     Subclasses name them in ``_params`` (JSON values: ints, floats, strings,
     tuples), ``_tensors`` (tensors or None, possibly `torch.nn.Parameter`) and
     ``_maps`` (inner maps); the constructor takes them as keywords and stores
-    them as attributes of the same names. Equality, `to`, `tensors` and the
-    JSON spec (`cellsheaf.spec`) follow from that description, and no matrix is
+    them as attributes of the same names. Equality, [`to`][cellsheaf.maps.Map.to], [`tensors`][cellsheaf.maps.Map.tensors] and the
+    JSON spec ([`cellsheaf.spec`][cellsheaf.spec]) follow from that description, and no matrix is
     built for them. Subclasses are registered by class name for specs.
     """
 
@@ -748,7 +748,7 @@ class Structured(Map):
 
 
 def as_map(F) -> Map:
-    """Coerce ``F`` (a `Map`, tensor, numpy array or scipy sparse matrix) into a `Map`.
+    """Coerce ``F`` (a [`Map`][cellsheaf.maps.Map], tensor, numpy array or scipy sparse matrix) into a [`Map`][cellsheaf.maps.Map].
 
     Examples
     --------

@@ -1,11 +1,11 @@
 """Elementwise activations: one map class driven by torch functions, with kinks declared.
 
-`Activation` applies a named torch function coordinatewise; its derivative
+[`Activation`][cellsheaf.maps.Activation] applies a named torch function coordinatewise; its derivative
 comes from autograd (or a closed form where one is registered). Piecewise-smooth
 functions (hardtanh, ReLU6, hardswish, hardsigmoid, ELU/SELU at 0) declare
 their kinks: at a kink the derivative is the one on the right, the fast
-selection rule that `ReLU` uses at 0 (Eq. 12), and Newton's active set
-(`cellsheaf.gauss_newton`) holds coordinates that zigzag across a kink.
+selection rule that [`ReLU`][cellsheaf.maps.ReLU] uses at 0 (Eq. 12), and Newton's active set
+([`cellsheaf.gauss_newton`][cellsheaf.gauss_newton]) holds coordinates that zigzag across a kink.
 
 Examples
 --------
@@ -78,14 +78,14 @@ ACTIVATIONS: dict[str, _Kind] = {
 
 
 class Activation(Elementwise, Structured):
-    """The named activation ``name`` (a key of `ACTIVATIONS`) applied to each of ``d`` coordinates.
+    """The named activation ``name`` (a key of [`ACTIVATIONS`][cellsheaf.maps.ACTIVATIONS]) applied to each of ``d`` coordinates.
 
     Parameters
     ----------
     name : str
         ``"gelu"``, ``"gelu_tanh"``, ``"silu"``, ``"elu"``, ``"celu"``, ``"selu"``, ``"softplus"``,
         ``"mish"``, ``"hardtanh"``, ``"relu6"``, ``"hardswish"``, ``"hardsigmoid"``, ``"tanh"``,
-        ``"sigmoid"``, ``"logsigmoid"``, ``"softsign"``, ``"tanhshrink"``, or one added by `register`.
+        ``"sigmoid"``, ``"logsigmoid"``, ``"softsign"``, ``"tanhshrink"``, or one added by [`register`][cellsheaf.maps.Activation.register].
     d : int
     options : the function's float options (``alpha`` of ELU, ``beta``/``threshold`` of softplus,
         ``min_val``/``max_val`` of hardtanh), as keywords or a dict.
@@ -165,7 +165,7 @@ _MODULES = {
 
 def activation(module, d: int) -> Elementwise:
     """The elementwise map of a torch activation module (``torch.nn.GELU()``, ``torch.nn.ELU(0.5)``, ...) or
-    its name, on ``R^d``: `ReLU`, `LeakyReLU`, `Sigmoid`, `Tanh` or an `Activation`.
+    its name, on ``R^d``: [`ReLU`][cellsheaf.maps.ReLU], [`LeakyReLU`][cellsheaf.maps.LeakyReLU], [`Sigmoid`][cellsheaf.maps.Sigmoid], [`Tanh`][cellsheaf.maps.Tanh] or an [`Activation`][cellsheaf.maps.Activation].
 
     Examples
     --------

@@ -1,7 +1,7 @@
 """Normalisations on a stalk: LayerNorm, RMSNorm, GroupNorm, and softmax / log-softmax along an axis.
 
 The stalk is flat; the per-sample ``shape`` it holds is a parameter of the map.
-Each map is nonlinear: `apply` runs the torch function, and `jvp`/`vjp` are
+Each map is nonlinear: [`apply`][cellsheaf.maps.Map.apply] runs the torch function, and [`jvp`][cellsheaf.maps.Map.jvp]/[`vjp`][cellsheaf.maps.Map.vjp] are
 exact derivatives (closed forms for softmax, forward/reverse autograd through
 `torch.func` for the norms). Affine weights and biases of the norms may be
 `torch.nn.Parameter`s, shared and learned like any map tensor.
@@ -42,8 +42,8 @@ def _like(t: Tensor | None, x: Tensor) -> Tensor | None:
 
 
 class ShapedMap(_Autodiff, Structured):
-    """A nonlinear map of a stalk that holds a per-sample ``shape``, given by `forward` on ``(N, *shape)``
-    tensors; `jvp`, `vjp` and `jacobian` are exact, by autograd."""
+    """A nonlinear map of a stalk that holds a per-sample ``shape``, given by [`forward`][cellsheaf.maps.ShapedMap.forward] on ``(N, *shape)``
+    tensors; [`jvp`][cellsheaf.maps.Map.jvp], [`vjp`][cellsheaf.maps.Map.vjp] and [`jacobian`][cellsheaf.maps.Map.jacobian] are exact, by autograd."""
 
     _params = ("shape",)
 

@@ -1,7 +1,7 @@
 """Max pooling: a piecewise-linear selection map.
 
 On each window the output copies the largest input, so the Jacobian at a point
-is a coordinate selection (`Select`): `jvp` gathers, `vjp` scatters. Where a
+is a coordinate selection ([`Select`][cellsheaf.maps.Select]): [`jvp`][cellsheaf.maps.Map.jvp] gathers, [`vjp`][cellsheaf.maps.Map.vjp] scatters. Where a
 window has several maximal inputs (a switching surface, like ReLU at 0), the
 first of them in scan order is selected, as torch's own max pooling does: the
 fast selection rule.
@@ -98,12 +98,12 @@ class MaxPool(Structured):
 
 
 class MaxPool1d(MaxPool):
-    """`MaxPool` on ``(C, L)`` stalks (as `torch.nn.MaxPool1d`)."""
+    """[`MaxPool`][cellsheaf.maps.MaxPool] on ``(C, L)`` stalks (as `torch.nn.MaxPool1d`)."""
 
     ndim = 1
 
 
 class MaxPool2d(MaxPool):
-    """`MaxPool` on ``(C, H, W)`` stalks (as `torch.nn.MaxPool2d`)."""
+    """[`MaxPool`][cellsheaf.maps.MaxPool] on ``(C, H, W)`` stalks (as `torch.nn.MaxPool2d`)."""
 
     ndim = 2

@@ -3,8 +3,8 @@
 A node ``y = f(x_1, x_2)`` of a network compiles as copy edges into a merge
 vertex ``m = [x_1; x_2]`` and one edge ``m -> y`` whose map on ``m`` is ``f``
 (the construction `+` and `cat` use; ``δ_Ω`` stays square). These maps are
-that ``f``: nonlinear in the whole stalk, with exact closed-form `jvp` and
-`vjp`. Per-sample shapes of the blocks are parameters (attention:
+that ``f``: nonlinear in the whole stalk, with exact closed-form [`jvp`][cellsheaf.maps.Map.jvp] and
+[`vjp`][cellsheaf.maps.Map.vjp]. Per-sample shapes of the blocks are parameters (attention:
 ``(H, T, D) @ (H, D, T)``).
 
 Examples
