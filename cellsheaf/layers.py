@@ -283,7 +283,7 @@ class SheafDiffusion(nn.Module):
     its index plan reused while the same ``edge_index`` tensor comes back) or a
     [`cellsheaf.Sheaf`][cellsheaf.sheaf.Sheaf] with one stack of edges ([`cellsheaf.Sheaf.from_arrays`][cellsheaf.sheaf.Sheaf.from_arrays])
     whose maps the layer overwrites ([`cellsheaf.Sheaf.update_maps`][cellsheaf.sheaf.Sheaf.update_maps]). The sheaf of
-    the last call is [`sheaf`][cellsheaf.sheaf].
+    the last call is `sheaf`.
 
     Parameters
     ----------
