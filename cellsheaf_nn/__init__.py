@@ -1,6 +1,6 @@
 """cellsheaf_nn: compile neural networks into cellular sheaves and run them as sheaves.
 
-``csnn.compile(model)`` turns a torch model into a `NeuralSheaf` (Sec. 3 of
+``csnn.compile(model)`` turns a torch model into a [`NeuralSheaf`][cellsheaf_nn.neural.NeuralSheaf] (Sec. 3 of
 Bosca & Ghrist): one vertex per quantity of the forward pass, one edge per
 computational step, the input and the bias "ones" blocks as boundary data. Every
 solve (inference, diffusion, pinned inference) goes through `cellsheaf`.

@@ -1,7 +1,7 @@
 """The builder through which op compilers emit the vertices and edges of a neural sheaf.
 
-An op compiler (see `cellsheaf_nn.ops`) receives a `Builder` and the
-`Value` handles of its inputs, and returns the `Value` of its
+An op compiler (see [`cellsheaf_nn.ops`][cellsheaf_nn.ops]) receives a [`Builder`][cellsheaf_nn.builder.Builder] and the
+[`Value`][cellsheaf_nn.builder.Value] handles of its inputs, and returns the [`Value`][cellsheaf_nn.builder.Value] of its
 output. It describes every map on the *neural block* of a vertex only; the
 builder lays out the stalks at the end (Eqs. 10-17 of the paper):
 
@@ -114,7 +114,7 @@ class EdgeInfo:
 
 
 class Built(NamedTuple):
-    """What `Builder.finish` returns."""
+    """What [`Builder.finish`][cellsheaf_nn.builder.Builder.finish] returns."""
 
     sheaf: cs.Sheaf
     vertices: dict[str, VertexInfo]
@@ -168,11 +168,11 @@ def _identity(d: int) -> M.Map:
 
 
 class Builder:
-    """Collects vertices and edges while a network is compiled; `finish` makes the sheaf.
+    """Collects vertices and edges while a network is compiled; [`finish`][cellsheaf_nn.builder.Builder.finish] makes the sheaf.
 
-    Op compilers use `affine`, `activation`, `combine`,
-    `concat` and `alias`; anything else can be written with the two
-    primitives `vertex` and `edge`. Maps act on neural blocks only.
+    Op compilers use [`affine`][cellsheaf_nn.builder.Builder.affine], [`activation`][cellsheaf_nn.builder.Builder.activation], [`combine`][cellsheaf_nn.builder.Builder.combine],
+    [`concat`][cellsheaf_nn.builder.Builder.concat] and [`alias`][cellsheaf_nn.builder.Builder.alias]; anything else can be written with the two
+    primitives [`vertex`][cellsheaf_nn.builder.Builder.vertex] and [`edge`][cellsheaf_nn.builder.Builder.edge]. Maps act on neural blocks only.
 
     Parameters
     ----------
@@ -241,7 +241,7 @@ class Builder:
         block : ``(start, size)`` of the part of ``dst``'s neural block this edge defines (default: all).
         trainable : mark the extended map trainable (weights of the network); ``mask`` (shape of ``Fu``)
             restricts which entries of ``Fu`` may change; the bias diagonal is always trainable.
-        writeback : how `NeuralSheaf.to_module` copies ``(W, b)`` back into the module being compiled.
+        writeback : how [`NeuralSheaf.to_module`][cellsheaf_nn.neural.NeuralSheaf.to_module] copies ``(W, b)`` back into the module being compiled.
         """
         Fu, Fv = M.as_map(self._cast(Fu)), M.as_map(self._cast(Fv)) if Fv is not None else None
         start, size = block if block is not None else (0, dst.dim)
@@ -287,7 +287,7 @@ class Builder:
         """``z = W x + b`` as a new vertex and one edge with ``W̄ = (W | diag(b))`` (Eqs. 10, 15).
 
         ``weight`` is a matrix or any linear map (a convolution, a per-token linear map, ...);
-        a structured map is kept as an operator (`cellsheaf.maps.Affine`), never densified,
+        a structured map is kept as an operator ([`cellsheaf.maps.Affine`][cellsheaf.maps.Affine]), never densified,
         and is not trainable. ``shape`` is the output's per-sample shape.
 
         Examples
@@ -368,7 +368,7 @@ class Builder:
     def name(self, value: Value, name: str, since: int | None = None) -> None:
         """Give the vertex of ``value`` its final name (names must be unique).
 
-        With ``since`` (a value of `n_vertices`), the unnamed vertices created
+        With ``since`` (a value of [`n_vertices`][cellsheaf_nn.builder.Builder.n_vertices]), the unnamed vertices created
         after that point are named after it too: ``"{name}.in"`` for a merge vertex,
         ``"{name}.{kind}"`` otherwise (numbered ``.in1``, ``.{kind}1``, ... when an op makes several).
         """

@@ -2,11 +2,11 @@
 
 A checkpoint is a ``torch.save``-d dict of tensors, numbers, strings, lists and
 dicts only (read back with ``weights_only=True``, so loading never runs code).
-`write_checkpoint` writes it to a temporary file in the target's folder,
+[`write_checkpoint`][cellsheaf_nn.checkpoint.write_checkpoint] writes it to a temporary file in the target's folder,
 flushes and fsyncs it, then renames it over the target (`os.replace`): a crash
 at any moment leaves either the old file or the new one, never a truncated
-mix. `read_checkpoint` checks that the file is a checkpoint of a known format
-and version and raises `CheckpointError` naming the file and the problem
+mix. [`read_checkpoint`][cellsheaf_nn.checkpoint.read_checkpoint] checks that the file is a checkpoint of a known format
+and version and raises [`CheckpointError`][cellsheaf_nn.checkpoint.CheckpointError] naming the file and the problem
 (missing, truncated, not a checkpoint, a newer format) otherwise.
 
 Examples
@@ -77,7 +77,7 @@ def _fsync_folder(folder: Path) -> None:
 
 
 def read_checkpoint(path: str | os.PathLike, kind: str) -> dict[str, Any]:
-    """The state stored by `write_checkpoint` under ``kind``, without the format tags.
+    """The state stored by [`write_checkpoint`][cellsheaf_nn.checkpoint.write_checkpoint] under ``kind``, without the format tags.
 
     Raises
     ------

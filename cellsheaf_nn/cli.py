@@ -184,12 +184,12 @@ class TrainConfig(BaseModel):
     Example: ``{"task": "paraboloid", "method": "sheaf", "steps": 2000}``, or
     ``{"model": "model.pt", "data": "train.npz", "val_data": "test.npz"}``. ``model`` is a
     model reference (a model file or ``MODULE:CLASS``, as on the command line), an MLP
-    (`ArchitectureSpec`) or a class (`ModuleSpec`); without it a task's architecture of depth
+    ([`ArchitectureSpec`][cellsheaf_nn.cli.ArchitectureSpec]) or a class (`ModuleSpec`); without it a task's architecture of depth
     ``depth`` is used. ``data``/``val_data``: a `DataSpec` (or a file name) instead of ``task``.
     ``loss`` defaults to the task's, or to what fits the model's output (sigmoid ``bce``, softmax
     or class-index targets ``cross_entropy``, otherwise ``mse``). ``options`` are passed on to
-    `cellsheaf_nn.train.SheafTrainer` (``method="sheaf"``, e.g. ``mode`` (default ``"nudged"``),
-    ``dt``, ``init``) or `cellsheaf_nn.train.train_sgd` (``method="sgd"``, e.g. ``optimizer``,
+    [`cellsheaf_nn.train.SheafTrainer`][cellsheaf_nn.train.SheafTrainer] (``method="sheaf"``, e.g. ``mode`` (default ``"nudged"``),
+    ``dt``, ``init``) or [`cellsheaf_nn.train.train_sgd`][cellsheaf_nn.train.train_sgd] (``method="sgd"``, e.g. ``optimizer``,
     ``lr``); ``eval_every`` defaults to a twentieth of the steps. File paths are relative to the
     config's folder.
     """
@@ -300,7 +300,7 @@ def import_user_module(name: str) -> ModuleType:
 
     A file ``path/to/ops.py`` becomes the module ``ops`` (its folder goes on ``sys.path``, as for a
     script). Importing runs the module's code: that is how it registers op compilers
-    (`cellsheaf_nn.register`) or defines model classes. Any failure is a `UserError` naming the module.
+    ([`cellsheaf_nn.register`][cellsheaf_nn.ops.register]) or defines model classes. Any failure is a [`UserError`][cellsheaf_nn.cli.UserError] naming the module.
     """
     if name.endswith(".py") or "/" in name or os.sep in name:
         return _import_file(Path(name).expanduser())
@@ -386,9 +386,9 @@ MODEL_KIND = "cellsheaf_nn.model"
 def save_model(path: str | Path, spec: ModelSpec, model: nn.Module) -> Path:
     """Save ``model`` in the safe format: its architecture and its state dict (plain data, no code).
 
-    ``spec`` is an `ArchitectureSpec` (an MLP) or a `ModuleSpec` (a class, stored as
+    ``spec`` is an [`ArchitectureSpec`][cellsheaf_nn.cli.ArchitectureSpec] (an MLP) or a `ModuleSpec` (a class, stored as
     ``MODULE:CLASS`` of ``type(model)`` with its ``kwargs``). Written atomically
-    (`cellsheaf_nn.checkpoint`); `load_model` reads it back without unpickling anything.
+    ([`cellsheaf_nn.checkpoint`][cellsheaf_nn.checkpoint]); [`load_model`][cellsheaf_nn.cli.load_model] reads it back without unpickling anything.
 
     Examples
     --------
@@ -413,7 +413,7 @@ def save_model(path: str | Path, spec: ModelSpec, model: nn.Module) -> Path:
 def load_model(path: str | Path, trust_pickle: bool = False) -> nn.Module:
     """A torch module from a model reference, as the commands take it.
 
-    ``path`` is a JSON `ArchitectureSpec` or `ModuleSpec` (``.json``), a model saved by `save_model`
+    ``path`` is a JSON [`ArchitectureSpec`][cellsheaf_nn.cli.ArchitectureSpec] or `ModuleSpec` (``.json``), a model saved by [`save_model`][cellsheaf_nn.cli.save_model]
     (what ``cellsheaf-nn train`` writes), ``MODULE:CLASS`` / ``FILE.py:CLASS`` (the class built with
     no arguments), or — only with ``trust_pickle=True`` — a ``torch.save``-d module. The first two are
     plain data: a saved model of a class of your own only uses modules imported already (``--import``).
@@ -751,7 +751,7 @@ def save_array(path: str | Path, t: torch.Tensor) -> Path:
 
 
 def output_folder(path: str | Path) -> Path:
-    """Create ``path`` (and parents) and check it can be written; a `UserError` says why not."""
+    """Create ``path`` (and parents) and check it can be written; a [`UserError`][cellsheaf_nn.cli.UserError] says why not."""
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """Compile a torch model into a neural sheaf: ``csnn.compile(model) -> NeuralSheaf``.
 
 The compiler walks the model in eval semantics, one operation at a time, and
-hands each to its registered op compiler (`cellsheaf_nn.ops`):
+hands each to its registered op compiler ([`cellsheaf_nn.ops`][cellsheaf_nn.ops]):
 
 * a module with a compiler (``Linear``, ``ReLU``, a registered custom module) is compiled as one op;
 * an ``nn.Sequential`` is compiled child by child, without tracing;
@@ -397,7 +397,7 @@ def compile(
     *,
     input_shape: Sequence[int] | Sequence[Sequence[int]] | None = None,
 ) -> NeuralSheaf:
-    """Compile ``model`` into a `NeuralSheaf` (the paper's construction, Sec. 3.1).
+    """Compile ``model`` into a [`NeuralSheaf`][cellsheaf_nn.neural.NeuralSheaf] (the paper's construction, Sec. 3.1).
 
     Parameters
     ----------

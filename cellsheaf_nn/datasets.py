@@ -1,6 +1,6 @@
 """The paper's four benchmark tasks (Sec. 6.2) and scikit-learn's bundled digits.
 
-Every loader returns a `Task`: train and test tensors, the kind of
+Every loader returns a [`Task`][cellsheaf_nn.datasets.Task]: train and test tensors, the kind of
 problem, and the architectures and loss the paper pairs with it. Data are
 drawn from a ``torch.Generator`` seeded by ``seed``, so a seed fixes the data
 set exactly; inputs are ``float64`` unless ``dtype`` says otherwise.
@@ -47,7 +47,7 @@ class Task:
     output : str
         The output activation the paper pairs with it: ``"identity"``, ``"sigmoid"`` or ``"softmax"``.
     loss : str
-        The matching loss name in `cellsheaf_nn.losses`: ``"mse"``, ``"bce"`` or ``"ce"``.
+        The matching loss name in [`cellsheaf_nn.losses`][cellsheaf_nn.losses]: ``"mse"``, ``"bce"`` or ``"ce"``.
     architectures : dict
         Layer widths by depth label, e.g. ``{"1H": [2, 30, 1], "2H": [2, 10, 8, 1]}``.
     n_classes : int or None

@@ -11,7 +11,7 @@ edge type (weight / act / out / penalty / ...) and by layer, give per-coordinate
 residuals split into active and inactive coordinates, and measure the discord
 left when the output is hard-pinned to the labels (Table 3).
 
-Functions take a compiled network (a `NeuralSheaf`) and a
+Functions take a compiled network (a [`NeuralSheaf`][cellsheaf_nn.neural.NeuralSheaf]) and a
 batch of inputs ``(B, n_in)``; nothing loops over the batch.
 
 Examples
@@ -95,7 +95,7 @@ def edge_group(name: Hashable, by: str, ns=None) -> str:
     A compiled network (``ns`` with ``edge_info``) answers from its layout (the
     edge kind; the layer index ``ℓ`` of the Linear layer the edge belongs to);
     edges it does not know (penalty edges of soft pins) and plain sheaves fall
-    back to the name (`edge_type`, `edge_layer`).
+    back to the name ([`edge_type`][cellsheaf_nn.diagnostics.edge_type], [`edge_layer`][cellsheaf_nn.diagnostics.edge_layer]).
 
     Examples
     --------
@@ -115,7 +115,7 @@ def edge_group(name: Hashable, by: str, ns=None) -> str:
 
 
 def group_trace(series: Mapping[Hashable, Any], by: str, ns=None) -> dict[str, Any]:
-    """Sum per-edge values (scalars, arrays or tensors of equal shape) into groups (`edge_group`).
+    """Sum per-edge values (scalars, arrays or tensors of equal shape) into groups ([`edge_group`][cellsheaf_nn.diagnostics.edge_group]).
 
     Groups keep the order of first appearance.
 
@@ -207,7 +207,7 @@ def eigenpairs(ns, X) -> tuple[Tensor, Tensor]:
     """Eigenvalues ``(B, n)`` ascending and orthonormal eigenvectors ``(B, n, n)`` (columns) of
     ``L[Ω,Ω]`` at the activation pattern of each input.
 
-    The free coordinates ``Ω`` are in flat-cochain order (see `block_energy`).
+    The free coordinates ``Ω`` are in flat-cochain order (see [`block_energy`][cellsheaf_nn.diagnostics.block_energy]).
     """
     return torch.linalg.eigh(_laplacians(ns, X))
 
@@ -247,8 +247,8 @@ def block_energy(S, fixed: Tensor, vectors: Tensor) -> dict[Hashable, Tensor]:
     """Fraction of each vector's squared norm on each vertex that has free coordinates, ``{vertex: (...)}``.
 
     ``vectors`` is ``(n_free,)`` or ``(B, n_free)`` over the free coordinates in
-    flat order (as `eigenpairs` returns them); a thin wrapper of
-    `cellsheaf.spectral.block_energy` keyed by vertex.
+    flat order (as [`eigenpairs`][cellsheaf_nn.diagnostics.eigenpairs] returns them); a thin wrapper of
+    [`cellsheaf.spectral.block_energy`][cellsheaf.spectral.block_energy] keyed by vertex.
 
     Examples
     --------
@@ -368,9 +368,9 @@ class SpectralTracker:
     ``SheafTrainer.fit(..., callbacks=[tracker])``: it is called with
     ``(step, history, owner)`` at every evaluation, where ``owner`` is the trainer
     (its ``ns`` is used) or the torch model (compiled on the fly) — or call
-    `record` yourself. `stats` then holds ``(S, 3)`` arrays of
+    [`record`][cellsheaf_nn.diagnostics.SpectralTracker.record] yourself. [`stats`][cellsheaf_nn.diagnostics.SpectralTracker.stats] then holds ``(S, 3)`` arrays of
     (q25, median, q75) per statistic, ready for
-    `cellsheaf_nn.plots.spectral_tracking`; `lambda_1_values` keeps
+    [`cellsheaf_nn.plots.spectral_tracking`][cellsheaf_nn.plots.spectral_tracking]; `lambda_1_values` keeps
     every probe's gap per record (the distributions of Fig. 18).
 
     Examples
@@ -451,7 +451,7 @@ def discord_by(ns, state, by: str = "type") -> dict[str, Tensor]:
 def discord_trace(ns, trajectory) -> dict[Hashable, Tensor]:
     """Per-edge discord along a trajectory of states, summed over the batch: ``{edge: (T,)}``.
 
-    ``trajectory`` is ``(T, C0)`` or ``(T, B, C0)`` (e.g. from `diffusion_path`),
+    ``trajectory`` is ``(T, C0)`` or ``(T, B, C0)`` (e.g. from [`diffusion_path`][cellsheaf_nn.diagnostics.diffusion_path]),
     or a solver result whose ``extra["trajectory"]`` holds the per-edge energies it
     recorded (``ns.infer(..., record=k, return_state=True)[1].info``, ``cs.diffuse(..., record=k)``).
     """
@@ -475,12 +475,12 @@ def diffusion_path(ns, X, *, steps: int = 2000, every: int = 10, dt: float | Non
                    generator: torch.Generator | None = None, x0: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """States along the paper's Euler heat equation (18) from a random start: ``(t (K,), states (K, B, C0))``.
 
-    Runs `cellsheaf.diffuse` on the network's sheaf with its boundary data
+    Runs [`cellsheaf.diffuse`][cellsheaf.diffusion.diffuse] on the network's sheaf with its boundary data
     for ``steps`` Euler steps of size ``dt`` (default ``1/(α λ_max)`` at the
     start), keeping the state every ``every`` steps (and the first and last).
     The start is standard normal (``generator``) on the free coordinates unless
     ``x0`` (``(B, C0)``) is given. For stalk trajectories and phase planes
-    (Figs. 6, 12, 13); `discord_trace` turns the states into discord.
+    (Figs. 6, 12, 13); [`discord_trace`][cellsheaf_nn.diagnostics.discord_trace] turns the states into discord.
     """
     X = _check_inputs(ns, X)
     if steps < 1 or every < 1:
@@ -569,10 +569,10 @@ class PinnedDiscord:
     Attributes
     ----------
     edges : ``{edge: (B,)}`` discord of every edge for every input.
-    state : ``(B, C0)`` the clamped states (for `residuals`).
+    state : ``(B, C0)`` the clamped states (for [`residuals`][cellsheaf_nn.diagnostics.residuals]).
     info : the solver's report. Pinning can leave some inputs on a switching
         surface of a ReLU (Note 5.1): a generalised (Clarke) critical point, not
-        a global section. `on_kinks` counts them; ``info.message`` says
+        a global section. [`on_kinks`][cellsheaf_nn.diagnostics.PinnedDiscord.on_kinks] counts them; ``info.message`` says
         more, and ``info.converged`` is ``False`` if the solver stalled.
     """
 
@@ -644,8 +644,8 @@ def pinned_discord(ns, X, Y, **infer_kw) -> PinnedDiscord:
 def report(ns, X, Y=None, *, summary: SpectralSummary | None = None, pinned: PinnedDiscord | None = None) -> str:
     """A short text report: sheaf size, spectral statistics, and (given labels) the pinned discord.
 
-    ``summary`` and ``pinned`` reuse results of `spectral_summary` and
-    `pinned_discord` instead of computing them again.
+    ``summary`` and ``pinned`` reuse results of [`spectral_summary`][cellsheaf_nn.diagnostics.spectral_summary] and
+    [`pinned_discord`][cellsheaf_nn.diagnostics.pinned_discord] instead of computing them again.
 
     Examples
     --------

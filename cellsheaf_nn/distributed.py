@@ -1,7 +1,7 @@
 """Data parallelism through ``torch.distributed``: every rank trains on its own shard.
 
 When a process group is initialised (``torchrun``, or ``torch.distributed.init_process_group``
-with gloo on CPUs or NCCL on GPUs), `SheafTrainer.fit` and `NeuralSheaf.infer`
+with gloo on CPUs or NCCL on GPUs), [`SheafTrainer.fit`][cellsheaf_nn.train.SheafTrainer.fit] and [`NeuralSheaf.infer`][cellsheaf_nn.neural.NeuralSheaf.infer]
 treat the data each rank passes as that rank's shard (the ``DistributedSampler``
 convention). The sheaf updates stay local: each rank computes the local updates of
 its own items, and the ranks add them up, weighted by how many items each holds, so

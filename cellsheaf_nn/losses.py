@@ -4,7 +4,7 @@ A loss is evaluated on the network's output (after the output activation) as
 a mean over the batch: difference losses and binary cross-entropy average over
 all elements, cross-entropy sums over classes per sample and averages over
 samples. In the sheaf, the same loss is an edge potential ``U`` on the output
-edge (Sec. 5.2.3, App. B.3), summed over samples; `Loss.scale` converts,
+edge (Sec. 5.2.3, App. B.3), summed over samples; [`Loss.scale`][cellsheaf_nn.losses.Loss.scale] converts,
 ``loss(batch) = scale(n_out) · mean_m U(sample m)``.
 
 Which losses fit which output activation: a *difference* loss (MSE, L1, Huber,
@@ -12,7 +12,7 @@ p-norm) fits any activation ``φ`` (the output edge carries ``U(φ(z) − y)``,
 Eq. 21); binary cross-entropy needs a sigmoid output, ``"bce_with_logits"`` and ``"cross_entropy"`` take the
 logits themselves as ``torch.nn.BCEWithLogitsLoss``/``torch.nn.CrossEntropyLoss`` do (cross-entropy also
 fits a softmax output, ``"nll"`` a log-softmax one); the force on the logits is ``φ(z) − y`` (Eq. 27).
-`Loss.bind` sets a loss up for the network's output activation.
+[`Loss.bind`][cellsheaf_nn.losses.Loss.bind] sets a loss up for the network's output activation.
 
 Examples
 --------
@@ -274,7 +274,7 @@ _SUGGEST = {"sigmoid": "'bce'", "softmax": "'cross_entropy'", "log_softmax": "'n
 
 
 def get(loss: str | Loss, **kwargs) -> Loss:
-    """A `Loss` from its name: ``"mse"``, ``"l1"``, ``"huber"``, ``"pnorm"``, ``"bce"``, ``"bce_with_logits"``,
+    """A [`Loss`][cellsheaf_nn.losses.Loss] from its name: ``"mse"``, ``"l1"``, ``"huber"``, ``"pnorm"``, ``"bce"``, ``"bce_with_logits"``,
     ``"cross_entropy"`` (alias ``"ce"``), ``"nll"``.
 
     Examples

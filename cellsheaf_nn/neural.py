@@ -1,7 +1,7 @@
 """``NeuralSheaf``: a compiled network — its sheaf, boundary, named vertices, inference and pins.
 
-Every solve goes through `cellsheaf` (`cellsheaf.minimize`,
-`cellsheaf.diffuse`); this module only lays out boundary data and reads
+Every solve goes through `cellsheaf` ([`cellsheaf.minimize`][cellsheaf.minimize.minimize],
+[`cellsheaf.diffuse`][cellsheaf.diffusion.diffuse]); this module only lays out boundary data and reads
 results back by vertex name.
 
 Examples
@@ -58,7 +58,7 @@ class NeuralState(dict):
 
     Attributes
     ----------
-    info : the solver's `cellsheaf.Result` (method, converged, iterations, energy, residual, ...).
+    info : the solver's [`cellsheaf.Result`][cellsheaf.results.Result] (method, converged, iterations, energy, residual, ...).
     cochain : the full 0-cochain (with ones blocks, merge vertices and pin anchors).
     """
 
@@ -84,7 +84,7 @@ class Pin:
 
 
 class NeuralSheaf:
-    """A network compiled into a cellular sheaf (Sec. 3.1); made by `cellsheaf_nn.compile`.
+    """A network compiled into a cellular sheaf (Sec. 3.1); made by [`cellsheaf_nn.compile`][cellsheaf_nn.compile.compile].
 
     Attributes
     ----------
@@ -103,7 +103,7 @@ class NeuralSheaf:
 
     Boundary data (Sec. 3.2): the input's neural block holds ``x``; every ones
     block holds ``1``. Pins add hard boundary coordinates or soft penalty edges
-    (`pinned_sheaf`).
+    ([`pinned_sheaf`][cellsheaf_nn.neural.NeuralSheaf.pinned_sheaf]).
     """
 
     def __init__(self, built: Built, *, model: nn.Module, inputs: Sequence[str], outputs: Sequence[str],
@@ -140,14 +140,14 @@ class NeuralSheaf:
 
     @property
     def device(self) -> torch.device:
-        """Device of the maps (`to` moves them)."""
+        """Device of the maps ([`to`][cellsheaf_nn.neural.NeuralSheaf.to] moves them)."""
         return self.sheaf.device
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "NeuralSheaf":
         """Move the sheaf (every map and cached operator) to ``device``/``dtype``, in place; returns ``self``.
 
-        Inputs passed to `infer` are moved to the same device and dtype. Create trainers after
-        moving: a `SheafTrainer` holds the weight maps it was given.
+        Inputs passed to [`infer`][cellsheaf_nn.neural.NeuralSheaf.infer] are moved to the same device and dtype. Create trainers after
+        moving: a [`SheafTrainer`][cellsheaf_nn.train.SheafTrainer] holds the weight maps it was given.
 
         Examples
         --------
@@ -172,7 +172,7 @@ class NeuralSheaf:
 
     @property
     def edge_types(self) -> dict[str, str]:
-        """``{edge name: kind}`` for every edge of `pinned_sheaf` (``"weight"``, ``"act"``, ``"penalty"``, ...).
+        """``{edge name: kind}`` for every edge of [`pinned_sheaf`][cellsheaf_nn.neural.NeuralSheaf.pinned_sheaf] (``"weight"``, ``"act"``, ``"penalty"``, ...).
 
         The kind is the prefix of the name before ``":"``.
         """
@@ -269,7 +269,7 @@ class NeuralSheaf:
     def boundary(self, *x) -> cs.Boundary:
         """The boundary data for inputs ``x`` (``(B, *input_shape)`` each): inputs, ones blocks, hard pins, anchors.
 
-        Freed input coordinates (`free_input`) are left out.
+        Freed input coordinates ([`free_input`][cellsheaf_nn.neural.NeuralSheaf.free_input]) are left out.
         """
         xs, _ = self._batch_input(x if len(x) > 1 else x[0])
         return self._boundary(xs, self._penalties())
@@ -306,7 +306,7 @@ class NeuralSheaf:
     # ------------------------------------------------------------------ pins
     def pin(self, vertex: str, coords: Sequence[int] | None = None, values=None,
             strength: float | None = None) -> Pin:
-        """Pin neurons ``coords`` of ``vertex`` to ``values`` (Sec. 5.1); returns a handle for `unpin`.
+        """Pin neurons ``coords`` of ``vertex`` to ``values`` (Sec. 5.1); returns a handle for [`unpin`][cellsheaf_nn.neural.NeuralSheaf.unpin].
 
         Parameters
         ----------
@@ -348,7 +348,7 @@ class NeuralSheaf:
     def clamp(self, vertex: str, values, coords: Sequence[int] | None = None) -> Pin:
         """Hard-pin (clamp) coordinates of ``vertex``: ``pin(vertex, coords, values)`` (Note 5.1).
 
-        Together with `free_input` any mixture of inputs, hidden neurons and
+        Together with [`free_input`][cellsheaf_nn.neural.NeuralSheaf.free_input] any mixture of inputs, hidden neurons and
         outputs can be fixed and the rest completed (imputation, label-conditioned
         reconstruction, neuron steering).
         """
@@ -357,7 +357,7 @@ class NeuralSheaf:
     def free_input(self, coords: Sequence[int] | None = None) -> Pin:
         """Free input coordinates (default: all): they are solved for instead of fixed to ``x``.
 
-        The values of ``x`` at freed coordinates are then only a starting point. Undo with `unpin`.
+        The values of ``x`` at freed coordinates are then only a starting point. Undo with [`unpin`][cellsheaf_nn.neural.NeuralSheaf.unpin].
         """
         idx = self._neural_coords(self._info(self.input), coords)
         with _PINS_LOCK:
@@ -388,7 +388,7 @@ class NeuralSheaf:
         return p
 
     def unpin(self, handle: Pin) -> None:
-        """Remove a pin (or undo a `free_input`)."""
+        """Remove a pin (or undo a [`free_input`][cellsheaf_nn.neural.NeuralSheaf.free_input])."""
         with _PINS_LOCK:
             if handle.id not in self._pins:
                 raise KeyError(f"pin {handle.id} ({handle.kind} at {handle.vertex!r}) is not active")
@@ -457,13 +457,13 @@ class NeuralSheaf:
             The inputs, as ``model(*inputs)`` takes them (values at freed input coordinates
             serve only as a starting point). A single iterable of batches instead (a
             ``DataLoader``, a generator, a list of tensors or of tuples) streams: ``infer``
-            then returns a generator with one result per batch, as `infer_batches` does.
+            then returns a generator with one result per batch, as [`infer_batches`][cellsheaf_nn.neural.NeuralSheaf.infer_batches] does.
         method : {"auto", "propagate", "newton", "euler", "diffusion"}
             ``"auto"``: propagation when the sheaf is determined (no pins: the forward
             pass, exact), Newton otherwise. ``"diffusion"``: the paper's Euler heat
-            equation (`cellsheaf.diffuse`) from ``init``; ``"euler"`` is the same
-            flow through `cellsheaf.minimize` (default start ``"forward_pass"``).
-        return_state : also return the `NeuralState` (values at every vertex, solver report).
+            equation ([`cellsheaf.diffuse`][cellsheaf.diffusion.diffuse]) from ``init``; ``"euler"`` is the same
+            flow through [`cellsheaf.minimize`][cellsheaf.minimize.minimize] (default start ``"forward_pass"``).
+        return_state : also return the [`NeuralState`][cellsheaf_nn.neural.NeuralState] (values at every vertex, solver report).
         init : {"random", "zeros", "forward_pass"}
             Starting point of the iterative methods: standard normal (``generator``),
             zeros, or the unpinned forward pass. Default: ``"random"`` for diffusion,
@@ -473,7 +473,7 @@ class NeuralSheaf:
         alpha, dt : the diffusion rate and Euler step (``dt`` default ``1/(α λ_max)``, ``λ_max`` of the
             linearised ``L[Ω,Ω]``, the largest over the batch at the start and at the forward pass).
         record : record per-edge energies every ``record`` steps (``state.info.extra["trajectory"]``).
-        check : raise `ConvergenceError` if the solver did not converge (else return what it found).
+        check : raise [`ConvergenceError`][cellsheaf_nn.neural.ConvergenceError] if the solver did not converge (else return what it found).
 
         Returns
         -------
@@ -637,7 +637,7 @@ class NeuralSheaf:
         """``δ_Ω``: the coboundary at the activation pattern of input ``x`` (shape ``input_shape``),
         restricted to the free coordinates (columns; all edges as rows).
 
-        The pattern is the one at the point `infer` returns for ``x`` with the
+        The pattern is the one at the point [`infer`][cellsheaf_nn.neural.NeuralSheaf.infer] returns for ``x`` with the
         current pins (the forward pass without pins; with pins, the solver's last
         point even if it stopped on a switching surface, Note 5.1).
 
@@ -681,7 +681,7 @@ class NeuralSheaf:
     def restricted_laplacian(self, x, format: str = "dense"):
         """``L[Ω,Ω]`` at the activation pattern of input ``x`` (positive definite, Lemma 3.2).
 
-        Built with `cellsheaf.operators.restricted_laplacian`; ``format`` as there.
+        Built with [`cellsheaf.operators.restricted_laplacian`][cellsheaf.operators.restricted_laplacian]; ``format`` as there.
 
         Examples
         --------
@@ -718,7 +718,7 @@ class NeuralSheaf:
         return grouped or all(isinstance(b, Tensor) and b.dim() >= 1 and b.numel() > 1 for b in x)
 
     def infer_batches(self, batches: Iterable, shard: bool = True, **kwargs) -> Iterator:
-        """`infer` over an iterable of batches (e.g. a ``DataLoader``), yielding one result per batch.
+        """[`infer`][cellsheaf_nn.neural.NeuralSheaf.infer] over an iterable of batches (e.g. a ``DataLoader``), yielding one result per batch.
 
         Memory stays bounded by one batch: results are produced as the batches arrive. A batch is
         a tensor (the model's input) or a tuple/list whose first items are the model's inputs;
@@ -726,7 +726,7 @@ class NeuralSheaf:
         Under torch.distributed each rank infers its own shard: a ``DataLoader`` with a
         ``DistributedSampler`` is taken as it is, any other iterable is dealt out round robin
         (rank ``r`` of ``W`` gets batches ``r, r + W, …``; `cellsheaf_nn.distributed.shard`);
-        ``shard=False`` infers every batch on every rank. ``kwargs`` are `infer`'s options.
+        ``shard=False`` infers every batch on every rank. ``kwargs`` are [`infer`][cellsheaf_nn.neural.NeuralSheaf.infer]'s options.
 
         Examples
         --------
@@ -752,7 +752,7 @@ class NeuralSheaf:
         """A torch module (a copy of the compiled model) carrying the sheaf's current weights.
 
         Every affine edge compiled from module parameters writes its ``(W, b)``
-        (`affine_parts`) back; ``compile(ns.to_module())`` gives the same sheaf.
+        ([`affine_parts`][cellsheaf_nn.neural.NeuralSheaf.affine_parts]) back; ``compile(ns.to_module())`` gives the same sheaf.
 
         Examples
         --------

@@ -1,15 +1,15 @@
 """The registry of op compilers: how each module, function and tensor method becomes sheaf pieces.
 
 An *op compiler* turns one operation of the forward pass into vertices and
-edges through a `Builder` and returns the
-`Value` of its output. Its signature is
+edges through a [`Builder`][cellsheaf_nn.builder.Builder] and returns the
+[`Value`][cellsheaf_nn.builder.Value] of its output. Its signature is
 
 * ``fn(b, module, *args, **kwargs)`` for a module type (``@register(nn.Linear)``),
 * ``fn(b, *args, **kwargs)`` for a function (``@register(operator.add)``),
 * ``fn(b, self, *args, **kwargs)`` for a tensor method (``@register("relu")`` or
   ``@register(torch.Tensor.relu)``),
 
-where tensor arguments arrive as `Value` handles and everything else
+where tensor arguments arrive as [`Value`][cellsheaf_nn.builder.Value] handles and everything else
 (numbers, constant tensors, ``dim=``) as it is. Registering is all it takes to
 support a new architecture: nothing in the compiler core changes.
 
@@ -241,7 +241,7 @@ def _writeback_linear(module: nn.Linear, W: Tensor, b: Tensor | None) -> None:
 @register(nn.Linear, prefix="z", layer=True)
 def linear(b: Builder, module: nn.Linear, x: Value) -> Value:
     """``z = W x + b``: a weight edge with ``W̄ = (W | diag(b))`` (Eqs. 10, 15); on ``(..., T, D)`` the same
-    map on every token (`cellsheaf.maps.TokenLinear`)."""
+    map on every token ([`cellsheaf.maps.TokenLinear`][cellsheaf.maps.TokenLinear])."""
     if len(x.shape) == 1:
         return b.affine(x, module.weight, module.bias, writeback=_writeback_linear)
     tokens = math.prod(x.shape[:-1])
@@ -379,7 +379,7 @@ def neg(b: Builder, x: Value) -> Value:
 @register("mul")
 def mul(b: Builder, x, y) -> Value:
     """Multiplication by a constant (number or tensor broadcast to one sample): a diagonal ``scale`` edge;
-    the product of two quantities (a gate): a merge vertex and a `Product` edge."""
+    the product of two quantities (a gate): a merge vertex and a [`Product`][cellsheaf.maps.Product] edge."""
     if isinstance(x, Value) and isinstance(y, Value):  # a gate: x ⊙ y through a merge vertex
         _same_shape(x, y, "the product")
         return _pair(b, x, y, M.Product(x.dim), x.shape)
@@ -404,7 +404,7 @@ def mul(b: Builder, x, y) -> Value:
 @register(torch.div)
 @register("div")
 def div(b: Builder, x: Value, y) -> Value:
-    """Division by a constant, or ``x / y`` of two quantities (a merge vertex and a `Quotient` edge)."""
+    """Division by a constant, or ``x / y`` of two quantities (a merge vertex and a [`Quotient`][cellsheaf.maps.Quotient] edge)."""
     if isinstance(y, Value):
         _same_shape(x, y, "the quotient")
         return _pair(b, x, y, M.Quotient(x.dim), x.shape)
@@ -438,7 +438,7 @@ def _per_channel(v: Tensor, shape: tuple[int, ...]) -> Tensor:
 @register(nn.Conv1d, prefix="z", layer=True)
 @register(nn.Conv2d, prefix="z", layer=True)
 def conv(b: Builder, module: nn.Conv1d | nn.Conv2d, x: Value) -> Value:
-    """A convolution: the matrix-free `cellsheaf.maps.Conv1d`/`Conv2d` with its bias through a ones block."""
+    """A convolution: the matrix-free [`cellsheaf.maps.Conv1d`][cellsheaf.maps.Conv1d]/[`Conv2d`][cellsheaf.maps.Conv2d] with its bias through a ones block."""
     if module.padding_mode != "zeros":
         raise UnsupportedOpError(f"{type(module).__name__}(padding_mode={module.padding_mode!r}): only zero "
                                  "padding is supported")
@@ -458,7 +458,7 @@ def _pool_args(module, what: str) -> None:
 @register(nn.AvgPool1d)
 @register(nn.AvgPool2d)
 def avg_pool(b: Builder, module: nn.AvgPool1d | nn.AvgPool2d, x: Value) -> Value:
-    """Average pooling: a fixed linear map (`cellsheaf.maps.AvgPool1d`/`AvgPool2d`)."""
+    """Average pooling: a fixed linear map ([`cellsheaf.maps.AvgPool1d`][cellsheaf.maps.AvgPool1d]/[`AvgPool2d`][cellsheaf.maps.AvgPool2d])."""
     _pool_args(module, type(module).__name__)
     cls = M.AvgPool1d if isinstance(module, nn.AvgPool1d) else M.AvgPool2d
     F = cls(module.kernel_size, x.shape, module.stride, module.padding, module.count_include_pad)
@@ -690,7 +690,7 @@ def _same_shape(x: Value, y: Value, what: str) -> None:
 @register("matmul")
 @register("bmm")
 def matmul(b: Builder, x, y) -> Value:
-    """``x @ y`` of two network quantities (attention scores, ``att @ v``): a merge vertex and a `MatMul` edge."""
+    """``x @ y`` of two network quantities (attention scores, ``att @ v``): a merge vertex and a [`MatMul`][cellsheaf.maps.MatMul] edge."""
     if not (isinstance(x, Value) and isinstance(y, Value)):
         raise UnsupportedOpError("matmul with a constant matrix: use nn.Linear (a constant is not trainable)")
     F = M.MatMul(x.shape, y.shape)
@@ -712,7 +712,7 @@ def multihead_attention(b: Builder, module: nn.MultiheadAttention, query: Value,
                         key_padding_mask=None, need_weights: bool = True, attn_mask=None,
                         average_attn_weights: bool = True, is_causal: bool = False):
     """``nn.MultiheadAttention`` (``batch_first=True``, no masks) expanded into per-token linear maps, head
-    reshapes, `MatMul` edges for ``q kᵀ`` and ``att v``, and a softmax along the keys. Returns
+    reshapes, [`MatMul`][cellsheaf.maps.MatMul] edges for ``q kᵀ`` and ``att v``, and a softmax along the keys. Returns
     ``(output, None)``: the attention weights are not an output."""
     if not module.batch_first or key_padding_mask is not None or attn_mask is not None or is_causal \
             or module.bias_k is not None or module.add_zero_attn or not module._qkv_same_embed_dim:

@@ -4,7 +4,7 @@ Every function builds a `matplotlib.figure.Figure` without pyplot (so it
 works headless and keeps no global state), returns it, and writes it to
 ``path`` when one is given (the suffix picks the format: ``.png``, ``.svg``,
 ``.pdf``). Functions take plain tensors / arrays and the records produced by
-`cellsheaf_nn.diagnostics`, so they can be used on any sheaf.
+[`cellsheaf_nn.diagnostics`][cellsheaf_nn.diagnostics], so they can be used on any sheaf.
 
 Examples
 --------
@@ -213,7 +213,7 @@ def discord_convergence(trace: Mapping[Hashable, Any], t=None, *, output=None, f
     Parameters
     ----------
     trace : {edge: (T,)}
-        Per-edge discord along a trajectory (`cellsheaf_nn.diagnostics.discord_trace`).
+        Per-edge discord along a trajectory ([`cellsheaf_nn.diagnostics.discord_trace`][cellsheaf_nn.diagnostics.discord_trace]).
     t : (T,), optional
         Times (default: the step index).
     output : (T, d), optional
@@ -222,7 +222,7 @@ def discord_convergence(trace: Mapping[Hashable, Any], t=None, *, output=None, f
         The forward-pass value of the output, drawn as black dashed lines.
     groups : which discord panels to draw, from ``"total"``, ``"type"``, ``"layer"``.
     ns : NeuralSheaf, optional
-        Groups edges by its layout (`cellsheaf_nn.diagnostics.edge_group`) instead of by name.
+        Groups edges by its layout ([`cellsheaf_nn.diagnostics.edge_group`][cellsheaf_nn.diagnostics.edge_group]) instead of by name.
 
     Examples
     --------
@@ -406,7 +406,7 @@ def residual_scatter(z, residual, *, ax=None, xlabel: str = "$z_j$", ylabel: str
 
 def discord_residuals(residuals: Mapping[Hashable, Any], *, path=None, title: str | None = None,
                       share_y: bool = False):
-    """One residual scatter per edge, from `cellsheaf_nn.diagnostics.residuals`.
+    """One residual scatter per edge, from [`cellsheaf_nn.diagnostics.residuals`][cellsheaf_nn.diagnostics.residuals].
 
     ``residuals`` maps an edge to a record with ``z`` (the pre-activation the
     coordinates are coloured by) and ``residual`` (same shape).
@@ -432,7 +432,7 @@ def spectral_summary(summary, *, path=None, title: str | None = None):
     Panels: every input's eigenvalues (log scale); the histogram of ``λ₁``;
     per-vertex energy of the Fiedler vector and of the ``λ_max`` eigenvector
     (mean ± std over inputs). ``summary`` is a
-    `cellsheaf_nn.diagnostics.SpectralSummary`.
+    [`cellsheaf_nn.diagnostics.SpectralSummary`][cellsheaf_nn.diagnostics.SpectralSummary].
     """
     ev = _np(summary.eigenvalues)
     fig, axes = _figure(1, 4, size=(15.0, 3.3))
@@ -473,7 +473,7 @@ def spectral_tracking(steps, stats: Mapping[str, Any], *, loss=None, path=None, 
 
     ``stats`` maps a quantity (``"lambda_1"``, ``"lambda_max"``, ``"condition"``)
     to a ``(S, 3)`` array of (q25, median, q75) per recorded step, as kept by
-    `cellsheaf_nn.diagnostics.SpectralTracker`. ``loss`` (``(S,)``)
+    [`cellsheaf_nn.diagnostics.SpectralTracker`][cellsheaf_nn.diagnostics.SpectralTracker]. ``loss`` (``(S,)``)
     adds the training loss on a second axis of the first panel.
     """
     x = _np(steps)

@@ -2,7 +2,7 @@
 
 ``train_sgd`` trains a torch model by (full-batch or minibatch) gradient descent
 with any torch optimizer; it is the baseline of the paper's Table 1.
-`SheafTrainer` trains a compiled `NeuralSheaf` by
+[`SheafTrainer`][cellsheaf_nn.train.SheafTrainer] trains a compiled [`NeuralSheaf`][cellsheaf_nn.neural.NeuralSheaf] by
 local updates, each weight map changed only from its own edge's discrepancy
 and the stalks at its ends.
 
@@ -288,9 +288,9 @@ def train_sgd(model: nn.Module, X: Tensor, Y: Tensor, loss: str | _losses.Loss =
     Parameters
     ----------
     model : nn.Module
-        Trained in place (initialise it first, e.g. with `he_init`).
+        Trained in place (initialise it first, e.g. with [`he_init`][cellsheaf_nn.train.he_init]).
     X, Y : Tensor
-        Inputs ``(B, n_in)`` in the model's dtype; targets as `cellsheaf_nn.losses` takes them.
+        Inputs ``(B, n_in)`` in the model's dtype; targets as [`cellsheaf_nn.losses`][cellsheaf_nn.losses] takes them.
     loss : str or Loss
         Must fit the model's output activation.
     lr : float, optional
@@ -407,13 +407,13 @@ class SheafTrainer:
         ``"joint"``: the paper's joint dynamics Eq. (26) (Eq. (42) with ``lam``/``mu``), forward Euler with
         step ``dt``: stalks and weights move together, the output clamped to the targets.
         ``"equilibrium"``: before each weight update the stalks relax to equilibrium with the current
-        weights (output clamped; warm-started Newton, `cellsheaf.minimize`): the ``α ≫ β`` limit of
+        weights (output clamped; warm-started Newton, [`cellsheaf.minimize`][cellsheaf.minimize.minimize]): the ``α ≫ β`` limit of
         Sec. 5.3. ``"nudged"``: the output is pulled toward the target by a loss edge of small weight
         ``gamma``; the local update divided by ``gamma`` tends to the gradient of the loss as
         ``gamma → 0`` (the equilibrium-propagation argument: at the free equilibrium every edge has zero
         discord).
     loss : str or Loss
-        On the output edge (`cellsheaf_nn.losses`); must fit the output activation.
+        On the output edge ([`cellsheaf_nn.losses`][cellsheaf_nn.losses]); must fit the output activation.
     optimizer : None, "sgd", "adam", factory or torch optimizer
         Local modes only: consumes the local directions (scaled as gradients of the batch-mean loss).
         Default plain gradient descent with ``lr``.
@@ -428,7 +428,7 @@ class SheafTrainer:
         Joint and equilibrium modes: initial stalks, ``N(0, 1/d_v)`` per coordinate of a vertex of dim
         ``d_v`` (unit-norm stalks on average, Sec. 5.3), or the forward pass.
     warm_start : bool
-        Whether a later `fit` continues from the stalks of the previous one (default) or
+        Whether a later [`fit`][cellsheaf_nn.train.SheafTrainer.fit] continues from the stalks of the previous one (default) or
         initialises them again.
     lam, mu : float
         Joint mode regularisation, Eq. (28) (``anchor="zero"``) or Eq. (41)/(42) (``anchor="initial"``:
@@ -866,7 +866,7 @@ class SheafTrainer:
                 "anchors": self._anchors}
 
     def load_state_dict(self, state: dict) -> "SheafTrainer":
-        """Restore a `state_dict` (same network architecture and mode); returns ``self``.
+        """Restore a [`state_dict`][cellsheaf_nn.train.SheafTrainer.state_dict] (same network architecture and mode); returns ``self``.
 
         Everything is checked before anything changes (keys, mode, step, the shape, dtype and
         finiteness of every weight, stalk and anchor, the history and the optimizer state): a
@@ -883,7 +883,7 @@ class SheafTrainer:
         return self
 
     def save(self, path) -> None:
-        """Save `state_dict` to ``path`` atomically (`cellsheaf_nn.checkpoint`).
+        """Save [`state_dict`][cellsheaf_nn.train.SheafTrainer.state_dict] to ``path`` atomically ([`cellsheaf_nn.checkpoint`][cellsheaf_nn.checkpoint]).
 
         The checkpoint is written to a temporary file in the same folder, fsynced and renamed over
         ``path``: a crash while saving leaves the previous checkpoint intact. Under torch.distributed
@@ -893,10 +893,10 @@ class SheafTrainer:
             write_checkpoint(path, self.state_dict(), kind=_CHECKPOINT_KIND)
 
     def load(self, path) -> "SheafTrainer":
-        """Load a state saved by `save` into this trainer (and its network); returns ``self``.
+        """Load a state saved by [`save`][cellsheaf_nn.train.SheafTrainer.save] into this trainer (and its network); returns ``self``.
 
         A loaded trainer continues exactly as the saved one would have. Loading only reads plain
-        data (never code) and checks everything first: a `cellsheaf_nn.checkpoint.CheckpointError`
+        data (never code) and checks everything first: a [`cellsheaf_nn.checkpoint.CheckpointError`][cellsheaf_nn.checkpoint.CheckpointError]
         naming the file says what is wrong (missing, truncated, not a checkpoint, a newer format,
         wrong shapes, NaN weights) and leaves the trainer unchanged.
         """
