@@ -1,8 +1,8 @@
 """A network as a sheaf: compile, infer, pin, clamp, train, diagnose.
 
-Run it with ``python examples/network_tour.py`` (``--out DIR`` also writes
-figures). The tutorial ``docs/tutorial-networks.md`` shows every line of it
-except the figures at the end, section by section.
+Run it with ``python examples/network_tour.py``: it prints what it finds and
+writes three figures to ``figures/`` (matplotlib needed). The tutorial
+``docs/tutorial-networks.md`` shows every line of it, section by section.
 """
 
 # --8<-- [start:setup]
@@ -96,15 +96,11 @@ print("discord with the output pinned to the labels:",
       {k: round(m, 5) for k, (m, _) in pinned_table.items()})
 # --8<-- [end:diagnose]
 
-if __name__ == "__main__":
-    import sys
-    from pathlib import Path
+# --8<-- [start:figures]
+from cellsheaf_nn import plots                      # needs matplotlib: pip install "cellsheaf[plot]"
 
-    if "--out" in sys.argv:
-        from cellsheaf_nn import plots
-
-        out = Path(sys.argv[sys.argv.index("--out") + 1])
-        plots.sheaf_graph(ns, path=out / "sheaf_graph.png")
-        plots.spectral_summary(summary, path=out / "spectrum.png")
-        plots.decision_surface(trained, task.X_test, task.Y_test, path=out / "surface.png")
-        print(f"figures written to {out}/")
+plots.sheaf_graph(ns, path="figures/sheaf_graph.png")           # Figs. 1-2
+plots.spectral_summary(summary, path="figures/spectrum.png")    # Fig. 15
+plots.decision_surface(trained, task.X_test, task.Y_test, path="figures/surface.png")   # Fig. 7
+print("figures written to figures/")
+# --8<-- [end:figures]
