@@ -103,7 +103,8 @@ class Cohomology(_Decided):
     H1 : ``(C1, h1)`` orthonormal basis of ``ker δᵀ ≅ coker δ``, computed when first read, or
         ``None`` when a sparse component has more than ``k`` of its vectors.
     C0, C1 : dimensions of the cochain spaces.
-    decision : the [`RankDecision`][cellsheaf.rank.RankDecision] on ``δ`` (``.certified``, ``.gap``, ``.tol``, ``.certificate``).
+    decision
+        The [`RankDecision`][cellsheaf.rank.RankDecision] on ``δ`` (``.certified``, ``.gap``, ``.tol``, ``.certificate``).
     """
 
     h0: int
@@ -152,7 +153,8 @@ class RelativeCohomology(_Decided):
     dim : ``dim H⁰(G, U; F)``.
     basis : ``(C0, dim)`` orthonormal basis, zero on the fixed coordinates (computed when first read).
     free : sorted flat indices of the free coordinates ``Ω``.
-    decision : the [`RankDecision`][cellsheaf.rank.RankDecision] on ``δ_Ω = δ[:, Ω]``.
+    decision
+        The [`RankDecision`][cellsheaf.rank.RankDecision] on ``δ_Ω = δ[:, Ω]``.
     """
 
     dim: int

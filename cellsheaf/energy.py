@@ -3,6 +3,11 @@
 With the default quadratic potential ``U = ½‖F_v x_v − F_u x_u‖²`` the total is
 half the discord ``½‖δx‖²`` and its gradient is ``Lx``.
 
+``cs.energy`` and ``cs.discord`` are this module's [`energy`][cellsheaf.energy.energy] and
+[`discord`][cellsheaf.energy.discord]: the package attribute ``cellsheaf.energy`` is the
+function, so the other functions are imported from the module by name
+(``from cellsheaf.energy import gradient, forces, edge_energies``).
+
 Examples
 --------
 >>> import torch, cellsheaf as cs

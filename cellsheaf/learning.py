@@ -434,7 +434,8 @@ def joint_step(
         The coordinates that move (``P_Ω``); None: all of them.
     alpha, beta, dt : rates of the state and the maps, and the time step.
     lam, x_anchor : state regularisation ``λ(ω − ω₀)`` (``ω₀`` default 0); the same as reluctance edges.
-    mu, map_anchors : map regularisation ``μ(F − F₀)`` (``F₀`` default 0, or from [`snapshot`][cellsheaf.learning.snapshot]).
+    mu, map_anchors
+        Map regularisation ``μ(F − F₀)`` (``F₀`` default 0, or from [`snapshot`][cellsheaf.learning.snapshot]).
     reduce : callable, optional
         Combines the batch sums of the map gradients with those of other processes before the
         step (e.g. an all-reduce sum under torch.distributed, so every process takes the same step).

@@ -47,8 +47,9 @@ def cg(
     Returns
     -------
     x : tensor ``(B, n)``
-    info : [`SolveInfo`][cellsheaf.results.SolveInfo] (``converged`` is True only if every row's true residual met ``tol``;
-        ``residual`` is the largest true relative residual)
+    info : SolveInfo
+        A [`SolveInfo`][cellsheaf.results.SolveInfo]: ``converged`` is True only if every row's true residual met ``tol``;
+        ``residual`` is the largest true relative residual.
     """
     squeeze = b.dim() == 1
     b = b.unsqueeze(0) if squeeze else b

@@ -487,7 +487,8 @@ class PropagationPlan:
 
     Attributes
     ----------
-    steps : the schedule ([`PropagationStep`][cellsheaf.propagation.PropagationStep]), in order.
+    steps
+        The schedule ([`PropagationStep`][cellsheaf.propagation.PropagationStep]), in order.
     fixed, free : sorted index tensors of the fixed and free coordinates.
     constant, constant_values : the fixed coordinates whose values were given when
         the plan was built (the same for every item and call), and those values.

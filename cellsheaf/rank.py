@@ -446,8 +446,10 @@ def decide(D: sp.spmatrix, row_owner: np.ndarray, col_owner: np.ndarray, eps: fl
     row_owner : ``(m,)`` edge index of every row.
     col_owner : ``(n,)`` vertex index of every column, non-decreasing.
     eps : machine epsilon of the data (float32 maps: float32's).
-    tol : tolerance on singular values of the equilibrated matrix (default: [`default_tol`][cellsheaf.rank.default_tol]).
-    method : ``"auto"`` (dense SVD per component up to [`DENSE_LIMIT`][cellsheaf.rank.DENSE_LIMIT]), ``"dense"`` or ``"sparse"``.
+    tol
+        Tolerance on singular values of the equilibrated matrix (default: [`default_tol`][cellsheaf.rank.default_tol]).
+    method
+        ``"auto"`` (dense SVD per component up to [`DENSE_LIMIT`][cellsheaf.rank.DENSE_LIMIT]), ``"dense"`` or ``"sparse"``.
     k : on sparse components the left null space is computed only when it has at most ``k`` vectors.
     """
     D = sp.csr_matrix(D, dtype=np.float64, copy=True)  # D may be a cached operator: never touch it
