@@ -241,7 +241,8 @@ class Builder:
         block : ``(start, size)`` of the part of ``dst``'s neural block this edge defines (default: all).
         trainable : mark the extended map trainable (weights of the network); ``mask`` (shape of ``Fu``)
             restricts which entries of ``Fu`` may change; the bias diagonal is always trainable.
-        writeback : how [`NeuralSheaf.to_module`][cellsheaf_nn.neural.NeuralSheaf.to_module] copies ``(W, b)`` back into the module being compiled.
+        writeback
+            How [`NeuralSheaf.to_module`][cellsheaf_nn.neural.NeuralSheaf.to_module] copies ``(W, b)`` back into the module being compiled.
         """
         Fu, Fv = M.as_map(self._cast(Fu)), M.as_map(self._cast(Fv)) if Fv is not None else None
         start, size = block if block is not None else (0, dst.dim)

@@ -569,7 +569,8 @@ class PinnedDiscord:
     Attributes
     ----------
     edges : ``{edge: (B,)}`` discord of every edge for every input.
-    state : ``(B, C0)`` the clamped states (for [`residuals`][cellsheaf_nn.diagnostics.residuals]).
+    state
+        ``(B, C0)`` the clamped states (for [`residuals`][cellsheaf_nn.diagnostics.residuals]).
     info : the solver's report. Pinning can leave some inputs on a switching
         surface of a ReLU (Note 5.1): a generalised (Clarke) critical point, not
         a global section. [`on_kinks`][cellsheaf_nn.diagnostics.PinnedDiscord.on_kinks] counts them; ``info.message`` says

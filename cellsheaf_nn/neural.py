@@ -58,7 +58,8 @@ class NeuralState(dict):
 
     Attributes
     ----------
-    info : the solver's [`cellsheaf.Result`][cellsheaf.results.Result] (method, converged, iterations, energy, residual, ...).
+    info
+        The solver's [`cellsheaf.Result`][cellsheaf.results.Result] (method, converged, iterations, energy, residual, ...).
     cochain : the full 0-cochain (with ones blocks, merge vertices and pin anchors).
     """
 
@@ -86,6 +87,10 @@ class Pin:
 class NeuralSheaf:
     """A network compiled into a cellular sheaf (Sec. 3.1); made by [`cellsheaf_nn.compile`][cellsheaf_nn.compile.compile].
 
+    Boundary data (Sec. 3.2): the input's neural block holds ``x``; every ones
+    block holds ``1``. Pins add hard boundary coordinates or soft penalty edges
+    ([`pinned_sheaf`][cellsheaf_nn.neural.NeuralSheaf.pinned_sheaf]).
+
     Attributes
     ----------
     sheaf : cellsheaf.Sheaf
@@ -100,10 +105,6 @@ class NeuralSheaf:
         Their per-sample shapes.
     input, output, input_shape, output_shape
         The first input and output and their shapes.
-
-    Boundary data (Sec. 3.2): the input's neural block holds ``x``; every ones
-    block holds ``1``. Pins add hard boundary coordinates or soft penalty edges
-    ([`pinned_sheaf`][cellsheaf_nn.neural.NeuralSheaf.pinned_sheaf]).
     """
 
     def __init__(self, built: Built, *, model: nn.Module, inputs: Sequence[str], outputs: Sequence[str],
@@ -463,7 +464,8 @@ class NeuralSheaf:
             pass, exact), Newton otherwise. ``"diffusion"``: the paper's Euler heat
             equation ([`cellsheaf.diffuse`][cellsheaf.diffusion.diffuse]) from ``init``; ``"euler"`` is the same
             flow through [`cellsheaf.minimize`][cellsheaf.minimize.minimize] (default start ``"forward_pass"``).
-        return_state : also return the [`NeuralState`][cellsheaf_nn.neural.NeuralState] (values at every vertex, solver report).
+        return_state
+            Also return the [`NeuralState`][cellsheaf_nn.neural.NeuralState] (values at every vertex, solver report).
         init : {"random", "zeros", "forward_pass"}
             Starting point of the iterative methods: standard normal (``generator``),
             zeros, or the unpinned forward pass. Default: ``"random"`` for diffusion,
@@ -473,7 +475,8 @@ class NeuralSheaf:
         alpha, dt : the diffusion rate and Euler step (``dt`` default ``1/(α λ_max)``, ``λ_max`` of the
             linearised ``L[Ω,Ω]``, the largest over the batch at the start and at the forward pass).
         record : record per-edge energies every ``record`` steps (``state.info.extra["trajectory"]``).
-        check : raise [`ConvergenceError`][cellsheaf_nn.neural.ConvergenceError] if the solver did not converge (else return what it found).
+        check
+            Raise [`ConvergenceError`][cellsheaf_nn.neural.ConvergenceError] if the solver did not converge (else return what it found).
 
         Returns
         -------
