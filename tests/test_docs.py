@@ -8,6 +8,8 @@ copied block by block into a new session works as written.
 
 from __future__ import annotations
 
+import ast
+import functools
 import importlib
 import json
 import os
@@ -17,6 +19,7 @@ import subprocess
 import sys
 import textwrap
 import types
+import zlib
 from pathlib import Path
 
 import pytest
@@ -152,21 +155,44 @@ def test_block_extraction_resolves_snippets_and_keeps_order():
 
 # ---- names written in the prose exist ----------------------------------------------------------------------------
 
-_ALIASES = {"cs": "cellsheaf", "csnn": "cellsheaf_nn", "cellsheaf": "cellsheaf", "cellsheaf_nn": "cellsheaf_nn"}
-_DOTTED = re.compile(r"`((?:cs|csnn|cellsheaf|cellsheaf_nn)(?:\.[A-Za-z_]\w*)+)")
+_ALIASES = {"cs": "cellsheaf", "csnn": "cellsheaf_nn", "cellsheaf": "cellsheaf", "cellsheaf_nn": "cellsheaf_nn",
+            "plots": "cellsheaf_nn.plots", "diagnostics": "cellsheaf_nn.diagnostics", "losses": "cellsheaf_nn.losses",
+            "datasets": "cellsheaf_nn.datasets"}
+_INSTANCES = ("S", "ns", "state")  # the pages' names for a sheaf, a compiled network and its inferred state
+_DOTTED = re.compile(r"`((?:cs|csnn|cellsheaf|cellsheaf_nn|plots|diagnostics|losses|datasets|S|ns|state)"
+                     r"(?:\.[A-Za-z_]\w*)+)")
 
 
 def dotted_names(text: str) -> list[str]:
-    """Dotted names such as ``cs.maps.ReLU`` or ``csnn.train.SheafTrainer(...)`` that open an inline code span."""
+    """Dotted names such as ``cs.maps.ReLU``, ``csnn.train.SheafTrainer(...)`` or ``ns.infer`` that open an
+    inline code span."""
     prose = _FENCE.sub("", text)
     return sorted(set(_DOTTED.findall(prose)))
+
+
+@functools.cache
+def _instances() -> dict:
+    """What ``S``, ``ns`` and ``state`` are on the pages: a small sheaf, a compiled network, its state."""
+    import torch
+
+    import cellsheaf as cs
+    import cellsheaf_nn as csnn
+
+    S = cs.Sheaf()
+    S.add_vertex("u", 1)
+    S.add_vertex("v", 1)
+    S.add_edge("u", "v", torch.eye(1, dtype=torch.float64), torch.eye(1, dtype=torch.float64))
+    S.laplacian()  # fills the operator cache the architecture page describes
+    ns = csnn.compile(csnn.mlp([2, 3, 1], seed=0))
+    _, state = ns.infer(torch.zeros(1, 2, dtype=ns.dtype), return_state=True)
+    return {"S": S, "ns": ns, "state": state}
 
 
 def _resolve(name: str):
     """What a user typing ``name`` (with ``import cellsheaf as cs, cellsheaf_nn as csnn``) gets: attribute access
     from the top package, as written (``cs.energy.gradient`` fails: ``cs.energy`` is the function)."""
     head, *rest = name.split(".")
-    obj = importlib.import_module(_ALIASES[head])
+    obj = _instances()[head] if head in _INSTANCES else importlib.import_module(_ALIASES[head])
     for part in rest:
         try:
             obj = getattr(obj, part)
@@ -178,6 +204,15 @@ def _resolve(name: str):
             except ModuleNotFoundError:
                 raise AttributeError(f"module {obj.__name__!r} has no attribute or submodule {part!r}") from None
     return obj
+
+
+def test_dotted_names_resolve_as_written():
+    assert _resolve("cs.energy") is importlib.import_module("cellsheaf.energy").energy  # the function
+    with pytest.raises(AttributeError):
+        _resolve("cs.energy.gradient")  # so this is not a name: the paper map writes `from cellsheaf.energy import`
+    assert callable(_resolve("ns.infer")) and _resolve("state.info.converged") is True
+    assert dotted_names("`ns.pin(...)`, `S.laplacian()` and `plots.sheaf_graph`") == \
+        ["S.laplacian", "ns.pin", "plots.sheaf_graph"]
 
 
 @pytest.mark.parametrize("page", MD_PAGES, ids=[_page_id(p) for p in MD_PAGES])
@@ -230,3 +265,68 @@ def test_nothing_cites_files_outside_the_repository():
     hits = [f for f in tracked if (ROOT / f).is_file() and not f.endswith((".woff2", ".png"))
             and name in (ROOT / f).read_text(errors="ignore")]
     assert not hits, f"{name} is not part of the repository, but these files cite it: {hits}"
+
+
+# ---- cross-references: every [`Name`][dotted.path] resolves, and docstrings link what they name ---------------
+
+_UNRESOLVED = re.compile(r"\]\[(?:cellsheaf|cellsheaf_nn)(?:\.\w+)*\]")
+
+
+def test_built_site_has_no_unresolved_cross_references(site):
+    # mkdocs build --strict already fails on one (autorefs warns); this also catches a non-strict build
+    bad = {p.relative_to(site).as_posix(): sorted(set(_UNRESOLVED.findall(p.read_text())))
+           for p in site.rglob("*.html") if _UNRESOLVED.search(p.read_text())}
+    assert not bad, f"cross-references that resolve to no reference entry: {bad}"
+    assert 'class="autorefs autorefs-internal"' in (site / "api/solvers/index.html").read_text()
+
+
+def inventory(site: Path) -> set[str]:
+    """The identifiers mkdocstrings registered (objects.inv): what ``[text][identifier]`` can name."""
+    raw = (site / "objects.inv").read_bytes().split(b"\n", 4)[4]
+    return {line.split(" ", 1)[0] for line in zlib.decompress(raw).decode().splitlines()}
+
+
+_SPAN = re.compile(r"``.*?``|(?<!\[)`((?:cs|csnn|cellsheaf|cellsheaf_nn)(?:\.[A-Za-z_]\w*)+)(?:\(\))?`(?!\])")
+
+
+def unlinked_names(source: str, documented: set[str]) -> list[tuple[int, str]]:
+    """``(line, name)`` for each full dotted name of a documented object that a docstring writes as a plain
+    code span instead of a cross-reference (the Examples sections, which are code, are left alone)."""
+    out = []
+    lines = source.splitlines()
+
+    def rendered(node):  # the docstrings mkdocstrings shows: module, public classes and functions, __init__
+        yield node
+        for child in node.body:
+            public = not child.name.startswith("_") or child.name == "__init__" if hasattr(child, "name") else False
+            if isinstance(child, ast.ClassDef) and public:
+                yield from rendered(child)
+            elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) and public:
+                yield child
+
+    for node in rendered(ast.parse(source)):
+        if ast.get_docstring(node, clean=False) is None:
+            continue
+        doc = node.body[0]
+        for i in range(doc.lineno - 1, doc.end_lineno):
+            if lines[i].strip() in ("Examples", "Example"):
+                break
+            for m in _SPAN.finditer(lines[i]):
+                name = m.group(1)
+                if name:
+                    head, _, rest = name.partition(".")
+                    if f"{_ALIASES[head]}.{rest}" in documented:
+                        out.append((i + 1, name))
+    return out
+
+
+def test_docstrings_cross_reference_the_documented_objects_they_name(site):
+    documented = inventory(site)
+    assert {"cellsheaf.Sheaf", "cellsheaf.sheaf.Sheaf.add_edge", "cellsheaf_nn.neural.NeuralSheaf.infer"} <= documented
+    assert unlinked_names('def f():\n    """See `cellsheaf.Sheaf` and [`cs.Sheaf`][cellsheaf.Sheaf]."""\n',
+                          documented) == [(2, "cellsheaf.Sheaf")]
+    bad = []
+    for path in sorted([*(ROOT / "cellsheaf").rglob("*.py"), *(ROOT / "cellsheaf_nn").rglob("*.py")]):
+        bad += [f"{path.relative_to(ROOT)}:{line}: `{name}` -> [`{name}`][...]"
+                for line, name in unlinked_names(path.read_text(), documented)]
+    assert not bad, "write references to documented objects as [`Name`][dotted.path]:\n" + "\n".join(bad)
