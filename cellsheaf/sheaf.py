@@ -498,8 +498,8 @@ class Sheaf:
         return Edge(st.name(k), names[u], names[v], Fu, Fv, st.weight(k))
 
     def blocks(self) -> list["EdgeStack | list[Edge]"]:
-        """The edges in cochain order, block by block: an `cellsheaf.stacked.EdgeStack` for stacked
-        edges (`add_edges`, `from_arrays`), a list of `Edge` records for edges added one by one.
+        """The edges in cochain order, block by block: an [`cellsheaf.stacked.EdgeStack`][cellsheaf.stacked.EdgeStack] for stacked
+        edges ([`add_edges`][cellsheaf.sheaf.Sheaf.add_edges], [`from_arrays`][cellsheaf.sheaf.Sheaf.from_arrays]), a list of [`Edge`][cellsheaf.sheaf.Edge] records for edges added one by one.
 
         Examples
         --------

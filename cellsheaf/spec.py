@@ -21,7 +21,7 @@ arbitrary Python code and cannot be serialised.
   are stored as ``{"__tensor__": [...], "dtype": ...}``, potential attributes
   (a potential wrapping another) as ``{"__potential__": {...}}``; attributes
   holding callables cannot be serialised.
-* Dimensions are JSON integers between 0 and `MAX_DIM` (2²⁶); a structured
+* Dimensions are JSON integers between 0 and [`MAX_DIM`][cellsheaf.spec.MAX_DIM] (2²⁶); a structured
   map's keys are the ones its class declares.
 
 Round trip: ``Sheaf.from_spec(S.to_spec()) == S``, and through JSON with

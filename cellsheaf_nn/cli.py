@@ -184,8 +184,8 @@ class TrainConfig(BaseModel):
     Example: ``{"task": "paraboloid", "method": "sheaf", "steps": 2000}``, or
     ``{"model": "model.pt", "data": "train.npz", "val_data": "test.npz"}``. ``model`` is a
     model reference (a model file or ``MODULE:CLASS``, as on the command line), an MLP
-    ([`ArchitectureSpec`][cellsheaf_nn.cli.ArchitectureSpec]) or a class (`ModuleSpec`); without it a task's architecture of depth
-    ``depth`` is used. ``data``/``val_data``: a `DataSpec` (or a file name) instead of ``task``.
+    ([`ArchitectureSpec`][cellsheaf_nn.cli.ArchitectureSpec]) or a class ([`ModuleSpec`][cellsheaf_nn.cli.ModuleSpec]); without it a task's architecture of depth
+    ``depth`` is used. ``data``/``val_data``: a [`DataSpec`][cellsheaf_nn.cli.DataSpec] (or a file name) instead of ``task``.
     ``loss`` defaults to the task's, or to what fits the model's output (sigmoid ``bce``, softmax
     or class-index targets ``cross_entropy``, otherwise ``mse``). ``options`` are passed on to
     [`cellsheaf_nn.train.SheafTrainer`][cellsheaf_nn.train.SheafTrainer] (``method="sheaf"``, e.g. ``mode`` (default ``"nudged"``),
@@ -386,7 +386,7 @@ MODEL_KIND = "cellsheaf_nn.model"
 def save_model(path: str | Path, spec: ModelSpec, model: nn.Module) -> Path:
     """Save ``model`` in the safe format: its architecture and its state dict (plain data, no code).
 
-    ``spec`` is an [`ArchitectureSpec`][cellsheaf_nn.cli.ArchitectureSpec] (an MLP) or a `ModuleSpec` (a class, stored as
+    ``spec`` is an [`ArchitectureSpec`][cellsheaf_nn.cli.ArchitectureSpec] (an MLP) or a [`ModuleSpec`][cellsheaf_nn.cli.ModuleSpec] (a class, stored as
     ``MODULE:CLASS`` of ``type(model)`` with its ``kwargs``). Written atomically
     ([`cellsheaf_nn.checkpoint`][cellsheaf_nn.checkpoint]); [`load_model`][cellsheaf_nn.cli.load_model] reads it back without unpickling anything.
 
@@ -413,7 +413,7 @@ def save_model(path: str | Path, spec: ModelSpec, model: nn.Module) -> Path:
 def load_model(path: str | Path, trust_pickle: bool = False) -> nn.Module:
     """A torch module from a model reference, as the commands take it.
 
-    ``path`` is a JSON [`ArchitectureSpec`][cellsheaf_nn.cli.ArchitectureSpec] or `ModuleSpec` (``.json``), a model saved by [`save_model`][cellsheaf_nn.cli.save_model]
+    ``path`` is a JSON [`ArchitectureSpec`][cellsheaf_nn.cli.ArchitectureSpec] or [`ModuleSpec`][cellsheaf_nn.cli.ModuleSpec] (``.json``), a model saved by [`save_model`][cellsheaf_nn.cli.save_model]
     (what ``cellsheaf-nn train`` writes), ``MODULE:CLASS`` / ``FILE.py:CLASS`` (the class built with
     no arguments), or — only with ``trust_pickle=True`` — a ``torch.save``-d module. The first two are
     plain data: a saved model of a class of your own only uses modules imported already (``--import``).
@@ -645,7 +645,7 @@ def as_targets(t: torch.Tensor, n_out: int, path: Path | str = "", what: str = "
 
 
 def load_dataset(spec: DataSpec, base: Path = Path("."), what: str = "training") -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs ``(B, d)`` and raw targets (float64, ``(B,)`` or ``(B, k)``) as a `DataSpec` says."""
+    """Inputs ``(B, d)`` and raw targets (float64, ``(B,)`` or ``(B, k)``) as a [`DataSpec`][cellsheaf_nn.cli.DataSpec] says."""
     if spec.path is None:
         X = _read_numeric(base / spec.x, f"{what} inputs")
         Y = _read_numeric(base / spec.y, f"{what} targets")

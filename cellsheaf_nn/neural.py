@@ -728,7 +728,7 @@ class NeuralSheaf:
         further items (labels, say) are ignored. ``ns.infer(batches)`` is the same call.
         Under torch.distributed each rank infers its own shard: a ``DataLoader`` with a
         ``DistributedSampler`` is taken as it is, any other iterable is dealt out round robin
-        (rank ``r`` of ``W`` gets batches ``r, r + W, …``; `cellsheaf_nn.distributed.shard`);
+        (rank ``r`` of ``W`` gets batches ``r, r + W, …``; [`cellsheaf_nn.distributed.shard`][cellsheaf_nn.distributed.shard]);
         ``shard=False`` infers every batch on every rank. ``kwargs`` are [`infer`][cellsheaf_nn.neural.NeuralSheaf.infer]'s options.
 
         Examples
