@@ -638,33 +638,33 @@ class _NoParams(_Params):
 
 
 class HuberParams(_Params):
-    """`Huber`: threshold ``tau > 0``."""
+    """[`Huber`][cellsheaf.potentials.Huber]: threshold ``tau > 0``."""
 
     tau: FiniteFloat = Field(1.0, gt=0)
 
 
 class PNormParams(_Params):
-    """`PNorm`: exponent ``p > 1``."""
+    """[`PNorm`][cellsheaf.potentials.PNorm]: exponent ``p > 1``."""
 
     p: FiniteFloat = Field(2.0, gt=1)
 
 
 class ElasticNetParams(_Params):
-    """`ElasticNet`: ``l1, l2 >= 0``, not both zero."""
+    """[`ElasticNet`][cellsheaf.potentials.ElasticNet]: ``l1, l2 >= 0``, not both zero."""
 
     l1: FiniteFloat = Field(1.0, ge=0)
     l2: FiniteFloat = Field(1.0, ge=0)
 
 
 class CrossEntropyParams(_Params):
-    """`CrossEntropy`: the activation read on the prediction end and which end predicts."""
+    """[`CrossEntropy`][cellsheaf.potentials.CrossEntropy]: the activation read on the prediction end and which end predicts."""
 
     activation: Literal["softmax", "sigmoid"] | None = "softmax"
     prediction: Literal["u", "v"] = "u"
 
 
 class WeightedParams(_Params):
-    """`Weighted`: the weighted potential and its weights (scalar or per coordinate)."""
+    """[`Weighted`][cellsheaf.potentials.Weighted]: the weighted potential and its weights (scalar or per coordinate)."""
 
     potential: EncodedPotential
     weights: EncodedTensor | FiniteFloat
