@@ -34,7 +34,7 @@ from torch import Tensor
 from .boundary import Boundary
 from .cochain import Cochain
 from .cohomology import RelativeCohomology, relative_cohomology
-from .linalg import cg
+from .linalg import block_jacobi, cg
 from .operators import _laplacian_csr, apply_laplacian, to_torch_sparse
 from .results import SolveInfo
 
@@ -142,25 +142,39 @@ def _lu_solver(A, V: sp.csr_matrix):
     return _numpy_solver(solve)
 
 
-def _cg_solver(A, V: sp.csr_matrix, tol, maxiter, infos: list):
-    """Jacobi-preconditioned CG on ``A + VVᵀ`` (positive definite); ``A⁺ g = (A + VVᵀ)⁻¹ g − V Vᵀ g``."""
-    d = A.diagonal() + np.asarray(V.multiply(V).sum(axis=1)).ravel()
+def _cg_solver(A, V: sp.csr_matrix, owner: np.ndarray, tol, maxiter, infos: list):
+    """Preconditioned CG on ``A + VVᵀ`` (positive definite); ``A⁺ g = (A + VVᵀ)⁻¹ g − V Vᵀ g``.
+
+    The preconditioner inverts the diagonal block of every vertex stalk (``owner``: the vertex of each free
+    coordinate) when the extension is unique, else the diagonal of ``A + VVᵀ`` (Jacobi).
+    """
     h = V.shape[1]
+    block = None if h else block_jacobi(A, owner)
+    d = A.diagonal() + (np.asarray(V.multiply(V).sum(axis=1)).ravel() if h else 0.0)
 
     def solve(rhs: Tensor) -> Tensor:
         dev, dt = rhs.device, rhs.dtype
         At = to_torch_sparse(A, dt, dev, layout=torch.sparse_csr)
-        dinv = torch.as_tensor(1.0 / d, dtype=dt, device=dev)
         flat = rhs.detach().reshape(-1, rhs.shape[-1])
+        if flat.shape[0] == 1:  # one column: a sparse matrix-vector product (about 1.6x faster than CSR @ (n, 1))
+            spmv = lambda w: torch.mv(At, w[0]).unsqueeze(0)
+        else:
+            spmv = lambda w: (At @ w.T).T
         if h:
             Vs = to_torch_sparse(V, dt, dev, layout=torch.sparse_csr)
             VsT = to_torch_sparse(V.T.tocsr(), dt, dev, layout=torch.sparse_csr)
             project = lambda w: (Vs @ (VsT @ w.T)).T  # V Vᵀ w, row by row
-            apply = lambda w: (At @ w.T).T + project(w)
+            apply = lambda w: spmv(w) + project(w)
         else:
-            apply = lambda w: (At @ w.T).T
+            apply = spmv
+        if block is not None and (dev.type, dt) == ("cpu", torch.float64):
+            precond = block
+        elif block is not None:
+            precond = block_jacobi(A, owner, dt, dev)
+        else:
+            precond = torch.as_tensor(1.0 / d, dtype=dt, device=dev)
         with torch.no_grad():  # the gradient comes from implicit differentiation (_ImplicitSolve)
-            x, info = cg(apply, flat, precond=dinv, tol=tol, maxiter=maxiter)
+            x, info = cg(apply, flat, precond=precond, tol=tol, maxiter=maxiter)
             if h:
                 x -= project(flat)
         infos.append(info)
@@ -194,7 +208,8 @@ def harmonic_extension(
     method : {"auto", "direct", "cg"}
         ``"direct"`` factorises ``L[Ω,Ω]`` once (dense Cholesky up to 1500 free
         coordinates, sparse LU beyond) and reuses it for every right-hand side; ``"cg"``
-        runs batched Jacobi-preconditioned CG with the assembled ``L[Ω,Ω]``; ``"auto"``
+        runs batched CG with the assembled ``L[Ω,Ω]``, preconditioned by the inverse of its vertex-stalk
+        blocks (block Jacobi; Jacobi when the extension is not unique); ``"auto"``
         picks direct up to 5 000 free coordinates (prefer ``"direct"`` on large paths,
         grids and other graphs with small separators).
     tol, maxiter : float, int
@@ -253,7 +268,8 @@ def harmonic_extension(
     elif method == "direct":
         solve = _lu_solver(A, V)
     else:
-        solve = _cg_solver(A, V, tol, maxiter, infos)
+        owner = np.repeat(np.arange(len(S.vertices)), S._dim_array())[rb.free.numpy()]
+        solve = _cg_solver(A, V, owner, tol, maxiter, infos)
 
     batch = u.shape[:-1]
     rhs_np = -(AU @ u.detach().reshape(-1, u.shape[-1]).double().cpu().numpy().T).T

@@ -538,12 +538,25 @@ def decide(D: sp.spmatrix, row_owner: np.ndarray, col_owner: np.ndarray, eps: fl
 
 
 def _components(A: sp.csr_matrix) -> tuple[int, np.ndarray]:
-    """Connected components of the bipartite row/column graph of ``A``: labels of rows, then columns."""
+    """Connected components of the bipartite row/column graph of ``A``: labels of rows, then columns.
+
+    Columns are linked through the first column of every row they share (a graph on the columns with
+    ``nnz`` edges, not the ``(m + n)``-node bipartite graph); a row takes the label of its columns, and a
+    row with no entries is a component of its own.
+    """
     m, n = A.shape
     if not (m and n):
         return m + n, np.arange(m + n)
-    P = sp.csr_matrix((np.ones(A.nnz), A.indices, A.indptr), shape=A.shape)
-    return csgraph.connected_components(sp.bmat([[None, P], [P.T, None]], format="csr"), directed=False)
+    counts = np.diff(A.indptr)
+    nonempty = counts > 0
+    first = np.zeros(m, dtype=A.indices.dtype)
+    first[nonempty] = A.indices[A.indptr[:-1][nonempty]]
+    link = sp.csr_matrix((np.ones(A.nnz, dtype=np.int32), (np.repeat(first, counts), A.indices)), shape=(n, n))
+    n_col, col_lab = csgraph.connected_components(link, directed=False)
+    row_lab = np.empty(m, dtype=np.int64)
+    row_lab[nonempty] = col_lab[first[nonempty]]
+    row_lab[~nonempty] = n_col + np.arange(int((~nonempty).sum()))
+    return n_col + int((~nonempty).sum()), np.concatenate([row_lab, col_lab.astype(np.int64)])
 
 
 def _orthonormal_sparse(B: sp.spmatrix) -> sp.csr_matrix:
