@@ -212,15 +212,21 @@ def _vertex_blocks(Dt: sp.csr_matrix, col_owner: np.ndarray, tol: float):
     R_parts, K_parts, kept_s, dropped_s = [], [], [], []
     block_scaled = True  # every vertex block scaled to unit degree (then δ'ᵀδ' <= 2I)
     shapes = height * (n + 1) + width
-    for key in np.unique(shapes):
-        sel = np.flatnonzero(shapes == key)
+    keys_u, group = np.unique(shapes, return_inverse=True)
+    nz_group = group[b]
+    nz_order = np.argsort(nz_group, kind="stable")  # the nonzeros of each shape group, contiguous
+    nz_bounds = np.searchsorted(nz_group[nz_order], np.arange(keys_u.size + 1))
+    block_order = np.argsort(group, kind="stable")
+    block_bounds = np.searchsorted(group[block_order], np.arange(keys_u.size + 1))
+    pos = np.full(n_blocks, -1)
+    for g in range(keys_u.size):
+        sel = block_order[block_bounds[g]:block_bounds[g + 1]]
+        nz = nz_order[nz_bounds[g]:nz_bounds[g + 1]]
         h, d = int(height[sel[0]]), int(width[sel[0]])
-        pos = np.full(n_blocks, -1)
         pos[sel] = np.arange(sel.size)
-        mine = pos[b] >= 0
         if d > _BLOCK_MAX:  # a wide stalk: column scaling only, structural zeros as its local kernel
             for i in sel:
-                here = mine & (b == i)
+                here = nz[b[nz] == i]
                 norms = np.sqrt(np.bincount(local_col[here], weights=coo.data[here] ** 2, minlength=d))
                 keep1 = norms > 0
                 cols1 = starts[i] + np.arange(d)
@@ -232,7 +238,7 @@ def _vertex_blocks(Dt: sp.csr_matrix, col_owner: np.ndarray, tol: float):
             block_scaled = False
             continue
         blocks = np.zeros((sel.size, h, d))
-        blocks[pos[b[mine]], local_row[mine], local_col[mine]] = coo.data[mine]
+        blocks[pos[b[nz]], local_row[nz], local_col[nz]] = coo.data[nz]
         if h:
             _, sig, Vt = np.linalg.svd(blocks, full_matrices=h < d)  # U is only needed square when small
             sig = np.concatenate([sig, np.zeros((sel.size, d - sig.shape[1]))], 1)
