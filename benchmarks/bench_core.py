@@ -13,12 +13,17 @@ ratios, not absolute times, are the figures to quote). Rows, one function each (
 - ``cohomology``, ``cg``, ``eigenpairs``: cohomology of the big sheaf, CG per iteration against scipy's CG,
   eigenpairs of a 2k-vertex sheaf (``--no-rank`` skips them);
 - ``harmonic``: harmonic extension with a tenth of the vertices fixed;
-- ``million``: a 10⁶-vertex, 3·10⁶-edge sheaf (``--quick``: 10⁵): build, harmonic extension by CG, peak
-  memory of the process (run ``--rows million`` alone for a clean peak).
+- ``kernel``: cohomology of the big random sheaf with one planted global section (h0 = 1): a large
+  component with a kernel and no small separators, decided without a factorisation;
+- ``grid``: cohomology of a 200×200 grid with O(2) maps (``--quick``: 60×60), flat (a gauge of the constant
+  sheaf, h0 = 2) and generic (random rotations, h0 = 0), on the default route;
+- ``million`` (only with ``--big``, it takes minutes): a 10⁶-vertex, 3·10⁶-edge sheaf (``--quick``: 10⁵):
+  build, harmonic extension by CG (uniqueness certified first), peak RSS of the process
+  (``--big --rows million`` alone for a clean peak).
 
 Run::
 
-    python benchmarks/bench_core.py [--quick] [--rows build,assembly,lx,spec,cohomology,cg,eigenpairs,harmonic,million]
+    python benchmarks/bench_core.py [--quick] [--rows build,assembly,lx,spec,cohomology,kernel,cg,eigenpairs,harmonic,grid] [--big]
                                     [--repeats 5] [--batch 16] [--threads 1] [--clock wall|cpu] [--harmonic-method cg]
                                     [--no-rank] [--no-harmonic]
 """
@@ -237,6 +242,55 @@ def row_million(ctx: Context) -> None:
           f"{res:.1e} | peak RSS of the process {peak_rss_gib():.2f} GiB (limit 24)")
 
 
+def o2_grid(n: int, flat: bool, seed: int = 0) -> cs.Sheaf:
+    """An ``n × n`` grid with O(2) maps: flat (``Fu = R(θ_u)``, ``Fv = R(θ_v)``: h0 = 2) or generic (h0 = 0)."""
+    rng = np.random.default_rng(seed)
+    ids = np.arange(n * n).reshape(n, n)
+    u = np.concatenate([ids[:, :-1].ravel(), ids[:-1, :].ravel()])
+    v = np.concatenate([ids[:, 1:].ravel(), ids[1:, :].ravel()])
+
+    def rot(t: np.ndarray) -> torch.Tensor:
+        c, s = np.cos(t), np.sin(t)
+        return torch.as_tensor(np.stack([np.stack([c, -s], -1), np.stack([s, c], -1)], -2))
+
+    if flat:
+        theta = rng.uniform(0, 2 * np.pi, n * n)
+        Fu, Fv = rot(theta[u]), rot(theta[v])
+    else:
+        Fu, Fv = rot(rng.uniform(0, 2 * np.pi, u.size)), torch.eye(2, dtype=torch.float64).expand(u.size, 2, 2)
+    return cs.Sheaf.from_arrays([2] * (n * n), torch.as_tensor(np.stack([u, v])), Fu, Fv)
+
+
+def row_grid(ctx: Context) -> None:
+    n = 60 if ctx.args.quick else 200
+    for flat in (True, False):
+        S = o2_grid(n, flat)
+        t, H = timed(lambda: S.cohomology(), 1)
+        dec = H.decision
+        gap = "None" if H.gap is None else f"{H.gap:.3g}"
+        print(f"grid {n}x{n} O(2) {'flat' if flat else 'generic'} (expected h0={2 if flat else 0}): {t:8.3f} s, "
+              f"h0={H.h0} h1={H.h1}, route={dec.method}, certified={dec.certified} ({dec.certificate}), gap={gap}")
+
+
+def planted_section(index: torch.Tensor, Fu: torch.Tensor, Fv: torch.Tensor, n: int, d: int, seed: int = 4):
+    """``Fv`` corrected by a rank-one term on every edge so that a random ``x`` is a global section (h0 >= 1)."""
+    x = torch.as_tensor(np.random.default_rng(seed).standard_normal((n, d)))
+    xu, xv = x[index[0]], x[index[1]]
+    miss = torch.einsum("eij,ej->ei", Fu, xu) - torch.einsum("eij,ej->ei", Fv, xv)
+    return Fv + miss[:, :, None] * xv[:, None, :] / (xv * xv).sum(1)[:, None, None]
+
+
+def row_kernel(ctx: Context) -> None:
+    index, Fu, Fv = ctx.data
+    S = cs.Sheaf.from_arrays([ctx.d] * ctx.n, index, Fu, planted_section(index, Fu, Fv, ctx.n, ctx.d))
+    t, H = timed(lambda: S.cohomology(), 1)
+    dec = H.decision
+    gap = "None" if H.gap is None else f"{H.gap:.3g}"
+    res = float(np.abs(S.coboundary(format="scipy") @ H.H0.numpy()).max()) if H.h0 else float("nan")
+    print(f"kernel ({S.C0} x {S.C1}, one planted section, expected h0=1): {t:8.3f} s, h0={H.h0}, "
+          f"certified={dec.certified} ({dec.certificate}), gap={gap}, max |δ H0| = {res:.1e}")
+
+
 def row_cohomology(ctx: Context) -> None:
     S = ctx.sheaf
     t, H = timed(lambda: S.cohomology(), 1)
@@ -294,14 +348,17 @@ def bench_eigenpairs(repeats: int, n: int = 2000, m: int = 10_000, d: int = 3, k
 
 
 ROWS = {"build": row_build, "assembly": row_assembly, "lx": row_lx, "spec": row_spec, "cohomology": row_cohomology,
-        "cg": row_cg, "eigenpairs": row_eigenpairs, "harmonic": row_harmonic, "million": row_million}
-RANK_ROWS = ("cohomology", "cg", "eigenpairs")
+        "kernel": row_kernel,        "cg": row_cg, "eigenpairs": row_eigenpairs, "harmonic": row_harmonic, "grid": row_grid,
+        "million": row_million}
+RANK_ROWS = ("cohomology", "kernel", "cg", "eigenpairs", "grid")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="10x smaller sheaves")
-    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
+    ap.add_argument("--rows", default=",".join(r for r in ROWS if r != "million"),
+                    help=f"comma-separated subset of {', '.join(ROWS)}")
+    ap.add_argument("--big", action="store_true", help="add the 10⁶-vertex harmonic extension (row 'million')")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
@@ -318,6 +375,8 @@ def main() -> None:
     n, m = (10_000, 30_000) if args.quick else (100_000, 300_000)
     ctx = Context(args, n, m)
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    if args.big and "million" not in rows:
+        rows.append("million")
     skip = (RANK_ROWS if args.no_rank else ()) + (("harmonic", "million") if args.no_harmonic else ())
     rows = [r for r in rows if r not in skip]
     unknown = [r for r in rows if r not in ROWS]

@@ -67,6 +67,9 @@ FAILURE_PROBABILITY = 1e-10
 
 _EPS64 = float(np.finfo(np.float64).eps)
 _LANCZOS_MAX = 3000  # Lanczos steps before the sparse count falls back to an LDLᵀ inertia count
+_FILL_MAX = 2 * 10 ** 8  # RCM envelope (entries) beyond which a component with a kernel is decided without LDLᵀ
+_DEFLATED_MAX = 10_000  # CG and Lanczos steps on that route
+_DEFLATED_BLOCK_MAX = 256  # random vectors projected onto the kernel at most
 _SPARSE_MIN = 64  # with method="sparse", smaller components still take the (exact) dense route
 _BLOCK_MAX = 64  # vertex stalks up to this width are equilibrated by an SVD of their column block
 
@@ -311,7 +314,7 @@ def _dense_piece(A: np.ndarray, tol: float) -> _Piece:
                   lambda: svd()[2][r:].T, lambda: svd()[0][:, r:])
 
 
-def _lanczos_bound(N: sp.spmatrix, tau: float, maxiter: int, c: float = 2.0, seed: int = 0):
+def _lanczos_bound(N, tau: float, maxiter: int, c: float = 2.0, seed: int = 0, patient: bool = False):
     """A lower bound ``μ`` on ``λ_min(N)`` for ``0 <= N <= cI``, or an upper bound showing ``λ_min <= 100·tau``.
 
     Lanczos on ``M = cI − N`` (PSD) from a seeded random start. Its largest Ritz
@@ -319,7 +322,8 @@ def _lanczos_bound(N: sp.spmatrix, tau: float, maxiter: int, c: float = 2.0, see
     ``λ_max(M) <= θ / (1 − ε_k)`` except with probability ``1.648 sqrt(n) exp(−sqrt(ε_k)(2k − 1))``,
     which sets ``ε_k`` for the target `FAILURE_PROBABILITY`. Returns ``(mu, estimate, steps)``:
     ``mu`` is ``None`` when no certificate was reached (then ``estimate = c − θ``, an upper bound
-    on ``λ_min``, says why).
+    on ``λ_min``, says why). ``N`` is anything with ``N @ q``. A ``patient`` run never hands over early
+    (there is no factorisation to hand over to): it runs to ``maxiter`` steps unless certified first.
     """
     n = N.shape[0]
     c = c * (1 + 1e-12)
@@ -349,11 +353,11 @@ def _lanczos_bound(N: sp.spmatrix, tau: float, maxiter: int, c: float = 2.0, see
             if mu >= 0.5 * est:  # certified to within a factor 2 of the estimate
                 return mu, est, k
             needed = log_term / (2 * math.sqrt(est / (2 * c))) if est > 0 else math.inf
-            if needed > maxiter:  # hopeless within the budget: hand over to the factorisation
+            if needed > maxiter and not patient:  # hopeless within the budget: hand over to the factorisation
                 return (mu if mu > tau else None), est, k
         beta.append(b)
         q_prev, q = q, w / b
-    return None, est, maxiter
+    return (mu if mu > tau else None), est, maxiter
 
 
 def _inertia(N: sp.spmatrix, sigma: float):
@@ -391,6 +395,93 @@ def _inverse_iteration(N, lu, nu: int, maxiter: int = 60):
     return theta, X[:, :nu]
 
 
+def _kernel_by_projection(N: sp.csr_matrix, p: int, seed: int = 2) -> np.ndarray:
+    """Orthonormal ``(n, j)`` approximations of kernel directions of ``N``, from ``p`` random vectors.
+
+    For a random ``x``, CG on the consistent system ``N z = N x`` from ``z = 0`` stays in the range of
+    ``N``, so ``x − z`` converges to the projection of ``x`` onto ``ker N``; the block of ``p`` such
+    projections is orthonormalised and its directions with Rayleigh quotient below the others kept (the
+    caller certifies them). Batched CG, no factorisation: memory ``O(p · n)``.
+    """
+    from .linalg import cg  # linalg is light, but keep the import local to the one route that needs it
+
+    n = N.shape[0]
+    X = np.random.default_rng(seed).standard_normal((p, n))
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    apply = lambda W: torch.from_numpy(np.ascontiguousarray((N @ W.numpy().T).T))
+    with torch.no_grad():
+        Z, _ = cg(apply, apply(torch.from_numpy(X)), tol=1e-10, maxiter=_DEFLATED_MAX, restarts=1)
+    Y = X - Z.numpy()
+    U, sv, _ = np.linalg.svd(Y.T, full_matrices=False)
+    Q = U[:, sv > 1e-8 * sv.max(initial=0)]
+    theta, W = np.linalg.eigh(Q.T @ (N @ Q))
+    return Q @ W, theta
+
+
+def _deflated_piece(N: sp.csr_matrix, tau: float, c: float) -> _Piece:
+    """A certified count on a large component with a kernel, without a factorisation.
+
+    An orthonormal ``Y`` (``n × j``) with ``λ_max(YᵀNY) <= τ`` proves ``j`` eigenvalues of ``N`` at most
+    ``λ_max(YᵀNY)`` (Courant–Fischer: ``λ_j(N) <= max`` of the Rayleigh quotient on ``span Y``), and a
+    Lanczos lower bound ``μ > τ`` on ``N`` compressed to ``Y⊥`` (the operator ``PNP + c·YYᵀ``,
+    ``P = I − YYᵀ``) proves ``λ_{j+1}(N) >= μ`` (Courant–Fischer again: ``Y⊥`` has codimension ``j``).
+    The block of random vectors doubles while every one of them lands in the kernel or the
+    compressed operator still has a near-kernel. Without a certificate the count is a best estimate
+    (``certified=False``).
+    """
+    n = N.shape[0]
+    p, j, Y = 8, 0, np.zeros((n, 0))
+    while p <= min(n, _DEFLATED_BLOCK_MAX):
+        Q, theta = _kernel_by_projection(N, p)
+        Y = Q[:, theta <= tau]
+        j = Y.shape[1]
+        if j == p and p < n:  # every random vector hit the kernel: it may be larger
+            p *= 2
+            continue
+        if j:
+            Yt = Y.T.copy()
+            deflated = spla.LinearOperator((n, n), dtype=np.float64, matvec=lambda x: _compress(N, Y, Yt, x, c))
+            mu, est, steps = _lanczos_bound(deflated, tau, _DEFLATED_MAX, c, patient=True)
+        else:
+            mu, est, steps = _lanczos_bound(N, tau, _DEFLATED_MAX, c, patient=True)
+        if mu is None and est <= 100 * tau and p < n:  # a near-kernel the block missed
+            p *= 2
+            continue
+        top = float(theta[theta <= tau].max(initial=0.0))
+        dropped = math.sqrt(max(top, 0.0) + 2 * c * math.sqrt(n) * _EPS64) if j else None  # + rounding of YᵀNY
+        if mu is None or (dropped is not None and dropped * dropped > tau):
+            break
+        return _Piece(n - j, np.array([v for v in (math.sqrt(mu), dropped) if v is not None]), math.sqrt(mu),
+                      dropped, lambda: Y, lambda: None, sparse=True,
+                      certificate=f"kernel of {j} by projected CG, deflated Lanczos bound after {steps} steps "
+                                  f"(failure probability <= {FAILURE_PROBABILITY:g})")
+    return _Piece(n - j, np.zeros(0), None, None, lambda: Y, lambda: None, certified=False, sparse=True,
+                  certificate=f"not certified: no Lanczos bound separated the {j} kernel directions found by "
+                              "projected CG from the rest")
+
+
+def _envelope(N: sp.csr_matrix) -> int:
+    """Entries in the envelope of ``N`` after a reverse Cuthill–McKee ordering: a bound on the fill of a factorisation.
+
+    Small on grids and other graphs with small separators (``~ n^1.5`` on a square grid); ``~ n²/2`` on expanders.
+    """
+    n = N.shape[0]
+    perm = csgraph.reverse_cuthill_mckee(N, symmetric_mode=True)
+    P = N[perm][:, perm].tocsr()
+    P.sort_indices()
+    rows = np.flatnonzero(np.diff(P.indptr))
+    first = np.arange(n)
+    first[rows] = np.minimum(P.indices[P.indptr[rows]], rows)
+    return int((np.arange(n) - first).sum())
+
+
+def _compress(N, Y: np.ndarray, Yt: np.ndarray, x: np.ndarray, c: float) -> np.ndarray:
+    """``(PNP + c·YYᵀ) x`` with ``P = I − YYᵀ``."""
+    a = Yt @ x
+    z = N @ (x - Y @ a)
+    return z - Y @ (Yt @ z) + c * (Y @ a)
+
+
 def _sparse_piece(A: sp.csr_matrix, tol: float, k: int, bounded: bool) -> _Piece:
     """Certified count on a large component ``A = δ'_c`` (``AᵀA <= 2I`` when ``bounded``)."""
     m, n = A.shape
@@ -402,6 +493,8 @@ def _sparse_piece(A: sp.csr_matrix, tol: float, k: int, bounded: bool) -> _Piece
         piece = _Piece(n, np.array([math.sqrt(mu)]), math.sqrt(mu), None, lambda: np.zeros((n, 0)), lambda: None,
                        certificate=f"Lanczos bound after {steps} steps (failure probability <= "
                                    f"{FAILURE_PROBABILITY:g})", sparse=True)
+    elif _envelope(N) > _FILL_MAX:  # an LDLᵀ could fill in beyond memory (an expander): certify iteratively
+        piece = _deflated_piece(N, tau, c)
     else:
         got = _inertia(N, tau)
         if got is None:  # the symmetric factorisation failed: move the shift a little and retry once

@@ -114,6 +114,48 @@ def test_an_uncertifiable_count_says_so(monkeypatch):
     assert not dec.certified and dec.gap is None and "not certified" in dec.certificate
 
 
+def grid(n: int, d: int):
+    """The constant sheaf R^d on an n × n grid, with each vertex gauged by a random orthogonal matrix (h0 = d)."""
+    rng = np.random.default_rng(n * d)
+    gauge = [np.linalg.qr(rng.standard_normal((d, d)))[0] for _ in range(n * n)]
+    ids = np.arange(n * n).reshape(n, n)
+    edges = list(zip(ids[:, :-1].ravel(), ids[:, 1:].ravel())) + list(zip(ids[:-1].ravel(), ids[1:].ravel()))
+    D = sp.lil_matrix((len(edges) * d, n * n * d))
+    for k, (u, v) in enumerate(edges):
+        D[k * d:(k + 1) * d, u * d:(u + 1) * d] = -gauge[u]
+        D[k * d:(k + 1) * d, v * d:(v + 1) * d] = gauge[v]
+    return D.tocsr(), np.repeat(np.arange(len(edges)), d), np.repeat(np.arange(n * n), d)
+
+
+def no_factorisation(N, sigma):
+    raise AssertionError("the deflated route must not factorise")
+
+
+@pytest.mark.parametrize("n, d", [(14, 2), (8, 10)])  # a kernel of 10 doubles the block of random vectors
+def test_deflated_route_certifies_a_kernel_without_a_factorisation(monkeypatch, n, d):
+    monkeypatch.setattr(rank, "_FILL_MAX", 0)
+    monkeypatch.setattr(rank, "_inertia", no_factorisation)
+    D, rows, cols = grid(n, d)
+    out = decide(D, rows, cols, EPS, method="sparse")
+    dec = out.decision
+    assert dec.rank == D.shape[1] - d and dec.certified and "deflated Lanczos" in dec.certificate
+    assert dec.largest_dropped <= dec.tol < dec.smallest_kept and dec.gap > 1e3
+    # the certified bounds bracket the true singular values of δ' around the cut
+    s = np.linalg.svd(equilibrated(D.toarray(), rows, cols), compute_uv=False)
+    assert dec.smallest_kept <= s[-d - 1] * (1 + 1e-9) and s[-d] <= dec.largest_dropped
+    V = out.right()
+    np.testing.assert_allclose(V.T @ V, np.eye(d), atol=1e-10)
+    np.testing.assert_allclose(D @ V, 0, atol=1e-7)
+
+
+def test_deflated_route_without_a_certificate_says_so(monkeypatch):
+    monkeypatch.setattr(rank, "_FILL_MAX", 0)
+    monkeypatch.setattr(rank, "_DEFLATED_MAX", 5)  # far too few CG and Lanczos steps
+    D, rows, cols = grid(14, 2)
+    dec = decide(D, rows, cols, EPS, method="sparse").decision
+    assert not dec.certified and dec.gap is None and "not certified" in dec.certificate
+
+
 def test_empty_and_zero_matrices():
     assert decide(sp.csr_matrix((0, 3)), np.zeros(0, int), np.array([0, 0, 1]), EPS).right().shape == (3, 3)
     out = decide(sp.csr_matrix((2, 3)), np.array([0, 0]), np.array([0, 0, 1]), EPS)
