@@ -348,7 +348,7 @@ def bench_eigenpairs(repeats: int, n: int = 2000, m: int = 10_000, d: int = 3, k
 
 
 ROWS = {"build": row_build, "assembly": row_assembly, "lx": row_lx, "spec": row_spec, "cohomology": row_cohomology,
-        "kernel": row_kernel,        "cg": row_cg, "eigenpairs": row_eigenpairs, "harmonic": row_harmonic, "grid": row_grid,
+        "kernel": row_kernel, "cg": row_cg, "eigenpairs": row_eigenpairs, "harmonic": row_harmonic, "grid": row_grid,
         "million": row_million}
 RANK_ROWS = ("cohomology", "kernel", "cg", "eigenpairs", "grid")
 
