@@ -24,7 +24,12 @@ module makes it in four steps, each of which keeps the exact rank unchanged:
    random start, Kuczyński–Woźniakowski); if Lanczos cannot certify, the inertia of
    ``N − tol²·I`` from a symmetric sparse ``LDLᵀ`` (Sylvester's law: the number of
    negative pivots is the number of eigenvalues below ``tol²``), with the kernel from
-   inverse iteration on the same factorisation.
+   inverse iteration on the same factorisation. When a factorisation could fill in beyond
+   memory (the envelope of a reverse Cuthill–McKee ordering exceeds `_FILL_MAX` entries, as on
+   expanders), the kernel comes from projected CG on random vectors and the count from
+   Courant–Fischer twice: the Rayleigh quotients on the kernel found bound that many eigenvalues
+   from above, and a Lanczos bound on ``N`` compressed to its orthogonal complement bounds the
+   next one from below. A count that no route certifies is reported with ``certified=False``.
 
 A direction counts as zero when its discord is at most ``tol`` times its degree
 norm (``‖δ̃x‖ <= tol·‖D^{1/2}x‖``). The default tolerance follows the precision of
