@@ -6,7 +6,8 @@ milliseconds per update over the timed updates; the speed-up is 1-process time /
 On a machine with a GPU the script also prints ``ns.infer`` vs ``model(x)`` and a nudged update vs a
 backprop step on that GPU.
 
-Run: ``python benchmarks/bench_distributed.py`` (``--quick``: fewer updates).
+Run: ``python benchmarks/bench_distributed.py`` (``--quick``: fewer updates; ``--device cuda`` or
+``--device cpu``: only the figures against torch, on that device).
 """
 
 from __future__ import annotations
@@ -59,9 +60,14 @@ def launch(procs: int, steps: int) -> float:
     return float(line.split()[2])
 
 
-def gpu_figures(repeats: int) -> None:
-    """Inference and nudged training against torch on the GPU (same model and batch)."""
-    dev = torch.device("cuda")
+def device_figures(device: str | torch.device, repeats: int) -> dict[str, float]:
+    """Inference and nudged training against torch on ``device`` (same model and batch, B = 256).
+
+    Prints ``ns.infer / model(x)`` and ``nudged update / backprop step`` (median milliseconds and their
+    ratio) and returns the four medians. Any device: ``"cuda"`` for the GPU figures, ``"cpu"`` too.
+    """
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     task = csnn.datasets.digits(seed=0)
     X, Y = task.X_train[:256].to(dev), task.Y_train[:256].to(dev)
     model = csnn.mlp(SIZES, output="identity", seed=0).to(dev)
@@ -70,15 +76,16 @@ def gpu_figures(repeats: int) -> None:
     def median_ms(fn) -> float:
         out = []
         for _ in range(repeats):
-            torch.cuda.synchronize()
+            sync()
             t0 = time.perf_counter()
             fn()
-            torch.cuda.synchronize()
+            sync()
             out.append(time.perf_counter() - t0)
         return 1e3 * statistics.median(out)
 
     fwd, inf = median_ms(lambda: model(X)), median_ms(lambda: ns.infer(X))
-    print(f"GPU ns.infer / model(x), B=256: {inf:.3f} / {fwd:.3f} ms = {inf / fwd:.2f}x")
+    name = dev.type.upper() if dev.type in ("cpu", "cuda") else str(dev)
+    print(f"{name} ns.infer / model(x), B=256: {inf:.3f} / {fwd:.3f} ms = {inf / fwd:.2f}x")
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     def backprop():
@@ -89,24 +96,31 @@ def gpu_figures(repeats: int) -> None:
     trainer = csnn.SheafTrainer(ns, mode="nudged", loss="cross_entropy", optimizer="adam", lr=1e-3)
     bp = median_ms(backprop)
     nudged = median_ms(lambda: trainer.fit(X, Y, steps=1, progress=False, eval_every=10**9))
-    print(f"GPU nudged update / backprop step, B=256: {nudged:.3f} / {bp:.3f} ms = {nudged / bp:.2f}x")
+    print(f"{name} nudged update / backprop step, B=256: {nudged:.3f} / {bp:.3f} ms = {nudged / bp:.2f}x")
+    return {"infer_ms": inf, "forward_ms": fwd, "nudged_ms": nudged, "backprop_ms": bp}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--device", default=None,
+                   help="only the inference and training figures against torch, on this device (cuda, cpu)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     steps = args.steps or (5 if args.quick else 30)
     if args.worker:
         return worker(steps)
+    if args.device:
+        torch.set_num_threads(1)
+        device_figures(args.device, 10 if args.quick else 50)
+        return
     one, two = launch(1, steps), launch(2, steps)
     print(f"nudged update, digits {SIZES}, full batch, float64, 1 thread per process (median of {steps})")
     print(f"  1 process : {one:8.2f} ms per update")
     print(f"  2 processes: {two:8.2f} ms per update   speed-up {one / two:.2f}x")
     if torch.cuda.is_available():
-        gpu_figures(10 if args.quick else 50)
+        device_figures("cuda", 10 if args.quick else 50)
     else:
         print("no CUDA device: GPU figures skipped")
 

@@ -29,6 +29,7 @@ from .cochain import Cochain, as_flat, check_finite
 from .energy import edge_energies, gradient
 from .operators import _laplacian_csr, to_torch_sparse
 from .results import Result
+from .syncs import check_every
 
 __all__ = ["diffuse", "stable_step"]
 
@@ -205,21 +206,26 @@ def _integrate(S, grad, x: Tensor, h: float, method: str, max_steps: int, tol: f
     trace_steps, trace = [], []
     g = grad(x)
     step = 0
+    check = check_every(x.device)
     while True:
         if every and step % every == 0:
             trace_steps.append(step)
             trace.append(edge_energies(S, x).detach())
-        if tol is not None and (float(g.norm(dim=-1).max()) if g.numel() else 0.0) <= tol:
-            converged = True
-            break
+        if step % check == 0 or step >= max_steps:
+            # one fused host read: is the state finite, and the largest gradient norm (a sync on a GPU)
+            gmax = g.norm(dim=-1).max() if g.numel() else g.new_zeros(())
+            finite, gnorm = torch.stack([torch.isfinite(x).all().to(gmax.dtype), gmax]).tolist()
+            if not finite:
+                raise FloatingPointError(f"diffusion diverged at step {step} (non-finite state); use a smaller dt "
+                                         f"(now {h:g}/alpha) or check the maps")
+            if tol is not None and gnorm <= tol:
+                converged = True
+                break
         if step >= max_steps:
             converged = False
             break
         x = _step(grad, x, g, h, method)
         step += 1
-        if not bool(torch.isfinite(x).all()):
-            raise FloatingPointError(f"diffusion diverged at step {step} (non-finite state); use a smaller dt "
-                                     f"(now {h:g}/alpha) or check the maps")
         g = grad(x)
     traj = {"step": torch.tensor(trace_steps), "edge_energy": torch.stack(trace)} if every else None
     return x, g, step, converged, traj

@@ -34,6 +34,7 @@ from .boundary import Boundary, ResolvedBoundary
 from . import maps as _maps
 from .cochain import as_flat
 from .stacked import EdgeStack
+from .syncs import notice_cpu_route
 
 __all__ = [
     "apply_coboundary", "apply_coboundary_jvp", "apply_coboundary_adjoint", "apply_laplacian",
@@ -851,6 +852,7 @@ def _stack_token(S) -> tuple:
 
 
 def _coboundary_csr(S, at=None) -> sp.csr_matrix:
+    notice_cpu_route(S.device)  # every scipy route starts here
     key = ("delta_csr", _stack_token(S))
     if at is None and key in S._cache:
         return S._cache[key]

@@ -90,16 +90,9 @@ class Eigenpairs(_Pairs):
 # ---------------------------------------------------------------------------- helpers
 
 
-_CPU_NOTICE: set = set()
-
-
 def _operator(S, boundary, at, normalized: bool) -> sp.csr_matrix:
     """``L`` or ``L[Ω,Ω]`` as a float64 scipy CSR matrix (built without autograd: nothing here is
     differentiated through scipy; `eigenpairs` attaches its gradients in torch)."""
-    if S.device.type != "cpu" and S.device.type not in _CPU_NOTICE:
-        _CPU_NOTICE.add(S.device.type)
-        warnings.warn(f"cellsheaf.spectral: this route assembles the operator with scipy on the CPU (the sheaf "
-                      f"is on {S.device}); eigenpairs(method='lobpcg') stays on the device", stacklevel=3)
     with torch.no_grad():
         L = laplacian(S, at=at, normalized=normalized, format="scipy")
     if boundary is None:

@@ -1,0 +1,35 @@
+"""The benchmark entries that print device figures run through the same code on the CPU."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_device_figures_run_on_the_cpu(capsys):
+    figures = _load("bench_distributed").device_figures("cpu", repeats=1)   # the GPU entry, device="cpu"
+    out = capsys.readouterr().out
+    assert "CPU ns.infer / model(x)" in out and "CPU nudged update / backprop step" in out
+    assert set(figures) == {"infer_ms", "forward_ms", "nudged_ms", "backprop_ms"}
+    assert all(v > 0 for v in figures.values())
+
+
+def test_sync_audit_cases_run():
+    from cellsheaf import syncs
+
+    cases = _load("bench_syncs").cases()
+    with syncs.count_syncs() as n:
+        iterations = cases["cg (16 right-hand sides, n=400)"]()
+    assert iterations > 0 and n[0] > 0
+    assert torch.Tensor.item.__name__ == "item"   # the counter unwrapped the methods it wrapped
