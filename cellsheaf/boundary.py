@@ -18,7 +18,7 @@ from typing import Hashable, Sequence
 import torch
 from torch import Tensor
 
-from .cochain import check_finite
+from .cochain import as_real
 
 __all__ = ["Boundary", "ResolvedBoundary"]
 
@@ -69,10 +69,7 @@ class Boundary:
 
     def fix(self, vertex: Hashable, values, coords: Sequence[int] | None = None) -> "Boundary":
         """Fix coordinates ``coords`` (default: the whole stalk) of ``vertex`` to ``values``."""
-        values = torch.as_tensor(values)
-        if not values.is_floating_point():
-            values = values.to(torch.get_default_dtype())
-        check_finite(values, f"boundary value at vertex {vertex!r}")
+        values = as_real(values, f"boundary value at vertex {vertex!r}")  # integers: cast to the sheaf's dtype
         if values.dim() not in (1, 2):
             raise ValueError(f"boundary value at vertex {vertex!r} must be (k,) or (B, k), got {tuple(values.shape)}")
         if coords is not None:
@@ -86,7 +83,8 @@ class Boundary:
             oc, ov = self._fixes[vertex]
             if oc is None or coords is None or set(oc) & set(coords):
                 raise ValueError(f"vertex {vertex!r} already has these coordinates fixed; call unfix({vertex!r}) first")
-            ov, values = _common_batch(ov, values.to(ov.dtype), vertex)
+            dt = torch.promote_types(ov.dtype, values.dtype)
+            ov, values = _common_batch(ov.to(dt), values.to(dt), vertex)
             coords, values = oc + coords, torch.cat([ov, values], -1)
         self._fixes[vertex] = (coords, values)
         return self
@@ -133,7 +131,7 @@ class Boundary:
                 raise IndexError(f"boundary at vertex {vertex!r}: coordinates {bad} outside the stalk of dim {d}")
             idx.append(c + sl.start)
             vals.append(values if B is None or values.dim() == 2 else values.expand(B, -1))
-        dtype = dtype or (vals[0].dtype if vals else sheaf.dtype)
+        dtype = dtype or next((v.dtype for v in vals if v.is_floating_point()), None) or sheaf.dtype
         fixed = torch.cat(idx) if idx else torch.zeros(0, dtype=torch.long)
         values = torch.cat([v.to(dtype) for v in vals], -1) if vals else \
             torch.zeros((B, 0) if B else (0,), dtype=dtype)

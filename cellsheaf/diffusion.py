@@ -164,7 +164,7 @@ def diffuse(
     rb = (boundary or Boundary()).resolve(S, dtype=x.dtype, device=x.device)
     x = rb.fill(x)
     if x.dim() == 2 and len(x) == 0 or t == 0:  # nothing to integrate
-        g = _gradient_on(S, rb.free, x)(x)
+        g = x.new_zeros(x.shape) if x.numel() == 0 else _gradient_on(S, rb.free, x)(x)
         return _result(S, x, g, method, True, 0, 0.0 if t is not None else math.inf, None)
     if method == "exact":
         if not S.linear:

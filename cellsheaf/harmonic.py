@@ -255,11 +255,14 @@ def harmonic_extension(
     if n == 0:
         return Cochain(S, _assemble(S, rb, u.new_zeros(*u.shape[:-1], 0), u),
                        info=SolveInfo("direct", True, 0, 0.0, extra={"nullity": 0}))
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported below, naming the edge
+        A, AU = _free_blocks(S, rb)
+    if not (np.isfinite(A.data).all() and np.isfinite(AU.data).all()):
+        raise FloatingPointError(_overflow_message(S, dtype))
     rel = _relative(S, rb)
     if rel.dim and not allow_nonunique:
         raise NonUniqueError(_nonunique_message(S, rel))
     V = rel.basis_sparse()[rb.free.numpy()].tocsr()  # (n, dim): orthonormal basis of ker L[Ω,Ω]
-    A, AU = _free_blocks(S, rb)
     method = ("direct" if n <= _DIRECT_MAX else "cg") if method == "auto" else method
     infos: list[SolveInfo] = []
     lam_min = None
@@ -285,9 +288,12 @@ def harmonic_extension(
     rel_res = _residual(A, omega, rhs_np)
     cg_ok = all(i.converged for i in infos)
     floor = 1e3 * float(torch.finfo(dtype).eps)
-    converged = cg_ok and (method != "cg" or rel_res <= max(10 * tol, floor))
+    finite = np.isfinite(rel_res) and bool(torch.isfinite(omega).all())
+    converged = bool(finite) and cg_ok and (method != "cg" or rel_res <= max(10 * tol, floor))
     message = "; ".join(i.message for i in infos if i.message)
-    if cg_ok and not converged:
+    if not finite:
+        message = _overflow_message(S, dtype)
+    elif cg_ok and not converged:
         message = (f"CG met tol in {dtype} but the float64 residual of the assembled system is {rel_res:.3g}: "
                    "the problem is too ill-conditioned for CG in this precision; use method='direct'")
     info = SolveInfo(method, converged=converged, iterations=sum(i.iterations for i in infos), residual=rel_res,
@@ -299,12 +305,38 @@ def harmonic_extension(
     return Cochain(S, x, info=info)
 
 
+def _overflow_message(S, dtype) -> str:
+    """Why the solve is not finite: name the edge with the largest map entry (its square overflows first)."""
+    worst, name = 0.0, None
+    for seg in S._segments:
+        if isinstance(seg, dict):
+            for e in seg.values():
+                for t in e.Fu.tensors() + e.Fv.tensors():
+                    t = t.detach().coalesce().values() if t.is_sparse else t.detach()
+                    m = float(t.abs().max()) if t.numel() else 0.0
+                    if m > worst:
+                        worst, name = m, e.name
+        else:
+            for F in (seg.Fu, seg.Fv):
+                if F.numel():
+                    per = F.detach().abs().reshape(F.shape[0], -1).amax(1)
+                    i = int(per.argmax())
+                    if float(per[i]) > worst:
+                        worst, name = float(per[i]), seg.name(i)
+    return (f"the solve is not finite in {dtype}: the Laplacian overflows or cancels catastrophically; edge "
+            f"{name!r} has a map entry of size {worst:.3g} (its square enters the Laplacian). Rescale the maps")
+
+
 def _residual(A, omega: Tensor, rhs: np.ndarray) -> float:
     """``max_b ‖L[Ω,Ω] ω + L[Ω,U] u‖ / ‖L[Ω,U] u‖`` in float64 with the assembled blocks (the data's scale)."""
     W = omega.detach().reshape(-1, omega.shape[-1]).double().cpu().numpy()
-    R = (A @ W.T).T - rhs.reshape(-1, A.shape[0])
-    scale = np.maximum(np.linalg.norm(rhs.reshape(-1, A.shape[0]), axis=1), np.finfo(np.float64).tiny)
-    return float((np.linalg.norm(R, axis=1) / scale).max()) if R.size else 0.0
+    with np.errstate(over="ignore", invalid="ignore"):  # Inf/NaN are reported by the caller
+        R = (A @ W.T).T - rhs.reshape(-1, A.shape[0])
+        rhs = rhs.reshape(-1, A.shape[0])
+        size = np.maximum(np.abs(rhs).max(axis=1, initial=0.0), np.finfo(np.float64).tiny)[:, None]
+        # norms of the rows divided by their largest entry first: no overflow for data near the float range
+        scale = np.maximum(np.linalg.norm(rhs / size, axis=1), np.finfo(np.float64).tiny)
+        return float((np.linalg.norm(R / size, axis=1) / scale).max()) if R.size else 0.0
 
 
 def _no_boundary(S, rb, u: Tensor, dtype, allow_nonunique: bool) -> Cochain:

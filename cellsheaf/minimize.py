@@ -170,6 +170,10 @@ def minimize(
         rb = ResolvedBoundary(rb.fixed.to(x.device), rb.free.to(x.device), rb.values.to(x.dtype).to(x.device))
         x = rb.fill(x)
     tol = default_tol(x.dtype) if tol is None else float(tol)
+    if x.dim() == 2 and x.shape[0] == 0:  # an empty batch: nothing to minimise
+        none = x.new_zeros(0)
+        return _finish(S, x, rb.free, "propagate" if method == "propagate" else method, tol, 0, "", {},
+                       "empty batch", grad_norm=none, energy=none)
     why = ""
     if method in ("auto", "propagate"):
         try:

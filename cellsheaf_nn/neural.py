@@ -250,15 +250,13 @@ class NeuralSheaf:
             raise ValueError(f"the network takes {len(self.inputs)} inputs ({', '.join(self.inputs)}), got {len(xs)}")
         out, single = [], set()
         for name, shape, xi in zip(self.inputs, self.input_shapes, xs):
-            xi = torch.as_tensor(xi)
-            if xi.is_complex():
-                raise TypeError(f"input {name!r} is complex; the network's stalks are real")
-            xi = xi.to(dtype=self.dtype, device=self.device)
+            xi = cs.cochain.as_real(xi, f"input {name!r}", finite=False).to(dtype=self.dtype, device=self.device)
+            n = math.prod(shape)
             if tuple(xi.shape) == shape:
-                out.append(xi.reshape(1, -1))
+                out.append(xi.reshape(1, n))
                 single.add(True)
             elif xi.dim() >= 1 and tuple(xi.shape[1:]) == shape:
-                out.append(xi.reshape(xi.shape[0], -1))
+                out.append(xi.reshape(xi.shape[0], n))  # B = 0 too
                 single.add(False)
             else:
                 raise ValueError(f"input {name!r} of shape {tuple(xi.shape)}; the network takes {shape} or "
@@ -331,7 +329,7 @@ class NeuralSheaf:
         idx = self._neural_coords(info, coords)
         if values is None:
             raise ValueError("pin() needs values")
-        values = torch.as_tensor(values, dtype=self.dtype)
+        values = cs.cochain.as_real(values, f"pin values at vertex {vertex!r}", finite=False).to(self.dtype)
         values = values.expand(len(idx)) if values.dim() == 0 else values
         if values.dim() not in (1, 2) or values.shape[-1] != len(idx):
             raise ValueError(f"pin at vertex {vertex!r}: values of shape {tuple(values.shape)} for {len(idx)} "

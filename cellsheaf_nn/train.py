@@ -212,7 +212,8 @@ def check_data(X: Tensor, Y: Tensor, n_in: int, n_out: int, dtype: torch.dtype, 
     Raises a ``ValueError`` naming the problem for a shape or dtype mismatch, NaN/Inf, labels
     outside the classes, or a different number of inputs and targets.
     """
-    X, Y = torch.as_tensor(X), torch.as_tensor(Y)
+    X = cs.cochain.as_real(X, f"{what} inputs", dtype=dtype, finite=False)  # integers: the network's dtype
+    Y = cs.cochain.as_real(Y, f"{what} targets", finite=False)  # integers may be class indices
     if X.dim() != 2 or X.shape[1] != n_in:
         raise ValueError(f"{what} inputs have shape {tuple(X.shape)}; the network takes (B, {n_in})")
     if X.dtype != dtype:
@@ -220,8 +221,10 @@ def check_data(X: Tensor, Y: Tensor, n_in: int, n_out: int, dtype: torch.dtype, 
                         f"convert with X.to({dtype}) (or the network with .to(dtype))")
     if not bool(torch.isfinite(X).all()):
         raise ValueError(f"{what} inputs contain NaN or Inf values")
-    if Y.shape[0] != X.shape[0]:
-        raise ValueError(f"{what} data: {X.shape[0]} inputs but {Y.shape[0]} targets")
+    if Y.dim() == 0 or Y.shape[0] != X.shape[0]:
+        raise ValueError(f"{what} data: {X.shape[0]} inputs but {tuple(Y.shape)} targets")
+    if X.shape[0] == 0:
+        raise ValueError(f"{what} data is empty (0 samples); give at least one")
     return X, loss.target(Y, n_out, dtype)
 
 

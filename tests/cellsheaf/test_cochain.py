@@ -1,5 +1,6 @@
 """0-cochains: flat layout, named views, dict conversion, and bad input."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -77,3 +78,35 @@ def test_check_finite():
     check_finite(torch.tensor([1, 2]), "integers are always finite")
     with pytest.raises(ValueError, match="the input at vertex 'v' contains NaN or Inf"):
         check_finite(torch.tensor([1.0, float("nan")]), "the input at vertex 'v'")
+
+
+def test_as_real_is_the_boundary_rule():
+    """Complex refused naming the argument, integers and booleans cast to the given dtype, floats kept."""
+    from cellsheaf.cochain import as_real
+
+    with pytest.raises(TypeError, match="the thing must be real, got torch.complex128"):
+        as_real(torch.ones(2, dtype=torch.complex128), "the thing")
+    with pytest.raises(TypeError, match="the thing must be real"):
+        as_real(np.array([1 + 1j]), "the thing")
+    with pytest.raises(TypeError, match="the thing must be a real tensor"):
+        as_real("abc", "the thing")
+    with pytest.raises(ValueError, match="the thing contains NaN"):
+        as_real([1.0, float("nan")], "the thing")
+    assert as_real(torch.tensor([1, 2]), "x", torch.float64).dtype == torch.float64
+    assert as_real(torch.tensor([True]), "x", torch.float32).dtype == torch.float32
+    assert as_real(torch.tensor([1, 2]), "x").dtype == torch.int64  # the caller casts later
+    assert as_real(torch.ones(2, dtype=torch.float32), "x", torch.float64).dtype == torch.float32
+
+
+@pytest.mark.parametrize("bad", [torch.tensor([1 + 2j, 0, 0]), np.ones(3, dtype=np.complex64)])
+def test_complex_cochains_are_refused(S, bad):
+    with pytest.raises(TypeError, match="must be real"):
+        as_flat(S, bad)
+    with pytest.raises(TypeError, match="real"):
+        cs.Cochain(S, torch.as_tensor(bad))
+    with pytest.raises(TypeError, match="vertex 'u'.*must be real"):
+        cs.Cochain.from_dict(S, {"u": torch.tensor([1j, 0]), 3: torch.zeros(1)})
+
+
+def test_integer_cochains_take_the_sheaf_dtype(S):
+    assert as_flat(S, torch.arange(S.C0)).dtype == S.dtype

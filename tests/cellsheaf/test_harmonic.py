@@ -252,3 +252,47 @@ def test_near_singular_cg_is_honest(dtype):
             assert float(x["c"]) == pytest.approx(exact, rel=1e-6)
         assert x.info.residual < 1e-6  # measured in float64 on the assembled system, not by cancellation
         assert not x.info.converged or abs(float(x["c"]) - float(direct["c"])) < 1e-5
+
+
+def _path(scale: float = 1.0) -> cs.Sheaf:
+    S = cs.Sheaf()
+    for v in "abc":
+        S.add_vertex(v, 1)
+    S.add_edge("a", "b", torch.tensor([[scale]], dtype=F64), torch.eye(1, dtype=F64), name="big")
+    S.add_edge("b", "c", torch.eye(1, dtype=F64), torch.eye(1, dtype=F64), name="ok")
+    return S
+
+
+@pytest.mark.parametrize("method", ["direct", "cg"])
+def test_huge_maps_are_solved_or_refused_naming_the_edge(method):
+    """A map entry of 1e200: never converged=True with residual NaN. Its square overflows L[a, a]: with "a" free
+    the solve is refused naming the edge; with "a" fixed only 1e200 itself enters and the answer is exact."""
+    one = torch.tensor([1.0], dtype=F64)
+    with pytest.raises(FloatingPointError, match="edge 'big' has a map entry of size 1e\\+200"):
+        cs.harmonic_extension(_path(1e200), cs.Boundary().fix("c", one), method=method)
+    x = cs.harmonic_extension(_path(1e200), cs.Boundary().fix("a", one).fix("c", one), method=method)
+    if method == "cg" and not x.info.converged:  # CG's own norms overflow: reported, naming the edge
+        assert "edge 'big'" in x.info.message
+        return
+    assert x.info.converged and np.isfinite(x.info.residual) and x.info.residual < 1e-12
+    assert x["b"].item() == pytest.approx(0.5e200, rel=1e-14)
+
+
+def test_complex_and_integer_boundary_values():
+    S = _path()
+    with pytest.raises(TypeError, match="boundary value at vertex 'a' must be real"):
+        cs.harmonic_extension(S, cs.Boundary().fix("a", torch.tensor([1 + 2j])))
+    x = cs.harmonic_extension(S, cs.Boundary().fix("a", torch.tensor([1])).fix("c", torch.tensor([3])))
+    assert x.flat.dtype == F64 and abs(x["b"].item() - 2.0) < 1e-14  # integers take the sheaf's dtype
+
+
+def test_empty_batch_gives_an_empty_result():
+    S = _path()
+    b = cs.Boundary().fix("a", torch.zeros(0, 1, dtype=F64)).fix("c", torch.tensor([1.0], dtype=F64))
+    for method in ("direct", "cg"):
+        x = cs.harmonic_extension(S, b, method=method)
+        assert x.flat.shape == (0, 3) and x.info.converged
+    res = cs.minimize(S, b, method="newton")
+    assert res.x.flat.shape == (0, 3) and res.converged
+    res = cs.diffuse(S, torch.zeros(0, 3, dtype=F64), boundary=b)
+    assert res.x.flat.shape == (0, 3) and res.converged

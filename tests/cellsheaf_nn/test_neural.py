@@ -389,3 +389,31 @@ def test_infer_batches_under_a_process_group_takes_this_ranks_shard(monkeypatch)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X), batch_size=2, sampler=sampler)
     assert distributed.is_sharded(loader)                             # already this rank's shard: taken as it is
     torch.testing.assert_close(torch.cat(list(ns.infer(loader))), model(X[1::2]), rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------- the public boundary
+
+
+@pytest.mark.parametrize("method", ["auto", "newton", "euler", "diffusion"])
+@pytest.mark.parametrize("pin", [None, "hard", "soft"])
+def test_an_empty_batch_gives_an_empty_result(method, pin):
+    ns = csnn.compile(_pinned_net())
+    if pin is not None:
+        ns.pin("a1", [0], 1.0, strength=None if pin == "hard" else 2.0)
+    y, state = ns.infer(torch.zeros(0, 3, dtype=F64), method=method, return_state=True)
+    assert y.shape == (0, 2) and state["a1"].shape == (0, 6) and state.info.converged
+
+
+def test_complex_inputs_and_pins_are_refused_and_integers_cast():
+    model = _pinned_net()
+    ns = csnn.compile(model)
+    with pytest.raises(TypeError, match="input 'x' must be real"):
+        ns.infer(torch.ones(2, 3, dtype=torch.complex128))
+    with pytest.raises(TypeError, match="pin values at vertex 'a1' must be real"):
+        ns.pin("a1", [0], torch.tensor([1 + 1j]))
+    with pytest.raises(TypeError, match="pin values at vertex 'a1' must be real"):
+        ns.pin("a1", [0], 1j)
+    xi = torch.tensor([[1, 0, 2]])
+    torch.testing.assert_close(ns.infer(xi), model(xi.to(F64)).detach())  # integers: the network's dtype
+    p = ns.pin("a1", [0], torch.tensor([2]))
+    assert p.values.dtype == F64 and p.values.tolist() == [2.0]

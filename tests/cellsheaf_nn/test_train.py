@@ -330,3 +330,23 @@ def test_parameters_used_in_forward_are_sheaf_parameters_with_local_gradients():
     back = ns.to_module()
     assert not torch.equal(back.gate.detach(), model.gate.detach())
     assert torch.allclose(back(X), ns.infer(X), atol=1e-12, rtol=0)
+
+
+def test_fit_data_at_the_public_boundary():
+    """Complex data refused naming inputs or targets, integer inputs cast to the network's dtype, an empty or
+    scalar data set refused."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2)).double()
+    ns = csnn.compile(model)
+    tr = csnn.SheafTrainer(ns, loss="mse")
+    X, Y = torch.randn(4, 2, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    with pytest.raises(TypeError, match="training inputs must be real"):
+        tr.fit(X.to(torch.complex128), Y, steps=1, progress=False)
+    with pytest.raises(TypeError, match="training targets must be real"):
+        tr.fit(X, Y.to(torch.complex128), steps=1, progress=False)
+    with pytest.raises(ValueError, match="training data is empty"):
+        tr.fit(X[:0], Y[:0], steps=1, progress=False)
+    with pytest.raises(ValueError, match="training data: 4 inputs but \\(\\) targets"):
+        tr.fit(X, torch.tensor(1.0), steps=1, progress=False)
+    hist = tr.fit(torch.randint(0, 3, (4, 2)), Y, steps=1, progress=False)
+    assert len(hist.train_loss) and all(torch.isfinite(p).all() for p in ns.to_module().parameters())
