@@ -18,58 +18,9 @@ from typing import Any, Hashable, Mapping
 import torch
 from torch import Tensor
 
+from .validation import as_real, check_finite
+
 __all__ = ["Cochain", "as_flat", "as_real", "check_finite"]
-
-
-def check_finite(t: Tensor, what: str) -> None:
-    """Raise ``ValueError`` naming ``what`` if ``t`` has NaN or Inf entries."""
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{what} contains NaN or Inf values")
-
-
-def as_real(values, what: str, dtype: torch.dtype | None = None, finite: bool = True) -> Tensor:
-    """``values`` as a real tensor: the one check of numeric input at the public boundary.
-
-    * complex values raise ``TypeError`` (stalks are real; nothing is silently cut to its real part);
-    * booleans and integers are cast to ``dtype`` (callers pass the sheaf's or network's dtype;
-      ``None`` keeps them as they are, for a caller that casts later); floating values keep their dtype;
-    * what ``torch.as_tensor`` cannot read (strings, ragged lists, objects) raises ``TypeError``;
-    * NaN and Inf raise ``ValueError`` (unless ``finite=False``).
-
-    Every message names ``what``.
-
-    Examples
-    --------
-    >>> import torch
-    >>> as_real([1, 2], "values", torch.float64)
-    tensor([1., 2.], dtype=torch.float64)
-    >>> as_real(torch.tensor([1 + 2j]), "values")
-    Traceback (most recent call last):
-    ...
-    TypeError: values must be real, got torch.complex64 values; pass x.real, or split real and imaginary parts into twice the coordinates
-    """
-    if not isinstance(values, Tensor):
-        try:
-            values = torch.as_tensor(values)
-        except (TypeError, ValueError, RuntimeError, OverflowError) as err:
-            raise TypeError(f"{what} must be a real tensor, array or number, got {type(values).__name__} "
-                            f"({err})") from None
-    if values.is_complex():
-        raise TypeError(f"{what} must be real, got {values.dtype} values; pass x.real, or split real and "
-                        "imaginary parts into twice the coordinates")
-    if not values.is_floating_point():
-        if values.dtype not in _CASTABLE:
-            raise TypeError(f"{what} has dtype {values.dtype}; give real numbers")
-        if dtype is not None:
-            values = values.to(dtype)
-    elif values.is_sparse:
-        values = values.to_dense()
-    if finite:
-        check_finite(values, what)
-    return values
-
-
-_CASTABLE = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
 class Cochain:

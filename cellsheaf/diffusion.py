@@ -26,6 +26,7 @@ from torch import Tensor
 
 from .boundary import Boundary
 from .cochain import Cochain, as_flat, check_finite
+from .validation import check_number
 from .energy import edge_energies, gradient
 from .operators import _laplacian_csr, to_torch_sparse
 from .results import Result
@@ -246,15 +247,9 @@ def _check_arguments(method, t, dt, tol, alpha, max_steps, record) -> None:
     """Refuse bad solver arguments with a message naming the argument."""
     if method not in ("euler", "rk4", "exact"):
         raise ValueError(f"method must be 'euler', 'rk4' or 'exact', got {method!r}")
-    for name, value, low in (("t", t, "non-negative"), ("dt", dt, "positive"), ("tol", tol, "non-negative"),
-                             ("alpha", alpha, "positive")):
-        if value is None:
-            continue
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
-                or value < 0 or (low == "positive" and value == 0):
-            raise ValueError(f"{name} must be a {low} finite number, got {value!r}")
-    if not isinstance(max_steps, (int, np.integer)) or isinstance(max_steps, bool) or max_steps < 0:
-        raise ValueError(f"max_steps must be a non-negative int, got {max_steps!r}")
+    for name, value, positive in (("t", t, False), ("dt", dt, True), ("tol", tol, False), ("alpha", alpha, True)):
+        check_number(value, name, positive=positive, none=name != "alpha")
+    check_number(max_steps, "max_steps", integer=True, none=False)
     if not isinstance(record, (bool, int, np.integer)) or record < 0:
         raise ValueError(f"record must be a bool or a non-negative int, got {record!r}")
 

@@ -37,6 +37,7 @@ from .cohomology import RelativeCohomology, relative_cohomology
 from .linalg import block_jacobi, cg
 from .operators import _laplacian_csr, apply_laplacian, to_torch_sparse
 from .results import SolveInfo
+from .validation import check_number
 
 __all__ = ["harmonic_extension", "NonUniqueError"]
 
@@ -246,6 +247,8 @@ def harmonic_extension(
                          "use cellsheaf.minimize for nonlinear maps or potentials")
     if method not in ("auto", "direct", "cg"):
         raise ValueError(f"method must be 'auto', 'direct' or 'cg', got {method!r}")
+    check_number(tol, "tol", none=False)
+    check_number(maxiter, "maxiter", integer=True, positive=True)
     rb = (boundary or Boundary()).resolve(S)
     dtype = torch.promote_types(S.dtype, rb.values.dtype)
     u = rb.values.to(dtype)

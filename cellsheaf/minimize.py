@@ -37,6 +37,7 @@ from torch import Tensor
 
 from .boundary import Boundary, ResolvedBoundary
 from .cochain import Cochain, as_flat, check_finite
+from .validation import check_number
 from .diffusion import diffuse
 from .energy import edge_energies, gradient
 from .gauss_newton import NewtonOptions, newton
@@ -160,8 +161,10 @@ def minimize(
     """
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
-    if not alpha > 0:
-        raise ValueError(f"alpha must be positive, got {alpha}")
+    check_number(alpha, "alpha", positive=True, none=False)
+    check_number(tol, "tol")
+    check_number(max_iter, "max_iter", integer=True)
+    check_number(dt, "dt", positive=True)
     boundary = boundary or Boundary()
     rb = boundary.resolve(S)
     dtype = torch.promote_types(rb.values.dtype, S.dtype) if rb.values.numel() else S.dtype

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 import cellsheaf as cs
 from cellsheaf.minimize import _verify_propagation, default_tol
 from cellsheaf.operators import to_torch_sparse
+from cellsheaf.validation import check_number
 
 from . import distributed
 from .builder import Built, EdgeInfo, VertexInfo
@@ -494,6 +495,9 @@ class NeuralSheaf:
         >>> [tuple(y.shape) for y in ns.infer(x.split(3))]  # an iterable of batches streams
         [(3, 1), (1, 1)]
         """
+        for name, value, positive in (("tol", tol, False), ("dt", dt, True), ("alpha", alpha, True)):
+            check_number(value, name, positive=positive, none=name != "alpha")
+        check_number(max_steps, "max_steps", integer=True)
         if self._is_stream(inputs):
             return self.infer_batches(inputs[0], method=method, return_state=return_state, init=init, tol=tol,
                                       max_steps=max_steps, alpha=alpha, dt=dt, generator=generator, record=record,

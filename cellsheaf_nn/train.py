@@ -221,8 +221,10 @@ def check_data(X: Tensor, Y: Tensor, n_in: int, n_out: int, dtype: torch.dtype, 
                         f"convert with X.to({dtype}) (or the network with .to(dtype))")
     if not bool(torch.isfinite(X).all()):
         raise ValueError(f"{what} inputs contain NaN or Inf values")
-    if Y.dim() == 0 or Y.shape[0] != X.shape[0]:
-        raise ValueError(f"{what} data: {X.shape[0]} inputs but {tuple(Y.shape)} targets")
+    if Y.dim() == 0:
+        raise ValueError(f"{what} data: {X.shape[0]} inputs but a scalar target; give one target per input")
+    if Y.shape[0] != X.shape[0]:
+        raise ValueError(f"{what} data: {X.shape[0]} inputs but {Y.shape[0]} targets")
     if X.shape[0] == 0:
         raise ValueError(f"{what} data is empty (0 samples); give at least one")
     return X, loss.target(Y, n_out, dtype)
