@@ -296,3 +296,13 @@ def test_empty_batch_gives_an_empty_result():
     assert res.x.flat.shape == (0, 3) and res.converged
     res = cs.diffuse(S, torch.zeros(0, 3, dtype=F64), boundary=b)
     assert res.x.flat.shape == (0, 3) and res.converged
+
+
+@pytest.mark.parametrize("kw, match", [({"tol": float("inf")}, "tol must be"), ({"tol": -1.0}, "tol must be"),
+                                       ({"tol": "x"}, "tol must be"), ({"maxiter": 0}, "maxiter must be"),
+                                       ({"maxiter": 2.5}, "maxiter must be")])
+def test_solver_arguments_are_checked(kw, match):
+    """``tol=inf`` certified CG after 0 iterations; now every bad number names its argument."""
+    b = cs.Boundary().fix("a", torch.tensor([1.0], dtype=F64))
+    with pytest.raises(ValueError, match=match):
+        cs.harmonic_extension(_path(), b, method="cg", **kw)

@@ -417,3 +417,11 @@ def test_complex_inputs_and_pins_are_refused_and_integers_cast():
     torch.testing.assert_close(ns.infer(xi), model(xi.to(F64)).detach())  # integers: the network's dtype
     p = ns.pin("a1", [0], torch.tensor([2]))
     assert p.values.dtype == F64 and p.values.tolist() == [2.0]
+
+
+@pytest.mark.parametrize("kw", [{"tol": 1j}, {"tol": float("nan")}, {"max_steps": -1}, {"max_steps": 1.5},
+                                {"dt": 0.0}, {"alpha": float("inf")}])
+def test_infer_checks_its_numbers(kw):
+    ns = csnn.compile(_pinned_net())
+    with pytest.raises(ValueError, match=f"^{next(iter(kw))} must be"):
+        ns.infer(torch.zeros(2, 3, dtype=F64), **kw)
