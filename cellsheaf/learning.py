@@ -152,15 +152,17 @@ def map_parameters(S) -> list[Tensor]:
     return list(out.values())
 
 
-def _edge_energy(S, e, xb: Tensor) -> Tensor:
-    """``w_e U_e(F_v x_v, F_u x_u)`` summed over the batch, differentiable in the maps' tensors."""
-    av, au = e.Fv.apply(xb[:, S.vertex_slice(e.v)]), e.Fu.apply(xb[:, S.vertex_slice(e.u)])
-    if e.quadratic:
-        return 0.5 * e.weight * (av - au).square().sum()
-    return e.weight * e.potential.pair_value(av, au).sum()
+def _edge_pairing(S, e, xb: Tensor, at: Tensor) -> Tensor:
+    """``⟨∂U_e/∂a_v, F_v x'_v⟩ + ⟨∂U_e/∂a_u, F_u x'_u⟩`` summed over the batch: the forces at ``xb`` (held
+    fixed) paired with the maps applied at ``at`` (differentiable in the maps' tensors). Its gradient in a
+    map's tensors is the edge's energy gradient (at ``at = xb``, the chain rule)."""
+    with torch.no_grad():
+        gv, gu = edge_forces(S, e.name, xb)
+    av, au = e.Fv.apply(at[:, S.vertex_slice(e.v)]), e.Fu.apply(at[:, S.vertex_slice(e.u)])
+    return (gv * av).sum() + (gu * au).sum()
 
 
-def local_gradients(S, x, params: Mapping | list | None = None) -> dict | list:
+def local_gradients(S, x, params: Mapping | list | None = None, at=None) -> dict | list:
     """The local learning rule for maps holding torch parameters: for each parameter ``θ``,
     ``Σ_{e holds θ} ∂E_e(x)/∂θ``, the gradient of each edge's *own* energy at the fixed state ``x``
     with respect to its *own* parameters, summed over the edges that share ``θ`` (and over a batch).
@@ -168,7 +170,8 @@ def local_gradients(S, x, params: Mapping | list | None = None) -> dict | list:
     One rule for every map kind (dense and affine weights, convolution kernels, norm weights,
     scalars, gates, tied matrices), by autograd through the maps of the edges that hold ``θ``
     (found by identity among their [`cellsheaf.maps.Map.tensors`][cellsheaf.maps.Map.tensors]): nothing but each edge's
-    discrepancy and its end stalks enters (Eq. 24 for a dense map).
+    discrepancy and its end stalks enters (Eq. 24 for a dense map, ``∂E_e/∂θ = ⟨∂U_e/∂a, ∂(F x)/∂θ⟩``
+    in general).
 
     Parameters
     ----------
@@ -178,6 +181,9 @@ def local_gradients(S, x, params: Mapping | list | None = None) -> dict | list:
     params : mapping ``{name: tensor}``, sequence of tensors, or None
         The parameters (default: [`map_parameters`][cellsheaf.learning.map_parameters]). A tensor that does not require grad
         is differentiated all the same.
+    at : Cochain or tensor like ``x``, optional
+        Where the maps are differentiated in ``θ`` (default ``x``): the forces are those at ``x``.
+        Nudged training passes the free state here (see `edge_gradients`).
 
     Returns
     -------
@@ -202,14 +208,13 @@ def local_gradients(S, x, params: Mapping | list | None = None) -> dict | list:
             raise TypeError(f"local_gradients: parameter {names[k] if names else k!r} is not a floating tensor")
     ids = {id(p) for p in plist}
     edges = [e for e in S.edge_items() if any(id(t) in ids for t in e.Fu.tensors() + e.Fv.tensors())]
-    xf = as_flat(S, x).detach()
-    xb = xf if xf.dim() == 2 else xf.unsqueeze(0)
+    xb, atb = (_batched(as_flat(S, v).detach()) for v in (x, x if at is None else at))
     switched = [p for p in plist if not p.requires_grad]
     try:
         for p in switched:
             p.requires_grad_(True)
         with torch.enable_grad():
-            E = sum((_edge_energy(S, e, xb) for e in edges), xb.new_zeros(()))
+            E = sum((_edge_pairing(S, e, xb, atb) for e in edges), xb.new_zeros(()))
             grads = torch.autograd.grad(E, plist, allow_unused=True) if edges else [None] * len(plist)
     finally:
         for p in switched:
@@ -236,9 +241,18 @@ def _local_gradients(S, x: Tensor, gv: Tensor, gu: Tensor, maps: dict[MapKey, Li
     return out
 
 
-def edge_gradients(S, x: Tensor, keys) -> dict[MapKey, Tensor]:
+def _batched(x: Tensor) -> Tensor:
+    return x if x.dim() == 2 else x.unsqueeze(0)
+
+
+def edge_gradients(S, x: Tensor, keys, at: Tensor | None = None) -> dict[MapKey, Tensor]:
     """Eq. (24) for the trainable maps ``keys`` (``(edge, side)``) at a batch ``x`` (``(B, C0)``), each from
     its own edge's discord alone: what [`map_gradients`][cellsheaf.learning.map_gradients] gives for them, without a pass over the other edges.
+
+    With ``at`` (a state like ``x``) the forces at ``x`` multiply the stalks of ``at``: nudged training
+    takes the forces at the nudged state and the stalks of the free state (the forward pass). The two
+    agree up to O(γ), and the free-state form is exactly zero where the forward pass is (a dead input),
+    so that optimizers that normalise the gradient (Adam) do not blow the O(γ) bias up to full steps.
 
     Examples
     --------
@@ -254,7 +268,8 @@ def edge_gradients(S, x: Tensor, keys) -> dict[MapKey, Tensor]:
         e = S.edge(name)
         F = e.Fv if side == "v" else e.Fu
         gv, gu = edge_forces(S, name, x)
-        out[(name, side)] = _eq24(F, gv if side == "v" else gu, x[:, S.vertex_slice(e.v if side == "v" else e.u)])
+        src = x if at is None else at
+        out[(name, side)] = _eq24(F, gv if side == "v" else gu, src[:, S.vertex_slice(e.v if side == "v" else e.u)])
     return out
 
 
@@ -372,11 +387,13 @@ def _eq24(F, force: Tensor, xs: Tensor) -> Tensor:
     return G if F.mask is None else G * F.mask.to(dtype=G.dtype, device=G.device)
 
 
-def _edgewise(S, x: Tensor, maps: dict) -> tuple[Tensor, dict]:
+def _edgewise(S, x: Tensor, maps: dict, at: Tensor | None = None) -> tuple[Tensor, dict]:
     """``(∇_x E, {map: Eq. 24})`` edge by edge: each edge's maps applied once, its own forces pulled back
-    through its own maps and multiplied into its own end stalks. For sheaves of few, large edges
-    (compiled networks), where the stacked operators (`cellsheaf.operators`) buy nothing."""
+    through its own maps and multiplied into its own end stalks (those of ``at`` if given, see
+    `edge_gradients`). For sheaves of few, large edges (compiled networks), where the stacked operators
+    (`cellsheaf.operators`) buy nothing."""
     xb = x if x.dim() == 2 else x.unsqueeze(0)
+    src = xb if at is None else _batched(at)
     g, grads = torch.zeros_like(xb), {}
     for e in S.edge_items():
         su, sv = S.vertex_slice(e.u), S.vertex_slice(e.v)
@@ -385,7 +402,7 @@ def _edgewise(S, x: Tensor, maps: dict) -> tuple[Tensor, dict]:
         g[:, su] += e.Fu.vjp(xb[:, su], gu)
         for side, F, force, sl in (("u", e.Fu, gu, su), ("v", e.Fv, gv, sv)):
             if (e.name, side) in maps:
-                grads[(e.name, side)] = _eq24(F, force, xb[:, sl])
+                grads[(e.name, side)] = _eq24(F, force, src[:, sl])
     return (g if x.dim() == 2 else g[0]), grads
 
 
@@ -407,6 +424,20 @@ def _joint_gradients(S, x: Tensor, maps: dict, lam: float, mu: float, x_anchor, 
     return g, _regularised(S, grads, maps, mu, map_anchors)
 
 
+def _parameter_gradients(S, x: Tensor, params: Mapping[str, Tensor], mu: float, anchors: Mapping | None,
+                         reduce=None) -> dict[str, Tensor]:
+    """`local_gradients` of ``params`` at ``x`` (combined by ``reduce``), plus ``μ(θ − θ₀)``."""
+    if not params:
+        return {}
+    grads = local_gradients(S, x, params)
+    if reduce is not None:
+        grads = dict(zip(grads, reduce(list(grads.values()))))
+    if mu:
+        ref = anchors or {}
+        grads = {k: G + mu * (params[k].detach() - (ref[k].to(G.dtype) if k in ref else 0.0)) for k, G in grads.items()}
+    return grads
+
+
 def joint_step(
     S,
     x,
@@ -419,12 +450,14 @@ def joint_step(
     x_anchor=None,
     map_anchors: Mapping | None = None,
     reduce: Callable[[list[Tensor]], list[Tensor]] | None = None,
+    params: Mapping[str, Tensor] | None = None,
+    param_anchors: Mapping[str, Tensor] | None = None,
 ) -> Tensor:
     """One forward-Euler step of the joint dynamics Eq. (26) (Eq. (42) with ``lam``, ``mu``).
 
-    Both updates use the gradients at the current point; the trainable maps are
-    changed in place (and the sheaf's cached operators dropped); the new state
-    is returned.
+    All updates use the gradients at the current point; the trainable maps and the
+    parameters ``params`` are changed in place (and the sheaf's cached operators
+    dropped); the new state is returned.
 
     Parameters
     ----------
@@ -439,6 +472,10 @@ def joint_step(
     reduce : callable, optional
         Combines the batch sums of the map gradients with those of other processes before the
         step (e.g. an all-reduce sum under torch.distributed, so every process takes the same step).
+    params, param_anchors : ``{name: tensor}``, optional
+        Parameters held by the maps (conv kernels, norm weights, tied matrices, scalars: `map_parameters`)
+        that move with rate ``beta`` by their local gradients (`local_gradients`, summed over the edges
+        sharing each), regularised by ``mu`` towards ``param_anchors`` (default 0).
 
     Examples
     --------
@@ -458,11 +495,16 @@ def joint_step(
     free = _free_of(S, boundary, xf)
     maps = trainable_maps(S)
     g, map_grads = _joint_gradients(S, xf, maps, lam, mu, x_anchor, map_anchors, reduce)
+    param_grads = _parameter_gradients(S, xf, params or {}, mu, param_anchors, reduce)
     moves = torch.zeros(xf.shape[-1], dtype=torch.bool, device=xf.device).index_fill_(0, free, True)
     x_new = torch.where(moves, torch.add(xf, g, alpha=-dt * alpha), xf)
     with torch.no_grad():
         for k, F in maps.items():
             F.weight.sub_(map_grads[k].to(F.weight.dtype), alpha=dt * beta)
+        for k, p in (params or {}).items():
+            p.sub_(param_grads[k].to(p.dtype), alpha=dt * beta)
+    for k, p in (params or {}).items():
+        _check_step(p, f"the parameter {k!r}")
     _maps_changed(S, maps)
     _check_step(x_new, "the state")
     return x_new

@@ -395,16 +395,15 @@ def _structured_affine(F: Affine, source: slice, tgt: slice, const: np.ndarray, 
     v = None if unit else torch.as_tensor(ones)
 
     def bias(x: Tensor) -> Tensor | None:
-        if F.b is None:
-            return None
-        b = F.b if (F.b.dtype, F.b.device) == (x.dtype, x.device) else F.b.to(dtype=x.dtype, device=x.device)
-        return b if v is None else b * v.to(dtype=x.dtype, device=x.device)
+        b = F.bias(x)  # broadcast (a per-channel conv bias) and centred (a batch norm) by the map
+        return b if b is None or v is None else b * v.to(dtype=x.dtype, device=x.device)
 
     dense = isinstance(F.A, Linear) and not F.A.sparse
+    full = F.b is not None and F.b.numel() == F.d_out and F.center is None  # F.b is the bias as it is
 
     def bind(x: Tensor):
         a, o = x[:, nsl], x[:, tgt]
-        if dense and unit and F.b is not None and (F.A.weight.dtype, F.A.weight.device, F.b.dtype) == \
+        if dense and unit and full and (F.A.weight.dtype, F.A.weight.device, F.b.dtype) == \
                 (x.dtype, x.device, x.dtype):
             return partial(torch.addmm, F.b, a, F.A.weight.T, out=o)
 

@@ -34,6 +34,7 @@ Examples
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Sequence
 
@@ -161,6 +162,8 @@ class _Edge:
     module: str | None
     writeback: Writeback | None
     ones_index: int | None = None
+    bias_axis: int | None = None
+    center: Tensor | None = None
 
 
 def _identity(d: int) -> M.Map:
@@ -199,6 +202,8 @@ class Builder:
         self.layer: int | None = None
         self.module: str | None = None
         self.parameters: dict[str, Tensor] = {}
+        #: per module (by id): the edges compiled from its uses so far (a module used twice shares its parameters)
+        self.uses: dict[int, list[int]] = {}
 
     # ------------------------------------------------------------------ primitives
     def input(self, dim: int, shape: Sequence[int] | None = None, name: str = "x") -> Value:
@@ -228,6 +233,8 @@ class Builder:
         trainable: bool = False,
         mask: Tensor | None = None,
         writeback: Writeback | None = None,
+        bias_axis: int | None = None,
+        center: Tensor | None = None,
     ) -> None:
         """The edge ``src -> dst`` with ``Fu`` on ``src``'s neural block (plus ``bias`` through a ones block).
 
@@ -243,6 +250,10 @@ class Builder:
             restricts which entries of ``Fu`` may change; the bias diagonal is always trainable.
         writeback
             How [`NeuralSheaf.to_module`][cellsheaf_nn.neural.NeuralSheaf.to_module] copies ``(W, b)`` back into the module being compiled.
+        bias_axis, center
+            A learned bias (a parameter, not trainable as part of ``W̄``) with one value per entry of this axis
+            of ``dst``'s shape (a conv bias per channel), and the constant the input is centred at
+            ([`cellsheaf.maps.Affine`][cellsheaf.maps.Affine]).
         """
         Fu, Fv = M.as_map(self._cast(Fu)), M.as_map(self._cast(Fv)) if Fv is not None else None
         start, size = block if block is not None else (0, dst.dim)
@@ -256,20 +267,23 @@ class Builder:
         if Fu.d_out != Fv.d_out:
             raise ValueError(f"{kind} edge: Fu maps to size {Fu.d_out} but Fv to {Fv.d_out}; they must agree")
         if bias is not None:
-            keep = not trainable and isinstance(bias, torch.nn.Parameter) and bias.dim() == 1  # held, see `use`
+            keep = not trainable and isinstance(bias, torch.nn.Parameter)  # held, see `use`
             bias = bias if keep else self._cast(bias).reshape(-1)
             if not Fu.linear:
                 raise ValueError(f"{kind} edge: a bias needs a linear Fu (the extended map (W | diag(b)), Eq. 10)")
-            if bias.numel() != Fu.d_out:
+            if not keep and bias.numel() != Fu.d_out:
                 raise ValueError(f"{kind} edge: bias of size {bias.numel()} for an edge stalk of size {Fu.d_out}")
         if mask is not None and tuple(mask.shape) != (Fu.d_out, Fu.d_in):
             raise ValueError(f"{kind} edge: mask of shape {tuple(mask.shape)}, expected {(Fu.d_out, Fu.d_in)}")
+        if (bias_axis is not None or center is not None) and (trainable or size != dst.dim):
+            raise ValueError(f"{kind} edge: bias_axis and center need a fixed map defining all of its target")
         rec = _Edge(kind, src.vertex, dst.vertex, Fu, Fv, (start, size), bias, trainable, mask,
-                    self.layer, self.module, writeback)
+                    self.layer, self.module, writeback, bias_axis=bias_axis,
+                    center=None if center is None else self._cast(center).reshape(-1))
         if bias is not None:
             ones = self._vertices[src.vertex].ones
             rec.ones_index = len(ones)
-            ones.append(bias.numel())
+            ones.append(Fu.d_out)
         self._edges.append(rec)
 
     # ------------------------------------------------------------------ common ops
@@ -284,12 +298,16 @@ class Builder:
         mask: Tensor | None = None,
         writeback: Writeback | None = None,
         shape: Sequence[int] | None = None,
+        bias_axis: int | None = None,
+        center: Tensor | None = None,
     ) -> Value:
         """``z = W x + b`` as a new vertex and one edge with ``W̄ = (W | diag(b))`` (Eqs. 10, 15).
 
         ``weight`` is a matrix or any linear map (a convolution, a per-token linear map, ...);
         a structured map is kept as an operator ([`cellsheaf.maps.Affine`][cellsheaf.maps.Affine]), never densified,
-        and is not trainable. ``shape`` is the output's per-sample shape.
+        and is not trainable. ``shape`` is the output's per-sample shape. A learned parameter (`parameter`) as
+        ``weight`` or ``bias`` is held by the map and trained by the local rule (``bias_axis``, ``center``:
+        see `edge`).
 
         Examples
         --------
@@ -302,7 +320,8 @@ class Builder:
         if trainable and not isinstance(A, M.Linear):
             raise ValueError(f"a trainable affine edge needs a dense matrix, got {A!r}")
         z = self.vertex(A.d_out, kind="linear" if kind == "weight" else kind, shape=shape)
-        self.edge(x, z, A, kind=kind, bias=bias, trainable=trainable, mask=mask, writeback=writeback)
+        self.edge(x, z, A, kind=kind, bias=bias, trainable=trainable, mask=mask, writeback=writeback,
+                  bias_axis=bias_axis, center=center)
         return z
 
     def activation(self, x: Value, fn: M.Map, *, kind: str = "act") -> Value:
@@ -398,6 +417,40 @@ class Builder:
         self.parameters[param.name] = param.tensor
         return param.tensor
 
+    def parameter(self, module: torch.nn.Module, name: str) -> Tensor | None:
+        """``module``'s tensor ``name`` (e.g. ``"weight"``, ``"out_proj.bias"``) for a map to hold: a learned
+        parameter (``requires_grad``) becomes a parameter of the sheaf, named by its path in the model, that
+        the local rule trains and `NeuralSheaf.to_module` carries; a frozen one (or a buffer) a constant.
+
+        Examples
+        --------
+        >>> import torch, cellsheaf_nn as csnn
+        >>> b = csnn.Builder(torch.float32)
+        >>> w = b.parameter(torch.nn.Conv1d(1, 2, 3), "weight")
+        >>> isinstance(w, torch.nn.Parameter), list(b.parameters)
+        (True, ['weight'])
+        """
+        *path, attr = name.split(".")
+        t = getattr(module.get_submodule(".".join(path)), attr)
+        if t is None:
+            return None
+        if isinstance(t, torch.nn.Parameter) and t.requires_grad:
+            return self.use(Param(f"{self.module}.{name}" if self.module else name, t))
+        return t.detach()
+
+    def hold(self, edge: int, Fu: M.Map, bias: Tensor | None) -> None:
+        """Let edge number ``edge`` (in creation order) hold ``Fu`` and ``bias`` (e.g. the parameters of a module
+        used again) as a fixed map trained by the local rule, instead of a trainable ``W̄`` of its own."""
+        e = self._edges[edge]
+        if (Fu.d_in, Fu.d_out) != (e.Fu.d_in, e.Fu.d_out) or (bias is None) != (e.bias is None):
+            raise ValueError(f"{e.kind} edge {edge}: the held map must have the shape and bias of the one it replaces")
+        e.Fu, e.bias, e.trainable, e.mask, e.writeback = Fu, bias, False, None, None
+
+    @property
+    def n_edges(self) -> int:
+        """Number of edges created so far (the next edge's number)."""
+        return len(self._edges)
+
     def set_shape(self, value: Value) -> None:
         """Record ``value.shape`` as the per-sample shape of its vertex (its neural block in C order)."""
         v = self._vertices[value.vertex]
@@ -453,13 +506,13 @@ class Builder:
                 name, seen[key] = f"{name}.{seen.get(key, 0)}", seen.get(key, 0) + 1
             src, dst = layout[names[e.src]], layout[names[e.dst]]
             ones = src.ones[e.ones_index] if e.ones_index is not None else None
-            S.add_edge(src.name, dst.name, _source_map(e, src, ones), _target_map(e, dst), name=name)
+            S.add_edge(src.name, dst.name, _source_map(e, src, ones, dst.shape), _target_map(e, dst), name=name)
             edges[name] = EdgeInfo(name, e.kind, src.name, dst.name, e.layer, e.module, ones)
         writebacks = [(name, e.module, e.writeback) for name, e in zip(edges, self._edges) if e.writeback]
         return Built(S, layout, edges, writebacks, dict(self.parameters))
 
 
-def _source_map(e: _Edge, src: VertexInfo, ones: slice | None) -> M.Map:
+def _source_map(e: _Edge, src: VertexInfo, ones: slice | None, shape: tuple[int, ...]) -> M.Map:
     """``Fu`` on the whole stalk of ``src``: ``(A | 0 | diag(b))`` for a bias or a trainable map (Eq. 10),
     ``A ∘ P_n`` otherwise."""
     n, D = src.n, src.dim
@@ -469,7 +522,9 @@ def _source_map(e: _Edge, src: VertexInfo, ones: slice | None) -> M.Map:
         P = M.Select(range(n), D)  # P_n: read the neural block only
         return P if isinstance(e.Fu, M.Identity) else M.Compose(e.Fu, P)
     if not e.trainable:  # a fixed bias: A·x + b through the ones block, A kept as an operator
-        return M.Affine(e.Fu, e.bias, d_in=D, ones=ones.start)
+        fits = math.prod(shape) == e.Fu.d_out  # the target's shape, to broadcast a learned bias over
+        return M.Affine(e.Fu, e.bias, d_in=D, ones=ones.start, shape=shape if fits else None,
+                        axis=-1 if e.bias_axis is None else e.bias_axis, center=e.center)
     A = e.Fu.matrix()
     W = A.new_zeros(A.shape[0], D)
     W[:, :n] = A

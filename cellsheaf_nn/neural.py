@@ -122,8 +122,12 @@ class NeuralSheaf:
         self._tuple_output = bool(tuple_output)
         self._model = model
         self._writebacks = built.writebacks
-        #: learned tensors of the model used directly in ``forward``, held by the maps (trained in place)
+        #: the learned tensors the maps hold (conv kernels, norm weights, shared weights, learned scalars), by
+        #: their names in the model: the compiled copy's own parameters, trained in place by the local rule.
+        #: They do not require grad, so inference builds no autograd graph; the local rule switches it on.
         self.parameters: dict[str, Tensor] = dict(built.parameters or {})
+        for p in self.parameters.values():
+            p.requires_grad_(False)
         self._pins: dict[int, Pin] = {}
         self._next_id = 0
         self._pinned: tuple | None = None  # (key, sheaf, penalties)
@@ -158,6 +162,7 @@ class NeuralSheaf:
         >>> ns.to("cpu", torch.float64).dtype, ns.device
         (torch.float64, device(type='cpu'))
         """
+        self._model.to(device=device, dtype=dtype)  # in place: the maps keep holding the model's parameters
         self.sheaf.to(device, dtype)
         self._pinned = None
         return self
@@ -757,7 +762,9 @@ class NeuralSheaf:
         """A torch module (a copy of the compiled model) carrying the sheaf's current weights.
 
         Every affine edge compiled from module parameters writes its ``(W, b)``
-        ([`affine_parts`][cellsheaf_nn.neural.NeuralSheaf.affine_parts]) back; ``compile(ns.to_module())`` gives the same sheaf.
+        ([`affine_parts`][cellsheaf_nn.neural.NeuralSheaf.affine_parts]) back, and every parameter the maps hold
+        (`parameters`: conv kernels, norm weights, shared weights, ...) is the module's own;
+        ``compile(ns.to_module())`` gives the same sheaf.
 
         Examples
         --------
@@ -771,6 +778,8 @@ class NeuralSheaf:
         with torch.no_grad():
             for edge, path, writeback in self._writebacks:
                 writeback(model.get_submodule(path or ""), *self.affine_parts(edge))
+        for name in self.parameters:
+            model.get_parameter(name).requires_grad_(True)
         return model
 
     def __repr__(self) -> str:

@@ -214,9 +214,9 @@ def _linear_terms(b: Builder, terms: list[tuple[Any, float]], what: str) -> Valu
     params = [(t, c) for t, c in terms if isinstance(t, Param)]
     if params:  # a learned shift: x + p through the ones block, p held by the map
         (x, cx), (p, cp) = values[0], params[0]
-        if len(terms) != 2 or cx != 1 or cp != 1 or p.tensor.dim() != 1 or p.tensor.numel() != x.dim:
-            raise UnsupportedOpError(f"{what} with the learned parameter {p.name!r}: only x + p with a vector p of "
-                                     "the quantity's size is supported")
+        if len(terms) != 2 or cx != 1 or cp != 1 or not _broadcasts(p.tensor, x.shape):
+            raise UnsupportedOpError(f"{what} with the learned parameter {p.name!r} of shape {tuple(p.tensor.shape)}: "
+                                     f"only x + p with p broadcasting to one sample of shape {x.shape} is supported")
         return b.affine(x, M.Identity(x.dim), b.use(p), kind="affine", trainable=False, shape=x.shape)
     x = values[0][0]
     consts = [_constant(t, x, what).to(b.dtype) * c for t, c in terms if not isinstance(t, Value)]
@@ -227,6 +227,25 @@ def _linear_terms(b: Builder, terms: list[tuple[Any, float]], what: str) -> Valu
                         trainable=False, shape=x.shape)
     return b.combine([t for t, _ in values], [None if c == 1 else c * torch.eye(t.dim) for t, c in values],
                      const)
+
+
+def _broadcasts(t: Tensor, shape: tuple[int, ...]) -> bool:
+    """Whether ``t`` broadcasts to one sample of ``shape`` (as torch broadcasts it against ``(B, *shape)``)."""
+    try:
+        M.Scale(t, shape)
+    except ValueError:
+        return False
+    return True
+
+
+def _spread(bias: Tensor | None, shape: tuple[int, ...], axis: int) -> Tensor | None:
+    """A constant bias with one value per entry of ``axis`` spread over ``shape`` (flattened); a learned
+    parameter as it is (its map broadcasts it, so that the parameter itself learns)."""
+    if bias is None or isinstance(bias, nn.Parameter):
+        return bias
+    view = [1] * len(shape)
+    view[axis] = -1
+    return bias.reshape(view).expand(shape).reshape(-1)
 
 
 # ---------------------------------------------------------------------------- modules
@@ -241,42 +260,38 @@ def _writeback_linear(module: nn.Linear, W: Tensor, b: Tensor | None) -> None:
 @register(nn.Linear, prefix="z", layer=True)
 def linear(b: Builder, module: nn.Linear, x: Value) -> Value:
     """``z = W x + b``: a weight edge with ``W̄ = (W | diag(b))`` (Eqs. 10, 15); on ``(..., T, D)`` the same
-    map on every token ([`cellsheaf.maps.TokenLinear`][cellsheaf.maps.TokenLinear])."""
-    if len(x.shape) == 1:
+    map on every token ([`cellsheaf.maps.TokenLinear`][cellsheaf.maps.TokenLinear]). A module used more than
+    once (tied weights): every use holds the module's own weight and bias, one parameter trained by the local
+    rule summed over the uses."""
+    if len(x.shape) == 1 and id(module) not in b.uses:  # the first use: a trainable W̄ of its own
+        b.uses[id(module)] = [b.n_edges]
         return b.affine(x, module.weight, module.bias, writeback=_writeback_linear)
-    tokens = math.prod(x.shape[:-1])
+    W, bias = b.parameter(module, "weight"), b.parameter(module, "bias")
+    for edge in b.uses.get(id(module), []):  # an earlier use with a W̄ of its own now holds the shared ones
+        b.hold(edge, M.Linear(W), bias)
+    b.uses[id(module)] = []
+    if len(x.shape) == 1:
+        return b.affine(x, M.Linear(W), bias, trainable=False)
     shape = (*x.shape[:-1], module.out_features)
-    bias = None if module.bias is None else module.bias.detach().expand(tokens, -1).reshape(-1)
-    return b.affine(x, M.TokenLinear(module.weight.detach(), tokens), bias, trainable=False, shape=shape)
-
-
-def _bn_scale(module: nn.BatchNorm1d) -> Tensor:
-    return torch.rsqrt(module.running_var + module.eps)
-
-
-def _writeback_batchnorm(module: nn.BatchNorm1d, W: Tensor, t: Tensor | None) -> None:
-    s = torch.diagonal(W)
-    sigma = 1 / _bn_scale(module)
-    if module.affine:
-        module.weight.copy_(s * sigma)
-        module.bias.copy_(t + s * module.running_mean)
-    elif not (torch.allclose(s * sigma, torch.ones_like(s)) and torch.allclose(t, -s * module.running_mean)):
-        raise ValueError("BatchNorm1d(affine=False) cannot hold changed maps; compile it with affine=True")
+    return b.affine(x, M.TokenLinear(W, math.prod(x.shape[:-1])), _spread(bias, shape, -1), trainable=False,
+                    shape=shape, bias_axis=-1)
 
 
 @register(nn.BatchNorm1d, prefix="bn")
-def batchnorm1d(b: Builder, module: nn.BatchNorm1d, x: Value) -> Value:
-    """Eval-mode batch norm ``y = s ⊙ x + t`` with ``s = γ/√(var+ε)``, ``t = β − s ⊙ mean``: one affine edge."""
-    _flat(x, "BatchNorm1d")
+@register(nn.BatchNorm2d, prefix="bn")
+def batchnorm(b: Builder, module: nn.BatchNorm1d | nn.BatchNorm2d, x: Value) -> Value:
+    """Eval-mode batch norm over channels (axis 0 of ``(C,)``, ``(C, L)`` or ``(C, H, W)``):
+    ``y = γ ⊙ (x − mean)/√(var + ε) + β``, one fixed affine edge (`cellsheaf.maps.Scale` centred at the
+    running mean) holding the learned ``γ`` and ``β``; the running statistics stay constants."""
     if module.running_mean is None:
-        raise UnsupportedOpError("BatchNorm1d without running statistics (track_running_stats=False) normalises "
-                                 "with batch statistics even in eval mode; it has no fixed affine map")
-    s = _bn_scale(module)
-    gamma = module.weight if module.affine else torch.ones_like(s)
-    beta = module.bias if module.affine else torch.zeros_like(s)
-    s = gamma * s
-    return b.affine(x, torch.diag(s), beta - s * module.running_mean, kind="affine", trainable=module.affine,
-                    mask=torch.eye(x.dim), writeback=_writeback_batchnorm)
+        raise UnsupportedOpError(f"{type(module).__name__} without running statistics (track_running_stats=False) "
+                                 "normalises with batch statistics even in eval mode; it has no fixed affine map")
+    r = torch.rsqrt(module.running_var + module.eps)
+    gamma = b.parameter(module, "weight") if module.affine else None
+    beta = b.parameter(module, "bias") if module.affine else None
+    A = M.Scale(torch.ones_like(r) if gamma is None else gamma, x.shape, axis=0, factor=r)
+    return b.affine(x, A, _spread(torch.zeros_like(r) if beta is None else beta, x.shape, 0), kind="affine",
+                    trainable=False, shape=x.shape, bias_axis=0, center=_spread(module.running_mean, x.shape, 0))
 
 
 @register(nn.ReLU, prefix="a")
@@ -426,15 +441,6 @@ def cat(b: Builder, tensors, dim: int = 0) -> Value:
 # ---------------------------------------------------------------------------- the model zoo: structured ops
 
 
-def _frozen(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.detach()
-
-
-def _per_channel(v: Tensor, shape: tuple[int, ...]) -> Tensor:
-    """A per-channel vector ``(C,)`` spread over a per-sample ``shape = (C, *spatial)``, flattened."""
-    return v.reshape(-1, *([1] * (len(shape) - 1))).expand(shape).reshape(-1)
-
-
 @register(nn.Conv1d, prefix="z", layer=True)
 @register(nn.Conv2d, prefix="z", layer=True)
 def conv(b: Builder, module: nn.Conv1d | nn.Conv2d, x: Value) -> Value:
@@ -443,10 +449,10 @@ def conv(b: Builder, module: nn.Conv1d | nn.Conv2d, x: Value) -> Value:
         raise UnsupportedOpError(f"{type(module).__name__}(padding_mode={module.padding_mode!r}): only zero "
                                  "padding is supported")
     cls = M.Conv1d if isinstance(module, nn.Conv1d) else M.Conv2d
-    F = cls(_frozen(module.weight), in_shape=x.shape, stride=module.stride, padding=module.padding,
+    F = cls(b.parameter(module, "weight"), in_shape=x.shape, stride=module.stride, padding=module.padding,
             dilation=module.dilation, groups=module.groups)
-    bias = None if module.bias is None else _per_channel(_frozen(module.bias), F.out_shape)
-    return b.affine(x, F, bias, trainable=False, shape=F.out_shape)
+    bias = _spread(b.parameter(module, "bias"), F.out_shape, 0)
+    return b.affine(x, F, bias, trainable=False, shape=F.out_shape, bias_axis=0)
 
 
 def _pool_args(module, what: str) -> None:
@@ -484,39 +490,25 @@ def max_pool(b: Builder, module, x: Value) -> Value:
                         kind="pool")
 
 
-@register(nn.BatchNorm2d, prefix="bn")
-def batchnorm2d(b: Builder, module: nn.BatchNorm2d, x: Value) -> Value:
-    """Eval-mode batch norm over channels: a per-channel scale and shift (one fixed affine edge)."""
-    if module.running_mean is None:
-        raise UnsupportedOpError("BatchNorm2d without running statistics normalises with batch statistics even "
-                                 "in eval mode; it has no fixed affine map")
-    s = torch.rsqrt(module.running_var + module.eps)
-    if module.affine:
-        s = s * module.weight.detach()
-    t = (module.bias.detach() if module.affine else torch.zeros_like(s)) - s * module.running_mean
-    return b.affine(x, M.Diagonal(_per_channel(s, x.shape).to(b.dtype)), _per_channel(t, x.shape), kind="affine",
-                    trainable=False, shape=x.shape)
-
-
 @register(nn.LayerNorm, prefix="ln")
 def layer_norm(b: Builder, module: nn.LayerNorm, x: Value) -> Value:
     """Layer norm over the trailing axes: a nonlinear map on the stalk."""
-    return b.activation(x, M.LayerNorm(x.shape, module.normalized_shape, _frozen(module.weight),
-                                       _frozen(module.bias), module.eps), kind="norm")
+    return b.activation(x, M.LayerNorm(x.shape, module.normalized_shape, b.parameter(module, "weight"),
+                                       b.parameter(module, "bias"), module.eps), kind="norm")
 
 
 @register(nn.RMSNorm, prefix="ln")
 def rms_norm(b: Builder, module: nn.RMSNorm, x: Value) -> Value:
     """RMS norm over the trailing axes: a nonlinear map on the stalk."""
-    return b.activation(x, M.RMSNorm(x.shape, module.normalized_shape, _frozen(module.weight), None, module.eps),
-                        kind="norm")
+    return b.activation(x, M.RMSNorm(x.shape, module.normalized_shape, b.parameter(module, "weight"), None,
+                                     module.eps), kind="norm")
 
 
 @register(nn.GroupNorm, prefix="ln")
 def group_norm(b: Builder, module: nn.GroupNorm, x: Value) -> Value:
     """Group norm over ``(C, *spatial)``: a nonlinear map on the stalk."""
-    return b.activation(x, M.GroupNorm(x.shape, module.num_groups, _frozen(module.weight), _frozen(module.bias),
-                                       module.eps), kind="norm")
+    return b.activation(x, M.GroupNorm(x.shape, module.num_groups, b.parameter(module, "weight"),
+                                       b.parameter(module, "bias"), module.eps), kind="norm")
 
 
 def _smooth_module(b: Builder, module: nn.Module, x: Value) -> Value:
@@ -720,13 +712,16 @@ def multihead_attention(b: Builder, module: nn.MultiheadAttention, query: Value,
                                  "zero attention, and equal query/key/value sizes")
     E, H = module.embed_dim, module.num_heads
     d = E // H
-    W, bias = module.in_proj_weight.detach(), _frozen(module.in_proj_bias)
+    W, bias = b.parameter(module, "in_proj_weight"), b.parameter(module, "in_proj_bias")
+    packed: dict[tuple, Value] = {}  # the packed projection [q; k; v] of each distinct input, made once
 
     def project(x: Value, k: int) -> Value:
         T = x.shape[0]
-        bk = None if bias is None else bias[k * E:(k + 1) * E].expand(T, -1).reshape(-1)
-        z = b.affine(x, M.TokenLinear(W[k * E:(k + 1) * E], T), bk, trainable=False, shape=(T, E))
-        return _index_op(lambda t: t.reshape(t.shape[0], T, H, d).transpose(1, 2))(b, z)  # (H, T, d)
+        if (x.vertex, x.shape) not in packed:  # the in-projection holds the whole parameter
+            packed[(x.vertex, x.shape)] = b.affine(x, M.TokenLinear(W, T), _spread(bias, (T, 3 * E), -1),
+                                                   trainable=False, shape=(T, 3 * E), bias_axis=-1)
+        z = packed[(x.vertex, x.shape)]
+        return _index_op(lambda t: t[..., k * E:(k + 1) * E].reshape(t.shape[0], T, H, d).transpose(1, 2))(b, z)
 
     q, k, v = project(query, 0), project(key, 1), project(value, 2)
     kt = _index_op(lambda t: t.transpose(-2, -1))(b, k)
@@ -735,6 +730,7 @@ def multihead_attention(b: Builder, module: nn.MultiheadAttention, query: Value,
     heads = matmul(b, att, v)  # (H, T, d)
     T = heads.shape[1]
     merged = _index_op(lambda t: t.transpose(1, 2).reshape(t.shape[0], T, E))(b, heads)
-    ob = None if module.out_proj.bias is None else module.out_proj.bias.detach().expand(T, -1).reshape(-1)
-    out = b.affine(merged, M.TokenLinear(module.out_proj.weight.detach(), T), ob, trainable=False, shape=(T, E))
+    ob = _spread(b.parameter(module, "out_proj.bias"), (T, E), -1)
+    out = b.affine(merged, M.TokenLinear(b.parameter(module, "out_proj.weight"), T), ob, trainable=False,
+                   shape=(T, E), bias_axis=-1)
     return out, None

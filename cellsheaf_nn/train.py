@@ -164,12 +164,15 @@ def output_activation(model: nn.Module) -> str:
     return _ACTIVATIONS.get(type(last), "identity")
 
 
-def _io_sizes(model: nn.Module) -> tuple[int, int]:
-    """``(n_in, n_out)`` from the first and last ``nn.Linear`` of a model."""
+def _io_sizes(model: nn.Module, X: Tensor) -> tuple[tuple[int, ...], int]:
+    """``(input_shape, n_out)``: the input size of a model whose first layer is an ``nn.Linear`` (else the
+    per-sample shape of ``X``, which the model checks itself), and the output size of its last ``nn.Linear``."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not linears:
-        raise ValueError(f"cannot tell the input and output sizes of {type(model).__name__}: it has no nn.Linear")
-    return linears[0].in_features, linears[-1].out_features
+        raise ValueError(f"cannot tell the output size of {type(model).__name__}: it has no nn.Linear")
+    first = next((m for m in model.modules() if any(True for _ in m.parameters(recurse=False))), None)
+    shape = (first.in_features,) if isinstance(first, nn.Linear) else tuple(torch.as_tensor(X).shape[1:])
+    return shape, linears[-1].out_features
 
 
 def default_lr(loss: _losses.Loss) -> float:
@@ -205,17 +208,32 @@ def make_optimizer(optimizer, params: Iterable[Tensor], lr: float) -> torch.opti
     raise ValueError(f"unknown optimizer {optimizer!r}; give 'sgd', 'adam', a factory or a torch optimizer")
 
 
-def check_data(X: Tensor, Y: Tensor, n_in: int, n_out: int, dtype: torch.dtype, loss: _losses.Loss,
-               what: str = "training") -> tuple[Tensor, Tensor]:
-    """Validate a data set against a network; return ``X`` and the float ``(B, n_out)`` targets.
+def check_data(X: Tensor, Y: Tensor, input_shape: int | Sequence[int], n_out: int, dtype: torch.dtype,
+               loss: _losses.Loss, what: str = "training") -> tuple[Tensor, Tensor]:
+    """Validate a data set against a network; return ``X`` as ``(B, *input_shape)`` and the float
+    ``(B, n_out)`` targets.
 
+    ``X`` is ``(B, *input_shape)`` (images ``(B, C, H, W)`` for a CNN) or flattened ``(B, prod(input_shape))``.
     Raises a ``ValueError`` naming the problem for a shape or dtype mismatch, NaN/Inf, labels
     outside the classes, or a different number of inputs and targets.
+
+    Examples
+    --------
+    >>> import torch, cellsheaf_nn as csnn
+    >>> from cellsheaf_nn.train import check_data
+    >>> X, Y = check_data(torch.zeros(5, 64), torch.zeros(5, dtype=torch.long), (1, 8, 8), 10,
+    ...                   torch.float32, csnn.losses.get("ce"))
+    >>> tuple(X.shape), tuple(Y.shape)
+    ((5, 1, 8, 8), (5, 10))
     """
     X = cs.cochain.as_real(X, f"{what} inputs", dtype=dtype, finite=False)  # integers: the network's dtype
     Y = cs.cochain.as_real(Y, f"{what} targets", finite=False)  # integers may be class indices
-    if X.dim() != 2 or X.shape[1] != n_in:
-        raise ValueError(f"{what} inputs have shape {tuple(X.shape)}; the network takes (B, {n_in})")
+    shape = (int(input_shape),) if isinstance(input_shape, int) else tuple(int(k) for k in input_shape)
+    n_in = math.prod(shape)
+    if X.dim() < 2 or (tuple(X.shape[1:]) != shape and not (X.dim() == 2 and X.shape[1] == n_in)):
+        flat = f" or (B, {n_in})" if len(shape) > 1 else ""
+        raise ValueError(f"{what} inputs have shape {tuple(X.shape)}; the network takes "
+                         f"(B, {', '.join(map(str, shape))}){flat}")
     if X.dtype != dtype:
         raise TypeError(f"{what} inputs are {X.dtype} but the network's weights are {dtype}; "
                         f"convert with X.to({dtype}) (or the network with .to(dtype))")
@@ -227,7 +245,7 @@ def check_data(X: Tensor, Y: Tensor, n_in: int, n_out: int, dtype: torch.dtype, 
         raise ValueError(f"{what} data: {X.shape[0]} inputs but {Y.shape[0]} targets")
     if X.shape[0] == 0:
         raise ValueError(f"{what} data is empty (0 samples); give at least one")
-    return X, loss.target(Y, n_out, dtype)
+    return X.reshape(len(X), *shape), loss.target(Y, n_out, dtype)
 
 
 def _progress(total: int, enabled: bool, desc: str):
@@ -330,9 +348,9 @@ def train_sgd(model: nn.Module, X: Tensor, Y: Tensor, loss: str | _losses.Loss =
     if not params:
         raise ValueError("the model has no trainable parameters")
     dtype = params[0].dtype
-    n_in, n_out = _io_sizes(model)
-    X, Yt = check_data(X, Y, n_in, n_out, dtype, loss)
-    val = check_data(X_val, Y_val, n_in, n_out, dtype, loss, "validation") if X_val is not None else None
+    shape, n_out = _io_sizes(model, X)
+    X, Yt = check_data(X, Y, shape, n_out, dtype, loss)
+    val = check_data(X_val, Y_val, shape, n_out, dtype, loss, "validation") if X_val is not None else None
     opt = make_optimizer(optimizer, params, lr if lr is not None else default_lr(loss))
     evaluate = _evaluator(model, loss)
     hist, when, bar, t0 = History(), _evaluation_steps(steps, eval_every), _progress(steps, progress, "sgd"), \
@@ -490,10 +508,12 @@ class SheafTrainer:
         self.sheaf, self.target = self._training_sheaf()
         self.weights = {edge: F for (edge, side), F in learning.trainable_maps(self.sheaf).items()
                         if side == "u" and edge in ns.edge_info}
-        if not self.weights:
-            raise ValueError("the network has no trainable weight maps (compile it from a model with nn.Linear)")
+        self.parameters = ns.parameters  # the learned tensors the maps hold, trained by the generic local rule
+        if not self.weights and not self.parameters:
+            raise ValueError("the network has no trainable weight maps or parameters (compile it from a model with "
+                             "learned parameters that require grad)")
         self.optimizer = make_optimizer(optimizer, [F.weight for F in self.weights.values()]
-                                        + list(ns.parameters.values()), self.lr) \
+                                        + list(self.parameters.values()), self.lr) \
             if mode != "joint" else None
         self.history = History()
         self.step = 0
@@ -565,7 +585,8 @@ class SheafTrainer:
         Parameters
         ----------
         X, Y : Tensor
-            Inputs ``(N, n_in)`` in the network's dtype, targets as the loss takes them.
+            Inputs ``(N, *input_shape)`` (or flattened ``(N, n_in)``) in the network's dtype, targets as the
+            loss takes them.
         X_val, Y_val : Tensor, optional
             Validation data, evaluated every ``eval_every`` updates (default: 100 evaluations per call).
         steps : int
@@ -584,16 +605,16 @@ class SheafTrainer:
             smaller ``dt``/``beta``/``lr`` to try.
         """
         ns = self.ns
-        X, Yt = check_data(X, Y, ns.n_in, ns.n_out, ns.dtype, self.loss)
-        val = check_data(X_val, Y_val, ns.n_in, ns.n_out, ns.dtype, self.loss, "validation") \
+        X, Yt = check_data(X, Y, ns.input_shape, ns.n_out, ns.dtype, self.loss)
+        val = check_data(X_val, Y_val, ns.input_shape, ns.n_out, ns.dtype, self.loss, "validation") \
             if X_val is not None else None
         if self.mode != "nudged" and (self.stalks is None or not self.warm_start or len(self.stalks) != len(X)):
             self.stalks = self._initial_stalks(X, Yt)
         self._free = self._boundary(X[:1], Yt[:1]).resolve(self.sheaf).free
         if self._anchors is None and self.mode == "joint":
             ref = self.stalks.clone() if self.anchor == "initial" else torch.zeros_like(self.stalks)
-            self._anchors = (ref, {k: (F.weight.detach().clone() if self.anchor == "initial"
-                                       else torch.zeros_like(F.weight)) for k, F in self.weights.items()})
+            self._anchors = (ref, {k: (W.detach().clone() if self.anchor == "initial" else torch.zeros_like(W))
+                                   for k, W in self._tensors().items()})
         evaluate = _evaluator(lambda x: ns.infer(x), self.loss)
         when = {self.step + s for s in _evaluation_steps(steps, eval_every)}
         bar, t0 = _progress(steps, progress, f"sheaf {self.mode}"), time.perf_counter()
@@ -653,10 +674,8 @@ class SheafTrainer:
             x, grads = self._local_directions(X, Y, start)
             self._check_finite(x)
             grads = distributed.union_mean(grads, len(X))
-            for name, F in self.weights.items():
-                F.weight.grad = grads[name]
-            for name, p in self.ns.parameters.items():
-                p.grad = grads[name]
+            for name, W in self._tensors().items():
+                W.grad = grads[name]
             self.optimizer.step()
             self._maps_changed()
         self._check_finite(x)
@@ -672,7 +691,8 @@ class SheafTrainer:
             self.sheaf, x, self._free, alpha=self.alpha,
             beta=self.beta if self.beta is not None else 1.0 / distributed.union_count(len(X)), dt=self.dt,
             lam=self.lam, mu=self.mu, x_anchor=ref if idx is None else ref[idx],
-            map_anchors={(k, "u"): W for k, W in map_ref.items()}, reduce=distributed.all_sum)
+            map_anchors={(k, "u"): map_ref[k] for k in self.weights}, reduce=distributed.all_sum,
+            params=self.parameters, param_anchors={k: map_ref[k] for k in self.parameters})
         self.ns.sheaf.invalidate()
         return x_new
 
@@ -700,13 +720,13 @@ class SheafTrainer:
                           options=NewtonOptions(hold_kinks_at_start=self.mode == "equilibrium"))
         x = res.x.flat
         scale = self.loss.scale(self.ns.n_out) / len(X) / (self.gamma if self.mode == "nudged" else 1.0)
-        return x, self._map_gradients(x, scale)
+        return x, self._map_gradients(x, scale, at=start if self.mode == "nudged" else None)
 
     def _nudge_plan(self):
         """The compiled forward pass of the training sheaf's network part (input, ones and targets fixed),
         or ``None`` when the network has pins (then Newton solves the nudged state)."""
         ns = self.ns
-        if ns.pins or ns.parameters or len(ns.inputs) > 1 or len(self.sheaf.edges) != len(ns.sheaf.edges) + 1:
+        if ns.pins or len(ns.inputs) > 1 or len(self.sheaf.edges) != len(ns.sheaf.edges) + 1:
             return None
         if self._nudge is None:  # the pattern outlives weight updates: built once
             inputs, ones = ns._fixed_pattern()
@@ -730,30 +750,43 @@ class SheafTrainer:
             return None
         plan, inputs, target = nudge
         x = torch.empty(len(X), self.sheaf.C0, dtype=X.dtype, device=X.device)
-        x[:, inputs], x[:, target] = X, Y
+        x[:, inputs], x[:, target] = X.reshape(len(X), -1), Y
         plan.run(x)
         tol = self.tol if self.tol is not None else 1e-4 * self.gamma
         max_iter = self.max_iter if self.max_iter is not None else 20
         # the iteration's estimate aims 10x below tol: the measured gradient adds rounding to it
         out, _ = cs.nudge.nudged_equilibrium(self.sheaf, plan, x, tol=tol / 10, max_iter=max_iter, verify=False)
         # one pass over the edges: the true stationarity of the result and every weight edge's local rule
+        # (the forces at the nudged state on the free state's stalks: `cellsheaf.learning.edge_gradients`)
         keys = [(name, "u") for name in self.weights]
-        g, grads = learning._edgewise(self.sheaf, out, dict.fromkeys(keys))
+        g, grads = learning._edgewise(self.sheaf, out, dict.fromkeys(keys), at=x)
         if bool((g[:, plan.free].norm(dim=-1) > tol).any()):  # e.g. a coordinate crossed a ReLU kink
             out = cs.minimize(self.sheaf, self._boundary(X, Y), method="newton", x0=out, tol=tol,
                               max_iter=max_iter).x.flat
-            grads = learning.edge_gradients(self.sheaf, out, keys)
+            grads = learning.edge_gradients(self.sheaf, out, keys, at=x)
         scale = self.loss.scale(self.ns.n_out) / len(X) / self.gamma
-        return out, {name: scale * grads[(name, "u")] for name in self.weights}
+        return out, {**{name: scale * grads[(name, "u")] for name in self.weights},
+                     **self._parameter_gradients(out, scale, at=x)}
 
-    def _map_gradients(self, x: Tensor, scale: float) -> dict[str, Tensor]:
-        """``scale · Π_W ∇_W E`` at stalks ``x`` for every weight edge (Eq. 24, `cellsheaf.learning`)."""
-        grads = learning.edge_gradients(self.sheaf, x, [(name, "u") for name in self.weights])
-        out = {name: scale * grads[(name, "u")] for name in self.weights}
-        if self.ns.parameters:  # learned tensors used in forward: the generic local rule (autograd per edge)
-            local = learning.local_gradients(self.sheaf, x, self.ns.parameters)
-            out.update({name: scale * g for name, g in local.items()})
-        return out
+    def _map_gradients(self, x: Tensor, scale: float, at: Tensor | None = None) -> dict[str, Tensor]:
+        """``scale · Π_W ∇_W E`` at stalks ``x`` for every weight edge (Eq. 24, `cellsheaf.learning`) and
+        every parameter the maps hold (maps differentiated at ``at``, default ``x``)."""
+        grads = learning.edge_gradients(self.sheaf, x, [(name, "u") for name in self.weights], at=at)
+        return {**{name: scale * grads[(name, "u")] for name in self.weights},
+                **self._parameter_gradients(x, scale, at=at)}
+
+    def _parameter_gradients(self, x: Tensor, scale: float, at: Tensor | None = None) -> dict[str, Tensor]:
+        """The generic local rule for the parameters the maps hold (conv kernels, norm weights, tied weights,
+        learned scalars): autograd of each edge's own energy, summed over the edges sharing a parameter."""
+        if not self.parameters:
+            return {}
+        local = learning.local_gradients(self.sheaf, x, self.parameters, at=at)
+        return {name: scale * g for name, g in local.items()}
+
+    def _tensors(self) -> dict[str, Tensor]:
+        """Every tensor training changes: ``{edge: W̄}`` of the dense weight maps and ``{name: tensor}`` of the
+        parameters the maps hold."""
+        return {**{k: F.weight for k, F in self.weights.items()}, **self.parameters}
 
     def _maps_changed(self) -> None:
         """Weights changed in place: drop the operators cached from the old values."""
@@ -761,12 +794,12 @@ class SheafTrainer:
         self.ns.sheaf.invalidate()
 
     def _check_finite(self, x: Tensor) -> None:
-        screen = x.sum() + sum(F.weight.sum() for F in self.weights.values())
+        screen = x.sum() + sum(W.sum() for W in self._tensors().values())
         if math.isfinite(screen.item()):  # one reduction and one sync; the search below names the culprit
             return
-        bad = [name for name, F in self.weights.items() if not bool(torch.isfinite(F.weight).all())]
+        bad = [name for name, W in self._tensors().items() if not bool(torch.isfinite(W).all())]
         if bad:
-            where = f"weights on edge {bad[0]!r}"
+            where = f"weights on edge {bad[0]!r}" if bad[0] in self.weights else f"parameter {bad[0]!r}"
         elif not bool(torch.isfinite(x).all()):
             col = int(torch.nonzero(~torch.isfinite(x).all(0))[0])
             vertex = next(v for v in self.sheaf.vertices if col < self.sheaf.vertex_slice(v).stop)
@@ -777,7 +810,7 @@ class SheafTrainer:
 
     def _snapshot(self, idx: Tensor | None) -> tuple:
         """What an update changes, copied: weights, optimizer state, the batch's stalks, step, history sizes."""
-        weights = [F.weight.detach().clone() for F in self.weights.values()]
+        weights = [W.detach().clone() for W in self._tensors().values()]
         opt = None if self.optimizer is None else {
             p: {k: v.clone() if isinstance(v, Tensor) else copy.copy(v) for k, v in st.items()}
             for p, st in self.optimizer.state.items()}
@@ -789,8 +822,8 @@ class SheafTrainer:
     def _restore(self, snapshot: tuple) -> None:
         """Undo a failed update: the network and the trainer are back at their last finite state."""
         weights, opt, stalks, batch, step, sizes = snapshot
-        for F, W in zip(self.weights.values(), weights):
-            F.weight.data.copy_(W)
+        for T, W in zip(self._tensors().values(), weights):
+            T.data.copy_(W)
         if opt is not None:
             self.optimizer.state.clear()
             self.optimizer.state.update(opt)
@@ -813,7 +846,7 @@ class SheafTrainer:
 
     def _record_step(self) -> None:
         energy = float(edge_energies(self.sheaf, self.stalks).sum()) if self.stalks is not None else float("nan")
-        norm = math.sqrt(sum(float((F.weight ** 2).sum()) for F in self.weights.values()))
+        norm = math.sqrt(sum(float((W ** 2).sum()) for W in self._tensors().values()))
         self.history.records.append({"step": self.step, "energy": energy, "weight_norm": norm})
 
     # ------------------------------------------------------------------ local gradients
@@ -834,7 +867,7 @@ class SheafTrainer:
         (['0.bias', '0.weight', '2.bias', '2.weight'], torch.Size([8, 2]))
         """
         ns = self.ns
-        X, Yt = check_data(X, Y, ns.n_in, ns.n_out, ns.dtype, self.loss)
+        X, Yt = check_data(X, Y, ns.input_shape, ns.n_out, ns.dtype, self.loss)
         if self.mode == "joint":
             if self.stalks is None or len(self.stalks) != len(X):
                 raise RuntimeError("joint mode: local_gradients reads the current stalks; fit() on this batch first")
@@ -865,6 +898,7 @@ class SheafTrainer:
         """Weights, stalks, step, history, optimizer state and regularisation anchors."""
         return {"mode": self.mode, "step": self.step,
                 "weights": {k: F.weight.detach().clone() for k, F in self.weights.items()},
+                "parameters": {k: p.detach().clone() for k, p in self.parameters.items()},
                 "stalks": None if self.stalks is None else self.stalks.clone(),
                 "history": self.history.to_dict(),
                 "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
@@ -880,6 +914,8 @@ class SheafTrainer:
         checked = _checked_state(self, state)
         for k, F in self.weights.items():
             F.weight.data.copy_(checked["weights"][k])
+        for k, p in self.parameters.items():
+            p.data.copy_(checked["parameters"][k])
         self._maps_changed()
         self.step, self.stalks, self._anchors = checked["step"], checked["stalks"], checked["anchors"]
         self.history = checked["history"]
@@ -951,6 +987,12 @@ def _checked_state(trainer: SheafTrainer, state) -> dict:
     out: dict[str, Any] = {"step": step, "weights": {
         k: _checked_tensor(weights[k], f"the weights of edge {k!r}", tuple(F.weight.shape), dtype)
         for k, F in trainer.weights.items()}}
+    params = state.get("parameters", {})
+    if not isinstance(params, dict) or set(params) != set(trainer.parameters):
+        have = sorted(params) if isinstance(params, dict) else type(params).__name__
+        raise ValueError(f"the saved parameters are {have}, this network has {sorted(trainer.parameters)}")
+    out["parameters"] = {k: _checked_tensor(params[k], f"the parameter {k!r}", tuple(p.shape), dtype)
+                         for k, p in trainer.parameters.items()}
     out["stalks"] = None if state["stalks"] is None else         _checked_tensor(state["stalks"], "'stalks'", None, dtype, width=trainer.sheaf.C0)
     try:
         out["history"] = History.from_dict(state["history"])
@@ -974,13 +1016,15 @@ def _checked_state(trainer: SheafTrainer, state) -> dict:
 
 
 def _checked_anchors(trainer: SheafTrainer, anchors):
-    """The joint mode's regularisation anchors ``(stalks, {edge: weights})``, checked; ``None`` passes."""
+    """The joint mode's regularisation anchors ``(stalks, {edge or parameter: tensor})``, checked; ``None`` passes."""
     if anchors is None:
         return None
+    tensors = trainer._tensors()
     if not isinstance(anchors, (tuple, list)) or len(anchors) != 2 or not isinstance(anchors[1], dict) \
-            or set(anchors[1]) != set(trainer.weights):
-        raise ValueError("'anchors' must be (stalks, {edge: weights}) for this network's weight edges")
+            or set(anchors[1]) != set(tensors):
+        raise ValueError("'anchors' must be (stalks, {edge or parameter: tensor}) for this network's weight edges "
+                         "and parameters")
     dtype = trainer.ns.dtype
     return (_checked_tensor(anchors[0], "the anchor stalks", None, dtype, width=trainer.sheaf.C0),
-            {k: _checked_tensor(anchors[1][k], f"the anchor weights of edge {k!r}", tuple(F.weight.shape), dtype)
-             for k, F in trainer.weights.items()})
+            {k: _checked_tensor(anchors[1][k], f"the anchor weights of {k!r}", tuple(W.shape), dtype)
+             for k, W in tensors.items()})

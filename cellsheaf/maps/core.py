@@ -643,7 +643,7 @@ class _Autodiff(Map):
         return torch.zeros_like(x) if g is None else g
 
     def jacobian(self, x):
-        flat = x.reshape(-1, self.d_in)
+        flat = x.reshape(-1, self.d_in).contiguous()  # some torch kernels (group_norm) refuse strided batches
         J = torch.func.vmap(torch.func.jacrev(lambda z: self.apply(z.unsqueeze(0))[0]))(flat)
         return J.reshape(*x.shape[:-1], self.d_out, self.d_in)
 
