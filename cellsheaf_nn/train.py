@@ -464,6 +464,12 @@ class SheafTrainer:
         equilibrium mode). A relaxation that stops on a ReLU switching surface (Note 5.1) is used as it is.
     seed : int
         Seeds the random initial stalks and the minibatch order.
+    free_stalks : bool
+        Nudged mode: the local rule multiplies each edge's forces at the nudged state by the stalks of the
+        free state (the forward pass) instead of the nudged state's (`cellsheaf.learning.edge_gradients`
+        with ``at=``). Both are local and agree up to O(γ); the free-state form is exactly zero where the
+        forward pass is (a dead input), so an optimizer that normalises the gradient (Adam) does not turn
+        the O(γ) bias there into full steps. Recommended with Adam.
 
     Examples
     --------
@@ -480,7 +486,7 @@ class SheafTrainer:
                  lr: float | None = None, *, alpha: float = 1.0, beta: float | None = None, dt: float = 0.005,
                  gamma: float | None = None, init: str = "random", warm_start: bool = True, lam: float = 0.0,
                  mu: float = 0.0, anchor: str = "zero", batch_size: int | None = None, tol: float | None = None,
-                 max_iter: int | None = None, seed: int = 0):
+                 max_iter: int | None = None, seed: int = 0, free_stalks: bool = False):
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
         if init not in _INITS:
@@ -504,6 +510,7 @@ class SheafTrainer:
         self.alpha, self.beta, self.dt, self.gamma = float(alpha), beta, float(dt), float(gamma)
         self.init, self.warm_start, self.lam, self.mu, self.anchor = init, warm_start, float(lam), float(mu), anchor
         self.batch_size, self.tol, self.max_iter, self.seed = batch_size, tol, max_iter, int(seed)
+        self.free_stalks = bool(free_stalks)
         self.lr = lr if lr is not None else default_lr(self.loss)
         self.sheaf, self.target = self._training_sheaf()
         self.weights = {edge: F for (edge, side), F in learning.trainable_maps(self.sheaf).items()
@@ -720,7 +727,7 @@ class SheafTrainer:
                           options=NewtonOptions(hold_kinks_at_start=self.mode == "equilibrium"))
         x = res.x.flat
         scale = self.loss.scale(self.ns.n_out) / len(X) / (self.gamma if self.mode == "nudged" else 1.0)
-        return x, self._map_gradients(x, scale, at=start if self.mode == "nudged" else None)
+        return x, self._map_gradients(x, scale, at=start if self.mode == "nudged" and self.free_stalks else None)
 
     def _nudge_plan(self):
         """The compiled forward pass of the training sheaf's network part (input, ones and targets fixed),
@@ -759,14 +766,15 @@ class SheafTrainer:
         # one pass over the edges: the true stationarity of the result and every weight edge's local rule
         # (the forces at the nudged state on the free state's stalks: `cellsheaf.learning.edge_gradients`)
         keys = [(name, "u") for name in self.weights]
-        g, grads = learning._edgewise(self.sheaf, out, dict.fromkeys(keys), at=x)
+        at = x if self.free_stalks else None
+        g, grads = learning._edgewise(self.sheaf, out, dict.fromkeys(keys), at=at)
         if bool((g[:, plan.free].norm(dim=-1) > tol).any()):  # e.g. a coordinate crossed a ReLU kink
             out = cs.minimize(self.sheaf, self._boundary(X, Y), method="newton", x0=out, tol=tol,
                               max_iter=max_iter).x.flat
-            grads = learning.edge_gradients(self.sheaf, out, keys, at=x)
+            grads = learning.edge_gradients(self.sheaf, out, keys, at=at)
         scale = self.loss.scale(self.ns.n_out) / len(X) / self.gamma
         return out, {**{name: scale * grads[(name, "u")] for name in self.weights},
-                     **self._parameter_gradients(out, scale, at=x)}
+                     **self._parameter_gradients(out, scale, at=at)}
 
     def _map_gradients(self, x: Tensor, scale: float, at: Tensor | None = None) -> dict[str, Tensor]:
         """``scale · Π_W ∇_W E`` at stalks ``x`` for every weight edge (Eq. 24, `cellsheaf.learning`) and
