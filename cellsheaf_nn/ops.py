@@ -281,7 +281,7 @@ def linear(b: Builder, module: nn.Linear, x: Value) -> Value:
 @register(nn.BatchNorm2d, prefix="bn")
 def batchnorm(b: Builder, module: nn.BatchNorm1d | nn.BatchNorm2d, x: Value) -> Value:
     """Eval-mode batch norm over channels (axis 0 of ``(C,)``, ``(C, L)`` or ``(C, H, W)``):
-    ``y = γ ⊙ (x − mean)/√(var + ε) + β``, one fixed affine edge (`cellsheaf.maps.Scale` centred at the
+    ``y = γ ⊙ (x − mean)/√(var + ε) + β``, one fixed affine edge ([`cellsheaf.maps.Scale`][cellsheaf.maps.Scale] centred at the
     running mean) holding the learned ``γ`` and ``β``; the running statistics stay constants."""
     if module.running_mean is None:
         raise UnsupportedOpError(f"{type(module).__name__} without running statistics (track_running_stats=False) "

@@ -466,10 +466,11 @@ class SheafTrainer:
         Seeds the random initial stalks and the minibatch order.
     free_stalks : bool
         Nudged mode: the local rule multiplies each edge's forces at the nudged state by the stalks of the
-        free state (the forward pass) instead of the nudged state's (`cellsheaf.learning.edge_gradients`
-        with ``at=``). Both are local and agree up to O(γ); the free-state form is exactly zero where the
-        forward pass is (a dead input), so an optimizer that normalises the gradient (Adam) does not turn
-        the O(γ) bias there into full steps. Recommended with Adam.
+        free state (the forward pass) instead of the nudged state's
+        ([`cellsheaf.learning.edge_gradients`][cellsheaf.learning.edge_gradients] with ``at=``). Both are
+        local and agree up to O(γ); the free-state form is exactly zero where the forward pass is (a dead
+        input), so an optimizer that normalises the gradient (Adam) does not turn the O(γ) bias there into
+        full steps. Recommended with Adam.
 
     Examples
     --------
