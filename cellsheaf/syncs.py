@@ -3,8 +3,8 @@ copy a sheaf to the CPU.
 
 Reading a tensor on the host (``.item()``, ``bool(t)``, ``float(t)``) makes the
 CPU wait for the device: on a GPU a solver that tests convergence on every
-iteration stalls the queue on every iteration. The loops of `cellsheaf.linalg.cg`,
-`cellsheaf.diffuse` and `cellsheaf.lobpcg` therefore fuse their tests into one
+iteration stalls the queue on every iteration. The loops of [`cellsheaf.linalg.cg`][cellsheaf.linalg.cg],
+[`cellsheaf.diffuse`][cellsheaf.diffuse] and `cellsheaf.lobpcg` therefore fuse their tests into one
 reduction and read it every `check_every` iterations: every iteration on the CPU
 (where reading is free and an extra iteration is not), every 8 elsewhere. Checking
 less often only adds iterations past convergence (counted in the reports); it
