@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .boundary import Boundary
 from .cochain import Cochain, as_flat, check_finite
-from .validation import check_number
+from .validation import check_laplacian_finite, check_number, tolerance_scale
 from .energy import edge_energies, gradient
 from .operators import _laplacian_csr, to_torch_sparse
 from .results import Result
@@ -75,7 +75,8 @@ def _exact(S, x: Tensor, rb, alpha: float, t: float | None) -> Tensor:
                          "use 'euler' or 'rk4'")
     A = L[free][:, free].toarray()
     lam, Q = np.linalg.eigh(A)
-    tol = max(A.shape + (1,)) * np.finfo(float).eps * max(abs(lam).max(initial=0.0), 1.0)
+    # relative to the largest eigenvalue (no absolute floor: a sheaf with small maps has small eigenvalues)
+    tol = max(A.shape + (1,)) * np.finfo(float).eps * max(abs(lam).max(initial=0.0), np.finfo(float).tiny)
     pos = lam > tol
     X = x.detach().double().cpu().numpy().reshape(-1, S.C0)
     c = (L[free][:, fixed] @ X[:, fixed].T)  # (n, B)
@@ -121,7 +122,8 @@ def diffuse(
         stability bound ``2 / (α λ_max)`` (Euler; ``2.785 / (α λ_max)`` for RK4) raises ``ValueError``.
         With ``t`` given the interval is cut into equal steps no longer than ``dt``.
     tol : float, optional
-        Stop when the largest gradient norm on the free coordinates is ``<= tol``. Default when ``t``
+        Stop when the largest gradient norm on the free coordinates is ``<= tol`` (times the largest
+        diagonal entry of the Laplacian when that is below 1: `cellsheaf.validation.tolerance_scale`). Default when ``t``
         is not given: ``1e-10``, raised to ``50 · eps · α λ_max · max(1, max|x0|)`` where the working
         precision cannot reach it (float32).
     alpha : float
@@ -167,6 +169,9 @@ def diffuse(
     if x.dim() == 2 and len(x) == 0 or t == 0:  # nothing to integrate
         g = x.new_zeros(x.shape) if x.numel() == 0 else _gradient_on(S, rb.free, x)(x)
         return _result(S, x, g, method, True, 0, 0.0 if t is not None else math.inf, None)
+    if S.linear:
+        check_laplacian_finite(S, x.dtype)
+    tscale = tolerance_scale(S, x.dtype)  # also refuses maps so small that gradient norms underflow
     if method == "exact":
         if not S.linear:
             raise ValueError("method='exact' needs a linear sheaf; use 'euler' or 'rk4'")
@@ -187,7 +192,9 @@ def diffuse(
     elif tol is None:
         scale = max(1.0, float(x.abs().max())) if x.numel() else 1.0
         reachable = 50 * torch.finfo(x.dtype).eps * _STABILITY[method] / bound * scale
-        tol = max(1e-10, reachable)
+        tol = max(1e-10 * tscale, reachable)
+    else:
+        tol = tol * tscale
     grad = _gradient_on(S, rb.free, x)
     x0 = x
     x, g, step, converged, traj = _integrate(S, grad, x, dt * alpha, method, max_steps, tol,

@@ -37,7 +37,7 @@ from .cohomology import RelativeCohomology, relative_cohomology
 from .linalg import block_jacobi, cg
 from .operators import _laplacian_csr, apply_laplacian, to_torch_sparse
 from .results import SolveInfo
-from .validation import check_number
+from .validation import check_number, overflow_message
 
 __all__ = ["harmonic_extension", "NonUniqueError"]
 
@@ -173,7 +173,8 @@ def _cg_solver(A, V: sp.csr_matrix, owner: np.ndarray, tol, maxiter, infos: list
         elif block is not None:
             precond = block_jacobi(A, owner, dt, dev)
         else:
-            precond = torch.as_tensor(1.0 / d, dtype=dt, device=dev)
+            with np.errstate(divide="ignore", over="ignore"):  # subnormal diagonals: CG reports no convergence
+                precond = torch.as_tensor(1.0 / d, dtype=dt, device=dev)
         with torch.no_grad():  # the gradient comes from implicit differentiation (_ImplicitSolve)
             x, info = cg(apply, flat, precond=precond, tol=tol, maxiter=maxiter)
             if h:
@@ -261,7 +262,9 @@ def harmonic_extension(
     with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported below, naming the edge
         A, AU = _free_blocks(S, rb)
     if not (np.isfinite(A.data).all() and np.isfinite(AU.data).all()):
-        raise FloatingPointError(_overflow_message(S, dtype))
+        raise FloatingPointError(overflow_message(S, dtype))
+    tiny = np.finfo(np.float64).tiny
+    subnormal = bool(((A.data != 0) & (np.abs(A.data) < tiny)).any() or ((AU.data != 0) & (np.abs(AU.data) < tiny)).any())
     rel = _relative(S, rb)
     if rel.dim and not allow_nonunique:
         raise NonUniqueError(_nonunique_message(S, rel))
@@ -292,10 +295,18 @@ def harmonic_extension(
     cg_ok = all(i.converged for i in infos)
     floor = 1e3 * float(torch.finfo(dtype).eps)
     finite = np.isfinite(rel_res) and bool(torch.isfinite(omega).all())
-    converged = bool(finite) and cg_ok and (method != "cg" or rel_res <= max(10 * tol, floor))
+    # a direct solve is backward stable: a residual above 1e3·√eps means subnormal or cancelled arithmetic
+    bound = max(10 * tol, floor) if method == "cg" else 1e3 * float(torch.finfo(dtype).eps) ** 0.5
+    converged = bool(finite) and not subnormal and cg_ok and rel_res <= bound
     message = "; ".join(i.message for i in infos if i.message)
     if not finite:
-        message = _overflow_message(S, dtype)
+        message = overflow_message(S, dtype)
+    elif subnormal:
+        message = ("the Laplacian has subnormal entries (below 2.2e-308): its digits are lost, so the solve is not "
+                   "certified; multiply every map by one constant (the harmonic extension does not change)")
+    elif cg_ok and not converged and method != "cg":
+        message = (f"the direct solve's relative residual is {rel_res:.3g} > {bound:.3g}: the Laplacian's entries "
+                   "are too small or too large for this precision (subnormal arithmetic); rescale the maps")
     elif cg_ok and not converged:
         message = (f"CG met tol in {dtype} but the float64 residual of the assembled system is {rel_res:.3g}: "
                    "the problem is too ill-conditioned for CG in this precision; use method='direct'")
@@ -306,28 +317,6 @@ def harmonic_extension(
     if rel.dim:
         info.extra["nullspace"] = _basis_tensor(rel.basis_sparse(), dtype)
     return Cochain(S, x, info=info)
-
-
-def _overflow_message(S, dtype) -> str:
-    """Why the solve is not finite: name the edge with the largest map entry (its square overflows first)."""
-    worst, name = 0.0, None
-    for seg in S._segments:
-        if isinstance(seg, dict):
-            for e in seg.values():
-                for t in e.Fu.tensors() + e.Fv.tensors():
-                    t = t.detach().coalesce().values() if t.is_sparse else t.detach()
-                    m = float(t.abs().max()) if t.numel() else 0.0
-                    if m > worst:
-                        worst, name = m, e.name
-        else:
-            for F in (seg.Fu, seg.Fv):
-                if F.numel():
-                    per = F.detach().abs().reshape(F.shape[0], -1).amax(1)
-                    i = int(per.argmax())
-                    if float(per[i]) > worst:
-                        worst, name = float(per[i]), seg.name(i)
-    return (f"the solve is not finite in {dtype}: the Laplacian overflows or cancels catastrophically; edge "
-            f"{name!r} has a map entry of size {worst:.3g} (its square enters the Laplacian). Rescale the maps")
 
 
 def _residual(A, omega: Tensor, rhs: np.ndarray) -> float:

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from .boundary import Boundary, ResolvedBoundary
 from .cochain import Cochain, as_flat, check_finite
-from .validation import check_number
+from .validation import check_number, tolerance_scale
 from .diffusion import diffuse
 from .energy import edge_energies, gradient
 from .gauss_newton import NewtonOptions, newton
@@ -123,8 +123,10 @@ def minimize(
         coordinates are overwritten by the boundary values.
     tol : float, optional
         Stop when every item's gradient norm on the free coordinates is ``<= tol``
-        (default [`default_tol`][cellsheaf.minimize.default_tol]: ``1e-10`` in float64). For ``"propagate"``
-        convergence is zero discord up to rounding.
+        (default [`default_tol`][cellsheaf.minimize.default_tol]: ``1e-10`` in float64), times the largest diagonal entry of the
+        Laplacian when that is below 1 (a linear sheaf with tiny maps has tiny gradients everywhere:
+        [`tolerance_scale`][cellsheaf.validation.tolerance_scale]). For ``"propagate"`` convergence is zero discord up
+        to rounding.
     max_iter : int, optional
         Iteration cap: Euler steps (default 100 000) or Newton steps (default 100).
     dt, alpha : float
@@ -172,7 +174,8 @@ def minimize(
     if (rb.values.dtype, rb.values.device) != (x.dtype, x.device):
         rb = ResolvedBoundary(rb.fixed.to(x.device), rb.free.to(x.device), rb.values.to(x.dtype).to(x.device))
         x = rb.fill(x)
-    tol = default_tol(x.dtype) if tol is None else float(tol)
+    given = default_tol(x.dtype) if tol is None else float(tol)
+    tol = given * tolerance_scale(S, x.dtype)  # diffuse scales the given tol itself
     if x.dim() == 2 and x.shape[0] == 0:  # an empty batch: nothing to minimise
         none = x.new_zeros(0)
         return _finish(S, x, rb.free, "propagate" if method == "propagate" else method, tol, 0, "", {},
@@ -191,7 +194,7 @@ def minimize(
     if method != "propagate":  # propagation checks every map it applies
         check_maps(S, x)
     if method == "euler":
-        res = diffuse(S, x, boundary=boundary, method="euler", dt=dt, tol=tol, alpha=alpha,
+        res = diffuse(S, x, boundary=boundary, method="euler", dt=dt, tol=given, alpha=alpha,
                       max_steps=100_000 if max_iter is None else max_iter, record=record)
         return _finish(S, res.x.flat, rb.free, "euler", tol, res.steps, res.message, dict(res.extra, t=res.t))
     xb = x if x.dim() == 2 else x.unsqueeze(0)

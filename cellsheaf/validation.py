@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["as_real", "check_finite", "check_number"]
+__all__ = ["as_real", "check_finite", "check_number", "overflow_message", "check_laplacian_finite",
+           "tolerance_scale"]
 
 
 def check_finite(t: Tensor, what: str) -> None:
@@ -92,3 +93,70 @@ def check_number(value, name: str, positive: bool = False, integer: bool = False
         what = ("a positive" if positive else "a non-negative") + (" int" if integer else " finite number")
         raise ValueError(f"{name} must be {what}{' or None' if none else ''}, got {value!r}")
     return int(value) if integer else value
+
+
+def _largest_map_entry(S) -> tuple[float, object]:
+    """The largest absolute map entry of ``S`` and the edge holding it."""
+    worst, name = 0.0, None
+    for seg in S._segments:
+        if isinstance(seg, dict):
+            for e in seg.values():
+                for t in e.Fu.tensors() + e.Fv.tensors():
+                    t = t.detach().coalesce().values() if t.is_sparse else t.detach()
+                    m = float(t.abs().max()) if t.numel() else 0.0
+                    if m > worst:
+                        worst, name = m, e.name
+        else:
+            for F in (seg.Fu, seg.Fv):
+                if F.numel():
+                    per = F.detach().abs().reshape(F.shape[0], -1).amax(1)
+                    i = int(per.argmax())
+                    if float(per[i]) > worst:
+                        worst, name = float(per[i]), seg.name(i)
+    return worst, name
+
+
+def overflow_message(S, dtype) -> str:
+    """Why the solve is not finite: name the edge with the largest map entry (its square overflows first)."""
+    worst, name = _largest_map_entry(S)
+    return (f"the solve is not finite in {dtype}: the Laplacian overflows or cancels catastrophically; edge "
+            f"{name!r} has a map entry of size {worst:.3g} (its square enters the Laplacian). Rescale the maps")
+
+
+def check_laplacian_finite(S, dtype) -> None:
+    """Raise ``FloatingPointError`` naming the edge when the assembled Laplacian of a linear sheaf has Inf or
+    NaN entries (a map entry beyond the square root of the largest float)."""
+    from .operators import _laplacian_csr
+
+    with np.errstate(over="ignore", invalid="ignore"):
+        L = _laplacian_csr(S)
+    if not np.isfinite(L.data).all():
+        raise FloatingPointError(overflow_message(S, dtype))
+
+
+def tolerance_scale(S, dtype) -> float:
+    """``min(1, largest diagonal entry of L)`` for a linear sheaf (1 for a nonlinear one): the factor that makes
+    an absolute gradient tolerance meaningful on a sheaf with small maps, where every gradient is small and an
+    unscaled ``tol`` would certify the starting point.
+
+    Maps so small that the Laplacian's entries are below ``tiny ** 0.45`` of ``dtype`` (about 1e-139 in
+    float64) raise ``FloatingPointError`` naming the edge: the squares in every gradient norm underflow to
+    zero there. Multiplying every map by one constant does not change a minimiser, so rescale them.
+    """
+    if not S.linear or S.C0 == 0:
+        return 1.0
+    from .operators import _laplacian_csr
+
+    with np.errstate(over="ignore", invalid="ignore", under="ignore"):
+        d = float(np.abs(_laplacian_csr(S).diagonal()).max(initial=0.0))
+    if not math.isfinite(d):
+        return 1.0
+    floor = float(torch.finfo(dtype).tiny) ** 0.45
+    if d < floor:
+        worst, name = _largest_map_entry(S)
+        if worst > 0:
+            raise FloatingPointError(f"the maps are too small for {dtype}: the Laplacian's largest entry is "
+                                     f"{d:.3g} (edge {name!r} has the largest map entry, {worst:.3g}), so gradient "
+                                     "norms underflow to zero. Multiply every map by one constant (the "
+                                     "minimiser does not change)")
+    return min(1.0, d)

@@ -172,3 +172,42 @@ def test_the_default_tolerance_is_reachable_in_float32():
     assert res.converged and res.x.flat.dtype == torch.float32
     ref = cs.harmonic_extension(sheaves[1], cs.Boundary().fix(0, torch.ones(2, dtype=F64))).flat
     assert float((res.x.flat.double() - ref).abs().max()) < 1e-3
+
+
+def _scaled_path(scale: float) -> cs.Sheaf:
+    g = torch.Generator().manual_seed(0)
+    S = cs.Sheaf()
+    for v in "abc":
+        S.add_vertex(v, 2)
+    for u, v in ("ab", "bc"):
+        S.add_edge(u, v, scale * (torch.eye(2, dtype=torch.float64) + 0.3 * torch.randn(2, 2, generator=g, dtype=torch.float64)),
+                   scale * (torch.eye(2, dtype=torch.float64) + 0.3 * torch.randn(2, 2, generator=g, dtype=torch.float64)),
+                   name=u + v)
+    return S
+
+
+@pytest.mark.parametrize("scale", [1e-60, 1e-20, 1e-5])
+def test_small_maps_are_not_certified_at_the_start(scale):
+    """With maps of size 1e-20 every gradient is below an absolute 1e-10: the tolerance scales with the
+    Laplacian, so the flow and the minimiser still reach the harmonic extension (they stopped at x0 before)."""
+    b = cs.Boundary().fix("a", torch.ones(2, dtype=torch.float64))
+    ref = cs.harmonic_extension(_scaled_path(1.0), b).flat
+    S = _scaled_path(scale)
+    for res in (cs.diffuse(S, torch.zeros(6, dtype=torch.float64), boundary=b, max_steps=5000),
+                cs.diffuse(S, torch.zeros(6, dtype=torch.float64), boundary=b, method="exact"),
+                cs.minimize(S, b, method="newton")):
+        assert res.converged
+        torch.testing.assert_close(res.x.flat, ref, atol=1e-8, rtol=0)
+
+
+@pytest.mark.parametrize("scale", [1e-100, 1e-200])
+def test_maps_too_small_for_the_precision_are_refused_naming_the_edge(scale):
+    b = cs.Boundary().fix("a", torch.ones(2, dtype=torch.float64))
+    S = _scaled_path(scale)
+    for call in (lambda: cs.diffuse(S, torch.zeros(6, dtype=torch.float64), boundary=b),
+                 lambda: cs.diffuse(S, torch.zeros(6, dtype=torch.float64), boundary=b, method="exact"),
+                 lambda: cs.minimize(S, b)):
+        with pytest.raises(FloatingPointError, match="maps are too small.*edge 'ab'"):
+            call()
+    with pytest.raises(FloatingPointError, match="edge 'ab' has a map entry"):
+        cs.diffuse(_scaled_path(1e200), torch.zeros(6, dtype=torch.float64), boundary=b)

@@ -306,3 +306,16 @@ def test_solver_arguments_are_checked(kw, match):
     b = cs.Boundary().fix("a", torch.tensor([1.0], dtype=F64))
     with pytest.raises(ValueError, match=match):
         cs.harmonic_extension(_path(), b, method="cg", **kw)
+
+
+def test_a_direct_solve_in_subnormal_arithmetic_is_not_certified():
+    """Maps of 1e-160 put the Laplacian's entries near 1e-320 (subnormal): the direct solve's residual is 1e-3,
+    so it is reported not converged (it said converged, 3e-3 off)."""
+    S = cs.Sheaf()
+    for v in "abc":
+        S.add_vertex(v, 1)
+    S.add_edge("a", "b", torch.tensor([[1.3e-160]], dtype=F64), torch.tensor([[0.7e-160]], dtype=F64))
+    S.add_edge("b", "c", torch.tensor([[0.9e-160]], dtype=F64), torch.tensor([[1.1e-160]], dtype=F64))
+    x = cs.harmonic_extension(S, cs.Boundary().fix("a", torch.tensor([1.0], dtype=F64)))
+    exact = 1.3 / 0.7
+    assert x.info.converged == (abs(x["b"].item() - exact) < 1e-10 and x.info.residual < 1e-10)
