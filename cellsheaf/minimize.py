@@ -125,7 +125,7 @@ def minimize(
         Stop when every item's gradient norm on the free coordinates is ``<= tol``
         (default [`default_tol`][cellsheaf.minimize.default_tol]: ``1e-10`` in float64), times the largest diagonal entry of the
         Laplacian when that is below 1 (a linear sheaf with tiny maps has tiny gradients everywhere:
-        [`tolerance_scale`][cellsheaf.validation.tolerance_scale]). For ``"propagate"`` convergence is zero discord up
+        `cellsheaf.validation.tolerance_scale`). For ``"propagate"`` convergence is zero discord up
         to rounding.
     max_iter : int, optional
         Iteration cap: Euler steps (default 100 000) or Newton steps (default 100).
