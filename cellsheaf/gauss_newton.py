@@ -60,7 +60,7 @@ from .maps import Compose, Elementwise
 from .operators import _plan, apply_coboundary_jvp, edge_weights, expressed, pullback
 from .propagation import PropagationStep, _determined_part
 
-__all__ = ["GaussNewton", "newton", "determined_solve"]
+__all__ = ["GaussNewton", "newton", "determined_solve", "transposed_sweep", "forward_sweep"]
 
 
 class GaussNewton:
@@ -169,16 +169,49 @@ class GaussNewton:
 
 def determined_solve(S, x: Tensor, steps: list[PropagationStep], r: Tensor) -> Tensor:
     """``(J_Ωᵀ W J_Ω)⁻¹ r`` at ``x`` for the determined part ``steps`` (see [`GaussNewton.determined_solve`][cellsheaf.gauss_newton.GaussNewton.determined_solve])."""
-    acc, ys = r.clone(), []
-    for s in reversed(steps):  # J_Ωᵀ y = r: each edge's row meets its targets last
+    ys = transposed_sweep(x, steps, r)
+    return forward_sweep(x, steps, [y / S.edge(s.edge).weight for s, y in zip(steps, ys)])
+
+
+def transposed_sweep(x: Tensor, steps: list[PropagationStep], r: Tensor, live=None,
+                     overwrite: bool = False) -> list[Tensor]:
+    """Solve ``J_Ωᵀ y = r`` for the determined part ``steps`` at ``x``: ``y`` per step (edge space), in step order.
+
+    ``r`` is ``(B, C0)``, or ``(k·B, C0)`` for ``k`` right-hand sides per item (item-major blocks
+    of ``B`` rows; the maps' Jacobians are those at ``x``); it must vanish on the fixed
+    coordinates, and with ``overwrite=True`` it is used as the work space. ``live`` (one bool per
+    step, e.g. [`PropagationPlan.reads_free`][cellsheaf.propagation.PropagationPlan]) says which steps' sources hold
+    free coordinates; the others skip their adjoint (it would only reach fixed coordinates) and,
+    in `forward_sweep`, their Jacobian product (zero there).
+    """
+    k = r.shape[0] // max(x.shape[0], 1)
+    acc, ys = (r if overwrite else r.clone()), []
+    for i in range(len(steps) - 1, -1, -1):  # each edge's row meets its targets last
+        s = steps[i]
         y = acc[:, _where(s, x)]
         y = y / s.scale.to(dtype=x.dtype, device=x.device) if s.scale is not None else y
         y = -y if s.side == "u" else y
-        acc[:, s.source] += (1 if s.side == "v" else -1) * s.F.vjp(x[:, s.source], y)
-        ys.append(y / S.edge(s.edge).weight)
-    z = torch.zeros_like(r)
-    for s, y in zip(steps, reversed(ys)):  # J_Ω z = W⁻¹ y, forward substitution
-        t = (y if s.side == "v" else -y) + s.F.jvp(x[:, s.source], z[:, s.source])
+        if live is None or live[i]:
+            acc[:, s.source] += (1 if s.side == "v" else -1) * s.F.vjp(_tiled(s.F, x[:, s.source], k), y)
+        ys.append(y)
+    return ys[::-1]
+
+
+def _tiled(F, xs: Tensor, k: int) -> Tensor:
+    """The linearisation point ``xs`` for ``k`` right-hand sides per item (a linear map's Jacobian ignores it)."""
+    return xs if k == 1 or F.linear else xs.repeat(k, 1)
+
+
+def forward_sweep(x: Tensor, steps: list[PropagationStep], q: list[Tensor], live=None) -> Tensor:
+    """Solve ``J_Ω z = q`` (``q`` per step, edge space) by forward substitution along ``steps`` at ``x``;
+    ``z`` vanishes on the fixed coordinates. ``live`` as in `transposed_sweep`."""
+    rows = q[0].shape[0] if q else x.shape[0]
+    k = rows // max(x.shape[0], 1)
+    z = x.new_zeros(rows, x.shape[1])
+    for i, (s, y) in enumerate(zip(steps, q)):
+        t = y if s.side == "v" else -y
+        if live is None or live[i]:
+            t = t + s.F.jvp(_tiled(s.F, x[:, s.source], k), z[:, s.source])
         z[:, _where(s, x)] = t / s.scale.to(dtype=x.dtype, device=x.device) if s.scale is not None else t
     return z
 

@@ -26,6 +26,16 @@ or energy evaluations. A coordinate that crosses a ReLU kink between ``x*`` and
 the result's gradient is then measured by one pass over the edges (``verify``), and
 an item that fails is reported as not converged (continue with Newton).
 
+A rest that is *not* soft (a hard-clamped output: the edges into it weigh as much
+as the network's) has low rank all the same: ``k`` rows, the dimension of the rest's
+edges (the output's). `low_rank_newton` takes exact Gauss–Newton steps for it: in the
+edge coordinates ``q = J_Ω Δ`` of the determined part the model is
+``½ qᵀWq + uᵀq + ½ (Yᵀq)ᵀ C (Yᵀq)`` with ``u = J_Ω⁻ᵀ ∇E``, ``Y = J_Ω⁻ᵀ J_Rᵀ`` (one transposed
+sweep with ``1 + k`` right-hand sides per item) and ``C`` the rest's curvature, so by
+Woodbury ``q = W⁻¹(−u + Y C (I + YᵀW⁻¹Y C)⁻¹ YᵀW⁻¹u)`` (a ``k × k`` solve per item) and
+``Δ = J_Ω⁻¹ q`` (one forward sweep). For ReLU maps and a quadratic rest one step lands on
+the minimum of the current activation region.
+
 Examples
 --------
 >>> import torch, cellsheaf as cs
@@ -41,14 +51,16 @@ Examples
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from .energy import edge_forces
-from .gauss_newton import determined_solve
+from .gauss_newton import _tiled, determined_solve, forward_sweep, transposed_sweep
 from .propagation import PropagationPlan
 
-__all__ = ["rest_gradient", "nudged_equilibrium", "free_gradient"]
+__all__ = ["rest_gradient", "nudged_equilibrium", "free_gradient", "low_rank_newton"]
 
 
 def rest_gradient(S, x: Tensor, edges) -> Tensor:
@@ -129,3 +141,245 @@ def free_gradient(S, x: Tensor, free: Tensor) -> Tensor:
     from .learning import _edgewise
 
     return _edgewise(S, x, {})[0] * free
+
+
+def _rest_rows(S, x: Tensor, rest, free: Tensor) -> tuple[Tensor, Tensor]:
+    """The rest's Jacobian and curvature at ``x``: ``(R, C)``.
+
+    ``R`` (``(k, B, C0)``) holds the rows of ``J_R`` (the derivative of each rest edge's
+    argument — its discrepancy, or both expressed values for a two-argument potential — on the
+    free coordinates, ``free`` a 0/1 mask), ``C`` (``(B, k, k)``) the weighted curvature of the
+    potentials in those arguments, block diagonal over the edges.
+    """
+    B, rows, blocks = x.shape[0], [], []
+    for name in rest:
+        e = S.edge(name)
+        su, sv = S.vertex_slice(e.u), S.vertex_slice(e.v)
+        live = {side: bool(free[sl].any()) for side, sl in (("u", su), ("v", sv))}
+        if not (live["u"] or live["v"]):
+            continue
+        d = e.dim
+        basis = torch.eye(d, dtype=x.dtype, device=x.device).repeat_interleave(B, 0)  # (d·B, d): e_j per item
+
+        def pulled(F, sl):
+            r = x.new_zeros(d * B, S.C0)
+            r[:, sl] = F.vjp(_tiled(F, x[:, sl], d), basis)
+            return (r * free).reshape(d, B, S.C0)
+        av, au = e.Fv.apply(x[:, sv]), e.Fu.apply(x[:, su])
+        if e.potential is None or e.potential.quadratic or e.potential.difference:
+            row = x.new_zeros(d, B, S.C0)
+            for side, F, sl, sign in (("v", e.Fv, sv, 1.0), ("u", e.Fu, su, -1.0)):
+                if live[side]:
+                    row = row + sign * pulled(F, sl)
+            rows.append(row)
+            if e.potential is None or e.potential.quadratic:
+                blocks.append(e.weight * torch.eye(d, dtype=x.dtype, device=x.device).expand(B, d, d))
+            else:
+                h = e.potential.curvature((av - au).repeat(d, 1), basis)  # column j: ∇²U e_j
+                blocks.append(e.weight * h.reshape(d, B, d).permute(1, 2, 0))
+            continue
+        halves = [side for side in ("v", "u") if live[side]]
+        zero = torch.zeros_like(basis)
+        cols = []
+        for side in halves:
+            rows.append(pulled(e.Fv, sv) if side == "v" else pulled(e.Fu, su))
+            hv, hu = e.potential.pair_curvature(av.repeat(d, 1), au.repeat(d, 1), *((basis, zero) if side == "v"
+                                                                                    else (zero, basis)))
+            cols.append(torch.cat([h.reshape(d, B, d) for side2, h in (("v", hv), ("u", hu)) if side2 in halves], -1))
+        blocks.append(e.weight * torch.cat(cols, 0).permute(1, 2, 0))
+    if not rows:
+        return x.new_zeros(0, B, S.C0), x.new_zeros(B, 0, 0)
+    return torch.cat(rows, 0), _block_diagonal(blocks)
+
+
+def _block_diagonal(blocks: list[Tensor]) -> Tensor:
+    """``(B, k, k)`` from per-item square blocks ``(B, k_i, k_i)``."""
+    if len(blocks) == 1:
+        return blocks[0]
+    B, k = blocks[0].shape[0], sum(b.shape[-1] for b in blocks)
+    out = blocks[0].new_zeros(B, k, k)
+    at = 0
+    for b in blocks:
+        n = b.shape[-1]
+        out[:, at:at + n, at:at + n] = b
+        at += n
+    return out
+
+
+def low_rank_newton(S, plan: PropagationPlan, x: Tensor, tol: float = 1e-10, max_iter: int = 10,
+                    maps: dict | None = None) -> tuple[Tensor, dict, dict]:
+    """Gauss–Newton steps for the equilibrium of a determined part plus a rest of low rank (module notes).
+
+    Each step costs one pass over the edges (the gradient, which also measures stationarity),
+    one transposed sweep of the determined part with ``1 + k + m`` right-hand sides per item
+    (``k``: the dimension of the rest's edges; ``m``: coordinates held on kinks), small solves
+    per item and one forward sweep. The step is exact for the Gauss–Newton model at the current
+    point: for ReLU-type maps and quadratic rest edges it reaches the minimum of the current
+    activation region, so from a warm start (the previous equilibrium, weights changed a little)
+    one step usually converges.
+
+    Kinks as in `cellsheaf.gauss_newton.newton`: coordinates that sit on the kink of the
+    piecewise-smooth map they feed at the start (a warm start from an equilibrium on a switching
+    surface, Note 5.1), or that cross it on two steps running, are held there (a constraint of
+    the step); stationarity is certified with both one-sided derivatives, and a held coordinate
+    that one of them pushes off is let go. An item whose measure a step does not lower goes back
+    and halves its step; after six halvings it stops, not converged (continue with Newton,
+    `cellsheaf.minimize`, from the result).
+
+    Parameters
+    ----------
+    S : Sheaf
+    plan : PropagationPlan
+        Of the determined part (e.g. `cellsheaf.propagation.plan` with ``edges=``); every other
+        edge of ``S`` is the rest.
+    x : tensor ``(B, C0)``
+        The start, its fixed coordinates set (not changed).
+    tol : float
+        Stop when every item's stationarity measure is ``<= tol``.
+    max_iter : int
+        Newton steps at most.
+    maps : dict, optional
+        ``{(edge, side): map}``: also return those maps' local gradients (Eq. 24) at the result,
+        from the same pass over the edges that measures its gradient.
+
+    Returns
+    -------
+    x : the result (a new tensor) ; report : ``iterations``, ``grad_norm`` (``(B,)``, the
+    stationarity measure), ``converged`` (``(B,)`` bool), ``on_kinks`` (held coordinates per item) ;
+    grads : ``{(edge, side): tensor}`` for ``maps``.
+
+    Examples
+    --------
+    >>> import torch, cellsheaf as cs
+    >>> I = torch.eye(1, dtype=torch.float64)
+    >>> S = cs.Sheaf(); S.add_vertex("x", 1); S.add_vertex("h", 1); S.add_vertex("y", 1)
+    >>> _ = S.add_edge("x", "h", 2 * I, I, name="in")
+    >>> _ = S.add_edge("h", "y", 3 * I, I, name="out")           # y clamped: a stiff rest of rank 1
+    >>> p = cs.propagation.plan(S, torch.tensor([0, 2]), edges=["in"])
+    >>> x = torch.tensor([[1.0, 0.0, 1.0]], dtype=torch.float64)
+    >>> out, report, _ = cs.nudge.low_rank_newton(S, p, x)
+    >>> round(out[0, 1].item(), 12), round((2 + 3) / (1 + 9), 12), report["iterations"]
+    (0.5, 0.5, 1)
+    """
+    from .gauss_newton import _below, _kink_band, _kink_points, _nearest_kink, _stationarity
+    from .learning import _edgewise
+
+    used = {s.edge for s in plan.steps}
+    rest = [name for name in S.edges if name not in used]
+    fidx = plan.free.to(x.device)
+    free = torch.zeros(S.C0, dtype=x.dtype, device=x.device)
+    free[fidx] = 1.0
+    winv = torch.cat([torch.full((s.span.stop - s.span.start if s.span is not None else len(s.targets),),
+                                 1.0 / S.edge(s.edge).weight, dtype=x.dtype, device=x.device) for s in plan.steps])
+    B, n = x.shape[0], fidx.numel()
+    points = _kink_points(S, plan.free)
+    kinks = ~torch.isnan(points.to(x.dtype)).all(-1).to(x.device)
+    x = x.clone()
+    c = _nearest_kink(x[:, fidx], points)
+    held = kinks & (x[:, fidx] == c)
+    flips = torch.zeros(B, n, dtype=torch.long, device=x.device)
+    t = torch.ones(B, dtype=x.dtype, device=x.device)  # per-item step length: halved when a step does not help
+    prev, it, measure = None, 0, None
+    while True:
+        g, grads = _edgewise(S, x, maps or {})
+        gf = g[:, fidx]
+        norm = gf.masked_fill(held, 0.0).norm(dim=-1)
+        reverted = False
+        if prev is not None:
+            x0, g0, n0, moved = prev
+            worse = moved & ~(norm < n0)  # also NaN: that item goes back and halves its step
+            reverted = bool(worse.any())
+            if reverted:
+                x, gf, norm = torch.where(worse[:, None], x0, x), torch.where(worse[:, None], g0, gf), \
+                    torch.where(worse, n0, norm)
+            t = torch.where(worse, t / 2, torch.ones_like(t))
+        measure, leave, left = (norm, None, None) if not bool((norm <= tol).any()) else \
+            _stationarity(S, x, fidx, gf, held, points, tol)
+        if leave is not None and bool(leave.any()):  # a one-sided derivative pushes a held coordinate off
+            go = leave & (norm <= tol).unsqueeze(-1)
+            held = held & ~go
+            # leaving to the left: just below the kink; to the right: on it (the selection rule sees the right there)
+            xf = x[:, fidx]
+            ck = _nearest_kink(xf, points)
+            x[:, fidx] = torch.where(go & left, _below(ck), torch.where(go, ck, xf))
+            t = torch.where(go.any(-1), torch.ones_like(t), t)
+            gf = _edgewise(S, x, {})[0][:, fidx]  # at the moved coordinates: the one-sided derivative of their side
+            norm = gf.masked_fill(held, 0.0).norm(dim=-1)  # the merit of the next step counts the released ones
+            prev, reverted = None, True
+            measure = torch.where(go.any(-1), torch.full_like(measure, math.inf), measure)
+        active = (measure > tol) & (t >= 2.0 ** -6)
+        if it == max_iter or not bool(active.any()):
+            break
+        it += 1
+        step = _step(S, plan, x, gf, held, fidx, free, winv, rest)
+        prev = (x, gf, norm, active)
+        before = x[:, fidx] >= c
+        x = x + (t * active)[:, None] * step
+        # a kink coordinate that crossed its kink on two steps running zigzags across a switching surface: hold it
+        xf = x[:, fidx]
+        c = _nearest_kink(xf, points)
+        crossed = kinks & ((xf >= c) != before) & active[:, None]
+        flips = torch.where(crossed, flips + 1, torch.zeros_like(flips))
+        newly = (flips >= 2) & ~held
+        if bool(newly.any()):
+            held = held | newly
+            x[:, fidx] = torch.where(newly, c, xf)
+            flips = flips.masked_fill(newly, 0)
+            prev = None
+    if reverted and maps:  # some items went back: their share of the local gradients is recomputed
+        grads = _edgewise(S, x, maps)[1]
+    return x, {"iterations": it, "grad_norm": measure, "converged": measure <= tol, "on_kinks": held.sum(-1)}, grads
+
+
+def _step(S, plan, x: Tensor, gf: Tensor, held: Tensor, fidx: Tensor, free: Tensor, winv: Tensor, rest) -> Tensor:
+    """The Gauss–Newton step (``(B, C0)``) of `low_rank_newton` at ``x``, the ``held`` coordinates kept.
+
+    In the edge coordinates ``q`` of the determined part: ``A = W + Y C Yᵀ`` is inverted by
+    Woodbury in the rest's ``k`` dimensions, the held coordinates (rows ``H = J_Ω⁻ᵀ e_i``) enter by
+    their Lagrange multipliers, ``q = −A⁻¹(u + Hλ)`` with ``HᵀA⁻¹H λ = −HᵀA⁻¹u``.
+    """
+    B = x.shape[0]
+    g = x.new_zeros(x.shape)
+    g[:, fidx] = gf.masked_fill(held, 0.0)
+    R, C = _rest_rows(S, x, rest, free)
+    k = R.shape[0]
+    m = int(held.sum(-1).max()) if held.numel() else 0
+    rhs = [g.unsqueeze(0), R]
+    if m:
+        rank = held.cumsum(-1) - 1  # the j-th held coordinate of an item is its row j
+        Hf = x.new_zeros(m, B, fidx.numel())
+        b_idx, i_idx = torch.nonzero(held, as_tuple=True)
+        Hf[rank[b_idx, i_idx], b_idx, i_idx] = 1.0
+        Hr = x.new_zeros(m, B, S.C0)
+        Hr[:, :, fidx] = Hf
+        rhs.append(Hr)
+    r = 1 + k + m
+    ys = transposed_sweep(x, plan.steps, torch.cat(rhs).reshape(r * B, S.C0), plan.reads_free, overwrite=True)
+    E = torch.cat([y.reshape(r, B, -1) for y in ys], -1).permute(1, 2, 0)  # (B, n_e, r): [u | Y | H]
+    u, Y, H = E[:, :, :1], E[:, :, 1:1 + k], E[:, :, 1 + k:]
+    w = winv[:, None]
+
+    def ainv(Z: Tensor) -> Tensor:
+        """``A⁻¹ Z`` for ``Z`` ``(B, n_e, s)``, by Woodbury."""
+        WZ = w * Z
+        if not k:
+            return WZ
+        G = Y.transpose(1, 2) @ (w * Y)
+        eye = torch.eye(k, dtype=x.dtype, device=x.device)
+        return WZ - w * (Y @ (C @ torch.linalg.solve(eye + G @ C, Y.transpose(1, 2) @ WZ)))
+
+    AZ = ainv(torch.cat([u, H], -1))
+    q = -AZ[:, :, :1]
+    if m:
+        Au, AH = AZ[:, :, :1], AZ[:, :, 1:]
+        pad = (torch.arange(m, device=x.device)[None, :] >= held.sum(-1, keepdim=True)).to(x.dtype)
+        K = H.transpose(1, 2) @ AH + torch.diag_embed(pad)  # padding rows: λ = 0
+        lam = -torch.linalg.solve(K, H.transpose(1, 2) @ Au)
+        q = q - AH @ lam
+    q = q.squeeze(-1)
+    sizes = [y.shape[-1] for y in ys]
+    step = forward_sweep(x, plan.steps, list(q.split(sizes, -1)), plan.reads_free)
+    if m:
+        sf = step[:, fidx]
+        step[:, fidx] = sf.masked_fill(held, 0.0)  # exactly on the kink (the constraint holds to rounding)
+    return step

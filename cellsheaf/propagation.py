@@ -491,6 +491,8 @@ class PropagationPlan:
     fixed, free : sorted index tensors of the fixed and free coordinates.
     constant, constant_values : the fixed coordinates whose values were given when
         the plan was built (the same for every item and call), and those values.
+    reads_free : one bool per step: whether its source stalk holds a free coordinate (the
+        sweeps of `cellsheaf.gauss_newton` skip the others' Jacobian products).
     """
 
     def __init__(self, S, fixed: Tensor, constant: Tensor, constant_values: Tensor,
@@ -513,6 +515,7 @@ class PropagationPlan:
         v = self.constant_values
         self._fill = float(v[0]) if len(v) and bool((v == v[0]).all()) else None
         self.inexact = [s for s in self.steps if s.scale is not None]
+        self.reads_free = [bool(mask[s.source].any()) for s in self.steps]
         self._bound: dict = {}
 
     def needs_autograd(self, x: Tensor) -> bool:
@@ -616,7 +619,7 @@ class BoundPlan:
 
 
 def plan(S, fixed: Tensor, constant: Tensor | None = None, constant_values: Tensor | None = None,
-         determined: bool = False) -> PropagationPlan:
+         determined: bool = False, edges=None) -> PropagationPlan:
     """The compiled propagation plan for fixed coordinates ``fixed``; cached on the sheaf.
 
     ``constant`` (a subset of ``fixed``) are coordinates whose values
@@ -626,7 +629,9 @@ def plan(S, fixed: Tensor, constant: Tensor | None = None, constant_values: Tens
     [`NotDeterminedError`][cellsheaf.propagation.NotDeterminedError] when the sheaf with this boundary is not determined.
     With ``determined=True`` the plan propagates the sheaf's determined part
     ([`determined_part`][cellsheaf.propagation.determined_part]: the other, softer edges are left out, e.g. to start
-    [`cellsheaf.nudge.nudged_equilibrium`][cellsheaf.nudge.nudged_equilibrium]).
+    [`cellsheaf.nudge.nudged_equilibrium`][cellsheaf.nudge.nudged_equilibrium]). ``edges`` (a sequence of edge
+    names) plans exactly these edges, which must define every free coordinate (e.g. a network without the edges
+    into its clamped output, for [`cellsheaf.nudge.low_rank_newton`][cellsheaf.nudge.low_rank_newton]).
 
     Examples
     --------
@@ -648,17 +653,39 @@ def plan(S, fixed: Tensor, constant: Tensor | None = None, constant_values: Tens
     if not bool(torch.isin(constant, fixed).all()):
         raise ValueError("plan: every constant coordinate must be fixed")
     key = ("plan", determined, fixed.numpy().tobytes(), constant.numpy().tobytes(),
-           constant_values.numpy().tobytes())
+           constant_values.numpy().tobytes(), None if edges is None else tuple(edges))
     cached = S._cache.get(key)
     if cached is None:
         steps = None
-        if determined:
+        if edges is not None:
+            steps = _subschedule(S, fixed, list(edges))
+        elif determined:
             steps = _determined_part(S, fixed)
             if steps is None:
                 raise NotDeterminedError("the sheaf has no determined part that is stiffer than the rest of its "
                                          "edges (see cellsheaf.propagation.determined_part)")
         cached = S._cache[key] = PropagationPlan(S, fixed, constant, constant_values, steps)
     return cached
+
+
+def _subschedule(S, fixed: Tensor, edges: list) -> list[PropagationStep]:
+    """The schedule of the edges ``edges`` alone, or `NotDeterminedError` when they leave a free coordinate
+    undefined or are not all needed."""
+    unknown = [n for n in edges if n not in set(S.edges)]
+    if unknown:
+        raise KeyError(f"plan: no edge {unknown[0]!r} in the sheaf")
+    for name in edges:
+        reason = _edge_reason(S.edge(name))
+        if reason:
+            raise NotDeterminedError(reason)
+    steps, known, used, _ = _order(S, fixed, edges)
+    if not known.all():
+        raise NotDeterminedError(f"the edges given leave the free {_coordinate_name(S, int(np.nonzero(~known)[0][0]))} "
+                                 "undefined")
+    if len(used) != len(set(edges)):
+        spare = next(n for n in edges if n not in used)
+        raise NotDeterminedError(f"edge {spare!r} is not needed to define any free coordinate")
+    return steps
 
 
 def propagate(S, x: Tensor, steps: list[PropagationStep], residuals: bool = False, inplace: bool = False):

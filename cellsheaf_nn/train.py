@@ -714,6 +714,10 @@ class SheafTrainer:
             fast = self._nudged_state(X, Y)
             if fast is not None:
                 return fast
+        elif start is not None:
+            fast = self._clamped_state(X, Y, start)
+            if fast is not None:
+                return fast
         b = self._boundary(X, Y)
         if self.mode == "nudged":
             fwd = self._forward_state(X)
@@ -731,22 +735,52 @@ class SheafTrainer:
         return x, self._map_gradients(x, scale, at=start if self.mode == "nudged" and self.free_stalks else None)
 
     def _nudge_plan(self):
-        """The compiled forward pass of the training sheaf's network part (input, ones and targets fixed),
-        or ``None`` when the network has pins (then Newton solves the nudged state)."""
+        """The compiled forward pass of the training sheaf's network part (input, ones and targets fixed):
+        in the nudged mode its determined part (every edge but the loss edge), in the equilibrium mode
+        every edge not incident to the clamped output. ``None`` when the network has pins or learned
+        tensors in its forward pass (then Newton solves for the state)."""
         ns = self.ns
-        if ns.pins or len(ns.inputs) > 1 or len(self.sheaf.edges) != len(ns.sheaf.edges) + 1:
+        extra = 1 if self.mode == "nudged" else 0
+        if ns.pins or len(ns.inputs) > 1 or len(self.sheaf.edges) != len(ns.sheaf.edges) + extra \
+                or (self.mode != "nudged" and ns.parameters):
             return None
         if self._nudge is None:  # the pattern outlives weight updates: built once
             inputs, ones = ns._fixed_pattern()
             target = self.sheaf.vertex_slice(self.target)
             fixed = torch.cat([inputs, ones, torch.arange(target.start, target.start + ns.n_out)]).sort().values
+            edges = None if self.mode == "nudged" else \
+                [e.name for e in self.sheaf.edge_items() if self.target not in (e.u, e.v)]
             try:
                 plan = cs.propagation.plan(self.sheaf, fixed, ones, torch.ones(len(ones), dtype=torch.float64),
-                                           determined=True)
+                                           determined=True, edges=edges)
             except cs.NotDeterminedError:
                 plan = False
             self._nudge = (plan, ns._neural_slice(ns.input), slice(target.start, target.start + ns.n_out))
         return self._nudge if self._nudge[0] else None
+
+    def _clamped_state(self, X: Tensor, Y: Tensor, start: Tensor) -> tuple[Tensor, dict[str, Tensor]] | None:
+        """The clamped equilibrium by low-rank Newton steps (`cellsheaf.nudge.low_rank_newton`) from ``start``
+        (the last equilibrium of this batch: one step usually suffices), and the local updates there, as
+        `_local_directions` returns them; general Newton from there for items it leaves unconverged.
+        ``None`` when the fast path does not apply."""
+        nudge = self._nudge_plan()
+        if nudge is None:
+            return None
+        plan, inputs, target = nudge
+        x = start.clone()
+        x[:, inputs], x[:, target] = X, Y
+        plan._write_constants(x)
+        tol = self.tol if self.tol is not None else 1e-6
+        max_iter = self.max_iter if self.max_iter is not None else 20
+        keys = {(name, "u"): F for name, F in self.weights.items()}
+        out, report, grads = cs.nudge.low_rank_newton(self.sheaf, plan, x, tol=tol, max_iter=min(max_iter, 8),
+                                                      maps=keys)
+        if not bool(report["converged"].all()):  # kinks crossed back and forth: Newton's active set
+            out = cs.minimize(self.sheaf, self._boundary(X, Y), method="newton", x0=out, tol=tol, max_iter=max_iter,
+                              options=NewtonOptions(hold_kinks_at_start=True)).x.flat
+            grads = learning.edge_gradients(self.sheaf, out, list(keys))
+        scale = self.loss.scale(self.ns.n_out) / len(X)
+        return out, {name: scale * grads[(name, "u")] for name in self.weights}
 
     def _nudged_state(self, X: Tensor, Y: Tensor) -> tuple[Tensor, dict[str, Tensor]] | None:
         """The nudged equilibrium by sweeps (`cellsheaf.nudge`) and the local updates there, as

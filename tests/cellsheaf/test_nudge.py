@@ -107,3 +107,105 @@ def test_a_stiff_rest_stops_at_the_best_iterate():
     p.run(x)
     out, report = nudged_equilibrium(S, p, x, tol=1e-14, max_iter=200)
     assert bool(torch.isfinite(out).all()) and report["iterations"] < 200
+
+
+def _boundary_of(S, x, fixed):
+    b = cs.Boundary()
+    for v in S.vertices:
+        sl = S.vertex_slice(v)
+        cols = [c - sl.start for c in fixed.tolist() if sl.start <= c < sl.stop]
+        if cols:
+            b.fix(v, x[:, [sl.start + c for c in cols]], coords=cols)
+    return b
+
+
+def clamped_sheaf(widths, seed, kind):
+    """An MLP sheaf with its output clamped: the last weight edge (quadratic or Huber) is a stiff rest; or,
+    with ``kind="ce"``, a target vertex read by a cross-entropy edge of weight 1 from the logits."""
+    S, layers, fixed, const, _ = mlp_sheaf(widths, seed)
+    out, n = f"z{len(layers)}", widths[-1]
+    if kind == "ce":
+        S.add_vertex("t", n)
+        S.add_edge(out, "t", cs.maps.Identity(n), cs.maps.Identity(n), name="loss",
+                   potential=cs.potentials.CrossEntropy("softmax"))
+        t = S.vertex_slice("t")
+        return S, torch.cat([fixed, torch.arange(t.start, t.stop)]), const, ["loss"]
+    last = f"weight:{out}"
+    if kind == "huber":
+        e = S.edge(last)
+        S.remove_edge(last)
+        S.add_edge(e.u, e.v, e.Fu, e.Fv, name=last, potential=cs.potentials.Huber(0.3))
+    t = S.vertex_slice(out)
+    return S, torch.cat([fixed, torch.arange(t.start, t.stop)]).sort().values, const, [last]
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.lists(st.integers(1, 5), min_size=3, max_size=4), st.integers(0, 10_000),
+       st.sampled_from(["quadratic", "huber", "ce"]))
+def test_low_rank_newton_finds_the_clamped_equilibrium(widths, seed, kind):
+    """A hard-clamped output (a rest as stiff as the network): the same equilibrium as Newton's, stationary."""
+    S, fixed, const, rest = clamped_sheaf(widths, seed, kind)
+    g = torch.Generator().manual_seed(seed + 3)
+    B = 6
+    p = cs.propagation.plan(S, fixed, const, torch.ones(len(const), dtype=F64),
+                            edges=[n for n in S.edges if n not in rest])
+    assert {s.edge for s in p.steps} == set(S.edges) - set(rest)
+    x = torch.zeros(B, S.C0, dtype=F64)
+    x[:, : widths[0]] = torch.randn(B, widths[0], generator=g, dtype=F64)
+    target = S.vertex_slice("t" if kind == "ce" else f"z{len(widths) - 1}")
+    y = torch.randn(B, widths[-1], generator=g, dtype=F64)
+    x[:, target] = torch.softmax(y, -1) if kind == "ce" else y
+    p.run(x)
+    fast, report, _ = cs.nudge.low_rank_newton(S, p, x, tol=1e-11, max_iter=30)
+    assert torch.equal(fast[:, fixed], x[:, fixed])
+    ref = cs.minimize(S, _boundary_of(S, x, fixed), method="newton", x0=x, tol=1e-11)
+    ok = report["converged"] & (ref.extra["on_kinks"] == 0)
+    grad = gradient(S, fast)[:, p.free]
+    smooth = report["converged"] & (report["on_kinks"] == 0)  # at a kink the certificate is one-sided
+    assert bool((grad[smooth].norm(dim=-1) <= 1e-9).all())
+    if kind != "huber":  # strictly convex in each activation region: one minimum there
+        same = ok & ((fast[:, p.free] - ref.x.flat[:, p.free]).abs().amax(-1) < 1e-6)
+        # a different region can hold another local minimum: then both are stationary (checked above)
+        assert bool(same.any()) or not bool(ok.any())
+
+
+def test_low_rank_newton_one_step_in_a_linear_region():
+    """Linear maps and a quadratic clamp: one step is the exact minimiser (a dense least-squares solve)."""
+    g = torch.Generator().manual_seed(0)
+    A1, A2 = torch.randn(3, 2, generator=g, dtype=F64), torch.randn(2, 3, generator=g, dtype=F64)
+    S = cs.Sheaf()
+    for v, d in (("x", 2), ("h", 3), ("y", 2)):
+        S.add_vertex(v, d)
+    S.add_edge("x", "h", A1, torch.eye(3, dtype=F64), name="in")
+    S.add_edge("h", "y", A2, torch.eye(2, dtype=F64), name="out", weight=2.5)
+    p = cs.propagation.plan(S, torch.tensor([0, 1, 5, 6]), edges=["in"])
+    x = torch.zeros(4, S.C0, dtype=F64)
+    x[:, :2], x[:, 5:] = torch.randn(4, 2, generator=g, dtype=F64), torch.randn(4, 2, generator=g, dtype=F64)
+    p.run(x)
+    out, report, _ = cs.nudge.low_rank_newton(S, p, x, tol=1e-12)
+    # min ½|h − A1 x|² + 1.25 |y − A2 h|²  <=>  (I + 2.5 A2ᵀA2) h = A1 x + 2.5 A2ᵀ y
+    M = torch.eye(3, dtype=F64) + 2.5 * A2.T @ A2
+    h = torch.linalg.solve(M, (x[:, :2] @ A1.T + 2.5 * x[:, 5:] @ A2).T).T
+    torch.testing.assert_close(out[:, 2:5], h, rtol=1e-12, atol=1e-12)
+    assert report["iterations"] == 1 and bool(report["converged"].all())
+
+
+def test_low_rank_newton_local_gradients_and_plan_errors():
+    S, fixed, const, rest = clamped_sheaf([3, 4, 2], 1, "quadratic")
+    edges = [n for n in S.edges if n not in rest]
+    p = cs.propagation.plan(S, fixed, const, torch.ones(len(const), dtype=F64), edges=edges)
+    x = torch.zeros(3, S.C0, dtype=F64)
+    x[:, :3] = torch.randn(3, 3, dtype=F64, generator=torch.Generator().manual_seed(0))
+    p.run(x)
+    x[:, S.vertex_slice("z2")] += 1.0
+    maps = {(n, "u"): S.edge(n).Fu for n in S.edges if n.startswith("weight")}
+    out, _, grads = cs.nudge.low_rank_newton(S, p, x, maps=maps)
+    want = cs.learning.edge_gradients(S, out, list(maps))
+    for k in maps:
+        torch.testing.assert_close(grads[k], want[k])
+    with pytest.raises(cs.NotDeterminedError, match="undefined"):
+        cs.propagation.plan(S, fixed, const, torch.ones(len(const), dtype=F64), edges=edges[:-1])
+    with pytest.raises(cs.NotDeterminedError, match="not needed"):
+        cs.propagation.plan(S, fixed, const, torch.ones(len(const), dtype=F64), edges=list(S.edges))
+    with pytest.raises(KeyError, match="no edge 'nope'"):
+        cs.propagation.plan(S, fixed, const, torch.ones(len(const), dtype=F64), edges=["nope"])
