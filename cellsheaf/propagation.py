@@ -344,10 +344,12 @@ def _narrow(F: Map, source: slice) -> tuple[Map, slice | Tensor]:
 
 
 def _possible_entries(F: Linear) -> np.ndarray:
-    """Where a dense linear map can be nonzero: its nonzeros, and for a trainable map its mask (all if none)."""
+    """Where a dense linear map can be nonzero when a plan runs: a trainable map's mask (all entries without
+    one) or current nonzeros; every entry of a non-trainable map, whose tensor may be edited in place after
+    the plan is built (a zero bias block written later must still reach the output)."""
     nz = F.weight.detach().cpu().numpy() != 0
     if not F.trainable:
-        return nz
+        return np.ones_like(nz)
     return nz | (np.ones_like(nz) if F.mask is None else F.mask.detach().cpu().numpy() != 0)
 
 

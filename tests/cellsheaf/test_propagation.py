@@ -182,3 +182,23 @@ def test_plan_runs_structured_affine_maps(sparse, ones):
     want = x @ A.T + 2 * ones * b
     S.edge("x->z").Fu.b.mul_(2)                      # in place: the bound views see it
     torch.testing.assert_close(bound.run()[:, 7:11], want)
+
+
+def test_plan_sees_a_bias_written_in_place_after_it_was_built():
+    """A non-trainable affine map whose ones block is zero when the plan is built, edited through ``.data``."""
+    W = torch.zeros(2, 4, dtype=F64)
+    W[:, :2] = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=F64)
+    S = cs.Sheaf()
+    S.add_vertex("x", 4)
+    S.add_vertex("y", 2)
+    F = cs.maps.Linear(W)
+    S.add_edge("x", "y", F, torch.eye(2, dtype=F64), name="w")
+    p = cs.propagation.plan(S, torch.arange(4), torch.tensor([2, 3]), torch.ones(2, dtype=F64))
+    x = torch.zeros(3, S.C0, dtype=F64)
+    x[:, :2] = torch.randn(3, 2, dtype=F64, generator=torch.Generator().manual_seed(0))
+    F.weight.data[:, 2:] = torch.diag(torch.tensor([5.0, -7.0], dtype=F64))
+    out = p.run(x.clone())[:, 4:]
+    torch.testing.assert_close(out, x[:, :2] @ W[:, :2].T + torch.tensor([5.0, -7.0], dtype=F64))
+    b = p.bound(3, F64)
+    b.x[:, :2] = x[:, :2]
+    torch.testing.assert_close(b.run()[:, 4:], out)
