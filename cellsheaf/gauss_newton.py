@@ -167,10 +167,12 @@ class GaussNewton:
         return out
 
 
-def determined_solve(S, x: Tensor, steps: list[PropagationStep], r: Tensor) -> Tensor:
-    """``(J_Ωᵀ W J_Ω)⁻¹ r`` at ``x`` for the determined part ``steps`` (see [`GaussNewton.determined_solve`][cellsheaf.gauss_newton.GaussNewton.determined_solve])."""
-    ys = transposed_sweep(x, steps, r)
-    return forward_sweep(x, steps, [y / S.edge(s.edge).weight for s, y in zip(steps, ys)])
+def determined_solve(S, x: Tensor, steps: list[PropagationStep], r: Tensor, live=None) -> Tensor:
+    """``(J_Ωᵀ W J_Ω)⁻¹ r`` at ``x`` for the determined part ``steps`` (see
+    [`GaussNewton.determined_solve`][cellsheaf.gauss_newton.GaussNewton.determined_solve]; ``live`` as in
+    [`transposed_sweep`][cellsheaf.gauss_newton.transposed_sweep])."""
+    ys = transposed_sweep(x, steps, r, live)
+    return forward_sweep(x, steps, [y / S.edge(s.edge).weight for s, y in zip(steps, ys)], live)
 
 
 def transposed_sweep(x: Tensor, steps: list[PropagationStep], r: Tensor, live=None,

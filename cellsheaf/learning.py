@@ -387,19 +387,22 @@ def _eq24(F, force: Tensor, xs: Tensor) -> Tensor:
     return G if F.mask is None else G * F.mask.to(dtype=G.dtype, device=G.device)
 
 
-def _edgewise(S, x: Tensor, maps: dict, at: Tensor | None = None) -> tuple[Tensor, dict]:
+def _edgewise(S, x: Tensor, maps: dict, at: Tensor | None = None, skip=()) -> tuple[Tensor, dict]:
     """``(∇_x E, {map: Eq. 24})`` edge by edge: each edge's maps applied once, its own forces pulled back
     through its own maps and multiplied into its own end stalks (those of ``at`` if given, see
     `edge_gradients`). For sheaves of few, large edges (compiled networks), where the stacked operators
-    (`cellsheaf.operators`) buy nothing."""
+    (`cellsheaf.operators`) buy nothing. The gradient is left zero on the vertices in ``skip`` (e.g.
+    those with no free coordinate)."""
     xb = x if x.dim() == 2 else x.unsqueeze(0)
     src = xb if at is None else _batched(at)
     g, grads = torch.zeros_like(xb), {}
     for e in S.edge_items():
         su, sv = S.vertex_slice(e.u), S.vertex_slice(e.v)
         gv, gu = edge_forces(S, e.name, xb)
-        g[:, sv] += e.Fv.vjp(xb[:, sv], gv)
-        g[:, su] += e.Fu.vjp(xb[:, su], gu)
+        if e.v not in skip:
+            g[:, sv] += e.Fv.vjp(xb[:, sv], gv)
+        if e.u not in skip:
+            g[:, su] += e.Fu.vjp(xb[:, su], gu)
         for side, F, force, sl in (("u", e.Fu, gu, su), ("v", e.Fv, gv, sv)):
             if (e.name, side) in maps:
                 grads[(e.name, side)] = _eq24(F, force, src[:, sl])

@@ -121,7 +121,7 @@ def nudged_equilibrium(S, plan: PropagationPlan, x: Tensor, tol: float = 1e-10, 
     grad_norm = gk.norm(dim=-1)
     worst = float("inf")
     for k in range(1, max_iter + 1):
-        x_new = x - determined_solve(S, x, plan.steps, gk)
+        x_new = x - determined_solve(S, x, plan.steps, gk, plan.reads_free)
         g_new = rest_gradient(S, x_new, rest) * free
         norm = (g_new - gk).norm(dim=-1)
         peak = float(norm.max()) if norm.numel() else 0.0
@@ -281,7 +281,7 @@ def low_rank_newton(S, plan: PropagationPlan, x: Tensor, tol: float = 1e-10, max
     t = torch.ones(B, dtype=x.dtype, device=x.device)  # per-item step length: halved when a step does not help
     prev, it, measure = None, 0, None
     while True:
-        g, grads = _edgewise(S, x, maps or {})
+        g, grads = _edgewise(S, x, maps or {}, skip=plan.fixed_vertices)
         gf = g[:, fidx]
         norm = gf.masked_fill(held, 0.0).norm(dim=-1)
         reverted = False
@@ -303,7 +303,7 @@ def low_rank_newton(S, plan: PropagationPlan, x: Tensor, tol: float = 1e-10, max
             ck = _nearest_kink(xf, points)
             x[:, fidx] = torch.where(go & left, _below(ck), torch.where(go, ck, xf))
             t = torch.where(go.any(-1), torch.ones_like(t), t)
-            gf = _edgewise(S, x, {})[0][:, fidx]  # at the moved coordinates: the one-sided derivative of their side
+            gf = _edgewise(S, x, {}, skip=plan.fixed_vertices)[0][:, fidx]  # at the moved coordinates: the one-sided derivative of their side
             norm = gf.masked_fill(held, 0.0).norm(dim=-1)  # the merit of the next step counts the released ones
             prev, reverted = None, True
             measure = torch.where(go.any(-1), torch.full_like(measure, math.inf), measure)

@@ -495,6 +495,7 @@ class PropagationPlan:
         the plan was built (the same for every item and call), and those values.
     reads_free : one bool per step: whether its source stalk holds a free coordinate (the
         sweeps of `cellsheaf.gauss_newton` skip the others' Jacobian products).
+    fixed_vertices : the vertices with no free coordinate.
     """
 
     def __init__(self, S, fixed: Tensor, constant: Tensor, constant_values: Tensor,
@@ -518,6 +519,7 @@ class PropagationPlan:
         self._fill = float(v[0]) if len(v) and bool((v == v[0]).all()) else None
         self.inexact = [s for s in self.steps if s.scale is not None]
         self.reads_free = [bool(mask[s.source].any()) for s in self.steps]
+        self.fixed_vertices = {v for v in S.vertices if not bool(mask[S.vertex_slice(v)].any())}
         self._bound: dict = {}
 
     def needs_autograd(self, x: Tensor) -> bool:

@@ -802,7 +802,7 @@ class SheafTrainer:
         # (the forces at the nudged state on the free state's stalks: `cellsheaf.learning.edge_gradients`)
         keys = [(name, "u") for name in self.weights]
         at = x if self.free_stalks else None
-        g, grads = learning._edgewise(self.sheaf, out, dict.fromkeys(keys), at=at)
+        g, grads = learning._edgewise(self.sheaf, out, dict.fromkeys(keys), at=at, skip=plan.fixed_vertices)
         if bool((g[:, plan.free].norm(dim=-1) > tol).any()):  # e.g. a coordinate crossed a ReLU kink
             out = cs.minimize(self.sheaf, self._boundary(X, Y), method="newton", x0=out, tol=tol,
                               max_iter=max_iter).x.flat
