@@ -430,7 +430,10 @@ class SheafTrainer:
         ``"joint"``: the paper's joint dynamics Eq. (26) (Eq. (42) with ``lam``/``mu``), forward Euler with
         step ``dt``: stalks and weights move together, the output clamped to the targets.
         ``"equilibrium"``: before each weight update the stalks relax to equilibrium with the current
-        weights (output clamped; warm-started Newton, [`cellsheaf.minimize`][cellsheaf.minimize.minimize]): the ``α ≫ β`` limit of
+        weights (output clamped; low-rank Newton steps from the batch's last equilibrium,
+        [`cellsheaf.nudge.low_rank_newton`][cellsheaf.nudge.low_rank_newton], and general Newton,
+        [`cellsheaf.minimize`][cellsheaf.minimize.minimize], for items they leave unconverged or for networks
+        with pins): the ``α ≫ β`` limit of
         Sec. 5.3. ``"nudged"``: the output is pulled toward the target by a loss edge of small weight
         ``gamma``; the local update divided by ``gamma`` tends to the gradient of the loss as
         ``gamma → 0`` (the equilibrium-propagation argument: at the free equilibrium every edge has zero
