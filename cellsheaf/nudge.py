@@ -215,23 +215,23 @@ def low_rank_newton(S, plan: PropagationPlan, x: Tensor, tol: float = 1e-10, max
     (``k``: the dimension of the rest's edges; ``m``: coordinates held on kinks), small solves
     per item and one forward sweep. The step is exact for the Gauss–Newton model at the current
     point: for ReLU-type maps and quadratic rest edges it reaches the minimum of the current
-    activation region, so from a warm start (the previous equilibrium, weights changed a little)
-    one step usually converges.
+    activation region, and from a warm start (the previous equilibrium, weights changed a little)
+    a few steps converge (quadratically once the activation pattern settles).
 
-    Kinks as in `cellsheaf.gauss_newton.newton`: coordinates that sit on the kink of the
-    piecewise-smooth map they feed at the start (a warm start from an equilibrium on a switching
+    Kinks as in [`cellsheaf.gauss_newton.newton`][cellsheaf.gauss_newton.newton]: coordinates that sit
+    on the kink of the piecewise-smooth map they feed at the start (a warm start from an equilibrium on a switching
     surface, Note 5.1), or that cross it on two steps running, are held there (a constraint of
     the step); stationarity is certified with both one-sided derivatives, and a held coordinate
     that one of them pushes off is let go. An item whose measure a step does not lower goes back
     and halves its step; after six halvings it stops, not converged (continue with Newton,
-    `cellsheaf.minimize`, from the result).
+    [`cellsheaf.minimize`][cellsheaf.minimize.minimize], from the result).
 
     Parameters
     ----------
     S : Sheaf
     plan : PropagationPlan
-        Of the determined part (e.g. `cellsheaf.propagation.plan` with ``edges=``); every other
-        edge of ``S`` is the rest.
+        Of the determined part (e.g. [`cellsheaf.propagation.plan`][cellsheaf.propagation.plan] with
+        ``edges=``); every other edge of ``S`` is the rest.
     x : tensor ``(B, C0)``
         The start, its fixed coordinates set (not changed).
     tol : float

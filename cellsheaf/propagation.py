@@ -494,7 +494,7 @@ class PropagationPlan:
     constant, constant_values : the fixed coordinates whose values were given when
         the plan was built (the same for every item and call), and those values.
     reads_free : one bool per step: whether its source stalk holds a free coordinate (the
-        sweeps of `cellsheaf.gauss_newton` skip the others' Jacobian products).
+        sweeps of [`cellsheaf.gauss_newton`][cellsheaf.gauss_newton] skip the others' Jacobian products).
     fixed_vertices : the vertices with no free coordinate.
     """
 
