@@ -308,7 +308,7 @@ def _below(c: Tensor) -> Tensor:
 
 
 def _stationarity(S, x: Tensor, free: Tensor, g: Tensor, held: Tensor, points: Tensor,
-                  tol: float) -> tuple[Tensor, Tensor, Tensor]:
+                  tol: float, grad=None) -> tuple[Tensor, Tensor, Tensor]:
     """Stationarity at the kinks per item, which coordinates should leave their kink, and to which side.
 
     ``g`` is the gradient with the fast selection rule (the right derivative at a
@@ -322,8 +322,10 @@ def _stationarity(S, x: Tensor, free: Tensor, g: Tensor, held: Tensor, points: T
     descends (a local minimum along each kink coordinate, not merely a Clarke point:
     at a concave kink both sides descend). Returns ``(measure, leave, left)``, ``leave``
     marking on-kink coordinates whose contribution exceeds ``tol / 10`` and ``left``
-    those that should leave to the left.
+    those that should leave to the left. ``grad`` (``x -> ∇E(x)``, ``(B, C0)``) evaluates the one-sided
+    gradients (default: the stacked operators).
     """
+    grad = grad or (lambda y: pullback(S, *forces(S, y), at=y))
     xf = x[:, free]
     c = _nearest_kink(xf, points)
     on = held | (~torch.isnan(points).all(-1) & ((xf - c).abs() <= _kink_band(xf)))
@@ -331,10 +333,9 @@ def _stationarity(S, x: Tensor, free: Tensor, g: Tensor, held: Tensor, points: T
         return g.norm(dim=-1), on, on
     smooth = g.masked_fill(on, 0.0)
     right, left = x.clone(), x.clone()
-    g_right = g if bool((xf[on] == c[on]).all()) else pullback(S, *forces(S, _set_free(right, free, on, c)),
-                                                                at=right)[:, free]
+    g_right = g if bool((xf[on] == c[on]).all()) else grad(_set_free(right, free, on, c))[:, free]
     _set_free(left, free, on, _below(c))
-    g_left = pullback(S, *forces(S, left), at=left)[:, free]
+    g_left = grad(left)[:, free]
     d = torch.where(g_left > 0, g_left, torch.where(g_right < 0, g_right, torch.zeros_like(g))).masked_fill(~on, 0.0)
     leave = on & (d.abs() > 0.1 * tol)
     return (smooth.square().sum(-1) + d.square().sum(-1)).sqrt(), leave, leave & (g_left > 0)

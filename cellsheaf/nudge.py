@@ -294,7 +294,7 @@ def low_rank_newton(S, plan: PropagationPlan, x: Tensor, tol: float = 1e-10, max
                     torch.where(worse, n0, norm)
             t = torch.where(worse, t / 2, torch.ones_like(t))
         measure, leave, left = (norm, None, None) if not bool((norm <= tol).any()) else \
-            _stationarity(S, x, fidx, gf, held, points, tol)
+            _stationarity(S, x, fidx, gf, held, points, tol, lambda y: _edgewise(S, y, {}, skip=plan.fixed_vertices)[0])
         if leave is not None and bool(leave.any()):  # a one-sided derivative pushes a held coordinate off
             go = leave & (norm <= tol).unsqueeze(-1)
             held = held & ~go
@@ -303,7 +303,8 @@ def low_rank_newton(S, plan: PropagationPlan, x: Tensor, tol: float = 1e-10, max
             ck = _nearest_kink(xf, points)
             x[:, fidx] = torch.where(go & left, _below(ck), torch.where(go, ck, xf))
             t = torch.where(go.any(-1), torch.ones_like(t), t)
-            gf = _edgewise(S, x, {}, skip=plan.fixed_vertices)[0][:, fidx]  # at the moved coordinates: the one-sided derivative of their side
+            # the gradient at the moved coordinates is the one-sided derivative of their side
+            gf = _edgewise(S, x, {}, skip=plan.fixed_vertices)[0][:, fidx]
             norm = gf.masked_fill(held, 0.0).norm(dim=-1)  # the merit of the next step counts the released ones
             prev, reverted = None, True
             measure = torch.where(go.any(-1), torch.full_like(measure, math.inf), measure)
@@ -355,7 +356,7 @@ def _step(S, plan, x: Tensor, gf: Tensor, held: Tensor, fidx: Tensor, free: Tens
         rhs.append(Hr)
     r = 1 + k + m
     ys = transposed_sweep(x, plan.steps, torch.cat(rhs).reshape(r * B, S.C0), plan.reads_free, overwrite=True)
-    E = torch.cat([y.reshape(r, B, -1) for y in ys], -1).permute(1, 2, 0)  # (B, n_e, r): [u | Y | H]
+    E = torch.cat([y.reshape(r, B, -1) for y in ys], -1).permute(1, 2, 0).contiguous()  # (B, n_e, r): [u|Y|H]
     u, Y, H = E[:, :, :1], E[:, :, 1:1 + k], E[:, :, 1 + k:]
     w = winv[:, None]
 
