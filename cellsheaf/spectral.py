@@ -419,6 +419,9 @@ def _attach_gradients(S, boundary, normalized, values: Tensor, vectors: Tensor, 
 
 def _first_positive(S, boundary, at, normalized, tol, method) -> tuple[float, np.ndarray]:
     """The smallest eigenvalue above ``tol`` and its eigenvector."""
+    if method not in ("auto", "dense", "sparse"):
+        raise ValueError(f"method must be 'auto', 'dense' or 'sparse' (the gap is found by scipy on the CPU), "
+                         f"got {method!r}")
     A = _operator(S, boundary, at, normalized)
     n = A.shape[0]
     if n == 0:

@@ -317,3 +317,10 @@ def test_eigenpairs_with_grad_do_not_warn_and_at_warns_that_it_detaches(recwarn)
     with pytest.warns(UserWarning, match="detached"):
         vals = cs.eigenpairs(S, 2, at=torch.zeros(S.C0, dtype=torch.float64)).values
     assert not vals.requires_grad
+
+
+@pytest.mark.parametrize("f", [cs.spectral_gap, cs.fiedler_vector])
+def test_gap_refuses_a_route_it_does_not_have(f):
+    S = cs.constant_sheaf(nx.path_graph(4), 1)
+    with pytest.raises(ValueError, match="'auto', 'dense' or 'sparse'.*'lobpcg'"):
+        f(S, method="lobpcg")
