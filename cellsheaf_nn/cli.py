@@ -49,8 +49,9 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Fie
                       model_validator)
 from torch import nn
 
-__all__ = ["main", "build_parser", "UserError", "ArchitectureSpec", "TrainConfig", "load_model", "load_array",
-           "save_array", "output_folder", "run_demo"]
+__all__ = ["main", "build_parser", "UserError", "ArchitectureSpec", "ModuleSpec", "DataSpec", "TrainConfig",
+           "save_model", "load_model", "import_user_module", "load_array", "load_dataset", "as_targets", "save_array",
+           "output_folder", "train_from_config", "run_demo"]
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USER = 0, 1, 2
 OUTPUTS = ("identity", "sigmoid", "softmax", "tanh")
@@ -93,6 +94,7 @@ class ArchitectureSpec(BaseModel):
         return model
 
     def describe(self, model: nn.Module) -> str:
+        """A short name of the architecture for reports: its sizes."""
         return str(self.sizes)
 
 
@@ -127,6 +129,7 @@ class ModuleSpec(BaseModel):
         return model
 
     def describe(self, model: nn.Module) -> str:
+        """A short name of the architecture for reports: the class name."""
         return type(model).__name__
 
 
