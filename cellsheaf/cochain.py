@@ -9,6 +9,8 @@ Examples
 tensor([1., 2., 3.])
 >>> x["u"]
 tensor([1., 2.])
+>>> (2 * x - x.flat)["v"], (x + x).numpy()
+(tensor([3.]), array([2., 4., 6.], dtype=float32))
 """
 
 from __future__ import annotations
@@ -85,6 +87,46 @@ class Cochain:
 
     def __repr__(self) -> str:
         return f"Cochain(shape={tuple(self.flat.shape)}, dtype={self.flat.dtype})"
+
+    def numpy(self):
+        """The flat values as a numpy array (detached, on the CPU)."""
+        return self.flat.detach().cpu().numpy()
+
+    # arithmetic: cochains of one sheaf form a vector space (+, -, scalar *); the result has no solver info
+
+    def _other(self, other) -> Tensor:
+        if isinstance(other, Cochain):
+            if other.sheaf is not self.sheaf and other.sheaf.C0 != self.sheaf.C0:
+                raise ValueError("cannot combine cochains of sheaves with different layouts "
+                                 f"(C0 = {self.sheaf.C0} and {other.sheaf.C0})")
+            return other.flat
+        return as_flat(self.sheaf, other)
+
+    def __add__(self, other) -> "Cochain":
+        return Cochain(self.sheaf, self.flat + self._other(other))
+
+    __radd__ = __add__
+
+    def __sub__(self, other) -> "Cochain":
+        return Cochain(self.sheaf, self.flat - self._other(other))
+
+    def __rsub__(self, other) -> "Cochain":
+        return Cochain(self.sheaf, self._other(other) - self.flat)
+
+    def __neg__(self) -> "Cochain":
+        return Cochain(self.sheaf, -self.flat)
+
+    def __mul__(self, scalar) -> "Cochain":
+        if isinstance(scalar, Cochain) or (isinstance(scalar, Tensor) and scalar.dim() > 0):
+            return NotImplemented  # only scalars: a product of cochains is not a cochain
+        return Cochain(self.sheaf, self.flat * scalar)
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, scalar) -> "Cochain":
+        if isinstance(scalar, Cochain) or (isinstance(scalar, Tensor) and scalar.dim() > 0):
+            return NotImplemented
+        return Cochain(self.sheaf, self.flat / scalar)
 
 
 def as_flat(sheaf, x) -> Tensor:

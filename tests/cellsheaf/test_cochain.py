@@ -110,3 +110,24 @@ def test_complex_cochains_are_refused(S, bad):
 
 def test_integer_cochains_take_the_sheaf_dtype(S):
     assert as_flat(S, torch.arange(S.C0)).dtype == S.dtype
+
+
+def test_cochain_arithmetic():
+    S = cs.Sheaf(); S.add_vertex("u", 2); S.add_vertex("v", 1)
+    x = cs.Cochain(S, torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+    y = cs.Cochain(S, torch.tensor([[0.5, 0.0, -1.0], [1.0, 1.0, 1.0]], dtype=torch.float64))
+    torch.testing.assert_close((x + y).flat, x.flat + y.flat)                 # broadcasts over the batch
+    torch.testing.assert_close((x - y).flat, x.flat - y.flat)
+    torch.testing.assert_close((y - x.flat).flat, y.flat - x.flat)           # a flat tensor on either side
+    torch.testing.assert_close((x.flat - y).flat, x.flat - y.flat)
+    torch.testing.assert_close((2.5 * x).flat, 2.5 * x.flat)
+    torch.testing.assert_close((x * 2 / 4)["u"], torch.tensor([0.5, 1.0], dtype=torch.float64))
+    torch.testing.assert_close((-x)["v"], torch.tensor([-3.0], dtype=torch.float64))
+    assert (x + {"u": torch.ones(2, dtype=torch.float64), "v": torch.ones(1, dtype=torch.float64)}).numpy().tolist() \
+        == [2.0, 3.0, 4.0]
+    assert isinstance(x.numpy(), np.ndarray) and (x + y).info is None
+    with pytest.raises(TypeError):
+        x * y
+    T = cs.Sheaf(); T.add_vertex("w", 1)
+    with pytest.raises(ValueError, match="different layouts"):
+        x + cs.Cochain(T, torch.zeros(1))
