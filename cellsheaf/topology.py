@@ -158,7 +158,7 @@ def pair_cohomology(S, vertices: Iterable[Hashable], edges: Iterable[Hashable] |
     vertices : the vertices of ``A``.
     edges : the edges of ``A`` (each with both endpoints in ``vertices``); default: every edge of ``G``
         between two vertices of ``A`` (the induced subgraph).
-    tol, exact, method, k : as in `cellsheaf.cohomology`.
+    tol, exact, method, k : as in [`cellsheaf.cohomology`][cellsheaf.cohomology.cohomology].
 
     Examples
     --------
@@ -271,7 +271,7 @@ class SheafMorphism:
         return torch.as_tensor(y).to(torch.float64) @ self.matrix(1).T
 
     def on_h0(self) -> Tensor:
-        """The induced map ``H⁰(F) -> H⁰(G)`` in the orthonormal bases of `cellsheaf.cohomology`: ``H0_Gᵀ φ⁰ H0_F``."""
+        """The induced map ``H⁰(F) -> H⁰(G)`` in the orthonormal bases of [`cellsheaf.cohomology`][cellsheaf.cohomology.cohomology]: ``H0_Gᵀ φ⁰ H0_F``."""
         HF, HG = self.source.cohomology().H0.double(), self.target.cohomology().H0.double()
         return HG.T @ self.matrix(0) @ HF
 
