@@ -47,7 +47,7 @@ from torch import Tensor
 
 from .boundary import Boundary, ResolvedBoundary
 from .cochain import check_finite
-from .maps import Affine, Compose, Identity, Linear, Map, ReLU, Select, Sigmoid, Tanh
+from .maps import Activation, Affine, Compose, Identity, Linear, Map, ReLU, Select, Sigmoid, Tanh
 
 __all__ = ["NotDeterminedError", "PropagationStep", "PropagationPlan", "BoundPlan", "schedule", "plan", "is_determined",
            "determined_part", "propagate"]
@@ -330,6 +330,14 @@ def _determined_part(S, fixed: Tensor) -> list[PropagationStep] | None:
 
 #: elementwise maps with an ``out=`` kernel (one pass, written straight into the cochain)
 _OUT_KERNELS = {ReLU: lambda v, out: torch.clamp_min(v, 0.0, out=out), Sigmoid: torch.sigmoid, Tanh: torch.tanh}
+_ACTIVATION_KERNELS = {torch.nn.functional.gelu: torch._C._nn.gelu, torch.nn.functional.silu: torch._C._nn.silu}
+
+
+def _out_kernel(G: Map):
+    """``kernel(v, out=...)`` writing ``G(v)`` into the cochain directly (ReLU, sigmoid, tanh, GELU, SiLU)."""
+    if isinstance(G, Activation):
+        return _ACTIVATION_KERNELS.get(G._kind.fn) if not G.options else None
+    return _OUT_KERNELS.get(type(G))
 
 
 def _narrow(F: Map, source: slice) -> tuple[Map, slice | Tensor]:
@@ -416,7 +424,7 @@ def _structured_affine(F: Affine, source: slice, tgt: slice, const: np.ndarray, 
                 torch.mm(a, W.T, out=o) if c is None else torch.addmm(c, a, W.T, out=o)
             else:
                 y = F.A.apply(a)
-                o.copy_(y if c is None else y + c)
+                o.copy_(y) if c is None else torch.add(y, c, out=o)
         return op
     return bind
 
@@ -457,7 +465,7 @@ def _step_binder(s: PropagationStep, const: np.ndarray, values: np.ndarray):
         if bind is not None:
             return bind
     G, cols = _narrow(F, s.source)
-    kernel = _OUT_KERNELS.get(type(G))
+    kernel = _out_kernel(G)
     if kernel is not None and scale is None and s.span is not None:
         return lambda x: partial(kernel, x[:, cols], out=x[:, tgt])
 

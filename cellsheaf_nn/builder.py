@@ -204,6 +204,8 @@ class Builder:
         self.parameters: dict[str, Tensor] = {}
         #: per module (by id): the edges compiled from its uses so far (a module used twice shares its parameters)
         self.uses: dict[int, list[int]] = {}
+        self._selected: dict[int, tuple[int, Tensor]] = {}  # select vertex -> (its source vertex, the indices)
+        self._keep: set[int] = set()
 
     # ------------------------------------------------------------------ primitives
     def input(self, dim: int, shape: Sequence[int] | None = None, name: str = "x") -> Value:
@@ -341,14 +343,53 @@ class Builder:
     def concat(self, inputs: Sequence[Value], *, kind: str = "concat") -> Value:
         """``[x_1; ...; x_n]``: a vertex whose blocks are copies of the inputs, one ``merge`` edge each.
 
-        The concatenation *is* a merge vertex (docs: Architecture, "Skip connections").
+        The concatenation *is* a merge vertex (docs: Architecture, "Skip connections"). An input made by
+        `select` is copied straight from its source (the copy edge carries the selection).
         """
         m = self.vertex(sum(x.dim for x in inputs), kind=kind)
         start = 0
         for x in inputs:
-            self.edge(x, m, _identity(x.dim), kind="merge", block=(start, x.dim))
+            src, F = self._source(x)
+            self.edge(src, m, F, kind="merge", block=(start, x.dim))
             start += x.dim
         return m
+
+    def select(self, x: Value, indices, shape: Sequence[int] | None = None) -> Value:
+        """``x[indices]`` (a shape op that moves coordinates: transpose, slicing, chunk): a new vertex and a
+        ``select`` edge with the map `cellsheaf.maps.Select`.
+
+        A selection of a selection reads the first source directly, and merge vertices copy a selection
+        straight from its source; a selection vertex that no edge reads in the end (and that is not kept,
+        see `keep`) is left out of the sheaf by `finish`. Its coordinates are copies, so nothing is lost.
+
+        Examples
+        --------
+        >>> import torch, cellsheaf_nn as csnn
+        >>> b = csnn.Builder(torch.float64); x = b.input(4)
+        >>> t = b.select(b.select(x, [3, 2, 1, 0]), [0, 1])   # reads x[[3, 2]]; the first one is dropped
+        >>> b.name(t, "t"); b.keep(t); b.finish().sheaf.edges
+        ['select:t']
+        """
+        src, base = self._selected.get(x.vertex, (x.vertex, None))
+        idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+        idx = idx if base is None else base[idx]
+        v = self._vertices[src]
+        z = self.vertex(len(idx), kind="select", shape=shape if shape is not None else (len(idx),))
+        self.edge(Value(src, v.dim, v.shape), z, M.Select(idx, v.dim), kind="select")
+        self._selected[z.vertex] = (src, idx)
+        return z
+
+    def keep(self, value: Value) -> None:
+        """Keep ``value``'s vertex in the sheaf even if no edge reads it (an output of the network)."""
+        self._keep.add(value.vertex)
+
+    def _source(self, x: Value) -> tuple[Value, M.Map]:
+        """Where a copy of ``x`` reads from: its own vertex (the identity), or the source of a selection."""
+        if x.vertex not in self._selected:
+            return x, _identity(x.dim)
+        src, idx = self._selected[x.vertex]
+        v = self._vertices[src]
+        return Value(src, v.dim, v.shape), M.Select(idx, v.dim)
 
     def combine(
         self,
@@ -477,14 +518,20 @@ class Builder:
     def finish(self) -> Built:
         """Lay out the stalks and build the sheaf: the sheaf, the vertex and edge layouts, the writebacks.
 
-        Unnamed vertices are named ``"v{k}"``. Vertices and edges keep their creation order.
+        Unnamed vertices are named ``"v{k}"``. Vertices and edges keep their creation order. Selection
+        vertices that nothing reads (`select`) are left out.
         """
         names = [v.name if v.name is not None else f"v{k}" for k, v in enumerate(self._vertices)]
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"vertex names {sorted(dup)} are used twice; give unique names")
+        read = {e.src for e in self._edges}
+        dropped = {k for k in self._selected if k not in read and k not in self._keep}
+        edges_kept = [e for e in self._edges if e.dst not in dropped]
         layout: dict[str, VertexInfo] = {}
         for k, v in enumerate(self._vertices):
+            if k in dropped:
+                continue
             ones, start = [], v.dim
             for size in v.ones:
                 ones.append(slice(start, start + size))
@@ -495,11 +542,11 @@ class Builder:
         for name, info in layout.items():
             S.add_vertex(name, info.dim)
         counts: dict[tuple[str, int], int] = {}
-        for e in self._edges:
+        for e in edges_kept:
             counts[(e.kind, e.dst)] = counts.get((e.kind, e.dst), 0) + 1
         seen: dict[tuple[str, int], int] = {}
         edges: dict[str, EdgeInfo] = {}
-        for e in self._edges:
+        for e in edges_kept:
             key = (e.kind, e.dst)
             name = f"{e.kind}:{names[e.dst]}"
             if counts[key] > 1:
@@ -508,7 +555,7 @@ class Builder:
             ones = src.ones[e.ones_index] if e.ones_index is not None else None
             S.add_edge(src.name, dst.name, _source_map(e, src, ones, dst.shape), _target_map(e, dst), name=name)
             edges[name] = EdgeInfo(name, e.kind, src.name, dst.name, e.layer, e.module, ones)
-        writebacks = [(name, e.module, e.writeback) for name, e in zip(edges, self._edges) if e.writeback]
+        writebacks = [(name, e.module, e.writeback) for name, e in zip(edges, edges_kept) if e.writeback]
         return Built(S, layout, edges, writebacks, dict(self.parameters))
 
 

@@ -460,6 +460,7 @@ def compile(
     if all(y.vertex in {q.value.vertex for q in inputs} for y in outs):
         raise CompileError(f"{type(model).__name__} returns its input unchanged: there is nothing to compile")
     for k, y in enumerate(outs):
+        c.b.keep(y)
         if c.b.kind(y) == "act" and sum(o.vertex == y.vertex for o in outs) == 1:
             c.b.set_kind(y, "out")
             base = "y" if len(outs) == 1 else f"y{k}"

@@ -90,8 +90,21 @@ class OpCompiler:
             return t.__name__
         if _key(t) != t:
             return f"Tensor.{t.__name__}"
-        module = (getattr(t, "__module__", None) or "torch").lstrip("_")
-        return f"{module}.{getattr(t, '__name__', repr(t))}"
+        name = getattr(t, "__name__", repr(t))
+        for prefix, home in (("torch", torch), ("torch.nn.functional", F), ("operator", operator)):
+            if getattr(home, name, None) is t:
+                return f"{prefix}.{name}"
+            alias = next((n for n, obj in vars(home).items() if obj is t and not n.startswith("_")), None)
+            if alias is not None:  # F.logsigmoid is torch._C._nn.log_sigmoid
+                return f"{prefix}.{alias}"
+        return f"{(getattr(t, '__module__', None) or 'torch').lstrip('_')}.{name}"
+
+    @property
+    def group(self) -> str:
+        """``"modules"``, ``"functions"`` or ``"tensor methods"``: what kind of target this compiles."""
+        if isinstance(self.target, type):
+            return "modules"
+        return "tensor methods" if self.label.startswith("Tensor.") else "functions"
 
 
 _REGISTRY: dict[Any, OpCompiler] = {}
@@ -169,16 +182,30 @@ def lookup(target) -> OpCompiler | None:
         return None
 
 
-def supported_ops() -> list[str]:
-    """Readable names of every target with a compiler, sorted.
+def supported_ops(grouped: bool = False) -> list[str] | dict[str, list[str]]:
+    """Readable names of every target with a compiler, sorted; with ``grouped=True`` a mapping
+    ``{"modules": [...], "functions": [...], "tensor methods": [...]}``.
+
+    Modules are ``nn.Module`` classes (``"Conv2d"``; subclasses inherit their compiler), functions are
+    named where torch users call them (``"torch.matmul"``, ``"torch.nn.functional.gelu"``,
+    ``"operator.add"`` for ``+``), tensor methods as ``"Tensor.view"``. Compilers registered with
+    `register` are listed too.
 
     Examples
     --------
     >>> import cellsheaf_nn as csnn
     >>> "Linear" in csnn.supported_ops()
     True
+    >>> ops = csnn.supported_ops(grouped=True)
+    >>> "Conv2d" in ops["modules"], "torch.matmul" in ops["functions"], "Tensor.transpose" in ops["tensor methods"]
+    (True, True, True)
     """
-    return sorted({c.label for c in _REGISTRY.values()})
+    if not grouped:
+        return sorted({c.label for c in _REGISTRY.values()})
+    out: dict[str, set[str]] = {"modules": set(), "functions": set(), "tensor methods": set()}
+    for c in _REGISTRY.values():
+        out[c.group].add(c.label)
+    return {k: sorted(v) for k, v in out.items()}
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -600,7 +627,7 @@ def _index_op(run: Callable[..., Any]) -> Callable[..., Value]:
             if len(idx) == n and bool((idx == torch.arange(n)).all()):
                 values.append(Value(x.vertex, n, shape))  # a reshape: the same coordinates
             else:
-                values.append(b.affine(x, M.Select(idx, n), kind="select", trainable=False, shape=shape))
+                values.append(b.select(x, idx, shape))
         return tuple(values) if isinstance(out, (tuple, list)) else values[0]
 
     return compile_fn

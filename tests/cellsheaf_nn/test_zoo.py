@@ -250,3 +250,28 @@ def test_a_model_without_tensors_compiles_in_torchs_default_dtype_unless_told():
     finally:
         torch.set_default_dtype(old)
     assert csnn.compile(_Buffered(), input_shape=(6,)).dtype == F64
+
+
+def test_shape_ops_are_read_through_not_stored():
+    # chunk -> view -> transpose of the qkv projection: the copy edges into the attention products read the
+    # projection directly; only the head merge before the output projection is a vertex of its own
+    torch.manual_seed(0)
+    ns = csnn.compile(TransformerBlock(8, 2).double(), input_shape=(3, 8))
+    assert [v for v, info in ns.layout.items() if info.kind == "select"] == ["transpose_4"]
+    assert ns.edge_info["merge:matmul.in.0"].u == ns.edge_info["merge:matmul.in.1"].u == "z1"
+    model = nn.Sequential(nn.Linear(4, 6), nn.Unflatten(1, (2, 3)), nn.Flatten()).double()  # a reshape only
+    x = torch.randn(5, 4, dtype=F64)
+    assert torch.equal(csnn.compile(model).infer(x), model(x).detach())
+
+
+def test_supported_ops_grouped_by_kind_with_the_names_users_call():
+    ops = csnn.supported_ops(grouped=True)
+    assert set(ops) == {"modules", "functions", "tensor methods"}
+    for name in ("Conv2d", "MaxPool2d", "LayerNorm", "MultiheadAttention", "GELU", "BatchNorm2d"):
+        assert name in ops["modules"]
+    for name in ("torch.matmul", "torch.nn.functional.gelu", "torch.nn.functional.logsigmoid", "operator.add",
+                 "torch.where", "torch.split"):
+        assert name in ops["functions"]
+    assert {"Tensor.view", "Tensor.transpose", "Tensor.mean"} <= set(ops["tensor methods"])
+    assert sorted(n for names in ops.values() for n in names) == csnn.supported_ops()
+    assert not any("_C" in n for names in ops.values() for n in names)
