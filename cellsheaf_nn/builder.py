@@ -375,7 +375,7 @@ class Builder:
         idx = idx if base is None else base[idx]
         v = self._vertices[src]
         z = self.vertex(len(idx), kind="select", shape=shape if shape is not None else (len(idx),))
-        self.edge(Value(src, v.dim, v.shape), z, M.Select(idx, v.dim), kind="select")
+        self.edge(Value(src, v.dim, v.shape), z, M.Select(idx, v.dim, z.shape), kind="select")
         self._selected[z.vertex] = (src, idx)
         return z
 
@@ -389,7 +389,7 @@ class Builder:
             return x, _identity(x.dim)
         src, idx = self._selected[x.vertex]
         v = self._vertices[src]
-        return Value(src, v.dim, v.shape), M.Select(idx, v.dim)
+        return Value(src, v.dim, v.shape), M.Select(idx, v.dim, self._vertices[x.vertex].shape)
 
     def combine(
         self,

@@ -288,15 +288,21 @@ class Select(Map):
     tensor([0., 5.])
     """
 
-    def __init__(self, indices: Sequence[int], d_in: int):
+    def __init__(self, indices: Sequence[int], d_in: int, shape: Sequence[int] | None = None):
         idx = torch.as_tensor(list(indices) if not isinstance(indices, Tensor) else indices, dtype=torch.long)
         if idx.dim() != 1:
             raise ValueError("Select needs a 1-d list of indices")
         if idx.numel() and (idx.min() < 0 or idx.max() >= d_in):
             raise IndexError(f"Select indices must lie in [0, {d_in}), got {idx.tolist()}")
         self.indices, self.d_in, self.d_out = idx, int(d_in), int(idx.numel())
+        self._grid = _strided(idx, tuple(shape)) if shape is not None else None
 
     def apply(self, x):
+        if self._grid is not None and x.dim() >= 1 and x.stride(-1) == 1:  # a strided view, copied once
+            shape, offset, strides = self._grid
+            lead = x.shape[:-1]
+            view = x.as_strided((*lead, *shape), (*x.stride()[:-1], *strides), x.storage_offset() + offset)
+            return view.reshape(*lead, self.d_out)
         return x[..., self.indices.to(x.device)]
 
     def adjoint(self, y):
@@ -313,6 +319,23 @@ class Select(Map):
 
     def coo(self):
         return np.arange(self.d_out), self.indices.numpy(), np.ones(self.d_out)
+
+
+def _strided(idx: Tensor, shape: tuple[int, ...]):
+    """``(shape, offset, strides)`` when ``idx`` is ``offset + Σ_k i_k strides_k`` over the grid ``shape`` with
+    non-negative strides (a transpose, slice, chunk or permute of a reshaped stalk), else ``None``."""
+    if math.prod(shape) != len(idx) or not len(idx):
+        return None
+    grid = idx.reshape(shape)
+    offset = int(idx[0])
+    strides = [int(grid[tuple(int(j == k) for j in range(len(shape)))]) - offset if s > 1 else 0
+               for k, s in enumerate(shape)]
+    if min(strides, default=0) < 0:
+        return None
+    want = torch.full(shape, offset, dtype=torch.long)
+    for k, (s, st) in enumerate(zip(shape, strides)):
+        want += (torch.arange(s) * st).reshape([s if j == k else 1 for j in range(len(shape))])
+    return (shape, offset, tuple(strides)) if torch.equal(want, grid) else None
 
 
 class Diagonal(Map):
