@@ -356,7 +356,7 @@ class Builder:
 
     def select(self, x: Value, indices, shape: Sequence[int] | None = None) -> Value:
         """``x[indices]`` (a shape op that moves coordinates: transpose, slicing, chunk): a new vertex and a
-        ``select`` edge with the map `cellsheaf.maps.Select`.
+        ``select`` edge with the map [`cellsheaf.maps.Select`][cellsheaf.maps.Select].
 
         A selection of a selection reads the first source directly, and merge vertices copy a selection
         straight from its source; a selection vertex that no edge reads in the end (and that is not kept,
