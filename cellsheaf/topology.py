@@ -155,10 +155,13 @@ def pair_cohomology(S, vertices: Iterable[Hashable], edges: Iterable[Hashable] |
 
     Parameters
     ----------
-    vertices : the vertices of ``A``.
-    edges : the edges of ``A`` (each with both endpoints in ``vertices``); default: every edge of ``G``
+    vertices
+        The vertices of ``A``.
+    edges
+        The edges of ``A`` (each with both endpoints in ``vertices``); default: every edge of ``G``
         between two vertices of ``A`` (the induced subgraph).
-    tol, exact, method, k : as in [`cellsheaf.cohomology`][cellsheaf.cohomology.cohomology].
+    tol, exact, method, k
+        As in [`cellsheaf.cohomology`][cellsheaf.cohomology.cohomology].
 
     Examples
     --------
@@ -351,6 +354,18 @@ def pushforward(S, vertex_map: Mapping[Hashable, Hashable], edge_map: Mapping[Ha
             head_side = (e.v, e.Fv) if tail_side[0] is e.u else (e.u, e.Fu)
             for end, (v, F) in ((a, tail_side), (b, head_side)):
                 at = offset[end][v]
-                blocks[end].append(F.matrix().double().numpy() @ sections[end][at:at + S.dim(v)])
+                blocks[end].append(_on_sections(F.matrix().double().numpy(), sections[end][at:at + S.dim(v)]))
         P.add_edge(a, b, torch.as_tensor(np.vstack(blocks[a])), torch.as_tensor(np.vstack(blocks[b])), name=eps)
     return P
+
+
+
+def _on_sections(F: np.ndarray, basis: np.ndarray) -> np.ndarray:
+    """``F @ basis`` with its rounding noise (entries below ``n · eps · max|F|``) set to zero.
+
+    A map evaluated on sections it annihilates comes out as rounding noise, not zero; rank decisions
+    equilibrate stalk coordinates, so that noise must not pass for a small map.
+    """
+    B = F @ basis
+    B[np.abs(B) <= max(F.shape) * np.finfo(B.dtype).eps * np.abs(F).max(initial=0.0)] = 0.0
+    return B
