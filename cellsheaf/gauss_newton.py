@@ -386,7 +386,8 @@ def _fixed(S, free: Tensor) -> Tensor:
 
 def _kink_band(xf: Tensor) -> Tensor:
     """How close to a kink (relative to the largest free coordinate) counts as on it."""
-    return torch.finfo(xf.dtype).eps ** 0.5 * (1 + xf.abs().amax(-1, keepdim=True))
+    top = xf.abs().amax(-1, keepdim=True) if xf.shape[-1] else xf.new_zeros(*xf.shape[:-1], 1)
+    return torch.finfo(xf.dtype).eps ** 0.5 * (1 + top)
 
 
 def _set_free(x: Tensor, free: Tensor, mask: Tensor, value: Tensor | float) -> Tensor:

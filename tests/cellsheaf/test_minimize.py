@@ -362,3 +362,11 @@ def test_propagate_equals_newton_on_random_networks(seed, widths):
     assert p.converged and n.converged
     torch.testing.assert_close(p.x.flat, n.x.flat, rtol=0, atol=1e-9)
     torch.testing.assert_close(p.x["y"], net.forward(X)["y"])
+
+
+def test_newton_with_every_coordinate_fixed_returns_the_boundary():
+    S = cs.Sheaf(); S.add_vertex("a", 1); S.add_vertex("b", 1)
+    S.add_edge("a", "b", cs.maps.ReLU(1), torch.ones(1, 1, dtype=torch.float64))
+    b = cs.Boundary().fix("a", [[1.0]]).fix("b", [[2.0]])
+    res = cs.minimize(S, b, method="newton")
+    assert res.converged and res.energy == pytest.approx(0.5)
