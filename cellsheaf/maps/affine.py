@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .core import Linear, Structured, _as_tensor, as_map
+from .core import Linear, Structured, _DiagonalForm, _as_tensor, as_map
 
 __all__ = ["Affine", "Scale"]
 
@@ -207,7 +207,7 @@ class Affine(Structured):
         return np.concatenate([r, k]), np.concatenate([c, self.ones + k]), np.concatenate([v, b[k]])
 
 
-class Scale(Structured):
+class Scale(_DiagonalForm, Structured):
     """``x ↦ w ⊙ x`` with a weight ``w`` broadcast over the per-sample ``shape`` (times a constant ``factor``):
     a learned scalar (0-d or one value), a per-channel scale along ``axis``, or any tensor that broadcasts to
     ``shape`` as torch broadcasts (trailing axes). A `torch.nn.Parameter` weight stays the tensor that learns.
@@ -271,11 +271,3 @@ class Scale(Structured):
 
     def squared_vjp(self, x, d):
         return self._scaled(d, power=2)
-
-    def matrix(self):
-        return torch.diag(self.diagonal())
-
-    def coo(self):
-        v = self.diagonal().detach().double().cpu().numpy()
-        r = np.nonzero(v)[0]
-        return r, r, v[r]

@@ -338,7 +338,19 @@ def _strided(idx: Tensor, shape: tuple[int, ...]):
     return (shape, offset, tuple(strides)) if torch.equal(want, grid) else None
 
 
-class Diagonal(Map):
+class _DiagonalForm:
+    """``matrix()`` and ``coo()`` of a map given by its ``diagonal()``."""
+
+    def matrix(self):
+        return torch.diag(self.diagonal())
+
+    def coo(self):
+        v = self.diagonal().detach().double().cpu().numpy()
+        r = np.nonzero(v)[0]
+        return r, r, v[r]
+
+
+class Diagonal(_DiagonalForm, Map):
     """A diagonal map ``x -> v * x``.
 
     With ``shape``, ``v`` broadcasts to ``shape`` (a scalar, a per-channel ``(C, 1, 1)`` vector) and the map
@@ -374,14 +386,6 @@ class Diagonal(Map):
 
     def squared_vjp(self, x, d):
         return d * self.diagonal().to(dtype=d.dtype, device=d.device) ** 2
-
-    def matrix(self):
-        return torch.diag(self.diagonal())
-
-    def coo(self):
-        v = self.diagonal().detach().double().cpu().numpy()
-        r = np.nonzero(v)[0]
-        return r, r, v[r]
 
     def to(self, dtype=None, device=None):
         v = self.v.to(dtype=dtype or self.v.dtype, device=device or self.v.device)

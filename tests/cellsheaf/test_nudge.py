@@ -42,13 +42,7 @@ def test_nudged_equilibrium_is_newtons(widths, seed, gamma, kind):
     done = report["converged"]   # items where the fixed point does not contract are Newton's (the trainer's fallback)
     free = p.free
     # Newton from the same start, to the same tolerance, on the same sheaf
-    b = cs.Boundary()
-    for v in S.vertices:
-        sl = S.vertex_slice(v)
-        cols = [c - sl.start for c in fixed.tolist() if sl.start <= c < sl.stop]
-        if cols:
-            b.fix(v, x[:, [sl.start + c for c in cols]], coords=cols)
-    ref = cs.minimize(S, b, method="newton", x0=x, tol=1e-12)
+    ref = cs.minimize(S, _boundary_of(S, x, fixed), method="newton", x0=x, tol=1e-12)
     kinks = ref.extra["on_kinks"]
     ok = done & (kinks == 0)  # items whose Newton equilibrium rests on a ReLU kink may differ within O(γ) there
     torch.testing.assert_close(fast[ok][:, free], ref.x.flat[ok][:, free], rtol=1e-7, atol=1e-9)
