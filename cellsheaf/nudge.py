@@ -57,7 +57,7 @@ import torch
 from torch import Tensor
 
 from .energy import edge_forces
-from .gauss_newton import _tiled, determined_solve, forward_sweep, transposed_sweep
+from .gauss_newton import _tiled, _where, forward_sweep, transposed_sweep
 from .propagation import PropagationPlan
 
 __all__ = ["rest_gradient", "nudged_equilibrium", "free_gradient", "low_rank_newton"]
@@ -85,7 +85,7 @@ def rest_gradient(S, x: Tensor, edges) -> Tensor:
 
 
 def nudged_equilibrium(S, plan: PropagationPlan, x: Tensor, tol: float = 1e-10, max_iter: int = 10,
-                       verify: bool = True) -> tuple[Tensor, dict]:
+                       verify: bool = True, maps=None, at: Tensor | None = None) -> tuple[Tensor, dict]:
     """The equilibrium of ``S`` near the propagation ``x`` of its determined part (see the module notes).
 
     Parameters
@@ -101,39 +101,143 @@ def nudged_equilibrium(S, plan: PropagationPlan, x: Tensor, tol: float = 1e-10, 
     max_iter : int
         Fixed-point iterations (two sweeps each) at most.
     verify : bool
-        Measure the free gradient at the result by a full pass over the edges (the
-        iteration's own estimate misses a coordinate that crossed a ReLU kink). With
-        ``False`` the report holds the estimate, and the caller must verify.
+        Measure the free gradient at the result (the iteration's own estimate misses a coordinate
+        that crossed a ReLU kink). The edges of ``D`` whose maps are linear contribute exactly what
+        the sweeps solved for (up to rounding), so only the others (ReLU, softmax, ...) and the
+        rest are evaluated at the result: no pass over the linear edges. With ``False`` the report
+        holds the estimate, and the caller must verify.
+    maps : iterable of ``(edge, side)``, optional
+        Also return those maps' local gradients (Eq. 24, ``forceᵀ x`` over the batch) at the result,
+        in ``report["grads"]``. An edge of ``D`` with linear maps takes its force from the transposed
+        sweep (no evaluation of the edge), any other from its maps at the result.
+    at : tensor ``(B, C0)``, optional
+        The stalks the local gradients multiply (default: the result; ``x`` for the free state's).
 
     Returns
     -------
     x : tensor ``(B, C0)``, the nudged equilibrium (a new tensor).
-    report : dict with ``iterations``, ``grad_norm`` (``(B,)``) and ``converged`` (``(B,)`` bool).
+    report : dict with ``iterations``, ``grad_norm`` (``(B,)``), ``converged`` (``(B,)`` bool), and
+        ``grads`` (``{(edge, side): tensor}``) for ``maps``.
         When the iteration stops contracting (a rest too stiff for the fixed point) the best
         iterate is returned, not converged: continue with Newton from it.
     """
     used = {s.edge for s in plan.steps}
     rest = [name for name in S.edges if name not in used]
-    free = torch.zeros(S.C0, dtype=x.dtype, device=x.device)
-    free[plan.free.to(x.device)] = 1.0
-    gk = rest_gradient(S, x, rest) * free  # the gradient on the free coordinates only
-    xk, k = x, 0
+    fidx = plan.free.to(x.device)
+    cols, ends = _rest_layout(S, plan, rest)
+    cols = cols.to(x.device)  # the free coordinates the rest's gradient reaches
+    g0 = gk = rest_gradient(S, x, rest)[:, cols]
+    live = [r and not end for r, end in zip(plan.reads_free, ends)]
+    xk, ys, k = x, None, 0
     grad_norm = gk.norm(dim=-1)
     worst = float("inf")
     for k in range(1, max_iter + 1):
-        x_new = x - determined_solve(S, x, plan.steps, gk, plan.reads_free)
-        g_new = rest_gradient(S, x_new, rest) * free
+        r = x.new_zeros(x.shape)
+        r[:, cols] = gk
+        y = transposed_sweep(x, plan.steps, r, live, overwrite=True)
+        x_new = forward_sweep(x, plan.steps, [v / S.edge(s.edge).weight for s, v in zip(plan.steps, y)],
+                              live).neg_().add_(x)
+        for s, end in zip(plan.steps, ends):  # nothing reads a terminal step's targets: propagate them exactly
+            if end:
+                t = s.F.apply(x_new[:, s.source])
+                x_new[:, _where(s, x)] = t / s.scale.to(dtype=x.dtype, device=x.device) if s.scale is not None else t
+        g_new = rest_gradient(S, x_new, rest)[:, cols]
         norm = (g_new - gk).norm(dim=-1)
         peak = float(norm.max()) if norm.numel() else 0.0
         if not peak < worst:  # not contracting (the rest is too stiff): keep the best iterate
             k -= 1
             break
-        xk, gk, grad_norm, worst = x_new, g_new, norm, peak
+        xk, g0, ys, gk, grad_norm, worst = x_new, gk, y, g_new, norm, peak
         if peak <= tol:
             break
-    if verify:
-        grad_norm = free_gradient(S, xk, free).norm(dim=-1)
-    return xk, {"iterations": k, "grad_norm": grad_norm, "converged": grad_norm <= tol}
+    exact = {}  # the forces at the result of the steps' edges whose maps are not linear
+    if ys is None:
+        if verify:
+            free = x.new_zeros(S.C0)
+            free[fidx] = 1.0
+            grad_norm = free_gradient(S, xk, free).norm(dim=-1)
+    elif verify or maps:
+        res = x.new_zeros(x.shape) if verify else None
+        if verify:
+            res[:, cols] = gk - g0  # the rest's gradient moved since the last sweep
+        exact = _nonlinear_steps(S, plan, ends, x, xk, ys, res)
+        if verify:
+            grad_norm = res[:, fidx].norm(dim=-1)
+    report = {"iterations": k, "grad_norm": grad_norm, "converged": grad_norm <= tol}
+    if maps is not None:
+        report["grads"] = _local_gradients(S, plan, xk, ys, exact, maps, xk if at is None else at)
+    return xk, report
+
+
+def _rest_layout(S, plan: PropagationPlan, rest) -> tuple[Tensor, list[bool]]:
+    """``(cols, ends)`` for the rest ``rest`` (edge names): ``cols`` the free coordinates (sorted) on its edges'
+    vertices; ``ends`` one bool per step: whether no step reads its targets and no edge of ``rest`` touches them
+    (e.g. a softmax output beside a loss that reads the logits). A terminal step's adjoint vanishes, and
+    propagating it exactly leaves it no discord: the sweeps skip it. Cached on the plan per ``rest``."""
+    cache = plan.__dict__.setdefault("_rest_layout", {})
+    key = tuple(rest)
+    if key not in cache:
+        touched = torch.zeros(S.C0, dtype=torch.bool)
+        for name in rest:
+            e = S.edge(name)
+            touched[S.vertex_slice(e.u)] = True
+            touched[S.vertex_slice(e.v)] = True
+        free = torch.zeros(S.C0, dtype=torch.bool)
+        free[plan.free.cpu()] = True
+        read = touched.clone()
+        for s in plan.steps:
+            read[s.source] = True
+        ends = [not bool(read[s.span if s.span is not None else s.targets.cpu()].any()) for s in plan.steps]
+        cache[key] = (torch.nonzero(touched & free).flatten(), ends)
+    return cache[key]
+
+
+def _linear(e) -> bool:
+    return e.Fu.linear and e.Fv.linear
+
+
+def _nonlinear_steps(S, plan: PropagationPlan, ends: list[bool], x: Tensor, xk: Tensor, ys: list[Tensor],
+                     res: Tensor | None) -> dict:
+    """``{edge: (g_v, g_u)}``: the forces at ``xk`` of every step of ``D`` whose edge has a nonlinear map (a
+    terminal one, ``ends``, has none: it was propagated exactly). With ``res`` (``(B, C0)``), add to it each
+    such edge's pullback at ``xk`` minus the sweeps' model of it (the force ``(−y, y)`` pulled back at ``x``):
+    the share of the free gradient at ``xk`` the sweeps did not solve for."""
+    out = {}
+    for s, y, end in zip(plan.steps, ys, ends):
+        e = S.edge(s.edge)
+        if _linear(e) or end:
+            continue
+        gv, gu = out[s.edge] = edge_forces(S, s.edge, xk)
+        if res is None:
+            continue
+        for F, w, g, model in ((e.Fv, e.v, gv, -y), (e.Fu, e.u, gu, y)):
+            if w in plan.fixed_vertices:
+                continue
+            sl = S.vertex_slice(w)
+            res[:, sl] += F.vjp(xk[:, sl], g - model) if F.linear else \
+                F.vjp(xk[:, sl], g) - F.vjp(x[:, sl], model)
+    return out
+
+
+def _local_gradients(S, plan: PropagationPlan, xk: Tensor, ys, exact: dict, maps, src: Tensor) -> dict:
+    """Eq. (24) ``forceᵀ x`` for each ``(edge, side)`` of ``maps`` at the nudged state ``xk``: an edge of ``D``
+    with linear maps has the force ``(g_v, g_u) = (−y, y)`` of its step (``y`` from the transposed sweep), the
+    others their forces at ``xk``."""
+    from .learning import _eq24
+
+    swept = {s.edge: y for s, y in zip(plan.steps, ys)} if ys is not None else {}
+    grads = {}
+    for name, side in maps:
+        e = S.edge(name)
+        if name in exact:
+            gv, gu = exact[name]
+        elif name in swept and _linear(e):
+            gv, gu = -swept[name], swept[name]
+        else:
+            gv, gu = edge_forces(S, name, xk)
+        F, sl = (e.Fu, S.vertex_slice(e.u)) if side == "u" else (e.Fv, S.vertex_slice(e.v))
+        grads[(name, side)] = _eq24(F, gu if side == "u" else gv, src[:, sl])
+    return grads
 
 
 def free_gradient(S, x: Tensor, free: Tensor) -> Tensor:

@@ -799,14 +799,13 @@ class SheafTrainer:
         plan.run(x)
         tol = self.tol if self.tol is not None else 1e-4 * self.gamma
         max_iter = self.max_iter if self.max_iter is not None else 20
-        # the iteration's estimate aims 10x below tol: the measured gradient adds rounding to it
-        out, _ = cs.nudge.nudged_equilibrium(self.sheaf, plan, x, tol=tol / 10, max_iter=max_iter, verify=False)
-        # one pass over the edges: the true stationarity of the result and every weight edge's local rule
-        # (the forces at the nudged state on the free state's stalks: `cellsheaf.learning.edge_gradients`)
+        # the measure re-evaluates only the edges with nonlinear maps (the linear ones hold the sweeps' solution
+        # exactly), and the weight edges' local rule reads its forces off the transposed sweep (`cellsheaf.nudge`)
         keys = [(name, "u") for name in self.weights]
         at = x if self.free_stalks else None
-        g, grads = learning._edgewise(self.sheaf, out, dict.fromkeys(keys), at=at, skip=plan.fixed_vertices)
-        if bool((g[:, plan.free].norm(dim=-1) > tol).any()):  # e.g. a coordinate crossed a ReLU kink
+        out, report = cs.nudge.nudged_equilibrium(self.sheaf, plan, x, tol=tol, max_iter=max_iter, maps=keys, at=at)
+        grads = report["grads"]
+        if bool((report["grad_norm"] > tol).any()):  # e.g. a coordinate crossed a ReLU kink
             out = cs.minimize(self.sheaf, self._boundary(X, Y), method="newton", x0=out, tol=tol,
                               max_iter=max_iter).x.flat
             grads = learning.edge_gradients(self.sheaf, out, keys, at=at)

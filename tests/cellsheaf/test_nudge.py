@@ -85,6 +85,74 @@ def test_rest_gradient_and_no_rest():
     assert torch.equal(out, x2) and report["iterations"] == 1 and bool(report["converged"].all())
 
 
+@settings(max_examples=15, deadline=None)
+@given(st.lists(st.integers(1, 5), min_size=2, max_size=4), st.integers(0, 10_000), st.booleans(),
+       st.sampled_from([1e-6, 1e-3]))
+def test_measured_gradient_and_local_gradients_of_the_sweeps(widths, seed, free_stalks, gamma):
+    """The verified free gradient (only nonlinear edges re-evaluated) and the local gradients read off the
+    transposed sweep equal a full pass over every edge at the result."""
+    S, fixed, const = nudged_sheaf(widths, seed, gamma, cs.potentials.Huber(0.3))
+    g = torch.Generator().manual_seed(seed + 1)
+    p = cs.propagation.plan(S, fixed, const, torch.ones(len(const), dtype=F64), determined=True)
+    x = torch.zeros(5, S.C0, dtype=F64)
+    x[:, : widths[0]] = torch.randn(5, widths[0], generator=g, dtype=F64)
+    x[:, S.vertex_slice("t")] = torch.randn(5, widths[-1], generator=g, dtype=F64)
+    p.run(x)
+    keys = [(n, "u") for n in S.edges if n.startswith("weight")]
+    at = x if free_stalks else None
+    out, report = nudged_equilibrium(S, p, x, tol=1e-12, max_iter=3, maps=keys, at=at)
+    measured = gradient(S, out)[:, p.free].norm(dim=-1)
+    torch.testing.assert_close(report["grad_norm"], measured, rtol=1e-6, atol=1e-13)
+    want = cs.learning.edge_gradients(S, out, keys, at=at)
+    for k in keys:
+        torch.testing.assert_close(report["grads"][k], want[k], rtol=1e-7, atol=1e-13)
+
+
+def test_a_terminal_softmax_is_propagated_exactly():
+    """A softmax output beside a loss that reads the logits: the sweeps skip it, the result has no discord there."""
+    S, fixed, const = nudged_sheaf([3, 4, 3], 2, 1e-3, cs.potentials.CrossEntropy("softmax"))
+    S.add_vertex("p", 3)
+    S.add_edge("z2", "p", cs.maps.Softmax(3), cs.maps.Identity(3), name="out:p")
+    p = cs.propagation.plan(S, fixed, const, torch.ones(len(const), dtype=F64), determined=True)
+    x = torch.zeros(4, S.C0, dtype=F64)
+    x[:, :3] = torch.randn(4, 3, dtype=F64, generator=torch.Generator().manual_seed(0))
+    x[:, S.vertex_slice("t")] = torch.eye(3, dtype=F64)[[0, 2, 1, 0]]
+    p.run(x)
+    out, report = nudged_equilibrium(S, p, x, tol=1e-13, max_iter=20)
+    assert bool(report["converged"].all())
+    torch.testing.assert_close(out[:, S.vertex_slice("p")], torch.softmax(out[:, S.vertex_slice("z2")], -1),
+                               rtol=0, atol=1e-15)
+    assert bool((gradient(S, out)[:, p.free].norm(dim=-1) <= 1e-12).all())
+    ref = cs.minimize(S, _boundary_of(S, x, fixed), method="newton", x0=x, tol=1e-13)
+    torch.testing.assert_close(out[:, p.free], ref.x.flat[:, p.free], rtol=1e-9, atol=1e-12)
+
+
+def test_a_step_that_defines_its_u_end():
+    """An edge oriented against the propagation (its u end is the target): the same point as Newton's."""
+    g = torch.Generator().manual_seed(4)
+    A, B = torch.randn(3, 2, generator=g, dtype=F64), torch.randn(2, 3, generator=g, dtype=F64)
+    S = cs.Sheaf()
+    for v, d in (("x", 2), ("h", 3), ("y", 2), ("t", 2)):
+        S.add_vertex(v, d)
+    S.add_edge("h", "x", cs.maps.Identity(3), cs.maps.Linear(A), name="in")      # h := A x (its u end)
+    S.add_edge("h", "y", cs.maps.Linear(B), cs.maps.Identity(2), name="mid")
+    S.add_edge("y", "t", cs.maps.Identity(2), cs.maps.Identity(2), name="loss", weight=0.01)
+    fixed = torch.tensor([S.vertex_slice("x").start, S.vertex_slice("x").start + 1,
+                          S.vertex_slice("t").start, S.vertex_slice("t").start + 1])
+    p = cs.propagation.plan(S, fixed, determined=True)
+    assert [s.side for s in p.steps if s.edge == "in"] == ["u"]
+    x = torch.zeros(3, S.C0, dtype=F64)
+    x[:, fixed] = torch.randn(3, 4, generator=g, dtype=F64)
+    p.run(x)
+    keys = [("in", "v"), ("mid", "u")]
+    out, report = nudged_equilibrium(S, p, x, tol=1e-14, max_iter=50, maps=keys)
+    ref = cs.minimize(S, _boundary_of(S, x, fixed), method="newton", x0=x, tol=1e-14)
+    torch.testing.assert_close(out, ref.x.flat, rtol=1e-10, atol=1e-12)
+    want = cs.learning.edge_gradients(S, out, keys)
+    for k in keys:
+        torch.testing.assert_close(report["grads"][k], want[k], rtol=1e-8, atol=1e-14)
+
+
 def test_plan_of_the_determined_part_needs_one():
     S, fixed, const = nudged_sheaf([2, 3, 1], 0, 10.0)   # the loss edge is as stiff as the network
     with pytest.raises(cs.NotDeterminedError, match="no determined part"):
