@@ -525,16 +525,20 @@ def _csr_structure(plan: _Plan, D: list[Tensor], O: list[Tensor], device) -> tup
     return plan.cache[key]
 
 
-def _csr_laplacian(S, plan: _Plan, dtype, device) -> Tensor:
-    """The grouped part of ``L`` as a torch CSR matrix on ``device`` (values from the cached blocks, the
-    structure from the plan): what a matrix-free product runs on when nothing requires grad."""
-    key = ("L_torch_csr", dtype, torch.device(device))
+def _csr_laplacian(S, plan: _Plan, dtype, device, mode: str | None = None) -> Tensor:
+    """The grouped part of ``L`` (``mode``: its normalised form ``R L R``, ``R`` the degree roots) as a torch
+    CSR matrix on ``device`` (values from the cached blocks, the structure from the plan): what a
+    matrix-free product runs on when nothing requires grad."""
+    key = ("L_torch_csr", mode, dtype, torch.device(device))
     token = tuple(g.token() for g in plan.groups)
     hit = S._cache.get(key)
     if hit is not None and hit[0] == token:
         return hit[1]
     D, O = _cached_blocks(S, plan, dtype, device)
     crow, col, slot = _csr_structure(plan, D, O, device)
+    if mode is not None:
+        with torch.no_grad():
+            D, O = _normalized_blocks(S, plan, D, O, mode, dtype, device)
     _, _, vals = _block_pieces(plan, D, O, device)
     flat = torch.cat([v.reshape(-1) for v in vals]) if vals else torch.zeros(0, dtype=dtype, device=device)
     values = flat.new_zeros(col.shape[0]).index_add_(0, slot, flat)
@@ -543,6 +547,26 @@ def _csr_laplacian(S, plan: _Plan, dtype, device) -> Tensor:
         L = torch.sparse_csr_tensor(crow, col, values, (plan.C0, plan.C0), check_invariants=False)
     S._cache[key] = (token, L)
     return L
+
+
+def _normalized_blocks(S, plan: _Plan, D: list[Tensor], O: list[Tensor], mode: str, dtype, device):
+    """Vertex blocks ``R_v D_v R_v`` and edge blocks ``R_u L_uv R_v`` of ``R L R`` (``R`` the degree roots),
+    each block in the form (diagonal or dense) of the one it scales."""
+    R = _degree_roots(S, plan, dtype, device, mode)
+    vgroups = plan.vertices.groups(device)
+    slot = {d: k for k, (d, *_) in enumerate(vgroups)}
+    rowpos = vgroups[0][3] if vgroups else None
+
+    def scale(A: Tensor, Ru: Tensor, Rv: Tensor) -> Tensor:
+        if A.dim() == 2 and Ru.dim() == 2 and Rv.dim() == 2:
+            return Ru * A * Rv
+        dense = lambda b: torch.diag_embed(b) if b.dim() == 2 else b  # noqa: E731
+        return dense(Ru) @ dense(A) @ dense(Rv)
+
+    D = [scale(blk, r, r) for blk, r in zip(D, R)]
+    O = [scale(blk, R[slot[g.du]][rowpos[g.index(device)["u"]]], R[slot[g.dv]][rowpos[g.index(device)["v"]]])
+         for g, blk in zip(plan.groups, O)]
+    return D, O
 
 
 def _singles_laplacian(S, plan: _Plan, xb: Tensor, at) -> Tensor | None:

@@ -7,16 +7,20 @@ sheaf at a point; ``normalized=True`` uses ``D^{-1/2} L D^{-1/2}``
 ([`cellsheaf.operators.laplacian`][cellsheaf.operators.laplacian]). Computations run in float64; results come
 back in the sheaf's dtype, on its device.
 
-Routes (``method``): ``"lobpcg"`` (torch, matrix-free, on the sheaf's device:
-block LOBPCG on [`cellsheaf.operators.apply_laplacian`][cellsheaf.operators.apply_laplacian], `cellsheaf.lobpcg`),
-``"dense"`` (LAPACK ``eigh`` of the assembled scipy matrix), ``"sparse"``
-(scipy; smallest eigenvalues: Lanczos (ARPACK) without any factorisation for
-operators above 4000 rows, with repeated eigenvalues checked by deflation; block
-inverse iteration on one sparse LU of ``L + sI`` for smaller ones or when Lanczos
-does not converge; largest: ARPACK Lanczos). ``"auto"``: on the CPU dense up to
-[`DENSE_LIMIT`][cellsheaf.spectral.DENSE_LIMIT] coordinates and scipy's sparse routes above; on any other device
-``"lobpcg"``, so that nothing leaves the device (the scipy routes copy the
-operator to the CPU, and say so once). [`eigenpairs`][cellsheaf.spectral.eigenpairs] results carry ``.info``
+Routes (``method``): ``"lanczos"`` (torch, on the sheaf's device: thick-restart
+Lanczos, `cellsheaf.lanczos`, on a torch CSR matrix of the operator built from the
+sheaf's cached blocks, or matrix-free through
+[`cellsheaf.operators.apply_laplacian`][cellsheaf.operators.apply_laplacian]), ``"lobpcg"`` (torch, block
+LOBPCG on the same operator, `cellsheaf.lobpcg`), ``"dense"`` (LAPACK ``eigh`` of
+the assembled scipy matrix), ``"sparse"`` (scipy; smallest eigenvalues: Lanczos
+(ARPACK) without any factorisation for operators above 4000 rows, with repeated
+eigenvalues checked by deflation; block inverse iteration on one sparse LU of
+``L + sI`` for smaller ones or when Lanczos does not converge; largest: ARPACK
+Lanczos). ``"auto"``: on the CPU dense up to [`DENSE_LIMIT`][cellsheaf.spectral.DENSE_LIMIT] coordinates; above it
+[`eigenpairs`][cellsheaf.spectral.eigenpairs] takes ``"lanczos"`` (falling back to ``"sparse"`` if it does not
+converge) and the other functions ``"sparse"``; on any other device ``"lanczos"``,
+so that nothing leaves the device (the scipy routes copy the operator to the CPU,
+and say so once). [`eigenpairs`][cellsheaf.spectral.eigenpairs] results carry ``.info``
 (route, iterations, residual) and are differentiable with respect to the maps
 where the eigenvalues are simple (positional encodings for sheaf neural
 networks); the backward pass is pure torch on every route.
@@ -36,7 +40,7 @@ Examples
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import warnings
 
@@ -48,8 +52,9 @@ import torch
 from torch import Tensor
 
 from .cochain import as_flat
+from .lanczos import lanczos
 from .lobpcg import deflated_solve, lobpcg
-from .operators import apply_laplacian, fixed_indices, laplacian
+from .operators import _check_normalized, _csr_laplacian, _plan, apply_laplacian, fixed_indices, laplacian
 from .results import SolveInfo
 
 __all__ = ["Eigenpairs", "eigenpairs", "spectral_gap", "fiedler_vector", "lambda_max", "block_energy",
@@ -74,9 +79,10 @@ class Eigenpairs(_Pairs):
     given (in the order of ``boundary.resolve(S).free``). It unpacks as
     ``values, vectors``; ``.info`` (a [`SolveInfo`][cellsheaf.results.SolveInfo]) says which route ran, how many
     iterations it took (``iterations``: block iterations of LOBPCG, operator
-    applications of Lanczos, 0 for a dense solve) and the largest residual
-    ``‖A v − λ v‖`` relative to ``‖A‖`` (``residual``); ``info.extra`` holds
-    ``"applications"`` (columns the operator was applied to) on the LOBPCG route.
+    applications of Lanczos (``"lanczos"`` in torch, ``"arpack"`` in scipy), 0 for a dense
+    solve) and the largest residual ``‖A v − λ v‖`` relative to ``‖A‖`` (``residual``);
+    ``info.extra`` holds ``"applications"`` (columns the operator was applied to) on the
+    LOBPCG route and ``"restarts"`` on the torch Lanczos route.
     """
 
     info: SolveInfo | None
@@ -103,11 +109,11 @@ def _operator(S, boundary, at, normalized: bool) -> sp.csr_matrix:
 
 
 def _route(n: int, method: str, device: torch.device | None = None) -> str:
-    if method not in ("auto", "dense", "sparse", "lobpcg"):
-        raise ValueError(f"method must be 'auto', 'dense', 'sparse' or 'lobpcg', got {method!r}")
+    if method not in ("auto", "dense", "sparse", "lanczos", "lobpcg"):
+        raise ValueError(f"method must be 'auto', 'dense', 'sparse', 'lanczos' or 'lobpcg', got {method!r}")
     if method == "auto":
         if device is not None and device.type != "cpu":
-            return "lobpcg"
+            return "lanczos"
         return "dense" if n <= DENSE_LIMIT else "sparse"
     return method
 
@@ -219,12 +225,14 @@ def eigenpairs(S, k: int, which: str = "smallest", boundary=None, at=None, norma
         Linearisation point (needed for nonlinear maps).
     normalized : bool or "augmented"
         Use ``D^{-1/2} L D^{-1/2}`` (``True``) or ``(D + I)^{-1/2} L (D + I)^{-1/2}`` (``"augmented"``).
-    method : {"auto", "dense", "sparse", "lobpcg"}
-        ``"lobpcg"``: block LOBPCG in torch on the matrix-free operator, on the sheaf's device
-        (``"auto"`` off the CPU). ``"sparse"`` (``"auto"`` on the CPU above [`DENSE_LIMIT`][cellsheaf.spectral.DENSE_LIMIT]) finds
-        the smallest eigenpairs by Lanczos (ARPACK, no factorisation; repeated eigenvalues
-        verified by deflation), and falls back to block inverse iteration on a sparse LU when
-        Lanczos does not converge. ``"dense"``: LAPACK.
+    method : {"auto", "dense", "sparse", "lanczos", "lobpcg"}
+        ``"lanczos"`` (``"auto"`` above [`DENSE_LIMIT`][cellsheaf.spectral.DENSE_LIMIT] and off the CPU): thick-restart
+        Lanczos in torch on the sheaf's device (`cellsheaf.lanczos`; repeated eigenvalues searched
+        for by deflation; on the CPU ``"auto"`` falls back to ``"sparse"`` if it does not
+        converge). ``"lobpcg"``: block LOBPCG in torch. ``"sparse"`` finds the smallest
+        eigenpairs by scipy's Lanczos (ARPACK, no factorisation; repeated eigenvalues verified
+        by deflation), and falls back to block inverse iteration on a sparse LU when Lanczos does
+        not converge. ``"dense"``: LAPACK.
     differentiable : bool, optional
         Attach gradients with respect to the maps and weights (default: when grad mode is on
         and a map requires grad): eigenvalues by ``dλ = vᵀ dA v``, eigenvectors by their
@@ -268,8 +276,13 @@ def eigenpairs(S, k: int, which: str = "smallest", boundary=None, at=None, norma
     elif differentiable and at is not None:
         raise ValueError("differentiable eigenpairs need a linear sheaf: linearize it first (S.linearize(x))")
     route = _route(n, method, S.device)
-    if route == "lobpcg":
-        values, vectors, info, nxt = _lobpcg_route(S, boundary, at, normalized, k, which)
+    if method == "auto" and route == "sparse":  # on the CPU above DENSE_LIMIT: torch Lanczos, then scipy
+        try:
+            values, vectors, info, nxt = _torch_route(S, boundary, at, normalized, k, which, "lanczos")
+        except RuntimeError:
+            values, vectors, info, nxt = _scipy_route(S, boundary, at, normalized, k, which, route)
+    elif route in _SOLVERS:
+        values, vectors, info, nxt = _torch_route(S, boundary, at, normalized, k, which, route)
     else:
         values, vectors, info, nxt = _scipy_route(S, boundary, at, normalized, k, which, route)
     if differentiable:
@@ -277,18 +290,76 @@ def eigenpairs(S, k: int, which: str = "smallest", boundary=None, at=None, norma
     return Eigenpairs(values, vectors, info)
 
 
-def _lobpcg_route(S, boundary, at, normalized, k: int, which: str):
-    """The pure-torch route: LOBPCG in float64 on the matrix-free operator, on the sheaf's device."""
-    with torch.no_grad():
-        n = S.C0 if boundary is None else int(_free(S, boundary).numel())
-        out = lobpcg(lambda X: _apply(S, boundary, normalized, X, at), n, k, dtype=torch.float64,
-                     device=S.device, largest=which == "largest")
-    if not out.converged:
-        raise RuntimeError(f"LOBPCG: the {k} {which} eigenpairs of the {n}x{n} operator did not converge in "
-                           f"{out.iterations} iterations (relative residual {out.residual:.2e}); try "
-                           "method='sparse' (scipy, on the CPU) or method='dense' if it fits in memory")
-    info = SolveInfo("lobpcg", True, out.iterations, out.residual, extra={"applications": out.applications})
+_SOLVERS = {"lanczos": lanczos, "lobpcg": lobpcg}
+
+
+def _torch_route(S, boundary, at, normalized, k: int, which: str, route: str):
+    """The pure-torch routes: thick-restart Lanczos or LOBPCG in float64 on the sheaf's device."""
+    out, n = _torch_solve(S, boundary, at, normalized, k, which == "largest", route)
+    iterations = out.applications if route == "lanczos" else out.iterations
+    extra = {"restarts": out.iterations} if route == "lanczos" else {"applications": out.applications}
+    info = SolveInfo(route, True, iterations, out.residual, extra=extra)
     return out.values.to(S.dtype), out.vectors.to(S.dtype), info, out.next_value
+
+
+def _torch_solve(S, boundary, at, normalized, k: int, largest: bool, route: str, copies: bool = True):
+    """``(result, n)`` of `cellsheaf.lanczos.lanczos` or `cellsheaf.lobpcg.lobpcg` on the operator; raises
+    ``RuntimeError`` when it does not converge. ``copies=False``: values only (Lanczos skips the search for
+    missed copies of repeated eigenvalues, which changes no value)."""
+    with torch.no_grad():
+        op, n = _torch_operator(S, boundary, at, normalized)
+        kwargs = {} if route == "lobpcg" or copies else {"rounds": 0}
+        out = _SOLVERS[route](op, n, k, dtype=torch.float64, device=S.device, largest=largest, **kwargs)
+    if not out.converged:
+        which = "largest" if largest else "smallest"
+        raise RuntimeError(f"{'Lanczos' if route == 'lanczos' else 'LOBPCG'}: the {k} {which} eigenpairs of the "
+                           f"{n}x{n} operator did not converge in {out.iterations} iterations (relative residual "
+                           f"{out.residual:.2e}); try method='sparse' (scipy, on the CPU) or method='dense' if it "
+                           "fits in memory")
+    return out, n
+
+
+def _torch_operator(S, boundary, at, normalized) -> tuple[Callable[[Tensor], Tensor], int]:
+    """``X (n, m) -> A X`` in float64 on the sheaf's device and ``n``: ``A = L`` (or its normalised form),
+    restricted to the free coordinates of ``boundary``.
+
+    A torch CSR matrix of ``A`` (assembled from the cached blocks, restricted once) when the edges are
+    stacked or grouped and of one kind (all diagonal or all dense); the matrix-free
+    [`apply_laplacian`][cellsheaf.operators.apply_laplacian] otherwise (nonlinear maps at ``at``, edges applied one by one)."""
+    plan = _plan(S)
+    free = _free(S, boundary)
+    n = S.C0 if free is None else int(free.numel())
+    kinds = {g.diagonal for g in plan.groups}
+    if at is not None or plan.singles or len(kinds) != 1:
+        return (lambda X: _apply(S, boundary, normalized, X, at)), n
+    A = _csr_laplacian(S, plan, torch.float64, S.device, _check_normalized(normalized))
+    A = _principal_submatrix(A, free, S.C0) if free is not None else A
+    if A.shape[0] < 2 ** 31 and A._nnz() < 2 ** 31:  # 32-bit indices: about twice the speed of a product
+        A = _csr(A.crow_indices().int(), A.col_indices().int(), A.values(), A.shape)
+
+    def apply(X: Tensor) -> Tensor:
+        return torch.mv(A, X[:, 0]).unsqueeze(1) if X.shape[1] == 1 else A @ X
+    return apply, n
+
+
+def _principal_submatrix(A: Tensor, keep: Tensor, n: int) -> Tensor:
+    """Rows and columns ``keep`` (sorted) of the ``n × n`` torch CSR matrix ``A``, as CSR."""
+    coo = A.to_sparse_coo().coalesce()
+    r, c = coo.indices()
+    pos = torch.full((n,), -1, dtype=torch.long, device=keep.device)
+    pos[keep] = torch.arange(keep.numel(), device=keep.device)
+    sel = (pos[r] >= 0) & (pos[c] >= 0)
+    sub = torch.sparse_coo_tensor(torch.stack([pos[r][sel], pos[c][sel]]), coo.values()[sel],
+                                  (keep.numel(), keep.numel()), check_invariants=False).coalesce()
+    crow = torch.zeros(keep.numel() + 1, dtype=torch.long, device=keep.device)
+    crow[1:] = torch.cumsum(torch.bincount(sub.indices()[0], minlength=keep.numel()), 0)
+    return _csr(crow, sub.indices()[1], sub.values(), sub.shape)
+
+
+def _csr(crow: Tensor, col: Tensor, values: Tensor, shape) -> Tensor:
+    with warnings.catch_warnings():  # torch calls its CSR support beta; products with dense blocks are solid
+        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
+        return torch.sparse_csr_tensor(crow, col, values, tuple(shape), check_invariants=False)
 
 
 def _scipy_route(S, boundary, at, normalized, k: int, which: str, route: str):
@@ -310,7 +381,7 @@ def _scipy_route(S, boundary, at, normalized, k: int, which: str, route: str):
         got = _smallest_krylov(A, k) if n > _KRYLOV_MIN and k + 8 < n // 3 else None
         if got is not None:
             lam, V, matvecs = got
-            route = "lanczos"
+            route = "arpack"
         else:
             lam, V = _smallest(A, k)
             route = "inverse iteration"
@@ -417,30 +488,34 @@ def _attach_gradients(S, boundary, normalized, values: Tensor, vectors: Tensor, 
     return lam, vecs
 
 
-def _first_positive(S, boundary, at, normalized, tol, method) -> tuple[float, np.ndarray]:
-    """The smallest eigenvalue above ``tol`` and its eigenvector."""
-    if method not in ("auto", "dense", "sparse"):
-        raise ValueError(f"method must be 'auto', 'dense' or 'sparse' (the gap is found by scipy on the CPU), "
-                         f"got {method!r}")
-    A = _operator(S, boundary, at, normalized)
-    n = A.shape[0]
+def _first_positive(S, boundary, at, normalized, tol, method) -> tuple[float, Tensor]:
+    """The smallest eigenvalue above ``tol`` and its eigenvector (on the sheaf's device, float64)."""
+    free = _free(S, boundary)
+    n = S.C0 if free is None else int(free.numel())
+    route = _route(n, method, S.device)
     if n == 0:
         raise ValueError("the operator is empty (every coordinate is fixed): it has no spectral gap")
     lmax = lambda_max(S, boundary=boundary, at=at, normalized=normalized, method=method)
     if tol is None:
         tol = n * _EPS * max(lmax, 1.0)
-    if _route(n, method) == "dense":
-        lam, V = np.linalg.eigh(A.toarray())
+    if route == "dense":
+        lam, V = np.linalg.eigh(_operator(S, boundary, at, normalized).toarray())
         pos = np.nonzero(lam > tol)[0]
         if pos.size:
-            return float(lam[pos[0]]), V[:, pos[0]]
+            return float(lam[pos[0]]), _out(V[:, pos[0]], S).double()
     else:
+        A = _operator(S, boundary, at, normalized) if route == "sparse" else None
         k = min(8, n)
         while True:
-            lam, V = _smallest(A, k)
-            pos = np.nonzero(lam > tol)[0]
-            if pos.size:
-                return float(lam[pos[0]]), V[:, pos[0]]
+            if A is not None:
+                lam, V = _smallest(A, k)
+                lam, V = torch.from_numpy(lam), torch.from_numpy(np.ascontiguousarray(V))
+            else:
+                out = _torch_solve(S, boundary, at, normalized, k, False, route, copies=False)[0]
+                lam, V = out.values, out.vectors
+            pos = torch.nonzero(lam > tol).flatten().tolist()
+            if pos:
+                return float(lam[pos[0]]), V[:, pos[0]].to(device=S.device)
             if k == n:
                 break
             k = min(2 * k, n)
@@ -455,6 +530,10 @@ def spectral_gap(S, boundary=None, at=None, normalized: bool = False, tol: float
     Eigenvalues ``<= tol`` count as zero (the kernel, ``H⁰``). Default
     ``tol = n · eps · max(λ_max, 1)``. For a positive definite ``L[Ω,Ω]`` this is
     its smallest eigenvalue, which sets the convergence rate of diffusion.
+
+    ``method`` is one of ``"auto"``, ``"dense"``, ``"sparse"`` (scipy, on the CPU),
+    ``"lanczos"`` and ``"lobpcg"`` (pure torch, on the sheaf's device; ``"auto"`` off
+    the CPU takes ``"lanczos"``), as in [`eigenpairs`][cellsheaf.spectral.eigenpairs].
 
     Examples
     --------
@@ -472,7 +551,7 @@ def fiedler_vector(S, boundary=None, at=None, normalized: bool = False, tol: flo
     """The unit eigenvector of the spectral gap (see [`spectral_gap`][cellsheaf.spectral.spectral_gap]), shape ``(n,)``.
 
     Its sign is arbitrary; for a constant sheaf ``R¹`` on a connected graph it
-    is the classical Fiedler vector.
+    is the classical Fiedler vector. ``method`` as in [`spectral_gap`][cellsheaf.spectral.spectral_gap].
 
     Examples
     --------
@@ -483,7 +562,7 @@ def fiedler_vector(S, boundary=None, at=None, normalized: bool = False, tol: flo
     >>> bool(torch.allclose(v.abs(), torch.full((2,), 0.5 ** 0.5, dtype=torch.float64)))
     True
     """
-    return _out(_first_positive(S, boundary, at, normalized, tol, method)[1], S)
+    return _first_positive(S, boundary, at, normalized, tol, method)[1].to(S.dtype)
 
 
 def lambda_max(S, boundary=None, at=None, normalized: bool = False, method: str = "auto") -> float:
@@ -491,12 +570,14 @@ def lambda_max(S, boundary=None, at=None, normalized: bool = False, method: str 
 
     Parameters
     ----------
-    method : {"auto", "dense", "sparse", "lanczos", "bound"}
-        ``"dense"``/``"sparse"``/``"auto"``: LAPACK to machine precision, or
-        ARPACK Lanczos to relative accuracy ``1e-10``. ``"lanczos"``: a cheap estimate from a few Lanczos
-        iterations (relative tolerance ``1e-3``); a Ritz value, so never above the
-        true ``λ_max``. ``"bound"``: the Gershgorin bound ``max_i Σ_j |L_ij|``, a
-        guaranteed upper bound at the cost of one pass over the matrix.
+    method : {"auto", "dense", "sparse", "lanczos", "lobpcg", "bound"}
+        ``"dense"``/``"sparse"``: LAPACK to machine precision, or ARPACK Lanczos to
+        relative accuracy ``1e-10`` (scipy, on the CPU; ``"auto"`` on the CPU: dense up to
+        [`DENSE_LIMIT`][cellsheaf.spectral.DENSE_LIMIT] rows). ``"lanczos"``/``"lobpcg"``: pure torch on the
+        sheaf's device (`cellsheaf.lanczos`, `cellsheaf.lobpcg`), relative residual ``1e-10``
+        (``"auto"`` off the CPU: ``"lanczos"``); a Ritz value, so never above the true ``λ_max``.
+        ``"bound"``: the Gershgorin bound ``max_i Σ_j |L_ij|`` (scipy), a guaranteed upper
+        bound at the cost of one pass over the matrix.
 
     Returns ``0.0`` for an empty operator.
 
@@ -508,22 +589,21 @@ def lambda_max(S, boundary=None, at=None, normalized: bool = False, method: str 
     >>> round(cs.lambda_max(S), 12), cs.lambda_max(S, method="bound")
     (2.0, 2.0)
     """
-    if method not in ("auto", "dense", "sparse", "lanczos", "bound"):
-        raise ValueError(f"method must be 'auto', 'dense', 'sparse', 'lanczos' or 'bound', got {method!r}")
-    A = _operator(S, boundary, at, normalized)
-    n = A.shape[0]
-    if n == 0 or A.count_nonzero() == 0:
+    if method not in ("auto", "dense", "sparse", "lanczos", "lobpcg", "bound"):
+        raise ValueError(f"method must be 'auto', 'dense', 'sparse', 'lanczos', 'lobpcg' or 'bound', got {method!r}")
+    free = _free(S, boundary)
+    n = S.C0 if free is None else int(free.numel())
+    if n == 0:
         return 0.0
-    if method == "bound":
+    route = "bound" if method == "bound" else _route(n, method, S.device)
+    if route in _SOLVERS:
+        return max(float(_torch_solve(S, boundary, at, normalized, 1, True, route, copies=False)[0].values[0]), 0.0)
+    A = _operator(S, boundary, at, normalized)
+    if A.count_nonzero() == 0:
+        return 0.0
+    if route == "bound":
         return float(abs(A).sum(axis=1).max())
-    if method == "lanczos" and n > 2:
-        try:
-            return float(spla.eigsh(A, k=1, which="LA", tol=1e-3, return_eigenvectors=False)[0])
-        except spla.ArpackNoConvergence as err:  # pragma: no cover - rare for the extremal eigenvalue
-            if len(err.eigenvalues):
-                return float(np.max(err.eigenvalues))
-            return float(abs(A).sum(axis=1).max())
-    if _route(n, "auto" if method == "lanczos" else method) == "dense":
+    if route == "dense":
         return float(sla.eigh(A.toarray(), eigvals_only=True, subset_by_index=[n - 1, n - 1])[0])
     return float(_largest(A, 1, tol=1e-10)[0][0])
 
