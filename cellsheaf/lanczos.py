@@ -44,7 +44,8 @@ __all__ = ["lanczos", "LanczosResult"]
 
 Operator = Callable[[Tensor], Tensor]
 
-_FLOOR = 1e-100  # size of the fresh directions while ‖A‖ is unknown or 0
+_FRESH = 1e-15  # size of the fresh directions relative to ‖A‖: a few times the rounding of a step
+_FLOOR = 1e-100  # their size while ‖A‖ is unknown or 0
 
 LanczosResult = LobpcgResult
 """``values (k,)``, orthonormal ``vectors (n, k)``, ``iterations`` (restarts, over every run),
@@ -115,7 +116,7 @@ class _Krylov:
         start, restarts, scale = 0, 0, 0.0
         while True:
             for j in range(start, m):
-                fresh = max(1e-3 * tol * scale, _FLOOR)
+                fresh = max(_FRESH * scale, _FLOOR)
                 self._step(j, fresh)
                 if scale == 0.0:  # ‖A‖ from below by the first step (one host read): sets the fresh directions
                     scale = float(torch.maximum(self.T[j, j].abs(), self.T[j + 1, j]))
@@ -125,7 +126,7 @@ class _Krylov:
                 res = (self.T[j + 1, j] * Y[j, :want]).abs().max()
                 res, top = torch.stack([res, theta.abs().max()]).tolist()  # the loop's only host read
                 scale = max(scale, top)
-                converged = res <= 1e3 * fresh  # tol · scale, or the level of the fresh directions when A = 0
+                converged = res <= max(tol * scale, 1e3 * _FLOOR)  # the floor: A = 0
                 if converged or (j + 1 == m and restarts + 1 >= max_restarts):
                     V = Y[:, :want].T @ self.B[l0:l0 + j + 1]
                     nxt = float(theta[want]) if want <= j else float("nan")

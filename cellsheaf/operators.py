@@ -21,8 +21,9 @@ tensor([ 1., -1.], dtype=torch.float64)
 
 from __future__ import annotations
 
+import copy
 import warnings
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from typing import Hashable, Sequence, Union
 
 import numpy as np
@@ -227,6 +228,24 @@ class _Plan:
         """Whether a group's values require grad while grad mode is on (then nothing is cached)."""
         return torch.is_grad_enabled() and any(g.requires_grad for g in self.groups)
 
+    def bind(self, S) -> "_Plan":
+        """This structure with the stacks of ``S`` as the sources of its groups (``None``: no values, a
+        template). Index tensors, their device copies and the structure-only cache are shared. Only for
+        plans of sheaves made of stacks (no per-edge records)."""
+        plan = copy.copy(self)
+        plan.groups = [copy.copy(g) for g in self.groups]
+        for g, st in zip(plan.groups, [None] * len(self.groups) if S is None else S._segments):
+            g.source, g._vals = st, {}
+        plan.vertex_index = None if S is None else S._vertex_index()
+        return plan
+
+    def same_structure(self, S) -> bool:
+        """Whether ``S`` (stacks only, of the same structure key) has this plan's stalk dims and endpoints."""
+        if not np.array_equal(self.vertices.dims, S._dim_array()):
+            return False
+        return all(torch.equal(g.u, st.index[0].cpu()) and torch.equal(g.v, st.index[1].cpu())
+                   for g, st in zip(self.groups, S._segments))
+
 
 def _bmm(A: Tensor, X: Tensor) -> Tensor:
     """Batched ``A @ X`` for many tiny blocks; ``einsum`` picks a batched-GEMM layout about 3x
@@ -247,7 +266,40 @@ def _adjoint(F: Tensor, Y: Tensor) -> Tensor:
 def _plan(S) -> _Plan:
     plan = S._cache.get("plan")
     if plan is None:
-        plan = S._cache["plan"] = _Plan(S)
+        plan = S._cache["plan"] = _shared_plan(S)
+    return plan
+
+
+_TEMPLATES: OrderedDict = OrderedDict()  # recent structures of stacked sheaves -> plan templates (no values)
+_TEMPLATES_MAX = 8
+
+
+def _structure_key(S) -> tuple | None:
+    """What a plan of a sheaf made of stacks only depends on, up to the endpoints themselves (compared
+    exactly on a hit): vertex count and coordinates, and per stack its size, shape, kind and device. None
+    for sheaves with per-edge records (their plans hold the records)."""
+    segments = S._segments
+    if not segments or not all(isinstance(seg, EdgeStack) for seg in segments):
+        return None
+    return (len(S._dims), S.C0, tuple((len(st), st.shape, st.diagonal, st.index.device) for st in segments))
+
+
+def _shared_plan(S) -> _Plan:
+    """The plan of ``S``: the index structure of an earlier sheaf with the same structure (same stalk dims,
+    same stacked endpoints, shapes and kinds), rebound to the values of ``S``, or a new one. This is how
+    ``Sheaf.from_arrays`` on an unchanged graph (a layer that builds its sheaf on every forward pass) reuses
+    the index tensors, the per-device copies and the CSR structure instead of rebuilding them."""
+    key = _structure_key(S)
+    if key is None:
+        return _Plan(S)
+    template = _TEMPLATES.get(key)
+    if template is not None and template.same_structure(S):
+        _TEMPLATES.move_to_end(key)
+        return template.bind(S)
+    plan = _Plan(S)
+    _TEMPLATES[key] = plan.bind(None)
+    while len(_TEMPLATES) > _TEMPLATES_MAX:
+        _TEMPLATES.popitem(last=False)
     return plan
 
 

@@ -204,3 +204,77 @@ def test_helpers_and_errors():
     E.add_vertex("a", 2)
     assert ops.apply_laplacian(E, torch.ones(2)).tolist() == [0.0, 0.0]
     assert E.laplacian(format="dense").shape == (2, 2) and E.coboundary(format="dense").shape == (0, 2)
+
+
+# ---------------------------------------------------------------------------- plans shared by equal structures
+
+
+def _stacked(seed: int, dims, index, diagonal: bool = False, grad: bool = False):
+    g = torch.Generator().manual_seed(seed)
+    E, d = index.shape[1], dims[0]
+    shape = (E, d) if diagonal else (E, 2, d)
+    Fu = torch.randn(shape, generator=g, dtype=torch.float64).requires_grad_(grad)
+    Fv = torch.randn(shape, generator=g, dtype=torch.float64)
+    w = torch.rand(E, generator=g, dtype=torch.float64) + 0.5
+    return cs.Sheaf.from_arrays(dims, index, Fu, Fv, weights=w), Fu
+
+
+@pytest.mark.parametrize("diagonal", [False, True])
+def test_from_arrays_on_an_unchanged_structure_reuses_the_plan(monkeypatch, diagonal):
+    from cellsheaf import operators
+
+    index = torch.tensor([[0, 1, 2, 3, 4, 0, 2, 5], [1, 2, 3, 4, 5, 3, 2, 0]])  # a self-loop and a chord
+    first, _ = _stacked(0, [3] * 6, index, diagonal)
+    x = torch.randn(2, first.C0, dtype=torch.float64)
+    cs.operators.apply_laplacian(first, x, normalized=True)
+    built = []
+    monkeypatch.setattr(operators._Plan, "__init__", lambda self, S, f=operators._Plan.__init__: (built.append(1),
+                                                                                                 f(self, S))[1])
+    S, Fu = _stacked(1, [3] * 6, index.clone(), diagonal, grad=True)  # same structure, new tensors
+    plan = operators._plan(S)
+    assert not built and plan.groups[0].index(torch.device("cpu")) is \
+        operators._plan(first).groups[0].index(torch.device("cpu"))  # the index tensors themselves are shared
+    assert plan.groups[0].source is S.stacks[0] and operators._plan(first).groups[0].source is first.stacks[0]
+    monkeypatch.undo()
+    operators._TEMPLATES.clear()
+    fresh, Gu = _stacked(1, [3] * 6, index.clone(), diagonal, grad=True)  # built from scratch
+    assert operators._plan(fresh) is not plan
+    y = torch.randn(2, S.C0, dtype=torch.float64)
+    for normalized in (False, True, "augmented"):
+        a = cs.operators.apply_laplacian(S, y, normalized=normalized)
+        b = cs.operators.apply_laplacian(fresh, y, normalized=normalized)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
+        ga, = torch.autograd.grad(a.square().sum(), Fu)
+        gb, = torch.autograd.grad(b.square().sum(), Gu)
+        torch.testing.assert_close(ga, gb, rtol=0, atol=1e-12)
+    for f in (lambda T: cs.operators.coboundary(T, format="dense"), lambda T: cs.operators.degree_blocks(T),
+              lambda T: cs.operators.laplacian(T, normalized=True, format="dense")):
+        torch.testing.assert_close(f(S), f(fresh), rtol=0, atol=1e-13)
+    with torch.no_grad():
+        torch.testing.assert_close(cs.operators.apply_laplacian(S, y, normalized=True),
+                                   cs.operators.apply_laplacian(fresh, y, normalized=True), rtol=0, atol=1e-13)
+
+
+def test_plans_are_shared_only_by_equal_structures_and_templates_hold_no_values():
+    import gc
+    import weakref
+
+    from cellsheaf import operators
+
+    index = torch.tensor([[0, 1, 2, 3], [1, 2, 3, 0]])
+    S, Fu = _stacked(0, [2] * 4, index)
+    plan = operators._plan(S)
+    other = [_stacked(1, [2] * 4, torch.tensor([[0, 1, 2, 3], [1, 2, 3, 1]]))[0],  # other endpoints
+             _stacked(1, [2, 2, 2, 2, 2], index)[0]]                                # one more vertex
+    T = cs.Sheaf.from_arrays([2, 2, 2, 2], index, torch.randn(4, 2, 2), torch.randn(4, 2, 2))  # other dims
+    T.add_vertex(9, 1)
+    for R in other + [T]:
+        assert operators._plan(R).groups[0].index(torch.device("cpu")) is not plan.groups[0].index(torch.device("cpu"))
+        x = torch.randn(R.C0, dtype=R.dtype)
+        torch.testing.assert_close(cs.operators.apply_laplacian(R, x), cs.operators.laplacian(R, format="dense") @ x)
+    S.update_maps(2 * Fu)  # update_maps keeps the plan
+    assert operators._plan(S) is plan
+    ref = weakref.ref(S.stacks[0].Fu)
+    del S, plan, Fu
+    gc.collect()
+    assert ref() is None  # the shared template does not keep the maps (or their autograd graph) alive

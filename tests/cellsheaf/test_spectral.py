@@ -337,3 +337,41 @@ def test_gap_fiedler_and_lambda_max_on_the_torch_routes(method):
         assert v @ v == pytest.approx(1.0)
     assert cs.lambda_max(cs.Sheaf.from_arrays([1] * 2, torch.zeros(2, 0, dtype=torch.long), torch.zeros(0, 1, 1),
                                               torch.zeros(0, 1, 1)), method=method) == 0.0
+
+
+def test_lanczos_route_gradients_equal_the_dense_route():
+    g = torch.Generator().manual_seed(9)
+    index = torch.stack([torch.arange(80), (torch.arange(80) + 1) % 80])
+    index = torch.cat([index, torch.randint(80, (2, 60), generator=g)], 1)
+    index = index[:, index[0] != index[1]]
+    Fu0 = torch.randn(index.shape[1], 2, 2, generator=g, dtype=torch.float64)
+    Fv = torch.randn(index.shape[1], 2, 2, generator=g, dtype=torch.float64)
+    w = torch.randn(160, generator=g, dtype=torch.float64)
+    grads = []
+    for method in ("dense", "lanczos"):
+        Fu = Fu0.clone().requires_grad_(True)
+        pairs = cs.eigenpairs(cs.Sheaf.from_arrays([2] * 80, index, Fu, Fv), 3, normalized=True, method=method)
+        assert pairs.info.method == method
+        (pairs.values.sum() + ((pairs.vectors * w[:, None]) ** 2).sum()).backward()
+        grads.append(Fu.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-8)
+
+
+def test_auto_takes_lanczos_above_the_dense_limit_and_falls_back_to_scipy(monkeypatch):
+    monkeypatch.setattr(spectral, "DENSE_LIMIT", 100)
+    S = build_random_sheaf(3, n_vertices=100, n_edges=250, maps="dense", connected=True)
+    L = dense_laplacian(S)
+    pairs = cs.eigenpairs(S, 4)
+    assert pairs.info.method == "lanczos"
+    check_pairs(*pairs, L, np.linalg.eigvalsh(L)[:4])
+
+    def stuck(*args, **kwargs):
+        out = spectral.lanczos(*args, **kwargs)
+        return out._replace(converged=False)
+
+    monkeypatch.setitem(spectral._SOLVERS, "lanczos", stuck)
+    pairs = cs.eigenpairs(S, 4)
+    assert pairs.info.method in ("arpack", "inverse iteration")
+    check_pairs(*pairs, L, np.linalg.eigvalsh(L)[:4])
+    with pytest.raises(RuntimeError, match="Lanczos: the 4 smallest eigenpairs .* did not converge"):
+        cs.eigenpairs(S, 4, method="lanczos")
