@@ -8,7 +8,7 @@ sheaf at a point; ``normalized=True`` uses ``D^{-1/2} L D^{-1/2}``
 back in the sheaf's dtype, on its device.
 
 Routes (``method``): ``"lanczos"`` (torch, on the sheaf's device: thick-restart
-Lanczos, `cellsheaf.lanczos`, on a torch CSR matrix of the operator built from the
+Lanczos, [`cellsheaf.lanczos`][cellsheaf.lanczos], on a torch CSR matrix of the operator built from the
 sheaf's cached blocks, or matrix-free through
 [`cellsheaf.operators.apply_laplacian`][cellsheaf.operators.apply_laplacian]), ``"lobpcg"`` (torch, block
 LOBPCG on the same operator, `cellsheaf.lobpcg`), ``"dense"`` (LAPACK ``eigh`` of
@@ -227,7 +227,7 @@ def eigenpairs(S, k: int, which: str = "smallest", boundary=None, at=None, norma
         Use ``D^{-1/2} L D^{-1/2}`` (``True``) or ``(D + I)^{-1/2} L (D + I)^{-1/2}`` (``"augmented"``).
     method : {"auto", "dense", "sparse", "lanczos", "lobpcg"}
         ``"lanczos"`` (``"auto"`` above [`DENSE_LIMIT`][cellsheaf.spectral.DENSE_LIMIT] and off the CPU): thick-restart
-        Lanczos in torch on the sheaf's device (`cellsheaf.lanczos`; repeated eigenvalues searched
+        Lanczos in torch on the sheaf's device ([`cellsheaf.lanczos`][cellsheaf.lanczos]; repeated eigenvalues searched
         for by deflation; on the CPU ``"auto"`` falls back to ``"sparse"`` if it does not
         converge). ``"lobpcg"``: block LOBPCG in torch. ``"sparse"`` finds the smallest
         eigenpairs by scipy's Lanczos (ARPACK, no factorisation; repeated eigenvalues verified
@@ -325,7 +325,8 @@ def _torch_operator(S, boundary, at, normalized) -> tuple[Callable[[Tensor], Ten
 
     A torch CSR matrix of ``A`` (assembled from the cached blocks, restricted once) when the edges are
     stacked or grouped and of one kind (all diagonal or all dense); the matrix-free
-    [`apply_laplacian`][cellsheaf.operators.apply_laplacian] otherwise (nonlinear maps at ``at``, edges applied one by one)."""
+    [`apply_laplacian`][cellsheaf.operators.apply_laplacian] otherwise (nonlinear maps at ``at``, edges
+    applied one by one)."""
     plan = _plan(S)
     free = _free(S, boundary)
     n = S.C0 if free is None else int(free.numel())
@@ -574,7 +575,7 @@ def lambda_max(S, boundary=None, at=None, normalized: bool = False, method: str 
         ``"dense"``/``"sparse"``: LAPACK to machine precision, or ARPACK Lanczos to
         relative accuracy ``1e-10`` (scipy, on the CPU; ``"auto"`` on the CPU: dense up to
         [`DENSE_LIMIT`][cellsheaf.spectral.DENSE_LIMIT] rows). ``"lanczos"``/``"lobpcg"``: pure torch on the
-        sheaf's device (`cellsheaf.lanczos`, `cellsheaf.lobpcg`), relative residual ``1e-10``
+        sheaf's device ([`cellsheaf.lanczos`][cellsheaf.lanczos], `cellsheaf.lobpcg`), relative residual ``1e-10``
         (``"auto"`` off the CPU: ``"lanczos"``); a Ritz value, so never above the true ``λ_max``.
         ``"bound"``: the Gershgorin bound ``max_i Σ_j |L_ij|`` (scipy), a guaranteed upper
         bound at the cost of one pass over the matrix.
