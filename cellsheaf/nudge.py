@@ -52,6 +52,7 @@ Examples
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 from torch import Tensor
@@ -247,15 +248,16 @@ def free_gradient(S, x: Tensor, free: Tensor) -> Tensor:
     return _edgewise(S, x, {})[0] * free
 
 
-def _rest_rows(S, x: Tensor, rest, free: Tensor) -> tuple[Tensor, Tensor]:
-    """The rest's Jacobian and curvature at ``x``: ``(R, C)``.
+def _rest_rows(S, x: Tensor, rest, free: Tensor) -> tuple[list, int, Tensor]:
+    """The rest's Jacobian and curvature at ``x``: ``(pieces, k, C)``.
 
-    ``R`` (``(k, B, C0)``) holds the rows of ``J_R`` (the derivative of each rest edge's
-    argument — its discrepancy, or both expressed values for a two-argument potential — on the
-    free coordinates, ``free`` a 0/1 mask), ``C`` (``(B, k, k)``) the weighted curvature of the
+    The ``k`` rows of ``J_R`` (the derivative of each rest edge's argument — its discrepancy, or
+    both expressed values for a two-argument potential — on the free coordinates, ``free`` a 0/1
+    mask) as ``pieces``: ``(j, sl, values)`` adds ``values`` (``(d, B, len(sl))``) to rows ``j .. j + d``
+    on the columns ``sl`` (a vertex's). ``C`` (``(B, k, k)``) is the weighted curvature of the
     potentials in those arguments, block diagonal over the edges.
     """
-    B, rows, blocks = x.shape[0], [], []
+    B, pieces, blocks, k = x.shape[0], [], [], 0
     for name in rest:
         e = S.edge(name)
         su, sv = S.vertex_slice(e.u), S.vertex_slice(e.v)
@@ -265,17 +267,14 @@ def _rest_rows(S, x: Tensor, rest, free: Tensor) -> tuple[Tensor, Tensor]:
         d = e.dim
         basis = torch.eye(d, dtype=x.dtype, device=x.device).repeat_interleave(B, 0)  # (d·B, d): e_j per item
 
-        def pulled(F, sl):
-            r = x.new_zeros(d * B, S.C0)
-            r[:, sl] = F.vjp(_tiled(F, x[:, sl], d), basis)
-            return (r * free).reshape(d, B, S.C0)
+        def pulled(F, sl, sign=1.0):
+            return (sign * F.vjp(_tiled(F, x[:, sl], d), basis) * free[sl]).reshape(d, B, -1)
         av, au = e.Fv.apply(x[:, sv]), e.Fu.apply(x[:, su])
         if e.potential is None or e.potential.quadratic or e.potential.difference:
-            row = x.new_zeros(d, B, S.C0)
             for side, F, sl, sign in (("v", e.Fv, sv, 1.0), ("u", e.Fu, su, -1.0)):
                 if live[side]:
-                    row = row + sign * pulled(F, sl)
-            rows.append(row)
+                    pieces.append((k, sl, pulled(F, sl, sign)))
+            k += d
             if e.potential is None or e.potential.quadratic:
                 blocks.append(e.weight * torch.eye(d, dtype=x.dtype, device=x.device).expand(B, d, d))
             else:
@@ -286,14 +285,26 @@ def _rest_rows(S, x: Tensor, rest, free: Tensor) -> tuple[Tensor, Tensor]:
         zero = torch.zeros_like(basis)
         cols = []
         for side in halves:
-            rows.append(pulled(e.Fv, sv) if side == "v" else pulled(e.Fu, su))
+            pieces.append((k, sv, pulled(e.Fv, sv)) if side == "v" else (k, su, pulled(e.Fu, su)))
+            k += d
             hv, hu = e.potential.pair_curvature(av.repeat(d, 1), au.repeat(d, 1), *((basis, zero) if side == "v"
                                                                                     else (zero, basis)))
             cols.append(torch.cat([h.reshape(d, B, d) for side2, h in (("v", hv), ("u", hu)) if side2 in halves], -1))
         blocks.append(e.weight * torch.cat(cols, 0).permute(1, 2, 0))
-    if not rows:
-        return x.new_zeros(0, B, S.C0), x.new_zeros(B, 0, 0)
-    return torch.cat(rows, 0), _block_diagonal(blocks)
+    if not blocks:
+        return [], 0, x.new_zeros(B, 0, 0)
+    return pieces, k, _block_diagonal(blocks)
+
+
+def _workspace(plan: PropagationPlan, name: str, numel: int, like: Tensor) -> Tensor:
+    """A flat buffer of at least ``numel`` entries kept on the plan across calls (large fresh allocations
+    fault their pages in on every call), one per thread; its contents are undefined."""
+    work = plan.__dict__.setdefault("_workspace", {})
+    key = (name, like.dtype, like.device, threading.get_ident())
+    buf = work.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = work[key] = like.new_empty(numel)
+    return buf[:numel]
 
 
 def _block_diagonal(blocks: list[Tensor]) -> Tensor:
@@ -416,10 +427,13 @@ def low_rank_newton(S, plan: PropagationPlan, x: Tensor, tol: float = 1e-10, max
         if it == max_iter or not bool(active.any()):
             break
         it += 1
-        step = _step(S, plan, x, gf, held, fidx, free, winv, rest)
         prev = (x, gf, norm, active)
         before = x[:, fidx] >= c
-        x = x + (t * active)[:, None] * step
+        if bool(active.all()):
+            x = x + t[:, None] * _step(S, plan, x, gf, held, fidx, free, winv, rest)
+        else:  # only the items still moving take the step (the sweeps' cost is per item)
+            idx = torch.nonzero(active).flatten()
+            x = x.index_add(0, idx, t[idx, None] * _step(S, plan, x[idx], gf[idx], held[idx], fidx, free, winv, rest))
         # a kink coordinate that crossed its kink on two steps running zigzags across a switching surface: hold it
         xf = x[:, fidx]
         c = _nearest_kink(xf, points)
@@ -441,47 +455,50 @@ def _step(S, plan, x: Tensor, gf: Tensor, held: Tensor, fidx: Tensor, free: Tens
 
     In the edge coordinates ``q`` of the determined part: ``A = W + Y C Yᵀ`` is inverted by
     Woodbury in the rest's ``k`` dimensions, the held coordinates (rows ``H = J_Ω⁻ᵀ e_i``) enter by
-    their Lagrange multipliers, ``q = −A⁻¹(u + Hλ)`` with ``HᵀA⁻¹H λ = −HᵀA⁻¹u``.
+    their Lagrange multipliers, ``q = −A⁻¹(u + Hλ)`` with ``HᵀA⁻¹H λ = −HᵀA⁻¹u``. Every vector
+    involved lies in the span of ``Z = [u | Y | H]`` (one transposed sweep with ``1 + k + m``
+    right-hand sides), so the algebra runs on the per-item Gram matrix ``Γ = Zᵀ W⁻¹ Z``
+    (``(1 + k + m)²``, one batched product) and ``q = W⁻¹ Z c`` for coefficients ``c``.
     """
     B = x.shape[0]
-    g = x.new_zeros(x.shape)
-    g[:, fidx] = gf.masked_fill(held, 0.0)
-    R, C = _rest_rows(S, x, rest, free)
-    k = R.shape[0]
+    pieces, k, C = _rest_rows(S, x, rest, free)
     m = int(held.sum(-1).max()) if held.numel() else 0
-    rhs = [g.unsqueeze(0), R]
+    r = 1 + k + m
+    rhs = _workspace(plan, "rhs", r * B * S.C0, x).view(r, B, S.C0).zero_()
+    rhs[0, :, fidx] = gf.masked_fill(held, 0.0)
+    for j, sl, values in pieces:
+        rhs[1 + j:1 + j + values.shape[0], :, sl] += values
     if m:
         rank = held.cumsum(-1) - 1  # the j-th held coordinate of an item is its row j
-        Hf = x.new_zeros(m, B, fidx.numel())
         b_idx, i_idx = torch.nonzero(held, as_tuple=True)
-        Hf[rank[b_idx, i_idx], b_idx, i_idx] = 1.0
-        Hr = x.new_zeros(m, B, S.C0)
-        Hr[:, :, fidx] = Hf
-        rhs.append(Hr)
-    r = 1 + k + m
-    ys = transposed_sweep(x, plan.steps, torch.cat(rhs).reshape(r * B, S.C0), plan.reads_free, overwrite=True)
-    E = torch.cat([y.reshape(r, B, -1) for y in ys], -1).permute(1, 2, 0).contiguous()  # (B, n_e, r): [u|Y|H]
-    u, Y, H = E[:, :, :1], E[:, :, 1:1 + k], E[:, :, 1 + k:]
-    w = winv[:, None]
-
-    def ainv(Z: Tensor) -> Tensor:
-        """``A⁻¹ Z`` for ``Z`` ``(B, n_e, s)``, by Woodbury."""
-        WZ = w * Z
-        if not k:
-            return WZ
-        G = Y.transpose(1, 2) @ (w * Y)
+        rhs[1 + k + rank[b_idx, i_idx], b_idx, fidx[i_idx]] = 1.0
+    ys = transposed_sweep(x, plan.steps, rhs.view(r * B, S.C0), plan.reads_free, overwrite=True)
+    n_e = sum(y.shape[-1] for y in ys)
+    Zs = torch.cat(ys, -1, out=_workspace(plan, "Z", r * B * n_e, x).view(r * B, n_e)).view(r, B, n_e)
+    Z = _workspace(plan, "Zt", r * B * n_e, x).view(B, r, n_e)
+    root = winv.sqrt()
+    torch.mul(Zs.transpose(0, 1), root, out=Z)  # (B, r, n_e): W^{-1/2} [u | Y | H] per item
+    Gam = Z @ Z.transpose(1, 2)  # Zᵀ W⁻¹ Z (B, r, r)
+    iu, iy, ih = slice(0, 1), slice(1, 1 + k), slice(1 + k, r)
+    if k:
         eye = torch.eye(k, dtype=x.dtype, device=x.device)
-        return WZ - w * (Y @ (C @ torch.linalg.solve(eye + G @ C, Y.transpose(1, 2) @ WZ)))
-
-    AZ = ainv(torch.cat([u, H], -1))
-    q = -AZ[:, :, :1]
+        # A⁻¹ Z_j = W⁻¹ (Z_j − Y β_j) with β = C (I + G C)⁻¹ Γ[Y, j]: beta for every column j of Z at once
+        beta = C @ torch.linalg.solve(eye + Gam[:, iy, iy] @ C, Gam[:, iy, :])  # (B, k, r)
+        AZ = Gam - Gam[:, :, iy] @ beta  # Zᵀ A⁻¹ Z (B, r, r)
+    else:
+        beta = None
+        AZ = Gam
+    # the coefficients c of q = W⁻¹ Z c: q = −A⁻¹(u + H λ)
+    c = x.new_zeros(B, r, 1)
+    c[:, 0] = -1.0
     if m:
-        Au, AH = AZ[:, :, :1], AZ[:, :, 1:]
         pad = (torch.arange(m, device=x.device)[None, :] >= held.sum(-1, keepdim=True)).to(x.dtype)
-        K = H.transpose(1, 2) @ AH + torch.diag_embed(pad)  # padding rows: λ = 0
-        lam = -torch.linalg.solve(K, H.transpose(1, 2) @ Au)
-        q = q - AH @ lam
-    q = q.squeeze(-1)
+        K = AZ[:, ih, ih] + torch.diag_embed(pad)  # padding rows: λ = 0
+        lam = -torch.linalg.solve(K, AZ[:, ih, iu])
+        c[:, ih] = -lam
+    if k:
+        c[:, iy] = -(beta @ c)  # A⁻¹ (Z c) = W⁻¹ (Z c − Y β c)
+    q = torch.mul(Zs, c.squeeze(-1).T.unsqueeze(-1), out=Z.view(r, B, n_e)).sum(0).mul_(winv)  # W⁻¹ Z c (B, n_e)
     sizes = [y.shape[-1] for y in ys]
     step = forward_sweep(x, plan.steps, list(q.split(sizes, -1)), plan.reads_free)
     if m:

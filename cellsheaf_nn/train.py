@@ -776,11 +776,12 @@ class SheafTrainer:
         tol = self.tol if self.tol is not None else 1e-6
         max_iter = self.max_iter if self.max_iter is not None else 20
         keys = {(name, "u"): F for name, F in self.weights.items()}
-        out, report, grads = cs.nudge.low_rank_newton(self.sheaf, plan, x, tol=tol, max_iter=min(max_iter, 8),
+        out, report, grads = cs.nudge.low_rank_newton(self.sheaf, plan, x, tol=tol, max_iter=max_iter,
                                                       maps=keys)
-        if not bool(report["converged"].all()):  # kinks crossed back and forth: Newton's active set
-            out = cs.minimize(self.sheaf, self._boundary(X, Y), method="newton", x0=out, tol=tol, max_iter=max_iter,
-                              options=NewtonOptions(hold_kinks_at_start=True)).x.flat
+        if not bool(report["converged"].all()):  # kinks crossed back and forth: Newton's active set, for those items
+            idx = torch.nonzero(~report["converged"]).flatten()
+            out[idx] = cs.minimize(self.sheaf, self._boundary(X[idx], Y[idx]), method="newton", x0=out[idx], tol=tol,
+                                   max_iter=max_iter, options=NewtonOptions(hold_kinks_at_start=True)).x.flat
             grads = learning.edge_gradients(self.sheaf, out, list(keys))
         scale = self.loss.scale(self.ns.n_out) / len(X)
         return out, {name: scale * grads[(name, "u")] for name in self.weights}

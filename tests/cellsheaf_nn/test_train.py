@@ -111,6 +111,7 @@ def test_output_activation_names():
 import numpy as np  # noqa: E402
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
+import cellsheaf as cs  # noqa: E402
 import cellsheaf_nn as csnn  # noqa: E402
 from cellsheaf_nn.train import SheafTrainer  # noqa: E402
 
@@ -350,3 +351,27 @@ def test_fit_data_at_the_public_boundary():
         tr.fit(X, torch.tensor(1.0), steps=1, progress=False)
     hist = tr.fit(torch.randint(0, 3, (4, 2)), Y, steps=1, progress=False)
     assert len(hist.train_loss) and all(torch.isfinite(p).all() for p in ns.to_module().parameters())
+
+
+def test_clamped_fallback_runs_newton_on_the_unconverged_items_only():
+    """Items the low-rank steps leave unconverged (here: a cap of one step) go to general Newton alone; the
+    result is Newton's from the same point on the whole batch."""
+    task = datasets.blobs(seed=0, n_train=40)
+    ns = csnn.compile(mlp(task.sizes("1H"), output="softmax", seed=1))
+    trainer = SheafTrainer(ns, mode="equilibrium", loss="ce", optimizer="sgd", lr=0.01, init="forward_pass",
+                           max_iter=1, tol=1e-9)
+    trainer.fit(task.X_train, task.Y_train, steps=1, progress=False)
+    X, Y = task.X_train, trainer.loss.target(task.Y_train, ns.n_out, ns.dtype)
+    start = trainer.stalks.clone()
+    plan, inputs, target = trainer._nudge_plan()
+    x = start.clone()
+    x[:, inputs], x[:, target] = X, Y
+    plan._write_constants(x)
+    first, report, _ = cs.nudge.low_rank_newton(trainer.sheaf, plan, x, tol=1e-9, max_iter=1)
+    assert not bool(report["converged"].all())   # the fallback is exercised
+    out, _ = trainer._clamped_state(X, Y, start)
+    want = cs.minimize(trainer.sheaf, trainer._boundary(X, Y), method="newton", x0=first, tol=1e-9, max_iter=1,
+                       options=cs.gauss_newton.NewtonOptions(hold_kinks_at_start=True)).x.flat
+    done = report["converged"]
+    torch.testing.assert_close(out[done], first[done], rtol=0, atol=0)
+    torch.testing.assert_close(out[~done], want[~done], rtol=1e-8, atol=1e-10)
