@@ -16,10 +16,9 @@ the assembled scipy matrix), ``"sparse"`` (scipy; smallest eigenvalues: Lanczos
 (ARPACK) without any factorisation for operators above 4000 rows, with repeated
 eigenvalues checked by deflation; block inverse iteration on one sparse LU of
 ``L + sI`` for smaller ones or when Lanczos does not converge; largest: ARPACK
-Lanczos). ``"auto"``: on the CPU dense up to [`DENSE_LIMIT`][cellsheaf.spectral.DENSE_LIMIT] coordinates; above it
-[`eigenpairs`][cellsheaf.spectral.eigenpairs] takes ``"lanczos"`` (falling back to ``"sparse"`` if it does not
-converge) and the other functions ``"sparse"``; on any other device ``"lanczos"``,
-so that nothing leaves the device (the scipy routes copy the operator to the CPU,
+Lanczos). ``"auto"``: on the CPU dense up to [`DENSE_LIMIT`][cellsheaf.spectral.DENSE_LIMIT] coordinates and
+``"sparse"`` above (its LU route finds large kernels, e.g. of a batch of graphs, far faster than
+single-vector Lanczos with deflation); on any other device ``"lanczos"``, so that nothing leaves the device (the scipy routes copy the operator to the CPU,
 and say so once). [`eigenpairs`][cellsheaf.spectral.eigenpairs] results carry ``.info``
 (route, iterations, residual) and are differentiable with respect to the maps
 where the eigenvalues are simple (positional encodings for sheaf neural
@@ -226,10 +225,10 @@ def eigenpairs(S, k: int, which: str = "smallest", boundary=None, at=None, norma
     normalized : bool or "augmented"
         Use ``D^{-1/2} L D^{-1/2}`` (``True``) or ``(D + I)^{-1/2} L (D + I)^{-1/2}`` (``"augmented"``).
     method : {"auto", "dense", "sparse", "lanczos", "lobpcg"}
-        ``"lanczos"`` (``"auto"`` above [`DENSE_LIMIT`][cellsheaf.spectral.DENSE_LIMIT] and off the CPU): thick-restart
-        Lanczos in torch on the sheaf's device ([`cellsheaf.lanczos`][cellsheaf.lanczos]; repeated eigenvalues searched
-        for by deflation; on the CPU ``"auto"`` falls back to ``"sparse"`` if it does not
-        converge). ``"lobpcg"``: block LOBPCG in torch. ``"sparse"`` finds the smallest
+        ``"lanczos"`` (``"auto"`` off the CPU): thick-restart Lanczos in torch on the sheaf's
+        device ([`cellsheaf.lanczos`][cellsheaf.lanczos]; repeated eigenvalues searched for by
+        deflation). ``"lobpcg"``: block LOBPCG in torch. ``"sparse"`` (``"auto"`` on the CPU
+        above [`DENSE_LIMIT`][cellsheaf.spectral.DENSE_LIMIT]) finds the smallest
         eigenpairs by scipy's Lanczos (ARPACK, no factorisation; repeated eigenvalues verified
         by deflation), and falls back to block inverse iteration on a sparse LU when Lanczos does
         not converge. ``"dense"``: LAPACK.
@@ -276,12 +275,7 @@ def eigenpairs(S, k: int, which: str = "smallest", boundary=None, at=None, norma
     elif differentiable and at is not None:
         raise ValueError("differentiable eigenpairs need a linear sheaf: linearize it first (S.linearize(x))")
     route = _route(n, method, S.device)
-    if method == "auto" and route == "sparse":  # on the CPU above DENSE_LIMIT: torch Lanczos, then scipy
-        try:
-            values, vectors, info, nxt = _torch_route(S, boundary, at, normalized, k, which, "lanczos")
-        except RuntimeError:
-            values, vectors, info, nxt = _scipy_route(S, boundary, at, normalized, k, which, route)
-    elif route in _SOLVERS:
+    if route in _SOLVERS:
         values, vectors, info, nxt = _torch_route(S, boundary, at, normalized, k, which, route)
     else:
         values, vectors, info, nxt = _scipy_route(S, boundary, at, normalized, k, which, route)
