@@ -180,7 +180,7 @@ class _Vertices:
 
 class _Plan:
     """Index structure of a sheaf for matrix-free actions; kept while the structure is unchanged
-    (`Sheaf.update_maps` keeps it)."""
+    (`Sheaf.update_maps` keeps it, and `forget_values` drops the map values its groups cached)."""
 
     def __init__(self, S):
         from .sheaf import Sheaf  # noqa: F401  (type only)
@@ -245,6 +245,11 @@ class _Plan:
             return False
         return all(torch.equal(g.u, st.index[0].cpu()) and torch.equal(g.v, st.index[1].cpu())
                    for g, st in zip(self.groups, S._segments))
+
+    def forget_values(self) -> None:
+        """Drop the map values the groups cached (kept: the index structure); called whenever values change."""
+        for g in self.groups:
+            g._vals.clear()
 
 
 def _bmm(A: Tensor, X: Tensor) -> Tensor:

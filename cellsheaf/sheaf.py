@@ -429,6 +429,8 @@ class Sheaf:
             self._cache.clear()
         else:
             self._cache = {k: v for k, v in self._cache.items() if k in _STRUCTURAL}
+            if "plan" in self._cache:  # the plan keeps its index tensors, not the values its groups cached
+                self._cache["plan"].forget_values()
 
     # ------------------------------------------------------------------ reading
     @property

@@ -407,3 +407,36 @@ def test_old_specs_load_and_bad_stacks_are_named():
     raw["stacks"][0]["Fu"]["base64"] = "AAAA"
     with pytest.raises(cs.SpecError, match="base64 characters"):
         cs.Sheaf.from_spec(raw)
+
+
+def _mixed_sheaf(scale: float = 1.0, stack_scale: float = 1.0):
+    """Stacked edges and one single dense edge (its matrices are grouped by the operator plan)."""
+    g = torch.Generator().manual_seed(5)
+    Fu, Fv = torch.randn(2, 2, 2, generator=g, dtype=F64), torch.randn(2, 2, 2, generator=g, dtype=F64)
+    S = cs.Sheaf.from_arrays([2, 2, 2], [[0, 1], [1, 2]], stack_scale * Fu, Fv)
+    S.add_vertex("d", 2)
+    S.add_edge(2, "d", M.Linear(scale * torch.randn(2, 2, generator=g, dtype=F64)), torch.eye(2, dtype=F64), name="x")
+    return S
+
+
+@pytest.mark.parametrize("route", ["in place, then update_maps", "in place, then invalidate", "set_maps"])
+def test_operators_follow_map_values_after_every_value_change(route):
+    """The cached operator plan keeps index tensors only: after a map's values change through the
+    public API, every operator equals the one of a freshly built sheaf."""
+    S, x = _mixed_sheaf(), torch.randn(3, 8, dtype=F64, generator=torch.Generator().manual_seed(6))
+    b = cs.Boundary().fix(0, torch.ones(2, dtype=F64)).fix("d", torch.full((2,), 2.0, dtype=F64))
+    ops.apply_laplacian(S, x), ops.laplacian(S), cs.minimize(S, b)  # build and fill the caches
+    fresh = _mixed_sheaf(scale=2.0, stack_scale=3.0)
+    if route == "set_maps":
+        S.set_maps("x", Fu=M.Linear(fresh.edge("x").Fu.matrix()))
+        S.update_maps(Fu=fresh.stacks[0].Fu)
+    else:
+        S.edge("x").Fu.tensors()[0].mul_(2.0)
+        if route.endswith("update_maps"):
+            S.update_maps(Fu=fresh.stacks[0].Fu)
+        else:
+            S.stacks[0].Fu.mul_(3.0)
+            S.invalidate()
+    torch.testing.assert_close(ops.apply_laplacian(S, x), ops.apply_laplacian(fresh, x), rtol=0, atol=1e-12)
+    torch.testing.assert_close(ops.laplacian(S).to_dense(), ops.laplacian(fresh).to_dense(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(cs.minimize(S, b).x.flat, cs.minimize(fresh, b).x.flat, rtol=0, atol=1e-10)
