@@ -59,6 +59,7 @@ from .linalg import cg
 from .maps import Compose, Elementwise
 from .operators import _plan, apply_coboundary_jvp, edge_weights, expressed, pullback
 from .propagation import PropagationStep, _determined_part
+from .syncs import check_every
 
 __all__ = ["GaussNewton", "newton", "determined_solve", "transposed_sweep", "forward_sweep"]
 
@@ -150,13 +151,14 @@ class GaussNewton:
         out = x.new_zeros(B, S.C0)
         for g in plan.groups:
             Mu, Mv = g.matrices(x.dtype, x.device)
-            De = D[:, g.eidx]  # (B, G, d_e)
-            out.index_add_(1, g.uidx.flatten(), torch.einsum("bgk,gki->bgi", De, Mu * Mu).reshape(B, -1))
-            out.index_add_(1, g.vidx.flatten(), torch.einsum("bgk,gki->bgi", De, Mv * Mv).reshape(B, -1))
-            loops = (g.uidx[:, 0] == g.vidx[:, 0]).to(x.dtype)  # self-loops: J = M_v − M_u on one stalk
-            if bool(loops.any()):
-                cross = torch.einsum("bgk,gki->bgi", De, Mu * Mv) * loops[:, None]
-                out.index_add_(1, g.uidx.flatten(), -2 * cross.reshape(B, -1))
+            idx = g.index(x.device)  # index tensors cached on the device: no copies, no host reads
+            De = (D[:, g.ecoords] if isinstance(g.ecoords, slice) else D[:, idx["e"]]).reshape(B, len(g), g.de)
+            out.index_add_(1, idx["uflat"], torch.einsum("bgk,gki->bgi", De, Mu * Mu).reshape(B, -1))
+            out.index_add_(1, idx["vflat"], torch.einsum("bgk,gki->bgi", De, Mv * Mv).reshape(B, -1))
+            if g.loops.numel():  # self-loops: J = M_v − M_u on one stalk
+                lp = idx["loops"]
+                cross = torch.einsum("bgk,gki->bgi", De[:, lp], (Mu * Mv)[lp])
+                out.index_add_(1, idx["uflat"].view(len(g), g.du)[lp].flatten(), -2 * cross.reshape(B, -1))
         for e, su, sv, se in plan.singles:
             if e.u == e.v:
                 J = e.Fv.jacobian(x[:, sv]) - e.Fu.jacobian(x[:, su])
@@ -252,10 +254,18 @@ class NewtonOptions:
             raise ValueError(f"NewtonOptions.preconditioner must be 'auto' or 'jacobi', got {self.preconditioner!r}")
 
 
-def _free_gradient(S, x: Tensor, free: Tensor) -> tuple[Tensor, Tensor]:
-    """``(energy (B,), ∇_Ω E (B, n_free))`` sharing one evaluation of the discrepancies."""
-    gv, gu = forces(S, x)
-    return edge_energies(S, x).sum(-1), pullback(S, gv, gu, at=x)[:, free]
+def _free_gradient(S, x: Tensor, free: Tensor, check: bool = True) -> tuple[Tensor, Tensor]:
+    """``(energy (B,), ∇_Ω E (B, n_free))`` sharing one evaluation of the discrepancies.
+
+    ``check=False`` leaves non-finite values in place (no host read): `newton` folds the test
+    into its one read per iteration and calls this again with the checks to raise the error."""
+    gv, gu = forces(S, x, check)
+    return edge_energies(S, x, check).sum(-1), pullback(S, gv, gu, at=x)[:, free]
+
+
+def _finite(E: Tensor, g: Tensor) -> Tensor:
+    """Per item: energy and gradient finite (``(B,)``, on the device)."""
+    return torch.isfinite(E) & torch.isfinite(g).all(-1)
 
 
 def _kink_points(S, free: Tensor) -> Tensor:
@@ -323,31 +333,34 @@ def _stationarity(S, x: Tensor, free: Tensor, g: Tensor, held: Tensor, points: T
     at a concave kink both sides descend). Returns ``(measure, leave, left)``, ``leave``
     marking on-kink coordinates whose contribution exceeds ``tol / 10`` and ``left``
     those that should leave to the left. ``grad`` (``x -> ∇E(x)``, ``(B, C0)``) evaluates the one-sided
-    gradients (default: the stacked operators).
+    gradients (default: the stacked operators, unchecked: `newton` tests finiteness itself).
+
+    No host reads: when the sheaf has kink coordinates both one-sided gradients are evaluated,
+    in one batched call (at a point with no coordinate on a kink they are ``g`` itself and change
+    nothing).
     """
-    grad = grad or (lambda y: pullback(S, *forces(S, y), at=y))
+    grad = grad or (lambda y: pullback(S, *forces(S, y, check=False), at=y))
+    if not points.shape[1]:  # no kink coordinate at all
+        return g.norm(dim=-1), held, held
     xf = x[:, free]
     c = _nearest_kink(xf, points)
     on = held | (~torch.isnan(points).all(-1) & ((xf - c).abs() <= _kink_band(xf)))
-    if not bool(on.any()):
-        return g.norm(dim=-1), on, on
     smooth = g.masked_fill(on, 0.0)
-    right, left = x.clone(), x.clone()
-    g_right = g if bool((xf[on] == c[on]).all()) else grad(_set_free(right, free, on, c))[:, free]
-    _set_free(left, free, on, _below(c))
-    g_left = grad(left)[:, free]
+    sides = torch.cat([_set_free(x.clone(), free, on, c), _set_free(x.clone(), free, on, _below(c))])
+    g_right, g_left = grad(sides)[:, free].split(x.shape[0])  # both one-sided gradients in one evaluation
     d = torch.where(g_left > 0, g_left, torch.where(g_right < 0, g_right, torch.zeros_like(g))).masked_fill(~on, 0.0)
     leave = on & (d.abs() > 0.1 * tol)
     return (smooth.square().sum(-1) + d.square().sum(-1)).sqrt(), leave, leave & (g_left > 0)
 
 
-def _direction(S, xa: Tensor, free: Tensor, ga: Tensor, held: Tensor, mu: Tensor, opt: NewtonOptions):
+def _direction(S, xa: Tensor, free: Tensor, ga: Tensor, held: Tensor, mu: Tensor, steps, opt: NewtonOptions):
     """Damped Gauss–Newton direction on the coordinates not held at kinks, by preconditioned CG.
 
-    The preconditioner is the exact inverse ``(J_Ωᵀ W J_Ω)⁻¹`` of the model's determined part when the
-    sheaf has one and the rest is softer (two triangular sweeps, `GaussNewton.determined_solve`): the rest (soft pins,
-    loss and penalty edges) is a low-rank update, so CG needs about its rank + 1 iterations. Otherwise
-    the damped Jacobi diagonal.
+    The preconditioner is the exact inverse ``(J_Ωᵀ W J_Ω)⁻¹`` of the model's determined part ``steps``
+    when the sheaf has one and the rest is softer (two triangular sweeps, `GaussNewton.determined_solve`;
+    `_preconditioner_steps`): the rest (soft pins, loss and penalty edges) is a low-rank update, so CG needs
+    about its rank + 1 iterations. Otherwise (``steps=None``) the damped Jacobi diagonal. The only host
+    reads are CG's convergence tests.
     """
     model = GaussNewton(S, xa)
     diag = model.diagonal()[:, free]
@@ -360,8 +373,6 @@ def _direction(S, xa: Tensor, free: Tensor, ga: Tensor, held: Tensor, mu: Tensor
         full[:, free] = p.masked_fill(held, 0.0)
         return torch.where(held, p, model.matvec(full)[:, free] + damp * p)
 
-    steps = _determined_part(S, _fixed(S, free)) if opt.preconditioner == "auto" else None
-
     def precond(r: Tensor) -> Tensor:
         if steps is None:
             return r / precond_diag
@@ -369,19 +380,21 @@ def _direction(S, xa: Tensor, free: Tensor, ga: Tensor, held: Tensor, mu: Tensor
         full[:, free] = r.masked_fill(held, 0.0)
         return torch.where(held, r, model.determined_solve(steps, full)[:, free])
 
-    eta = float(torch.clamp(ga.norm(dim=-1), max=0.1).min().clamp_min(1e-14))
+    eta = torch.clamp(ga.norm(dim=-1), max=0.1).min().clamp_min(1e-14)  # stays on the device
     p, info = cg(apply, -ga, precond=precond, tol=eta,
                  maxiter=opt.cg_maxiter or max(2 * free.numel(), 50))
     bad = ~((ga * p).sum(-1) < 0) | ~torch.isfinite(p).all(-1)
-    p[bad] = -ga[bad] / precond_diag[bad]  # not a descent direction: use the scaled gradient
+    p = torch.where(bad.unsqueeze(-1), -ga / precond_diag, p)  # not a descent direction: the scaled gradient
     return p, precond_diag, info.iterations
 
 
-def _fixed(S, free: Tensor) -> Tensor:
-    """The coordinates not in ``free`` (sorted)."""
+def _preconditioner_steps(S, free: Tensor, opt: NewtonOptions):
+    """The determined part that preconditions Newton's CG (`_direction`), or None for Jacobi."""
+    if opt.preconditioner != "auto":
+        return None
     mask = torch.ones(S.C0, dtype=torch.bool)
     mask[free.cpu()] = False
-    return torch.nonzero(mask).flatten()
+    return _determined_part(S, torch.nonzero(mask).flatten())
 
 
 def _kink_band(xf: Tensor) -> Tensor:
@@ -390,33 +403,33 @@ def _kink_band(xf: Tensor) -> Tensor:
     return torch.finfo(xf.dtype).eps ** 0.5 * (1 + top)
 
 
-def _set_free(x: Tensor, free: Tensor, mask: Tensor, value: Tensor | float) -> Tensor:
-    xf = x[:, free]
-    xf[mask] = value[mask] if isinstance(value, Tensor) else value
-    x[:, free] = xf
+def _set_free(x: Tensor, free: Tensor, mask: Tensor, value: Tensor) -> Tensor:
+    """``x`` with the free coordinates under ``mask`` set to ``value`` (in place; no host read)."""
+    x[:, free] = torch.where(mask, value, x[:, free])
     return x
 
 
-def _descent_step(S, xa: Tensor, free: Tensor, Ea: Tensor, ga: Tensor, held: Tensor, mu: Tensor,
+def _descent_step(S, xa: Tensor, free: Tensor, Ea: Tensor, ga: Tensor, held: Tensor, mu: Tensor, steps,
                   opt: NewtonOptions):
     """One damped Newton step with line search, and its safeguards.
 
     The plain gradient step (it leaves the kinks of non-smooth potentials, where
     the curvature model is huge) and, where a kink or a poor model cut the Newton
-    step short, the Jacobi-scaled gradient step are kept instead when they lower
-    the energy visibly more. Returns ``(x_new, E_new, t, accepted, cg_iterations)``.
+    step short (accepted below ``t = ¼``, or not at all), the Jacobi-scaled gradient
+    step are kept instead when they lower the energy visibly more. The three line searches
+    run together (`_line_searches`); the choice is made on the device. Returns
+    ``(x_new, E_new, t, accepted, cg_iterations)``.
     """
-    p, precond_diag, its = _direction(S, xa, free, ga, held, mu, opt)
-    t, accepted, x_new, E_new = _armijo(S, xa, p, free, Ea, ga, opt)
-    short = torch.nonzero(~accepted | (t < 0.25)).flatten()
-    everyone = torch.arange(len(xa), device=xa.device)
-    for rows, q in ((everyone, -ga), (short, (-ga / precond_diag)[short])):
-        if rows.numel() == 0:
-            continue
-        _, acc_q, x_q, E_q = _armijo(S, xa[rows], q, free, Ea[rows], ga[rows], opt)
-        better = acc_q & (E_q < E_new[rows] - _noise(E_new[rows], xa[rows]))
-        pick = rows[better]
-        x_new[pick], E_new[pick], accepted[pick] = x_q[better], E_q[better], True
+    p, precond_diag, its = _direction(S, xa, free, ga, held, mu, steps, opt)
+    (t, acc, x_new, E_new), (_, acc_g, x_g, E_g), (_, acc_s, x_s, E_s) = \
+        _line_searches(S, xa, free, Ea, ga, [p, -ga, -ga / precond_diag], opt)
+    x_new, E_new = torch.where(acc.unsqueeze(-1), x_new, xa), torch.where(acc, E_new, Ea)
+    short = ~acc | (t < 0.25)
+    accepted = acc
+    for use, ok, x_q, E_q in ((torch.ones_like(acc), acc_g, x_g, E_g), (short, acc_s, x_s, E_s)):
+        better = use & ok & (E_q < E_new - _noise(E_new, xa))
+        x_new, E_new = torch.where(better.unsqueeze(-1), x_q, x_new), torch.where(better, E_q, E_new)
+        accepted = accepted | better
     return x_new, E_new, t, accepted, its
 
 
@@ -430,6 +443,13 @@ def newton(S, x: Tensor, free: Tensor, tol: float, max_iter: int = 100,
     lowers the energy. Stationarity is measured with both one-sided derivatives at
     every kink coordinate on (or within rounding of) its kink, so an equilibrium on a
     switching surface (Note 5.1) is recognised as one and a concave kink is not.
+
+    Host reads: one per iteration for the loop's decisions (which items still work,
+    whether every energy and gradient is finite, which items wait for a recomputation
+    after a kink event: then one more), the line searches' (usually one,
+    `_line_searches`) and those of the inner CG solves (`cellsheaf.syncs.check_every`).
+    A non-finite energy or gradient is detected from the batched flag and raised, naming
+    the edge, by evaluating the point again with the checks on.
 
     Returns the final point and a report: ``converged`` (bool per item),
     ``iterations``, ``energy`` and ``grad_norm`` (the Clarke stationarity) per item,
@@ -450,24 +470,46 @@ def newton(S, x: Tensor, free: Tensor, tol: float, max_iter: int = 100,
     held = kinks & (x[:, free] == at) if opt.hold_kinks_at_start else torch.zeros(B, n, dtype=torch.bool, device=dev)
     flips = torch.zeros(B, n, dtype=torch.long, device=dev)
     releases = torch.zeros(B, dtype=torch.long, device=dev)
-    E, g = _free_gradient(S, x, free)
+    E, g = _free_gradient(S, x, free, check=False)
     measure = _stationarity(S, x, free, g, held, points, tol)[0]
+    finite = _finite(E, g) & ~torch.isnan(measure)
+    dirty = torch.zeros(B, dtype=torch.bool, device=dev)  # values to recompute after a kink event
     mu = torch.full((B,), opt.damping, dtype=x.dtype, device=dev)
     stalled = torch.zeros(B, dtype=torch.bool, device=dev)
     best, best_g = E.clone(), measure.clone()
     since_best = torch.zeros(B, dtype=torch.long, device=dev)
-    it, cg_its = 0, 0
+    it, cg_its, rows, act = 0, 0, None, None
     while True:
         if every and it % every == 0:
             trace_steps.append(it)
             trace.append(edge_energies(S, x).detach())
-        act = torch.nonzero((measure > tol) & ~stalled).flatten()
-        if it >= max_iter or act.numel() == 0:
+        while True:  # the iteration's host read (a second one only after a kink event)
+            flags = torch.cat([(measure > tol) & ~stalled, dirty, ~finite]).tolist()
+            if any(flags[2 * B:]):  # raise the error of the first non-finite value, naming its edge
+                _, g_chk = _free_gradient(S, x, free)
+                _stationarity(S, x, free, g_chk, held, points, tol, lambda y: pullback(S, *forces(S, y), at=y))
+                finite = torch.ones_like(finite)  # nothing raised: the values stay as they are (not converged)
+            waiting = [i for i in range(B) if flags[B + i]]
+            if not waiting:
+                break
+            idx = torch.tensor(waiting, device=dev)
+            E[idx], g[idx] = _free_gradient(S, x[idx], free, check=False)
+            measure[idx] = _stationarity(S, x[idx], free, g[idx], held[idx], points, tol)[0]
+            best[idx], best_g[idx] = E[idx], measure[idx]
+            finite[idx] = _finite(E[idx], g[idx]) & ~torch.isnan(measure[idx])
+            dirty.zero_()
+        working = [i for i in range(B) if flags[i]]
+        if it >= max_iter or not working:
             break
+        if working != rows:  # a new index tensor only when the active set changes
+            rows = working
+            act = torch.arange(B, device=dev) if len(rows) == B else torch.tensor(rows, device=dev)
+        if it == 0:
+            steps = _preconditioner_steps(S, free, opt)
         it += 1
         xa, Ea, mua, ha = x[act], E[act], mu[act], held[act]
         ga = g[act].masked_fill(ha, 0.0)
-        x_new, E_new, t, accepted, its = _descent_step(S, xa, free, Ea, ga, ha, mua, opt)
+        x_new, E_new, t, accepted, its = _descent_step(S, xa, free, Ea, ga, ha, mua, steps, opt)
         cg_its += its
         mua = torch.where(accepted & (t == 1.0), mua / 10, mua * 10).clamp(opt.damping * 1e-4, opt.max_damping)
         # a kink coordinate that crossed its kink on two steps running is zigzagging across a switching surface:
@@ -478,20 +520,18 @@ def newton(S, x: Tensor, free: Tensor, tol: float, max_iter: int = 100,
         newly = (fa >= 2) & ~ha & (releases[act] < opt.max_releases).unsqueeze(-1)
         ha, ata = ha | newly, torch.where(newly, c, at[act])
         x_new = _set_free(x_new, free, ha, ata)
-        E_act, g_act = _free_gradient(S, x_new, free)
+        E_act, g_act = _free_gradient(S, x_new, free, check=False)
         m_act, leave, left = _stationarity(S, x_new, free, g_act, ha, points, tol)
         # let go of held coordinates that a one-sided derivative pushes off the kink, once the rest has settled
         smooth = g_act.masked_fill(ha, 0.0).norm(dim=-1)
         go = leave & (smooth <= torch.clamp(0.1 * m_act, min=tol)).unsqueeze(-1)
         releases[act] += go.any(-1).long()
         ha = ha & ~go
+        # leaving to the left: just past the kink, where the selection rule sees that side (that item's
+        # energy, gradient and stationarity are recomputed at the next read)
         push = go & left
-        if bool(push.any()):  # leaving to the left: just past the kink, where the selection rule sees that side
-            x_new = _set_free(x_new, free, push, _below(_nearest_kink(x_new[:, free], points)))
-            E_act, g_act = _free_gradient(S, x_new, free)
-            m_act = _stationarity(S, x_new, free, g_act, ha, points, tol)[0]
+        x_new = _set_free(x_new, free, push, _below(_nearest_kink(x_new[:, free], points)))
         x[act], E[act], g[act], mu[act], held[act], flips[act] = x_new, E_act, g_act, mua, ha, fa.masked_fill(newly, 0)
-        at[act] = ata
         measure[act] = m_act
         changed = newly.any(-1) | go.any(-1)
         improved = (E_act < best[act] - _noise(best[act], x_new)) | (m_act < 0.5 * best_g[act]) | changed
@@ -500,20 +540,15 @@ def newton(S, x: Tensor, free: Tensor, tol: float, max_iter: int = 100,
         since_best[act] = torch.where(improved, 0, since_best[act] + 1)
         # no progress: hold the kink coordinates that sit (nearly) on their kink before giving up
         stuck = ~accepted | (since_best[act] >= opt.stall_iterations // 2)
-        xf = x[act][:, free]
-        c = _nearest_kink(xf, points)
-        near = kinks & ~ha & ((xf - c).abs() <= _kink_band(xf)) & \
+        c = _nearest_kink(x_new[:, free], points)
+        near = kinks & ~ha & ((x_new[:, free] - c).abs() <= _kink_band(x_new[:, free])) & \
             (stuck & (releases[act] < opt.max_releases)).unsqueeze(-1)
-        if bool(near.any()):
-            rows = near.any(-1)
-            at[act] = torch.where(near, c, ata)
-            x[act] = _set_free(x[act], free, near, at[act])
-            held[act] = ha | near
-            E_n, g_n = _free_gradient(S, x[act][rows], free)
-            idx = act[rows]
-            E[idx], g[idx] = E_n, g_n
-            measure[idx] = _stationarity(S, x[idx], free, g_n, held[idx], points, tol)[0]
-            best[idx], best_g[idx], since_best[idx] = E_n, measure[idx], 0
+        at[act] = torch.where(near, c, ata)
+        x[act] = _set_free(x_new, free, near, c)
+        held[act] = ha | near
+        since_best[act] = torch.where(near.any(-1), 0, since_best[act])
+        dirty[act] = push.any(-1) | near.any(-1)
+        finite[act] = _finite(E_act, g_act) & ~torch.isnan(m_act)
         stalled[act] = (since_best[act] >= opt.stall_iterations) | (~accepted & (mua >= opt.max_damping))
     converged = measure <= tol
     report = {"converged": converged, "iterations": it, "energy": E, "grad_norm": measure,
@@ -532,27 +567,85 @@ def _noise(E: Tensor, x: Tensor) -> Tensor:
     return 16 * torch.finfo(E.dtype).eps * (E.abs() + (2 * E.abs()).sqrt() * x.norm(dim=-1))
 
 
-def _armijo(S, x: Tensor, p: Tensor, free: Tensor, E0: Tensor, g: Tensor, opt: NewtonOptions):
-    """Batched backtracking ``t ∈ {1, ½, ¼, ...}`` until ``E(x + t p) <= E0 + c₁ t ∇E·p`` per item
-    (up to the rounding level of ``E``, so that steps near the minimum whose decrease is invisible
-    in floating point are still taken)."""
-    B = x.shape[0]
-    slope = (g * p).sum(-1)
-    t = torch.ones(B, dtype=x.dtype, device=x.device)
-    done = torch.zeros(B, dtype=torch.bool, device=x.device)
-    x_out, E_out = x.clone(), E0.clone()
-    for _ in range(opt.max_backtracks):
-        todo = torch.nonzero(~done).flatten()
-        if todo.numel() == 0:
-            break
-        trial = x[todo].clone()
-        trial[:, free] += t[todo].unsqueeze(-1) * p[todo]
-        try:
-            Et = edge_energies(S, trial).sum(-1)
-        except (ValueError, FloatingPointError):  # a trial point outside a potential's domain: shorten
-            Et = torch.full_like(E0[todo], float("inf"))
-        ok = Et <= E0[todo] + opt.armijo * t[todo] * slope[todo] + _noise(E0[todo], x[todo])
-        idx = todo[ok]
-        x_out[idx], E_out[idx], done[idx] = trial[ok], Et[ok], True
-        t[todo[~ok]] /= 2
-    return t, done, x_out, E_out
+_FIRST_ROUND = (1, 4, 0)  # candidate steps per search in the first round: Newton, gradient, scaled gradient
+
+
+def _line_searches(S, x: Tensor, free: Tensor, E0: Tensor, g: Tensor, dirs: list[Tensor], opt: NewtonOptions):
+    """Armijo backtracking along the Newton, gradient and scaled gradient directions ``dirs`` at once.
+
+    Per direction and item, the first ``t ∈ {1, ½, ¼, ...}`` (at most ``opt.max_backtracks``
+    of them) with ``E(x + t p) <= E0 + c₁ t ∇E·p`` (up to the rounding level of ``E``, so that
+    steps near the minimum whose decrease is invisible in floating point are still taken);
+    a non-finite trial energy fails the test. The candidates are evaluated in rounds, all
+    directions in one batched energy evaluation, with one host read per round (which items
+    of which search still need a step): the first round tries ``t = 1`` for Newton and four
+    steps of the gradient on every item, which usually settles them all; a later round tries
+    the next `cellsheaf.syncs.check_every` steps on the items left (one on the CPU), and the
+    scaled gradient (only wanted where Newton's step stops below ``¼``) joins it. Returns
+    ``(t, accepted, x_out, E_out)`` per direction (``t`` is ``2⁻ᵐᵃˣ`` where none was accepted).
+    """
+    B, dev, dt = x.shape[0], x.device, x.dtype
+    floor = E0 + _noise(E0, x)
+    slopes = [opt.armijo * (g * p).sum(-1) for p in dirs]
+    state = [{"next": 0, "found": torch.zeros(B, dtype=torch.bool, device=dev),
+              "j": torch.full((B,), opt.max_backtracks, dtype=torch.long, device=dev),
+              "x": x.clone(), "E": E0.clone()} for _ in dirs]
+    jobs = [(k, None, m) for k, m in enumerate(_FIRST_ROUND) if m]  # (search, its items (None: all), candidates)
+    later = check_every(dev)
+    while jobs:
+        trials, ts = [], []
+        for k, rows, m in jobs:
+            j0 = state[k]["next"]
+            m = min(m, opt.max_backtracks - j0)
+            t = torch.ldexp(torch.ones(m, dtype=dt, device=dev), -torch.arange(j0, j0 + m, device=dev))
+            trial = (x if rows is None else x[rows]).unsqueeze(0).repeat(m, 1, 1)
+            trial[..., free] += t[:, None, None] * (dirs[k] if rows is None else dirs[k][rows])
+            trials.append(trial)
+            ts.append(t)
+        for (k, rows, _), trial, t, e in zip(jobs, trials, ts, _trial_energies(S, trials)):
+            s, sel = state[k], (slice(None) if rows is None else rows)
+            e = e.view(trial.shape[:2])
+            ok = (e <= floor[sel] + t[:, None] * slopes[k][sel]) & torch.isfinite(e)  # (m, items)
+            first = ok.to(torch.uint8).argmax(0)  # the first candidate that passes
+            new = ok.any(0) & ~s["found"][sel]
+            s["j"][sel] = torch.where(new, s["next"] + first, s["j"][sel])
+            picked = trial.gather(0, first.view(1, -1, 1).expand(1, -1, x.shape[1]))[0]
+            s["x"][sel] = torch.where(new.unsqueeze(-1), picked, s["x"][sel])
+            s["E"][sel] = torch.where(new, e.gather(0, first.view(1, -1))[0], s["E"][sel])
+            s["found"][sel] = s["found"][sel] | new
+            s["next"] += t.shape[0]
+        # the round's host read: the items of each search still without a step (the scaled gradient's
+        # only where Newton's step is not settled at t >= 1/4)
+        need = torch.stack([~state[0]["found"], ~state[1]["found"],
+                            ~state[2]["found"] & ~(state[0]["found"] & (state[0]["j"] <= 2))]).tolist()
+        jobs = []
+        for k, flags in enumerate(need):
+            left = [i for i in range(B) if flags[i]]
+            if left and state[k]["next"] < opt.max_backtracks:
+                jobs.append((k, None if len(left) == B else torch.tensor(left, device=dev), later))
+    return [(torch.ldexp(torch.ones(B, dtype=dt, device=dev), -s["j"]), s["found"], s["x"], s["E"])
+            for s in state]
+
+
+def _trial_energies(S, trials: list[Tensor]) -> list[Tensor]:
+    """Total energies of the trial points (each ``(m, B, C0)``) in one batched evaluation, unchecked.
+
+    A potential or map that raises outside its domain (``ValueError``, ``FloatingPointError``) fails
+    the trial points it was evaluated on: then each candidate step is evaluated on its own, and one
+    that raises gets ``inf``.
+    """
+    flat = torch.cat([t.reshape(-1, t.shape[-1]) for t in trials])
+    try:
+        return list(edge_energies(S, flat, check=False).sum(-1).split([t.shape[0] * t.shape[1] for t in trials]))
+    except (ValueError, FloatingPointError):
+        pass
+    out = []
+    for t in trials:
+        rows = []
+        for trial in t:
+            try:
+                rows.append(edge_energies(S, trial, check=False).sum(-1))
+            except (ValueError, FloatingPointError):
+                rows.append(torch.full(trial.shape[:1], math.inf, dtype=trial.dtype, device=trial.device))
+        out.append(torch.stack(rows).reshape(-1))
+    return out

@@ -30,7 +30,7 @@ def cg(
     b: Tensor,
     precond: Callable[[Tensor], Tensor] | Tensor | None = None,
     x0: Tensor | None = None,
-    tol: float = 1e-12,
+    tol: float | Tensor = 1e-12,
     maxiter: int | None = None,
     restarts: int = 2,
 ) -> tuple[Tensor, SolveInfo]:
@@ -45,9 +45,10 @@ def cg(
     make the recursive residual much smaller than the true one, and "converged" is only
     reported on the true residual. The convergence test is read on the host once every
     `cellsheaf.syncs.check_every` iterations (every iteration on the CPU, every 8 on a GPU;
-    rows that have converged stop moving in between). Under ``torch.no_grad()`` the iterates are updated
-    in place (no fresh ``(B, n)`` block per step); with grad mode on, autograd can
-    differentiate through the iterations.
+    rows that have converged stop moving in between), and the true residual once per attempt;
+    ``tol`` may be a 0-dim tensor on the device (no read to pass it). Under ``torch.no_grad()``
+    the iterates are updated in place (no fresh ``(B, n)`` block per step); with grad mode on,
+    autograd can differentiate through the iterations.
 
     Returns
     -------
@@ -66,23 +67,32 @@ def cg(
     it, message = 0, ""
     r = b - apply_A(x) if x0 is not None else b.clone()
     for attempt in range(restarts + 1):
-        x, r, it, message = _cg_run(apply_A, x, r, bnorm, precond, tol, maxiter, it, inplace)
+        x, r, steps, message = _cg_run(apply_A, x, r, bnorm, precond, tol, maxiter, it, inplace)
         true = b - apply_A(x)
         rel = (true.norm(dim=-1) / bnorm).detach()
-        worst = float(rel.max()) if rel.numel() else 0.0  # one host sync per attempt
-        if message or it >= maxiter or not worst > tol:
+        worst = rel.max() if rel.numel() else rel.new_zeros(())
+        # one host read per attempt: the worst true residual, whether it misses tol (and the iterations)
+        read = [worst, (worst > tol).to(worst.dtype)] + ([steps.to(worst.dtype)] if isinstance(steps, Tensor) else [])
+        worst, missed, *counted = torch.stack(read).tolist()
+        it += int(counted[0]) if counted else steps
+        if message or it >= maxiter or not missed:
             break
         r = true  # the recursion drifted: restart from the true residual
-    converged = worst <= tol and not message
+    converged = not missed and not message
     if not converged and not message:
-        message = f"CG stopped after {it} iterations with true relative residual {worst:.3g} > tol {tol:.3g}"
+        message = f"CG stopped after {it} iterations with true relative residual {worst:.3g} > tol {float(tol):.3g}"
     info = SolveInfo("cg", converged, it, worst, message=message)
     return (x[0] if squeeze else x), info
 
 
-def _cg_run(apply_A, x: Tensor, r: Tensor, bnorm: Tensor, precond, tol: float, maxiter: int, it: int,
+def _cg_run(apply_A, x: Tensor, r: Tensor, bnorm: Tensor, precond, tol, maxiter: int, it: int,
             inplace: bool):
-    """CG iterations from ``(x, r)`` until the recursive residuals meet ``tol`` or ``maxiter``."""
+    """CG iterations from ``(x, r)`` until the recursive residuals meet ``tol`` or ``maxiter``.
+
+    Returns ``(x, r, steps, message)``: ``steps`` counts the iterations with a row still at work
+    (a device tensor when the test is read every few iterations, an int when every one). Reading
+    every few iterations, the first read comes after the first few (a system solved from the
+    start only runs masked iterations until then)."""
     jacobi = isinstance(precond, Tensor)
 
     def apply_M(r: Tensor, out: Tensor | None) -> Tensor:
@@ -99,7 +109,7 @@ def _cg_run(apply_A, x: Tensor, r: Tensor, bnorm: Tensor, precond, tol: float, m
     steps = torch.zeros((), dtype=torch.long, device=r.device)  # iterations with a row still at work
     message, k = "", 0
     while it + k < maxiter:
-        if k % every == 0:  # the loop's only host sync: one fused read every `every` iterations
+        if k % every == 0 and (k or every == 1):  # the loop's only host read: fused, every `every` iterations
             working, broke = torch.stack([(rel > tol).any(), broken]).tolist()
             if broke:
                 message = "the operator is not positive definite along a search direction (singular system?)"
@@ -122,7 +132,7 @@ def _cg_run(apply_A, x: Tensor, r: Tensor, bnorm: Tensor, precond, tol: float, m
         rel = (r.norm(dim=-1) / bnorm).detach()
         steps = steps + active.any()
         k += 1
-    return x, r, it + (k if every == 1 else int(steps)), message
+    return x, r, (steps if every > 1 else k), message
 
 def _axpy(y: Tensor, a: Tensor, v: Tensor, inplace: bool) -> Tensor:
     """``y + a v`` (``a`` broadcast over the rows), overwriting ``y`` when ``inplace``."""

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import pytest
 import torch
 
 import cellsheaf as cs
-from cellsheaf import syncs
+from cellsheaf import gauss_newton, syncs
 from cellsheaf.linalg import cg
 from cellsheaf.lobpcg import lobpcg
+from tests.neural_shapes import NeuralShape
 
 
 def spd_system(n: int = 120, B: int = 6):
@@ -77,6 +79,59 @@ def test_lobpcg_checks_every_k_iterations(monkeypatch):
     assert out.converged and out.residual <= 1e-10
     torch.testing.assert_close(out.values, w[:3], rtol=0, atol=1e-9)
     assert n[0] <= out.iterations // 8 + 6
+
+
+def _pinned_relu_network(batch: int = 16):
+    """A [2, 10, 8, 1] ReLU network sheaf with its output soft-pinned: Newton with kinks, a few iterations."""
+    net = NeuralShape([2, 10, 8, 1], seed=2)
+    Y = torch.randn(batch, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    return net.S, cs.soft_pin(net.S, "y", Y, strength=0.5).boundary(net.boundary(net.random_input(batch, seed=4)))
+
+
+def _newton_reads(monkeypatch, S, b) -> tuple[cs.Result, int, int]:
+    """Minimise by Newton counting the host reads: ``(result, reads of the Newton loop, reads of its CG solves)``."""
+    inner = [0]
+
+    def counted_cg(*args, **kwargs):
+        with syncs.count_syncs() as n:
+            out = cg(*args, **kwargs)
+        inner[0] += n[0]
+        return out
+
+    monkeypatch.setattr(gauss_newton, "cg", counted_cg)
+    newton, counts = gauss_newton.newton, [0]
+
+    def counted_newton(*args, **kwargs):
+        with syncs.count_syncs() as n:
+            out = newton(*args, **kwargs)
+        counts[0] = n[0]
+        return out
+
+    monkeypatch.setattr(sys.modules["cellsheaf.minimize"], "newton", counted_newton)
+    res = cs.minimize(S, b, method="newton", tol=1e-10)
+    return res, counts[0] - inner[0], inner[0]
+
+
+@pytest.mark.parametrize("every", [1, 8])
+def test_newton_reads_a_few_flags_per_iteration(monkeypatch, every):
+    """One read for the loop's decisions, about one for the line searches (was 38 per iteration)."""
+    S, b = _pinned_relu_network()
+    reference = cs.minimize(S, b, method="newton", tol=1e-10)
+    monkeypatch.setattr(syncs, "CHECK_EVERY", every)
+    res, own, in_cg = _newton_reads(monkeypatch, S, b)
+    assert res.converged and reference.converged and res.iterations == reference.iterations >= 2
+    torch.testing.assert_close(res.x.flat, reference.x.flat, rtol=0, atol=1e-9)
+    assert own <= 3 * res.iterations + 3
+    if every == 8:
+        assert in_cg <= 3 * res.iterations
+
+
+def test_newton_still_names_the_edge_of_a_non_finite_energy():
+    S = cs.Sheaf(); S.add_vertex("a", 1); S.add_vertex("b", 1); S.add_vertex("c", 1)
+    S.add_edge("a", "b", cs.maps.Function(lambda t: 1.0 / t, 1, 1, name="inv"), cs.maps.Identity(1), name="bad")
+    S.add_edge("b", "c", cs.maps.Tanh(1), cs.maps.Identity(1), name="ok")
+    with pytest.raises(FloatingPointError, match="energy of edge 'bad' is not finite"):  # read from the batched flag
+        gauss_newton.newton(S, torch.zeros(2, 3, dtype=torch.float64), torch.tensor([1, 2]), 1e-10)
 
 
 def test_scipy_routes_warn_once_off_the_cpu(monkeypatch):
