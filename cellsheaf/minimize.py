@@ -69,6 +69,7 @@ def check_maps(S, x: Tensor) -> None:
     ...
     ValueError: edge 'e': map Fu = Function('log', 1 -> 1) gives a non-finite value at this point
     """
+    finite, where = [], []
     for e in S.edge_items():
         for side, F, w in (("Fu", e.Fu, e.u), ("Fv", e.Fv, e.v)):
             xs = x[..., S.vertex_slice(w)]
@@ -81,8 +82,11 @@ def check_maps(S, x: Tensor) -> None:
             if not isinstance(y, Tensor) or tuple(y.shape) != want:
                 got = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
                 raise ValueError(f"edge {e.name!r}: map {side} = {F!r} returned shape {got}, expected {want}")
-            if not bool(torch.isfinite(y).all()):
-                raise ValueError(f"edge {e.name!r}: map {side} = {F!r} gives a non-finite value at this point")
+            finite.append(torch.isfinite(y).all())
+            where.append((e, side, F))
+    for ok, (e, side, F) in zip(torch.stack(finite).tolist() if finite else [], where):  # one host read
+        if not ok:
+            raise ValueError(f"edge {e.name!r}: map {side} = {F!r} gives a non-finite value at this point")
 
 
 def _initial_point(S, rb, x0, dtype) -> Tensor:
