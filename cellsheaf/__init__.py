@@ -30,7 +30,7 @@ from .stacked import EdgeStack
 from .spec import SheafSpec, SpecError
 from .union import disjoint_union, pool
 from .topology import (HodgeDecomposition, PairCohomology, SheafMorphism, edge_laplacian, hodge_decomposition,
-                       pair_cohomology)
+                       pair_cohomology, pushforward)
 from .spectral import Eigenpairs, block_energy, eigenpairs, fiedler_vector, lambda_max, spectral_gap
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "gauss_newton", "learning", "nudge", "propagation",
     "Cohomology", "RelativeCohomology", "cohomology", "global_sections", "relative_cohomology",
     "edge_laplacian", "HodgeDecomposition", "hodge_decomposition", "PairCohomology", "pair_cohomology", "SheafMorphism",
+    "pushforward",
     "Eigenpairs", "eigenpairs", "spectral_gap", "fiedler_vector", "lambda_max", "block_energy",
     "SheafSpec", "SpecError", "connection_sheaf", "disjoint_union", "pool",
     "discord", "energy", "harmonic_extension", "NonUniqueError", "Result", "SolveInfo",

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Hashable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -113,26 +114,35 @@ class Boundary:
 
     def resolve(self, sheaf, dtype: torch.dtype | None = None, device=None) -> ResolvedBoundary:
         """Lay the boundary out on ``sheaf``'s 0-cochain; checks vertices, coords and shapes."""
-        idx, vals, batch = [], [], {v.shape[0] for _, v in self._fixes.values() if v.dim() == 2}
+        batch = {v.shape[0] for _, v in self._fixes.values() if v.dim() == 2}
         if len(batch) > 1:
             raise ValueError(f"boundary values have different batch sizes {sorted(batch)}")
         B = batch.pop() if batch else None
-        for vertex, (coords, values) in self._fixes.items():
-            if vertex not in sheaf._dims:
-                raise KeyError(f"boundary names unknown vertex {vertex!r}")
-            d, sl = sheaf.dim(vertex), sheaf.vertex_slice(vertex)
-            if coords is None:
-                if values.shape[-1] != d:
-                    raise ValueError(f"boundary at vertex {vertex!r}: value of shape {tuple(values.shape)}, but the "
-                                     f"stalk has dim {d}; pass coords= to fix part of it")
-            c = torch.arange(d) if coords is None else torch.as_tensor(coords, dtype=torch.long)
-            bad = c[(c < 0) | (c >= d)].tolist()
-            if bad:
-                raise IndexError(f"boundary at vertex {vertex!r}: coordinates {bad} outside the stalk of dim {d}")
-            idx.append(c + sl.start)
-            vals.append(values if B is None or values.dim() == 2 else values.expand(B, -1))
+        names, coords = list(self._fixes), [c for c, _ in self._fixes.values()]
+        vals = [v if B is None or v.dim() == 2 else v.expand(B, -1) for _, v in self._fixes.values()]
+        position = sheaf._vertex_index()
+        unknown = [v for v in names if v not in position]
+        if unknown:
+            raise KeyError(f"boundary names unknown vertex {unknown[0]!r}")
+        pos = np.fromiter((position[v] for v in names), dtype=np.int64, count=len(names))
+        dims, starts = sheaf._dim_array()[pos], sheaf._vertex_offsets()[pos]
+        widths = np.fromiter((v.shape[-1] for v in vals), dtype=np.int64, count=len(vals))
+        whole = np.fromiter((c is None for c in coords), dtype=bool, count=len(coords))
+        wrong = np.flatnonzero(whole & (widths != dims))
+        if wrong.size:
+            i = int(wrong[0])
+            raise ValueError(f"boundary at vertex {names[i]!r}: value of shape {tuple(self._fixes[names[i]][1].shape)}, "
+                             f"but the stalk has dim {int(dims[i])}; pass coords= to fix part of it")
+        first = np.cumsum(widths) - widths
+        local = np.arange(int(widths.sum())) - np.repeat(first, widths)  # 0, 1, ... within every fix
+        for i in np.flatnonzero(~whole).tolist():
+            c = np.asarray(coords[i], dtype=np.int64)
+            if ((c < 0) | (c >= dims[i])).any():
+                raise IndexError(f"boundary at vertex {names[i]!r}: coordinates {c[(c < 0) | (c >= dims[i])].tolist()} "
+                                 f"outside the stalk of dim {int(dims[i])}")
+            local[first[i]:first[i] + c.size] = c
         dtype = dtype or next((v.dtype for v in vals if v.is_floating_point()), None) or sheaf.dtype
-        fixed = torch.cat(idx) if idx else torch.zeros(0, dtype=torch.long)
+        fixed = torch.as_tensor(np.repeat(starts, widths) + local)
         values = torch.cat([v.to(dtype) for v in vals], -1) if vals else \
             torch.zeros((B, 0) if B else (0,), dtype=dtype)
         if not bool((fixed[1:] > fixed[:-1]).all()):  # skip the gather when fixed in cochain order already

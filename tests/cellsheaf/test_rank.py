@@ -161,3 +161,39 @@ def test_empty_and_zero_matrices():
     out = decide(sp.csr_matrix((2, 3)), np.array([0, 0]), np.array([0, 0, 1]), EPS)
     assert out.decision.rank == 0 and out.decision.gap == math.inf
     assert out.right().shape == (3, 3) and out.left().shape == (2, 2)
+
+
+def noise_next_to_a_map(size: float):
+    """Vertex 0 (dim 2) sees coordinate 0 through an identity map; coordinate 1 only through a map of ``size``.
+
+    The second map's edge goes to vertex 1, a stalk of dim 0, so that map is all its edge holds.
+    """
+    D = np.array([[1.0, 0.0, -1.0],    # edge 0: vertex 0 (coordinate 0) -- vertex 2
+                  [0.0, size, 0.0]])   # edge 1: vertex 0 (coordinate 1) -- vertex 1 (dim 0)
+    return D, np.array([0, 1]), np.array([0, 0, 2])
+
+
+def test_a_map_at_rounding_level_beside_genuine_maps_is_zero():
+    # a map evaluated on sections it annihilates comes out at ~1e-15 (cs.pushforward did): without a floor
+    # edge-wise equilibration would scale it up to a unit map and count a rank that is rounding noise
+    D, rows, cols = noise_next_to_a_map(1.3e-15)
+    r = decide(D, rows, cols, eps=EPS)
+    assert r.decision.rank == 1 and r.decision.certified
+    assert r.decision.largest_dropped == pytest.approx(1.3e-15) and r.decision.gap > 1e13
+    K = r.right()
+    assert K.shape == (3, 2)
+    np.testing.assert_allclose(K @ (K.T @ [0, 1, 0]), [0, 1, 0], atol=1e-12)  # coordinate 1 is free
+    # a small genuine map stays a map: rescaling its edge by 1e-9 (or a vertex's maps together) is not noise
+    for size in (1e-9, 1e-13):
+        assert decide(*noise_next_to_a_map(size), eps=EPS).decision.rank == 2
+    assert decide(1e-12 * D, rows, cols, eps=EPS).decision.rank == 1  # the floor is relative to the vertex
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.sampled_from([-9, 9]))
+def test_the_noise_floor_never_moves_a_rescaled_edge(seed, exponent):
+    D, rows, cols = random_problem(seed % 1000, n_vertices=6, n_edges=9)
+    e = int(np.random.default_rng(seed).integers(9))
+    scaled = D.copy()
+    scaled[rows == e] *= 10.0 ** exponent
+    assert decide(scaled, rows, cols, eps=EPS).decision.rank == decide(D, rows, cols, eps=EPS).decision.rank
