@@ -13,6 +13,10 @@ ratios, not absolute times, are the figures to quote). Rows, one function each (
 - ``cohomology``, ``cg``, ``eigenpairs``: cohomology of the big sheaf, CG per iteration against scipy's CG,
   eigenpairs of a 2k-vertex sheaf (``--no-rank`` skips them);
 - ``harmonic``: harmonic extension with a tenth of the vertices fixed;
+- ``uniqueness``: ``Boundary.resolve`` and the relative H⁰ of that boundary: propagation from the boundary
+  (the default) against the full rank decision (``method="sparse"``);
+- ``nonunique``: a harmonic extension by CG whose free part has one large component (a quarter of ``n``
+  vertices, a planted section) touching no boundary: ``NonUniqueError``, then ``allow_nonunique=True``;
 - ``kernel``: cohomology of the big random sheaf with one planted global section (h0 = 1): a large
   component with a kernel and no small separators, decided without a factorisation;
 - ``grid``: cohomology of a 200×200 grid with O(2) maps (``--quick``: 60×60), flat (a gauge of the constant
@@ -23,7 +27,7 @@ ratios, not absolute times, are the figures to quote). Rows, one function each (
 
 Run::
 
-    python benchmarks/bench_core.py [--quick] [--rows build,assembly,lx,spec,cohomology,kernel,cg,eigenpairs,harmonic,grid] [--big]
+    python benchmarks/bench_core.py [--quick] [--rows build,assembly,lx,spec,cohomology,kernel,cg,eigenpairs,harmonic,uniqueness,nonunique,grid] [--big]
                                     [--repeats 5] [--batch 16] [--threads 1] [--clock wall|cpu] [--harmonic-method cg]
                                     [--no-rank] [--no-harmonic]
 """
@@ -291,6 +295,47 @@ def row_kernel(ctx: Context) -> None:
           f"certified={dec.certified} ({dec.certificate}), gap={gap}, max |δ H0| = {res:.1e}")
 
 
+def row_uniqueness(ctx: Context) -> None:
+    """Uniqueness of the harmonic extension of the ``harmonic`` row: propagation vs the full rank decision."""
+    rng = np.random.default_rng(1)
+    b = cs.Boundary()
+    for i in rng.choice(ctx.n, ctx.n // 10, replace=False).tolist():
+        b.fix(i, torch.as_tensor(rng.standard_normal(ctx.d)))
+    t_resolve, rb = timed(lambda: b.resolve(ctx.sheaf), max(1, min(ctx.args.repeats, 3)))
+    t_prop, R = timed(lambda: cs.relative_cohomology(ctx.sheaf, rb), 1)
+    t_full, F = timed(lambda: cs.relative_cohomology(ctx.sheaf, rb, method="sparse"), 1)
+    print(f"uniqueness ({rb.free.numel()} free coordinates, {len(b)} fixed vertices): Boundary.resolve {t_resolve:6.3f} s | "
+          f"relative H⁰ by propagation {t_prop:7.2f} s (dim {R.dim}: {R.decision.certificate}) | full rank decision "
+          f"{t_full:7.2f} s (dim {F.dim}: {F.decision.certificate}) | speed-up {t_full / t_prop:.0f}x")
+
+
+def row_nonunique(ctx: Context) -> None:
+    """A harmonic extension by CG with one large free component that touches no boundary (a planted section)."""
+    n_a, n_b, d = ctx.n // 10, ctx.n // 4, ctx.d
+    iA, FuA, FvA = random_data(n_a, 3 * n_a, d, seed=5)
+    iB, FuB, FvB = random_data(n_b, 3 * n_b, d, seed=6)
+    S = cs.Sheaf.from_arrays([d] * (n_a + n_b), torch.cat([iA, iB + n_a], 1), torch.cat([FuA, FuB]),
+                             torch.cat([FvA, planted_section(iB, FuB, FvB, n_b, d)]))
+    rng = np.random.default_rng(1)
+    b = cs.Boundary()
+    for i in rng.choice(n_a, n_a // 10, replace=False).tolist():
+        b.fix(i, torch.as_tensor(rng.standard_normal(d)))
+    t0 = CLOCK()
+    try:
+        cs.harmonic_extension(S, b, method="cg")
+        raised = "no error (wrong)"
+    except cs.NonUniqueError as err:
+        raised = "NonUniqueError naming vertices " + str(err).split("vertices ")[1].split(" can move")[0]
+    t_error = CLOCK() - t0
+    t, x = timed(lambda: cs.harmonic_extension(S, b, method="cg", allow_nonunique=True), 1)
+    N = x.info.extra["nullspace"]
+    N = (N.to_dense() if N.is_sparse else N).double()
+    print(f"nonunique ({S.C0 - b.resolve(S).fixed.numel()} free coordinates, free component of {n_b * d} with a planted "
+          f"section): {raised} in {t_error:6.1f} s | allow_nonunique {t:6.1f} s (relative H⁰ cached), nullity "
+          f"{x.info.extra['nullity']}, converged={x.info.converged}, residual {x.info.residual:.1e}, "
+          f"|<x, null>| = {float((x.flat.double() @ N).abs().max()):.1e}")
+
+
 def row_cohomology(ctx: Context) -> None:
     S = ctx.sheaf
     t, H = timed(lambda: S.cohomology(), 1)
@@ -349,7 +394,7 @@ def bench_eigenpairs(repeats: int, n: int = 2000, m: int = 10_000, d: int = 3, k
 
 ROWS = {"build": row_build, "assembly": row_assembly, "lx": row_lx, "spec": row_spec, "cohomology": row_cohomology,
         "kernel": row_kernel, "cg": row_cg, "eigenpairs": row_eigenpairs, "harmonic": row_harmonic, "grid": row_grid,
-        "million": row_million}
+        "uniqueness": row_uniqueness, "nonunique": row_nonunique, "million": row_million}
 RANK_ROWS = ("cohomology", "kernel", "cg", "eigenpairs", "grid")
 
 
@@ -377,7 +422,7 @@ def main() -> None:
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     if args.big and "million" not in rows:
         rows.append("million")
-    skip = (RANK_ROWS if args.no_rank else ()) + (("harmonic", "million") if args.no_harmonic else ())
+    skip = (RANK_ROWS if args.no_rank else ()) + (("harmonic", "uniqueness", "nonunique", "million") if args.no_harmonic else ())
     rows = [r for r in rows if r not in skip]
     unknown = [r for r in rows if r not in ROWS]
     if unknown:

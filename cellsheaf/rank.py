@@ -203,18 +203,21 @@ def _noise_floor(D: sp.csr_matrix, row_owner: np.ndarray, col_owner: np.ndarray,
     m, n = D.shape
     if rho <= 0 or D.nnz == 0:
         return 0.0
-    rows = np.repeat(np.arange(m), np.diff(D.indptr))
-    x, edge, vert = D.data, row_owner[rows], col_owner[D.indices]
-    keys, block = np.unique(edge * (int(col_owner[-1]) + 1) + vert, return_inverse=True)  # the (edge, vertex) maps
-    bnorm = np.sqrt(np.bincount(block, weights=x * x, minlength=keys.size))
-    bvert = keys % (int(col_owner[-1]) + 1)
-    nu = np.zeros(int(col_owner[-1]) + 1)
-    np.maximum.at(nu, bvert, bnorm)
-    ratio = np.divide(bnorm, nu[bvert], out=np.ones_like(bnorm), where=nu[bvert] > 0)
+    n_edges, n_vertices = int(row_owner.max()) + 1, int(col_owner[-1]) + 1
+    by_edge = sp.csr_matrix((np.ones(m), (row_owner, np.arange(m))), shape=(n_edges, m))
+    by_vertex = sp.csr_matrix((np.ones(n), (np.arange(n), col_owner)), shape=(n, n_vertices))
+    B = (by_edge @ (D.multiply(D) @ by_vertex)).tocoo()  # ‖F_{e,v}‖² of every map
+    B.eliminate_zeros()
+    norm = np.sqrt(B.data)
+    nu = np.zeros(n_vertices)
+    np.maximum.at(nu, B.col, norm)
+    ratio = norm / nu[B.col]
     noise = ratio <= rho
     if not noise.any():
         return 0.0
-    x[noise[block]] = 0.0
+    rows = np.repeat(np.arange(m), np.diff(D.indptr))
+    keys = row_owner[rows] * n_vertices + col_owner[D.indices]
+    D.data[np.isin(keys, B.row[noise].astype(np.int64) * n_vertices + B.col[noise])] = 0.0
     D.eliminate_zeros()
     return float(ratio[noise].max())
 

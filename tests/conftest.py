@@ -276,3 +276,34 @@ def device(request) -> torch.device:
     if request.param == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     return torch.device(request.param)
+
+
+def stacked_random(n: int, seed: int, planted: bool = False, d: int = 3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``edge_index`` and maps of a connected random sheaf: a Hamiltonian cycle plus ``2n`` chords.
+
+    ``planted``: ``Fv`` corrected by a rank-one term per edge so that a random cochain is a global section.
+    """
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(n)
+    u = np.concatenate([perm, rng.integers(0, n, 2 * n)])
+    v = np.concatenate([np.roll(perm, -1), (u[n:] + rng.integers(1, n, 2 * n)) % n])
+    Fu, Fv = rng.standard_normal((3 * n, d, d)), rng.standard_normal((3 * n, d, d))
+    if planted:
+        x = rng.standard_normal((n, d))
+        miss = np.einsum("eij,ej->ei", Fu, x[u]) - np.einsum("eij,ej->ei", Fv, x[v])
+        Fv = Fv + miss[:, :, None] * x[v][:, None, :] / (x[v] ** 2).sum(1)[:, None, None]
+    return np.stack([u, v]), Fu, Fv
+
+
+def anchored_and_floating(n_anchored: int, n_floating: int, seed: int = 0):
+    """A random sheaf with a tenth of its vertices fixed, beside a floating one with a planted section (h0 = 1)."""
+    iA, FuA, FvA = stacked_random(n_anchored, seed)
+    iB, FuB, FvB = stacked_random(n_floating, seed + 1, planted=True) if n_floating \
+        else (np.zeros((2, 0), int), np.zeros((0, 3, 3)), np.zeros((0, 3, 3)))
+    S = cs.Sheaf.from_arrays([3] * (n_anchored + n_floating), torch.as_tensor(np.hstack([iA, iB + n_anchored])),
+                             torch.as_tensor(np.concatenate([FuA, FuB])), torch.as_tensor(np.concatenate([FvA, FvB])))
+    rng = np.random.default_rng(seed)
+    b = cs.Boundary()
+    for v in rng.choice(n_anchored, n_anchored // 10, replace=False).tolist():
+        b.fix(v, torch.as_tensor(rng.standard_normal(3)))
+    return S, b

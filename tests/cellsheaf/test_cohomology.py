@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import cellsheaf as cs
 from cellsheaf.cohomology import DENSE_LIMIT
 from cellsheaf.rank import default_tol
-from tests.conftest import (build_random_sheaf, constant_sheaf, dense_coboundary, dense_laplacian, holonomy_cycle, rotation,
+from tests.conftest import (anchored_and_floating, build_random_sheaf, constant_sheaf, dense_coboundary, dense_laplacian, holonomy_cycle, rotation,
                             path_sheaf, random_point, random_sheaf)
 
 SETTINGS = settings(max_examples=25, deadline=None)
@@ -284,6 +284,32 @@ def test_relative_matches_restricted_coboundary(S, data):
     B = R.basis.numpy()
     assert np.allclose(B[fixed], 0)
     check_basis(torch.as_tensor(B[free]), D, free.size, R.dim)
+
+
+def test_propagation_from_the_boundary_decides_only_the_rest():
+    # above DENSE_LIMIT free coordinates, vertices the boundary determines through injective maps leave the rank
+    # decision; what remains (the floating part) is decided as before, and the answer is that of the full decision
+    S, b = anchored_and_floating(500, 300)
+    R = cs.relative_cohomology(S, b)
+    full = cs.relative_cohomology(S, b, method="sparse")  # no propagation: every free coordinate decided
+    assert R.dim == full.dim == 1 and R.certified
+    assert R.decision.certificate.startswith("1350 of 2250 free coordinates determined by propagation")
+    np.testing.assert_allclose(np.abs(R.basis.numpy()), np.abs(full.basis.numpy()), atol=1e-8)
+    # fixing one coordinate of the floating part determines nothing there (its maps still see two free ones) ...
+    b.fix(600, torch.zeros(1, dtype=torch.float64), coords=[0])
+    assert cs.relative_cohomology(S, b).dim == cs.relative_cohomology(S, b, method="sparse").dim == 0
+    # ... and a whole fixed vertex determines all of it: the extension is unique, exactly
+    b.unfix(600).fix(600, torch.zeros(3, dtype=torch.float64))
+    R = cs.relative_cohomology(S, b)
+    assert R.dim == 0 and R.decision.method == "exact" and R.basis.shape == (S.C0, 0)
+
+
+def test_a_map_that_is_not_injective_stops_propagation():
+    S, b = anchored_and_floating(900, 0)
+    rank_one = torch.as_tensor(np.outer([1.0, 2.0, 3.0], [1.0, -1.0, 0.5]))
+    for e in S.edges[:40]:  # some vertices are then determined through other edges, some by the rank decision
+        S.set_maps(e, Fv=rank_one)
+    assert cs.relative_cohomology(S, b).dim == cs.relative_cohomology(S, b, method="sparse").dim
 
 
 def test_relative_boundary_errors_name_the_vertex():

@@ -7,6 +7,7 @@ from hypothesis import given, settings, strategies as st
 
 import cellsheaf as cs
 import cellsheaf.harmonic as harmonic
+from tests.conftest import anchored_and_floating
 
 F64 = torch.float64
 
@@ -215,6 +216,24 @@ def test_a_hundred_thousand_free_coordinates_are_certified_cheaply(method):
     N = x.info.extra["nullspace"]
     assert N.is_sparse and N.shape == (S.C0, 100_000) and x.info.extra["nullity"] == 100_000
     assert x["wide"].abs().max() == 0
+
+
+def test_a_large_free_component_without_boundary_on_the_cg_route():
+    # 2400 free coordinates in one floating component with a planted section, beside an anchored part that the
+    # boundary determines by propagation (benchmarks/bench_core.py --rows nonunique: 10⁵ free coordinates)
+    S, b = anchored_and_floating(300, 800)
+    with pytest.raises(cs.NonUniqueError, match=r"dimension 1 .* vertices \[300, 301"):
+        cs.harmonic_extension(S, b, method="cg")
+    x = cs.harmonic_extension(S, b, method="cg", allow_nonunique=True)
+    N = x.info.extra["nullspace"].numpy()
+    D = S.coboundary(format="scipy")
+    assert x.info.converged and x.info.extra["nullity"] == 1 and N.shape == (S.C0, 1)
+    assert np.abs(D @ N).max() < 1e-8 and np.abs(N[:900]).max() == 0  # a section of the floating part
+    assert abs(float(x.flat @ torch.as_tensor(N[:, 0]))) < 1e-10  # the minimum-norm solution
+    rb = b.resolve(S)  # stationary on the free coordinates, the data on the fixed ones
+    L = S.laplacian(format="scipy")
+    assert np.abs(L @ x.flat.numpy())[rb.free.numpy()].max() < 1e-8 * np.abs(L).max()
+    assert torch.equal(x.flat[rb.fixed], rb.values)
 
 
 def test_no_boundary_gives_the_zero_section():
