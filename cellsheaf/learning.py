@@ -152,14 +152,50 @@ def map_parameters(S) -> list[Tensor]:
     return list(out.values())
 
 
-def _edge_pairing(S, e, xb: Tensor, at: Tensor) -> Tensor:
-    """``⟨∂U_e/∂a_v, F_v x'_v⟩ + ⟨∂U_e/∂a_u, F_u x'_u⟩`` summed over the batch: the forces at ``xb`` (held
-    fixed) paired with the maps applied at ``at`` (differentiable in the maps' tensors). Its gradient in a
-    map's tensors is the edge's energy gradient (at ``at = xb``, the chain rule)."""
-    with torch.no_grad():
-        gv, gu = edge_forces(S, e.name, xb)
-    av, au = e.Fv.apply(at[:, S.vertex_slice(e.v)]), e.Fu.apply(at[:, S.vertex_slice(e.u)])
-    return (gv * av).sum() + (gu * au).sum()
+class _Gradients:
+    """The local rule accumulated over edges for a list of tensors: each map that holds one adds its
+    closed-form parameter gradient ([`cellsheaf.maps.Map.parameter_vjp`][cellsheaf.maps.Map.parameter_vjp]:
+    one matrix product for a dense or affine map), or, for a map without one, ``⟨force, F(x)⟩`` to a
+    sum differentiated by autograd once at the end (`result`)."""
+
+    def __init__(self, tensors: list[Tensor]):
+        self.tensors = tensors
+        self.index = {id(t): k for k, t in enumerate(tensors)}
+        self.grads: list[Tensor | None] = [None] * len(tensors)
+        self.pending: list[tuple] = []
+
+    def add(self, F, xs: Tensor, force: Tensor) -> None:
+        """The share of map ``F`` (on stalks ``xs``, with ``force = ∂U_e/∂(F x)`` at the state)."""
+        held = F.tensors()
+        if not any(id(t) in self.index for t in held):
+            return
+        grads = F.parameter_vjp(xs, force)
+        if grads is None:
+            self.pending.append((F, xs, force))
+            return
+        for t, g in zip(held, grads):
+            k = self.index.get(id(t))
+            if k is not None and g is not None:
+                self.grads[k] = g if self.grads[k] is None else self.grads[k] + g
+
+    def result(self) -> list[Tensor]:
+        """The gradients, aligned with the tensors (zeros for one that no map holds)."""
+        if self.pending:
+            switched = [t for t in self.tensors if not t.requires_grad]
+            try:
+                for t in switched:
+                    t.requires_grad_(True)
+                with torch.enable_grad():
+                    E = sum((force * F.apply(xs)).sum() for F, xs, force in self.pending)
+                    auto = torch.autograd.grad(E, self.tensors, allow_unused=True)
+            finally:
+                for t in switched:
+                    t.requires_grad_(False)
+            for k, g in enumerate(auto):
+                if g is not None:
+                    self.grads[k] = g if self.grads[k] is None else self.grads[k] + g
+            self.pending = []
+        return [torch.zeros_like(t) if g is None else g.detach().to(t.dtype) for t, g in zip(self.tensors, self.grads)]
 
 
 def local_gradients(S, x, params: Mapping | list | None = None, at=None) -> dict | list:
@@ -168,10 +204,12 @@ def local_gradients(S, x, params: Mapping | list | None = None, at=None) -> dict
     with respect to its *own* parameters, summed over the edges that share ``θ`` (and over a batch).
 
     One rule for every map kind (dense and affine weights, convolution kernels, norm weights,
-    scalars, gates, tied matrices), by autograd through the maps of the edges that hold ``θ``
-    (found by identity among their [`cellsheaf.maps.Map.tensors`][cellsheaf.maps.Map.tensors]): nothing but each edge's
-    discrepancy and its end stalks enters (Eq. 24 for a dense map, ``∂E_e/∂θ = ⟨∂U_e/∂a, ∂(F x)/∂θ⟩``
-    in general).
+    scalars, gates, tied matrices; the maps that hold ``θ`` are found by identity among their
+    [`cellsheaf.maps.Map.tensors`][cellsheaf.maps.Map.tensors]): nothing but each edge's discrepancy and its
+    end stalks enters (Eq. 24 for a dense map, ``∂E_e/∂θ = ⟨∂U_e/∂a, ∂(F x)/∂θ⟩`` in general). A map
+    computes its share in closed form ([`cellsheaf.maps.Map.parameter_vjp`][cellsheaf.maps.Map.parameter_vjp]:
+    one matrix product per dense or affine edge), else by autograd through the map. A dense
+    [`cellsheaf.maps.Linear`][cellsheaf.maps.Linear] with a ``mask`` gives the masked gradient (``Π_W``, Eq. 25).
 
     Parameters
     ----------
@@ -206,22 +244,18 @@ def local_gradients(S, x, params: Mapping | list | None = None, at=None) -> dict
     for k, p in enumerate(plist):
         if not isinstance(p, Tensor) or not p.is_floating_point():
             raise TypeError(f"local_gradients: parameter {names[k] if names else k!r} is not a floating tensor")
-    ids = {id(p) for p in plist}
-    edges = [e for e in S.edge_items() if any(id(t) in ids for t in e.Fu.tensors() + e.Fv.tensors())]
+    acc = _Gradients(plist)
     xb, atb = (_batched(as_flat(S, v).detach()) for v in (x, x if at is None else at))
-    switched = [p for p in plist if not p.requires_grad]
-    try:
-        for p in switched:
-            p.requires_grad_(True)
-        with torch.enable_grad():
-            E = sum((_edge_pairing(S, e, xb, atb) for e in edges), xb.new_zeros(()))
-            grads = torch.autograd.grad(E, plist, allow_unused=True) if edges else [None] * len(plist)
-    finally:
-        for p in switched:
-            p.requires_grad_(False)
-    out = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(plist, grads)]
-    for k, g in enumerate(out):
-        check_finite(g, f"the local gradient of parameter {names[k] if names else k!r}")
+    for e in S.edge_items():
+        if not any(id(t) in acc.index for t in e.Fu.tensors() + e.Fv.tensors()):
+            continue
+        with torch.no_grad():
+            gv, gu = edge_forces(S, e.name, xb)
+        acc.add(e.Fv, atb[:, S.vertex_slice(e.v)], gv)
+        acc.add(e.Fu, atb[:, S.vertex_slice(e.u)], gu)
+    out = acc.result()
+    _check_all({f"the local gradient of parameter {names[k] if names else k!r}": g for k, g in enumerate(out)},
+               check_finite)
     return dict(zip(names, out)) if names is not None else out
 
 
@@ -235,9 +269,7 @@ def _local_gradients(S, x: Tensor, gv: Tensor, gu: Tensor, maps: dict[MapKey, Li
         e = S.edge(name)
         se = S.edge_slice(name)
         g = (gvb if side == "v" else gub)[:, se]
-        xs = xb[:, S.vertex_slice(e.v if side == "v" else e.u)]
-        G = g.T @ xs.to(g.dtype)
-        out[(name, side)] = G if F.mask is None else G * F.mask.to(dtype=G.dtype, device=G.device)
+        out[(name, side)] = _eq24(F, g, xb[:, S.vertex_slice(e.v if side == "v" else e.u)])
     return out
 
 
@@ -364,6 +396,15 @@ def _check_step(t: Tensor, what: str) -> None:
     check_finite(t, f"after the step (it diverged: use a smaller step), {what}")
 
 
+def _check_all(named: Mapping[str, Tensor], check: Callable[[Tensor, str], None] = _check_step) -> None:
+    """``check(t, what)`` for every ``{what: t}``, screened by one reduction (one host read) when all are finite."""
+    if not named or (all(t.is_floating_point() for t in named.values())
+                     and math.isfinite(float(sum(t.sum() for t in named.values())))):
+        return
+    for what, t in named.items():
+        check(t, what)
+
+
 def _maps_changed(S, maps: dict[MapKey, Linear]) -> None:
     for (name, side), F in maps.items():
         _check_step(F.weight, f"the trainable map F{side} of edge {name!r}")
@@ -381,18 +422,20 @@ def _free_of(S, boundary, like: Tensor) -> Tensor:
 _EDGEWISE_MAX = 64  # sheaves with at most this many edges take their joint gradients edge by edge
 
 
-def _eq24(F, force: Tensor, xs: Tensor) -> Tensor:
-    """Eq. (24) for one map: ``forceᵀ x`` over the batch, masked by the map's ``mask``."""
-    G = force.T @ xs.to(force.dtype)
-    return G if F.mask is None else G * F.mask.to(dtype=G.dtype, device=G.device)
+def _eq24(F: Linear, force: Tensor, xs: Tensor) -> Tensor:
+    """Eq. (24) for one dense map: ``forceᵀ x`` over the batch, masked by the map's ``mask`` (its closed-form
+    parameter gradient, [`cellsheaf.maps.Map.parameter_vjp`][cellsheaf.maps.Map.parameter_vjp])."""
+    return F.parameter_vjp(xs, force)[0]
 
 
-def _edgewise(S, x: Tensor, maps: dict, at: Tensor | None = None, skip=()) -> tuple[Tensor, dict]:
+def _edgewise(S, x: Tensor, maps: dict, at: Tensor | None = None, skip=(),
+              tensors: _Gradients | None = None) -> tuple[Tensor, dict]:
     """``(∇_x E, {map: Eq. 24})`` edge by edge: each edge's maps applied once, its own forces pulled back
     through its own maps and multiplied into its own end stalks (those of ``at`` if given, see
     `edge_gradients`). For sheaves of few, large edges (compiled networks), where the stacked operators
     (`cellsheaf.operators`) buy nothing. The gradient is left zero on the vertices in ``skip`` (e.g.
-    those with no free coordinate)."""
+    those with no free coordinate). With ``tensors`` (a `_Gradients`), the local rule of the parameters
+    it holds is accumulated into it from the same forces."""
     xb = x if x.dim() == 2 else x.unsqueeze(0)
     src = xb if at is None else _batched(at)
     g, grads = torch.zeros_like(xb), {}
@@ -406,20 +449,26 @@ def _edgewise(S, x: Tensor, maps: dict, at: Tensor | None = None, skip=()) -> tu
         for side, F, force, sl in (("u", e.Fu, gu, su), ("v", e.Fv, gv, sv)):
             if (e.name, side) in maps:
                 grads[(e.name, side)] = _eq24(F, force, src[:, sl])
+            if tensors is not None:
+                tensors.add(F, src[:, sl], force)
     return (g if x.dim() == 2 else g[0]), grads
 
 
-def _joint_gradients(S, x: Tensor, maps: dict, lam: float, mu: float, x_anchor, map_anchors, reduce=None):
-    """``(∇_x E + λ(x − x₀), {map: Π_W(∇_F E + μ(F − F₀))})`` sharing one evaluation of the forces.
+def _joint_gradients(S, x: Tensor, maps: dict, lam: float, mu: float, x_anchor, map_anchors, reduce=None,
+                     tensors: _Gradients | None = None):
+    """``(∇_x E + λ(x − x₀), {map: Π_W(∇_F E + μ(F − F₀))})`` sharing one evaluation of the forces (and the
+    local rule of the parameters in ``tensors``, accumulated there, when the edges go one by one).
 
     ``reduce`` (a list of tensors -> list of tensors) combines the energy part of the map
     gradients with other batches before the regularisation is added (data parallelism)."""
     if len(S.edges) <= _EDGEWISE_MAX:
-        g, grads = _edgewise(S, x, maps)
+        g, grads = _edgewise(S, x, maps, tensors=tensors)
     else:
         gv, gu = forces(S, x)
         g = pullback(S, gv, gu, at=x)
         grads = _local_gradients(S, x, gv, gu, maps)
+        if tensors is not None and tensors.tensors:
+            tensors.grads = local_gradients(S, x, tensors.tensors)
     if lam:
         g = g + lam * (x - (0.0 if x_anchor is None else as_flat(S, x_anchor).to(x.dtype)))
     if reduce is not None:
@@ -428,11 +477,12 @@ def _joint_gradients(S, x: Tensor, maps: dict, lam: float, mu: float, x_anchor, 
 
 
 def _parameter_gradients(S, x: Tensor, params: Mapping[str, Tensor], mu: float, anchors: Mapping | None,
-                         reduce=None) -> dict[str, Tensor]:
-    """`local_gradients` of ``params`` at ``x`` (combined by ``reduce``), plus ``μ(θ − θ₀)``."""
+                         reduce=None, tensors: _Gradients | None = None) -> dict[str, Tensor]:
+    """`local_gradients` of ``params`` at ``x`` (or those accumulated in ``tensors`` from the same pass),
+    combined by ``reduce``, plus ``μ(θ − θ₀)``."""
     if not params:
         return {}
-    grads = local_gradients(S, x, params)
+    grads = local_gradients(S, x, params) if tensors is None else dict(zip(params, tensors.result()))
     if reduce is not None:
         grads = dict(zip(grads, reduce(list(grads.values()))))
     if mu:
@@ -497,8 +547,9 @@ def joint_step(
     xf = as_flat(S, x)
     free = _free_of(S, boundary, xf)
     maps = trainable_maps(S)
-    g, map_grads = _joint_gradients(S, xf, maps, lam, mu, x_anchor, map_anchors, reduce)
-    param_grads = _parameter_gradients(S, xf, params or {}, mu, param_anchors, reduce)
+    tensors = _Gradients(list(params.values())) if params else None
+    g, map_grads = _joint_gradients(S, xf, maps, lam, mu, x_anchor, map_anchors, reduce, tensors)
+    param_grads = _parameter_gradients(S, xf, params or {}, mu, param_anchors, reduce, tensors)
     moves = torch.zeros(xf.shape[-1], dtype=torch.bool, device=xf.device).index_fill_(0, free, True)
     x_new = torch.where(moves, torch.add(xf, g, alpha=-dt * alpha), xf)
     with torch.no_grad():
@@ -506,10 +557,10 @@ def joint_step(
             F.weight.sub_(map_grads[k].to(F.weight.dtype), alpha=dt * beta)
         for k, p in (params or {}).items():
             p.sub_(param_grads[k].to(p.dtype), alpha=dt * beta)
-    for k, p in (params or {}).items():
-        _check_step(p, f"the parameter {k!r}")
-    _maps_changed(S, maps)
-    _check_step(x_new, "the state")
+    results = {f"the parameter {k!r}": p for k, p in (params or {}).items()}
+    results.update({f"the trainable map F{side} of edge {name!r}": F.weight for (name, side), F in maps.items()})
+    _check_all({**results, "the state": x_new})
+    S.invalidate()
     return x_new
 
 

@@ -86,7 +86,8 @@ def rest_gradient(S, x: Tensor, edges) -> Tensor:
 
 
 def nudged_equilibrium(S, plan: PropagationPlan, x: Tensor, tol: float = 1e-10, max_iter: int = 10,
-                       verify: bool = True, maps=None, at: Tensor | None = None) -> tuple[Tensor, dict]:
+                       verify: bool = True, maps=None, at: Tensor | None = None,
+                       params: list[Tensor] | None = None) -> tuple[Tensor, dict]:
     """The equilibrium of ``S`` near the propagation ``x`` of its determined part (see the module notes).
 
     Parameters
@@ -113,12 +114,16 @@ def nudged_equilibrium(S, plan: PropagationPlan, x: Tensor, tol: float = 1e-10, 
         sweep (no evaluation of the edge), any other from its maps at the result.
     at : tensor ``(B, C0)``, optional
         The stalks the local gradients multiply (default: the result; ``x`` for the free state's).
+    params : list of tensors, optional
+        Also return the local rule of these tensors held by the maps
+        ([`cellsheaf.learning.local_gradients`][cellsheaf.learning.local_gradients]) at the result, in
+        ``report["param_grads"]`` (aligned with ``params``), its forces taken as for ``maps``.
 
     Returns
     -------
     x : tensor ``(B, C0)``, the nudged equilibrium (a new tensor).
     report : dict with ``iterations``, ``grad_norm`` (``(B,)``), ``converged`` (``(B,)`` bool), and
-        ``grads`` (``{(edge, side): tensor}``) for ``maps``.
+        ``grads`` (``{(edge, side): tensor}``) for ``maps``, ``param_grads`` for ``params``.
         When the iteration stops contracting (a rest too stiff for the fixed point) the best
         iterate is returned, not converged: continue with Newton from it.
     """
@@ -165,8 +170,13 @@ def nudged_equilibrium(S, plan: PropagationPlan, x: Tensor, tol: float = 1e-10, 
         if verify:
             grad_norm = res[:, fidx].norm(dim=-1)
     report = {"iterations": k, "grad_norm": grad_norm, "converged": grad_norm <= tol}
-    if maps is not None:
-        report["grads"] = _local_gradients(S, plan, xk, ys, exact, maps, xk if at is None else at)
+    if maps is not None or params is not None:
+        forces = _forces_at(S, plan, xk, ys, exact)
+        src = xk if at is None else at
+        if maps is not None:
+            report["grads"] = _local_gradients(S, forces, maps, src)
+        if params is not None:
+            report["param_grads"] = _parameter_gradients(S, forces, params, src)
     return xk, report
 
 
@@ -220,25 +230,44 @@ def _nonlinear_steps(S, plan: PropagationPlan, ends: list[bool], x: Tensor, xk: 
     return out
 
 
-def _local_gradients(S, plan: PropagationPlan, xk: Tensor, ys, exact: dict, maps, src: Tensor) -> dict:
-    """Eq. (24) ``forceᵀ x`` for each ``(edge, side)`` of ``maps`` at the nudged state ``xk``: an edge of ``D``
-    with linear maps has the force ``(g_v, g_u) = (−y, y)`` of its step (``y`` from the transposed sweep), the
-    others their forces at ``xk``."""
+def _forces_at(S, plan: PropagationPlan, xk: Tensor, ys, exact: dict):
+    """``forces(edge) -> (g_v, g_u)`` at the nudged state ``xk``: an edge of ``D`` with linear maps has the force
+    ``(−y, y)`` of its step (``y`` from the transposed sweep), the others their forces at ``xk``."""
+    swept = {s.edge: y for s, y in zip(plan.steps, ys)} if ys is not None else {}
+
+    def forces(name) -> tuple[Tensor, Tensor]:
+        if name in exact:
+            return exact[name]
+        if name in swept and _linear(S.edge(name)):
+            return -swept[name], swept[name]
+        return edge_forces(S, name, xk)
+    return forces
+
+
+def _local_gradients(S, forces, maps, src: Tensor) -> dict:
+    """Eq. (24) ``forceᵀ x`` for each ``(edge, side)`` of ``maps``, the forces from `_forces_at`."""
     from .learning import _eq24
 
-    swept = {s.edge: y for s, y in zip(plan.steps, ys)} if ys is not None else {}
     grads = {}
     for name, side in maps:
         e = S.edge(name)
-        if name in exact:
-            gv, gu = exact[name]
-        elif name in swept and _linear(e):
-            gv, gu = -swept[name], swept[name]
-        else:
-            gv, gu = edge_forces(S, name, xk)
+        gv, gu = forces(name)
         F, sl = (e.Fu, S.vertex_slice(e.u)) if side == "u" else (e.Fv, S.vertex_slice(e.v))
         grads[(name, side)] = _eq24(F, gu if side == "u" else gv, src[:, sl])
     return grads
+
+
+def _parameter_gradients(S, forces, params: list[Tensor], src: Tensor) -> list[Tensor]:
+    """The local rule of ``params`` (`cellsheaf.learning.local_gradients`), the forces from `_forces_at`."""
+    from .learning import _Gradients
+
+    rule = _Gradients(params)
+    for e in S.edge_items():
+        if any(id(t) in rule.index for t in e.Fu.tensors() + e.Fv.tensors()):
+            gv, gu = forces(e.name)
+            rule.add(e.Fv, src[:, S.vertex_slice(e.v)], gv)
+            rule.add(e.Fu, src[:, S.vertex_slice(e.u)], gu)
+    return rule.result()
 
 
 def free_gradient(S, x: Tensor, free: Tensor) -> Tensor:

@@ -202,8 +202,6 @@ class Builder:
         self.layer: int | None = None
         self.module: str | None = None
         self.parameters: dict[str, Tensor] = {}
-        #: per module (by id): the edges compiled from its uses so far (a module used twice shares its parameters)
-        self.uses: dict[int, list[int]] = {}
         self._selected: dict[int, tuple[int, Tensor]] = {}  # select vertex -> (its source vertex, the indices)
         self._keep: set[int] = set()
 
@@ -478,14 +476,6 @@ class Builder:
         if isinstance(t, torch.nn.Parameter) and t.requires_grad:
             return self.use(Param(f"{self.module}.{name}" if self.module else name, t))
         return t.detach()
-
-    def hold(self, edge: int, Fu: M.Map, bias: Tensor | None) -> None:
-        """Let edge number ``edge`` (in creation order) hold ``Fu`` and ``bias`` (e.g. the parameters of a module
-        used again) as a fixed map trained by the local rule, instead of a trainable ``W̄`` of its own."""
-        e = self._edges[edge]
-        if (Fu.d_in, Fu.d_out) != (e.Fu.d_in, e.Fu.d_out) or (bias is None) != (e.bias is None):
-            raise ValueError(f"{e.kind} edge {edge}: the held map must have the shape and bias of the one it replaces")
-        e.Fu, e.bias, e.trainable, e.mask, e.writeback = Fu, bias, False, None, None
 
     @property
     def n_edges(self) -> int:

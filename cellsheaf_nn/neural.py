@@ -770,7 +770,7 @@ class NeuralSheaf:
         --------
         >>> import torch, cellsheaf_nn as csnn
         >>> ns = csnn.compile(torch.nn.Sequential(torch.nn.Linear(2, 2)).double())
-        >>> ns.sheaf.edge("weight:z1").Fu.weight.data[0, 0] = 5.0
+        >>> ns.parameters["0.weight"][0, 0] = 5.0      # the tensor the weight edge holds
         >>> float(ns.to_module()[0].weight.detach()[0, 0])
         5.0
         """

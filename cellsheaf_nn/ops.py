@@ -278,25 +278,14 @@ def _spread(bias: Tensor | None, shape: tuple[int, ...], axis: int) -> Tensor | 
 # ---------------------------------------------------------------------------- modules
 
 
-def _writeback_linear(module: nn.Linear, W: Tensor, b: Tensor | None) -> None:
-    module.weight.copy_(W)
-    if module.bias is not None:
-        module.bias.copy_(b)
-
-
 @register(nn.Linear, prefix="z", layer=True)
 def linear(b: Builder, module: nn.Linear, x: Value) -> Value:
-    """``z = W x + b``: a weight edge with ``W̄ = (W | diag(b))`` (Eqs. 10, 15); on ``(..., T, D)`` the same
-    map on every token ([`cellsheaf.maps.TokenLinear`][cellsheaf.maps.TokenLinear]). A module used more than
-    once (tied weights): every use holds the module's own weight and bias, one parameter trained by the local
-    rule summed over the uses."""
-    if len(x.shape) == 1 and id(module) not in b.uses:  # the first use: a trainable W̄ of its own
-        b.uses[id(module)] = [b.n_edges]
-        return b.affine(x, module.weight, module.bias, writeback=_writeback_linear)
+    """``z = W x + b``: a weight edge ``(W | diag(b))`` (Eqs. 10, 15) holding the module's own weight and bias
+    ([`cellsheaf.maps.Affine`][cellsheaf.maps.Affine]); on ``(..., T, D)`` the same map on every token
+    ([`cellsheaf.maps.TokenLinear`][cellsheaf.maps.TokenLinear]). The parameters are trained by the local
+    rule ([`cellsheaf.learning.local_gradients`][cellsheaf.learning.local_gradients]), summed over the uses of a module used more than once (tied
+    weights); a frozen one (``requires_grad=False``) stays a constant."""
     W, bias = b.parameter(module, "weight"), b.parameter(module, "bias")
-    for edge in b.uses.get(id(module), []):  # an earlier use with a W̄ of its own now holds the shared ones
-        b.hold(edge, M.Linear(W), bias)
-    b.uses[id(module)] = []
     if len(x.shape) == 1:
         return b.affine(x, M.Linear(W), bias, trainable=False)
     shape = (*x.shape[:-1], module.out_features)

@@ -417,9 +417,9 @@ def _parameter_names(info) -> tuple[str, str | None]:
 class SheafTrainer:
     """Train a compiled network by local updates on its sheaf (Sec. 5.2 of the paper, and faster variants).
 
-    Every weight map changes only from the discrepancy on its own edge and the
-    stalks at its two ends (Eqs. 24-25); the bias diagonal of ``W̄ = (W | diag(b))``
-    keeps its pattern (the maps' masks, Eq. 25).
+    Every learned tensor changes only from the discrepancy on the edges whose maps hold it and the
+    stalks at their ends: one local rule for all ([`cellsheaf.learning.local_gradients`][cellsheaf.learning.local_gradients]; Eq. 24 for the
+    extended map ``W̄ = (W | diag(b))`` of a ``Linear``, whose bias diagonal keeps its pattern, Eq. 25).
 
     Parameters
     ----------
@@ -744,8 +744,7 @@ class SheafTrainer:
         tensors in its forward pass (then Newton solves for the state)."""
         ns = self.ns
         extra = 1 if self.mode == "nudged" else 0
-        if ns.pins or len(ns.inputs) > 1 or len(self.sheaf.edges) != len(ns.sheaf.edges) + extra \
-                or (self.mode != "nudged" and ns.parameters):
+        if ns.pins or len(ns.inputs) > 1 or len(self.sheaf.edges) != len(ns.sheaf.edges) + extra:
             return None
         if self._nudge is None:  # the pattern outlives weight updates: built once
             inputs, ones = ns._fixed_pattern()
@@ -771,20 +770,16 @@ class SheafTrainer:
             return None
         plan, inputs, target = nudge
         x = start.clone()
-        x[:, inputs], x[:, target] = X, Y
+        x[:, inputs], x[:, target] = X.reshape(len(X), -1), Y
         plan._write_constants(x)
         tol = self.tol if self.tol is not None else 1e-6
         max_iter = self.max_iter if self.max_iter is not None else 20
-        keys = {(name, "u"): F for name, F in self.weights.items()}
-        out, report, grads = cs.nudge.low_rank_newton(self.sheaf, plan, x, tol=tol, max_iter=max_iter,
-                                                      maps=keys)
+        out, report, _ = cs.nudge.low_rank_newton(self.sheaf, plan, x, tol=tol, max_iter=max_iter)
         if not bool(report["converged"].all()):  # kinks crossed back and forth: Newton's active set, for those items
             idx = torch.nonzero(~report["converged"]).flatten()
             out[idx] = cs.minimize(self.sheaf, self._boundary(X[idx], Y[idx]), method="newton", x0=out[idx], tol=tol,
                                    max_iter=max_iter, options=NewtonOptions(hold_kinks_at_start=True)).x.flat
-            grads = learning.edge_gradients(self.sheaf, out, list(keys))
-        scale = self.loss.scale(self.ns.n_out) / len(X)
-        return out, {name: scale * grads[(name, "u")] for name in self.weights}
+        return out, self._map_gradients(out, self.loss.scale(self.ns.n_out) / len(X))
 
     def _nudged_state(self, X: Tensor, Y: Tensor) -> tuple[Tensor, dict[str, Tensor]] | None:
         """The nudged equilibrium by sweeps (`cellsheaf.nudge`) and the local updates there, as
@@ -801,37 +796,29 @@ class SheafTrainer:
         tol = self.tol if self.tol is not None else 1e-4 * self.gamma
         max_iter = self.max_iter if self.max_iter is not None else 20
         # the measure re-evaluates only the edges with nonlinear maps (the linear ones hold the sweeps' solution
-        # exactly), and the weight edges' local rule reads its forces off the transposed sweep (`cellsheaf.nudge`)
-        keys = [(name, "u") for name in self.weights]
+        # exactly), and the local rule of every tensor the maps hold reads its forces off the transposed sweep
+        # (`cellsheaf.nudge`), on the free state's stalks with ``free_stalks``
+        tensors = self._tensors()
         at = x if self.free_stalks else None
-        out, report = cs.nudge.nudged_equilibrium(self.sheaf, plan, x, tol=tol, max_iter=max_iter, maps=keys, at=at)
-        grads = report["grads"]
+        out, report = cs.nudge.nudged_equilibrium(self.sheaf, plan, x, tol=tol, max_iter=max_iter, at=at,
+                                                  params=list(tensors.values()))
+        scale = self.loss.scale(self.ns.n_out) / len(X) / self.gamma
         if bool((report["grad_norm"] > tol).any()):  # e.g. a coordinate crossed a ReLU kink
             out = cs.minimize(self.sheaf, self._boundary(X, Y), method="newton", x0=out, tol=tol,
                               max_iter=max_iter).x.flat
-            grads = learning.edge_gradients(self.sheaf, out, keys, at=at)
-        scale = self.loss.scale(self.ns.n_out) / len(X) / self.gamma
-        return out, {**{name: scale * grads[(name, "u")] for name in self.weights},
-                     **self._parameter_gradients(out, scale, at=at)}
+            return out, self._map_gradients(out, scale, at=at)
+        return out, {name: scale * G for name, G in zip(tensors, report["param_grads"])}
 
     def _map_gradients(self, x: Tensor, scale: float, at: Tensor | None = None) -> dict[str, Tensor]:
-        """``scale · Π_W ∇_W E`` at stalks ``x`` for every weight edge (Eq. 24, `cellsheaf.learning`) and
-        every parameter the maps hold (maps differentiated at ``at``, default ``x``)."""
-        grads = learning.edge_gradients(self.sheaf, x, [(name, "u") for name in self.weights], at=at)
-        return {**{name: scale * grads[(name, "u")] for name in self.weights},
-                **self._parameter_gradients(x, scale, at=at)}
-
-    def _parameter_gradients(self, x: Tensor, scale: float, at: Tensor | None = None) -> dict[str, Tensor]:
-        """The generic local rule for the parameters the maps hold (conv kernels, norm weights, tied weights,
-        learned scalars): autograd of each edge's own energy, summed over the edges sharing a parameter."""
-        if not self.parameters:
-            return {}
-        local = learning.local_gradients(self.sheaf, x, self.parameters, at=at)
-        return {name: scale * g for name, g in local.items()}
+        """``scale ·`` the local rule at stalks ``x`` of every tensor the maps hold (`_tensors`: module
+        parameters, and the ``W̄`` of edges built trainable by hand), one rule for all
+        (`cellsheaf.learning.local_gradients`; the maps differentiated at ``at``, default ``x``)."""
+        local = learning.local_gradients(self.sheaf, x, self._tensors(), at=at)
+        return {name: scale * G for name, G in local.items()}
 
     def _tensors(self) -> dict[str, Tensor]:
-        """Every tensor training changes: ``{edge: W̄}`` of the dense weight maps and ``{name: tensor}`` of the
-        parameters the maps hold."""
+        """Every tensor training changes: ``{name: tensor}`` of the parameters the maps hold (`ns.parameters`),
+        and ``{edge: W̄}`` of the maps an extension built trainable (`Builder.affine` with ``trainable=True``)."""
         return {**{k: F.weight for k, F in self.weights.items()}, **self.parameters}
 
     def _maps_changed(self) -> None:

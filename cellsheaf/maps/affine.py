@@ -134,6 +134,9 @@ class Affine(Structured):
                              f"(first {n} coordinates) within the stalk of dim {self.d_in}")
         if self.d_in < n:
             raise ValueError(f"Affine: stalk dim d_in={self.d_in} is smaller than A.d_in={n}")
+        # the paper's W̄ = (W | diag b) on a stalk [x; 1] exactly: products take one kernel each
+        self._plain = isinstance(self.A, Linear) and not self.A.sparse and self.A.mask is None and \
+            self.b is not None and self.b.shape == (m,) and self.center is None and self.d_in == n + m
 
     @property
     def block(self) -> slice | None:
@@ -166,10 +169,15 @@ class Affine(Structured):
         return self.A.apply(x) + b
 
     def apply(self, x):
+        if self._plain:
+            n = self.A.d_in
+            return torch.addcmul(x[..., :n] @ _like(self.A.weight, x).T, _like(self.b, x), x[..., n:])
         y = self.A.apply(self._neural(x))
         return y if self.b is None else torch.addcmul(y, self.bias(x), x[..., self.block])
 
     def adjoint(self, y):
+        if self._plain:
+            return torch.cat([y @ _like(self.A.weight, y), y * _like(self.b, y)], -1)
         z = self.A.adjoint(y)
         if self.d_in == self.A.d_in:
             return z
@@ -178,6 +186,24 @@ class Affine(Structured):
         if self.b is not None:
             out[..., self.block] = self.bias(y) * y
         return out
+
+    def parameter_vjp(self, x, w):
+        """``[∂/∂b, ∂/∂A's tensors]`` of ``⟨w, A·x + b ⊙ ones⟩``: ``A``'s own closed form on the neural block
+        (``wᵀ x`` for a dense ``A``: one matrix product) and ``Σ w ⊙ ones`` summed down to the bias's shape.
+        ``None`` with a ``center`` or an ``A`` without a closed form."""
+        if self._plain:  # Eq. 24 for W̄: one product wᵀ[x; 1], read off as (∂W | diag ∂b)
+            G = w.reshape(-1, self.d_out).T @ x.reshape(-1, self.d_in).to(w.dtype)
+            return [G.diagonal(self.A.d_in), G[:, :self.A.d_in]]
+        inner = self.A.parameter_vjp(self._neural(x), w)
+        if inner is None or self.center is not None:
+            return None
+        if self.b is None:
+            return inner
+        gb = (w * x[..., self.block]).reshape(-1, self.d_out).sum(0)
+        if self.b.numel() != self.d_out:
+            view = _broadcast_view(self.b, self.shape, self.axis)
+            gb = gb.reshape(self.shape).sum_to_size([self.b.numel() if k == -1 else k for k in view])
+        return [gb.reshape(self.b.shape)] + inner
 
     def squared_vjp(self, x, d):
         z = self.A.squared_vjp(self._neural(x), d)

@@ -406,6 +406,11 @@ class TokenLinear(Structured):
     def squared_vjp(self, x, d):
         return self._tokens(d, self.out_shape, self.weight * self.weight)
 
+    def parameter_vjp(self, x, w):
+        """``Σ_t w_t x_tᵀ`` over the batch and the tokens: one matrix product."""
+        d_out, d_in = self.weight.shape
+        return [w.reshape(-1, d_out).T @ x.reshape(-1, d_in).to(w.dtype)]
+
     def coo(self):
         W = self.weight.detach().double().cpu().numpy()
         r, c = np.nonzero(W)

@@ -106,6 +106,23 @@ class Map:
         J = self.jacobian(x)
         return torch.einsum("...k,...ki->...i", d, J * J)
 
+    def parameter_vjp(self, x: Tensor, w: Tensor) -> list[Tensor | None] | None:
+        """The gradient of ``⟨w, F(x)⟩`` (summed over the batch rows) with respect to each of
+        [`tensors`][cellsheaf.maps.Map.tensors], in closed form: a list aligned with them (``None`` for a
+        tensor the map reads as a constant), or ``None`` when the map has no closed form (the local
+        learning rule, [`cellsheaf.learning.local_gradients`][cellsheaf.learning.local_gradients], then uses
+        autograd). A dense [`Linear`][cellsheaf.maps.Linear] gives ``wᵀ x`` (Eq. 24 of the paper), masked
+        by its ``mask``.
+
+        Examples
+        --------
+        >>> import torch, cellsheaf as cs
+        >>> F = cs.maps.Linear(torch.zeros(1, 2))
+        >>> F.parameter_vjp(torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0]]))
+        [tensor([[3., 6.]])]
+        """
+        return [] if not self.tensors() else None
+
     def coo(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Nonzero entries ``(rows, cols, values)`` of a linear map (numpy, float64)."""
         M = self.matrix().detach().double().cpu().numpy()
@@ -211,6 +228,12 @@ class Linear(Map):
 
     def matrix(self) -> Tensor:
         return self.weight.to_dense() if self.sparse else self.weight
+
+    def parameter_vjp(self, x, w):
+        if self.sparse:
+            return None
+        G = w.reshape(-1, self.d_out).T @ x.reshape(-1, self.d_in).to(w.dtype)
+        return [G if self.mask is None else G * self.mask.to(dtype=G.dtype, device=G.device)]
 
     def coo(self):
         if self.sparse:

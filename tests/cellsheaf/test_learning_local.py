@@ -72,3 +72,56 @@ def test_potential_tensors_without_grad_and_errors():
     assert torch.equal(cs.learning.local_gradients(S, x, [rand(3)])[0], torch.zeros(3, dtype=F64))
     with pytest.raises(TypeError, match="'n' is not a floating tensor"):
         cs.learning.local_gradients(S, x, {"n": torch.ones(2, dtype=torch.long)})
+
+
+def _closed_form_cases():
+    W, b = rand(3, 4), rand(3)
+    mask = (rand(3, 4) > 0).to(F64)
+    conv = M.Conv2d(rand(3, 2, 2, 2), (2, 4, 4), stride=2)
+    return {
+        "linear": M.Linear(W.clone()),
+        "masked linear": M.Linear(W.clone(), mask=mask),
+        "affine (W | diag b)": M.Affine(W.clone(), b.clone()),
+        "affine, ones block elsewhere": M.Affine(W.clone(), b.clone(), d_in=9, ones=5),
+        "affine, no bias": M.Affine(W.clone()),
+        "affine conv, per-channel bias": M.Affine(conv, rand(3), shape=conv.out_shape, axis=0),
+        "affine tokens, broadcast bias": M.Affine(M.TokenLinear(rand(2, 2), 2), rand(2), shape=(2, 2)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_closed_form_cases()))
+def test_parameter_vjp_is_the_gradient_of_the_pairing(name):
+    """A map's closed-form parameter gradient (when it declares one) equals autograd of ``⟨w, F(x)⟩``."""
+    F = _closed_form_cases()[name]
+    x, w = rand(5, F.d_in), rand(5, F.d_out)
+    tensors = F.tensors()
+    for t in tensors:
+        t.requires_grad_(True)
+    auto = torch.autograd.grad((w * F.apply(x)).sum(), tensors, allow_unused=True)
+    got = F.parameter_vjp(x, w)
+    if name.startswith("affine conv"):   # a convolution declares no closed form: autograd is the rule's fallback
+        assert got is None
+        return
+    assert len(got) == len(tensors)
+    mask = getattr(F, "mask", None)
+    for g, a in zip(got, auto):
+        a = a if mask is None else a * mask
+        assert g.shape == a.shape and torch.allclose(g, a, atol=1e-12), name
+
+
+def test_the_closed_form_and_autograd_give_the_same_local_rule():
+    """`local_gradients` of a plain affine edge (closed form) equals that of the same map behind `Compose` (no
+    closed form: autograd), summed with another edge that shares the weight."""
+    W, b = torch.nn.Parameter(rand(3, 4)), torch.nn.Parameter(rand(3))
+    F = M.Affine(W, b)
+    S = cs.Sheaf(); S.add_vertex("u", 7); S.add_vertex("v", 3); S.add_vertex("w", 3)
+    S.add_edge("u", "v", F, M.Identity(3), name="plain")
+    S.add_edge("u", "w", M.Compose(M.Identity(3), F), M.Scaled(0.5, 3), name="wrapped", weight=2.0)
+    x = rand(6, 13)
+    got = cs.learning.local_gradients(S, x, {"W": W, "b": b})
+    Wd, bd = W.detach(), b.detach()
+    xu, xv, xw = x[:, :4], x[:, 7:10], x[:, 10:13]
+    r1 = xv - (xu @ Wd.T + bd * x[:, 4:7])
+    r2 = 0.5 * xw - (xu @ Wd.T + bd * x[:, 4:7])
+    assert torch.allclose(got["W"], -(r1.T @ xu) - 2 * (r2.T @ xu), atol=1e-12)
+    assert torch.allclose(got["b"], -(r1 * x[:, 4:7]).sum(0) - 2 * (r2 * x[:, 4:7]).sum(0), atol=1e-12)

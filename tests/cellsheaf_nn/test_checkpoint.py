@@ -20,7 +20,7 @@ def _trainer(mode="nudged", **kw):
 
 
 def _weights(trainer):
-    return {k: F.weight.detach().clone() for k, F in trainer.weights.items()}
+    return {k: W.detach().clone() for k, W in trainer._tensors().items()}
 
 
 @pytest.fixture
@@ -89,9 +89,9 @@ def test_a_newer_format_version_is_refused(tmp_path):
 @pytest.mark.parametrize("break_it, message", [
     (lambda s: s.pop("step"), r"lacks the entries \['step'\]"),
     (lambda s: s.update(stalks=torch.zeros(30, 3, dtype=torch.float64)), r"'stalks' has shape \(30, 3\)"),
-    (lambda s: next(iter(s["weights"].values())).fill_(float("nan")), "weights of edge .* NaN"),
-    (lambda s: s["weights"].update({k: torch.zeros(2, 2, dtype=torch.float64) for k in list(s["weights"])[:1]}),
-     r"weights of edge .* has shape \(2, 2\)"),
+    (lambda s: next(iter(s["parameters"].values())).fill_(float("nan")), "parameter .* NaN"),
+    (lambda s: s["parameters"].update({k: torch.zeros(2, 2, dtype=torch.float64) for k in list(s["parameters"])[:1]}),
+     r"parameter .* has shape \(2, 2\)"),
     (lambda s: s.update(step=-1), "'step' must be a non-negative int"),
     (lambda s: s.update(history=[1, 2]), "'history' is not a training history"),
     (lambda s: s.update(mode="nudged"), "mode='nudged'"),
@@ -106,7 +106,7 @@ def test_a_bad_checkpoint_changes_nothing(saved, tmp_path, break_it, message):
     before, ns_before = _weights(fresh), csnn.compile(mlp(TASK.sizes("1H"), output="softmax", seed=1))
     with pytest.raises(CheckpointError, match="bad.pt does not fit this trainer: .*" + message):
         fresh.load(path)
-    assert all(torch.equal(before[k], F.weight) for k, F in fresh.weights.items())
+    assert all(torch.equal(before[k], F) for k, F in fresh._tensors().items())
     assert fresh.step == 0 and fresh.stalks is None and not fresh.history.step
     x = TASK.X_test[:5]
     assert torch.equal(fresh.ns.infer(x), ns_before.infer(x))
@@ -121,7 +121,7 @@ def test_a_bad_optimizer_state_changes_nothing(tmp_path):
     before = _weights(fresh)
     with pytest.raises(ValueError, match="'optimizer' state 'exp_avg' of parameter 0 contains NaN or Inf"):
         fresh.load_state_dict(state)
-    assert all(torch.equal(before[k], F.weight) for k, F in fresh.weights.items())
+    assert all(torch.equal(before[k], F) for k, F in fresh._tensors().items())
     state = trainer.state_dict()
     state["optimizer"]["param_groups"][0]["params"] = [0]
     with pytest.raises(ValueError, match="'optimizer' does not fit"):
@@ -140,7 +140,7 @@ def test_after_a_divergence_the_network_is_at_its_last_finite_state(mode, option
                     callbacks=[lambda step, h, t: states.append((step, _weights(t)))], eval_every=1)
     last_step, last = states[-1]
     assert trainer.step == last_step and trainer.history.step[-1] == last_step
-    assert all(torch.equal(last[k], F.weight) for k, F in trainer.weights.items())
+    assert all(torch.equal(last[k], F) for k, F in trainer._tensors().items())
     y = ns.infer(task.X_test)
     assert bool(torch.isfinite(y).all())
 

@@ -37,8 +37,9 @@ def test_maps_are_eqs_10_15_16_17():
     S, lin1, lin2 = ns.sheaf, model[0], model[2]
     W1 = torch.cat([lin1.weight, torch.diag(lin1.bias)], 1).detach()  # Eq. 10: (W | diag b)
     e = S.edge("weight:z1")
-    assert torch.equal(e.Fu.matrix(), W1) and e.Fu.trainable
-    assert torch.equal(e.Fu.mask, torch.cat([torch.ones(4, 3), torch.eye(4)], 1).to(F64))  # Eq. 25 pattern
+    assert torch.equal(e.Fu.matrix(), W1)
+    # the map holds the module's own weight and bias (the Eq. 25 pattern by structure): trained by the local rule
+    assert [id(t) for t in e.Fu.parameters()] == [id(ns.parameters["0.bias"]), id(ns.parameters["0.weight"])]
     assert isinstance(e.Fv, M.Identity)  # Eq. 15
     act = S.edge("act:a1")
     assert isinstance(act.Fu, M.ReLU)  # Eq. 16: R^z ...
@@ -178,10 +179,10 @@ def test_to_module_round_trips_and_carries_changed_weights():
     model = residual_mlp(3, 4, 2, 2)
     ns = csnn.compile(model)
     assert csnn.compile(ns.to_module()).sheaf == ns.sheaf
-    W = ns.sheaf.edge("weight:z2").Fu.weight
+    F = ns.sheaf.edge("weight:z2").Fu
     with torch.no_grad():
-        W[1, 2] += 3.0  # a weight entry ...
-        W[0, 4] -= 1.0  # ... and the bias of neuron 0 (the diagonal of the ones block)
+        F.A.weight[1, 2] += 3.0  # a weight entry ...
+        F.b[0] -= 1.0  # ... and the bias of neuron 0 (the diagonal of the ones block)
     back = ns.to_module()
     assert back.blocks[0].fc1.weight[1, 2] == model.blocks[0].fc1.weight[1, 2] + 3.0
     assert back.blocks[0].fc1.bias[0] == model.blocks[0].fc1.bias[0] - 1.0

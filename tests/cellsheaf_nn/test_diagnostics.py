@@ -212,7 +212,7 @@ def test_spectral_tracker_records_quartiles():
     tr = dg.SpectralTracker(X)
     tr.record(0, ns, loss=1.0)
     with torch.no_grad():
-        ns.sheaf.edge("weight:z2").Fu.weight.mul_(3.0)
+        ns.sheaf.edge("weight:z2").Fu.A.weight.mul_(3.0)
     ns.sheaf._touch()
     tr.record(5, ns, loss=0.5)
     st = tr.stats

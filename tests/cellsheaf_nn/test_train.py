@@ -157,7 +157,7 @@ def test_joint_dynamics_equal_a_hand_computed_euler_step(lam, mu):
     for a, e in zip(actual, expected):
         np.testing.assert_allclose(n(a), e, rtol=1e-12, atol=1e-13)
     # the zero entries of W̄ = (W | diag(b)) stay zero (Eq. 25), the boundary does not move
-    Wbar = S.edge("weight:z1").Fu.weight
+    Wbar = S.edge("weight:z1").Fu.matrix()
     assert bool((Wbar[:, 2:] - torch.diag(got[0].bias.detach()) == 0).all())
     fixed = [c for v in ("x", "z2") for c in range(S.vertex_slice(v).start, S.vertex_slice(v).stop)]
     assert torch.equal(x1[:, fixed], x0[:, fixed])
@@ -192,13 +192,13 @@ def test_resume_equals_uninterrupted(tmp_path, mode, kw):
     first.save(tmp_path / "ckpt.pt")
     second = SheafTrainer(csnn.compile(model), mode=mode, loss="ce", seed=2, **kw).load(tmp_path / "ckpt.pt")
     second.fit(task.X_train, task.Y_train, steps=steps - steps // 2, progress=False)
-    for k, F in full.weights.items():
-        assert torch.equal(F.weight, second.weights[k].weight), k
+    for k, W in full._tensors().items():
+        assert torch.equal(W, second._tensors()[k]), k
     assert torch.equal(full.stalks, second.stalks)
     assert second.step == steps and second.history.train_loss[-1] == full.history.train_loss[-1]
     # the same trainer continued in place
     first.fit(task.X_train, task.Y_train, steps=steps - steps // 2, progress=False)
-    assert all(torch.equal(F.weight, first.weights[k].weight) for k, F in full.weights.items())
+    assert all(torch.equal(W, first._tensors()[k]) for k, W in full._tensors().items())
 
 
 class _Residual(torch.nn.Module):
@@ -318,7 +318,7 @@ def test_parameters_used_in_forward_are_sheaf_parameters_with_local_gradients():
     torch.manual_seed(0)
     model = _Scaled().double()
     ns = csnn.compile(model)
-    assert set(ns.parameters) == {"gate", "shift"}
+    assert set(ns.parameters) == {"gate", "shift", "fc.weight", "fc.bias", "head.weight", "head.bias"}
     X, Y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
     assert torch.allclose(ns.infer(X), model(X), atol=1e-12, rtol=0)
     trainer = csnn.SheafTrainer(ns, mode="nudged", loss="mse", gamma=1e-7)

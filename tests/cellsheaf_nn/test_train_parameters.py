@@ -114,7 +114,8 @@ def test_the_cnn_covers_every_parameter_kind():
     model, shape, *_ = _cnn()
     ns = csnn.compile(model, input_shape=shape)
     assert set(ns.parameters) == {"c1.weight", "c1.bias", "bn.weight", "bn.bias", "c2.weight", "c2.bias",
-                                  "gn.weight", "gn.bias", "scale", "channel", "tied.weight", "tied.bias", "vec"}
+                                  "gn.weight", "gn.bias", "scale", "channel", "tied.weight", "tied.bias", "vec",
+                                  "fc.weight", "fc.bias"}
     assert ns.parameters["scale"].dim() == 0 and ns.parameters["channel"].shape == (4, 1, 1)
     tokens = csnn.compile(_tokens()[0], input_shape=(3, 4))
     assert {"inp.weight", "ln.weight", "rms.weight", "att.in_proj_weight", "att.out_proj.bias", "shift"} \
@@ -124,7 +125,7 @@ def test_the_cnn_covers_every_parameter_kind():
 def test_a_tied_linear_is_one_parameter_whose_gradient_sums_its_uses():
     model = Tied().double()
     ns = csnn.compile(model)
-    assert set(ns.parameters) == {"lin.weight", "lin.bias"}
+    assert set(ns.parameters) == {"lin.weight", "lin.bias", "head.weight", "head.bias"}
     held = [t for e in ns.sheaf.edge_items() for t in e.Fu.tensors() if t is ns.parameters["lin.weight"]]
     assert len(held) == 2  # both uses hold the one tensor
     g = torch.Generator().manual_seed(0)
