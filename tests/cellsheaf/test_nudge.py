@@ -271,3 +271,24 @@ def test_low_rank_newton_local_gradients_and_plan_errors():
         cs.propagation.plan(S, fixed, const, torch.ones(len(const), dtype=F64), edges=list(S.edges))
     with pytest.raises(KeyError, match="no edge 'nope'"):
         cs.propagation.plan(S, fixed, const, torch.ones(len(const), dtype=F64), edges=["nope"])
+
+
+def test_parameter_gradients_of_the_sweeps_are_the_local_rule():
+    """``params=``: the local rule of tensors the maps hold (a dense ``W̄`` and an affine edge's own weight and
+    bias), its forces read off the transposed sweep, equals `cellsheaf.learning.local_gradients` at the result."""
+    S, fixed, const = nudged_sheaf([3, 4, 4, 2], 5, 1e-3, cs.potentials.Huber(0.3))
+    Wbar = S.edge("weight:z2").Fu.weight
+    n = Wbar.shape[1] - Wbar.shape[0]
+    W, b = Wbar[:, :n].clone(), Wbar[:, n:].diagonal().clone()
+    assert torch.equal(cs.maps.Affine(W, b).matrix(), Wbar)
+    S.set_maps("weight:z2", Fu=cs.maps.Affine(W, b))
+    p = cs.propagation.plan(S, fixed, const, torch.ones(len(const), dtype=F64), determined=True)
+    x = torch.zeros(6, S.C0, dtype=F64)
+    x[:, :3] = torch.randn(6, 3, dtype=F64, generator=torch.Generator().manual_seed(1))
+    x[:, S.vertex_slice("t")] = torch.randn(6, 2, dtype=F64, generator=torch.Generator().manual_seed(2))
+    p.run(x)
+    params = [S.edge("weight:z1").Fu.weight, W, b]
+    out, report = nudged_equilibrium(S, p, x, tol=1e-13, max_iter=20, params=params)
+    want = cs.learning.local_gradients(S, out, params)
+    for got, w in zip(report["param_grads"], want):
+        torch.testing.assert_close(got, w, rtol=1e-7, atol=1e-13)
