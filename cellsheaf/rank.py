@@ -2,12 +2,8 @@
 
 The rank of ``δ`` (or of ``δ_Ω``, its free columns) decides ``H⁰``, ``H¹`` and the
 uniqueness of harmonic extensions. A numerical rank is a decision, and this
-module makes it in four steps, each of which keeps the exact rank unchanged, after a noise floor:
+module makes it in four steps, each of which keeps the exact rank unchanged:
 
-0. **Noise floor.** A restriction map whose norm is at most ``45·eps`` times the largest map at the same
-   vertex is rounding noise (a map evaluated on directions it annihilates comes out at that level) and is set
-   to zero; the largest such ratio is reported among the dropped values. Without it step 1 would scale
-   such a map, when it is all its edge holds, up to a unit map.
 1. **Edge-wise equilibration.** The rows of every edge are divided by the edge's
    Frobenius norm, so rescaling an edge (both maps by the same factor) never changes
    a decision.
@@ -180,52 +176,6 @@ def default_tol(shape: tuple[int, int], eps: float, sparse_size: int = 0) -> flo
     if sparse_size:
         tol = max(tol, math.sqrt(2.0 * 64.0 * math.sqrt(sparse_size) * _EPS64))
     return tol
-
-
-# ---------------------------------------------------------------------------- noise floor
-
-
-def _noise_floor(D: sp.csr_matrix, row_owner: np.ndarray, col_owner: np.ndarray, rho: float) -> float:
-    """Set the maps of ``D`` that are rounding noise to zero in place, before equilibration.
-
-    A map ``F_{e,v}`` (the block of ``D`` in the rows of edge ``e`` and the columns of vertex ``v``) with
-    ``‖F_{e,v}‖_F <= rho · ν_v``, where ``ν_v`` is the largest ``‖F_{e',v}‖_F`` over the edges at ``v``, is
-    zero: every coordinate of ``v`` is known to about ``eps · ν_v`` (a map evaluated on directions it
-    annihilates comes out at that level, not zero). Edge-wise equilibration would otherwise scale such a
-    map, when it is all its edge holds, up to a genuine one. Noise inside a genuine map needs no floor:
-    equilibration keeps it small next to the map's other entries, and the vertex-block decision drops it.
-
-    The floor is invariant under rescaling a vertex (all its maps); rescaling an edge by ``s`` changes a
-    decision only when it moves one of its maps across ``rho`` times the largest map at that vertex
-    (``rho ~ 1e-14`` for float64 maps, so ``s = 10^±9`` never does on maps of comparable size).
-    Returns the largest ratio ``‖F_{e,v}‖ / ν_v`` set to zero (0.0 if none).
-    """
-    m, n = D.shape
-    if rho <= 0 or D.nnz == 0:
-        return 0.0
-    n_edges, n_vertices = int(row_owner.max()) + 1, int(col_owner[-1]) + 1
-    by_edge = sp.csr_matrix((np.ones(m), (row_owner, np.arange(m))), shape=(n_edges, m))
-    by_vertex = sp.csr_matrix((np.ones(n), (np.arange(n), col_owner)), shape=(n, n_vertices))
-    B = (by_edge @ (D.multiply(D) @ by_vertex)).tocoo()  # ‖F_{e,v}‖² of every map
-    B.eliminate_zeros()
-    norm = np.sqrt(B.data)
-    nu = np.zeros(n_vertices)
-    np.maximum.at(nu, B.col, norm)
-    ratio = norm / nu[B.col]
-    noise = ratio <= rho
-    if not noise.any():
-        return 0.0
-    rows = np.repeat(np.arange(m), np.diff(D.indptr))
-    keys = row_owner[rows] * n_vertices + col_owner[D.indices]
-    D.data[np.isin(keys, B.row[noise].astype(np.int64) * n_vertices + B.col[noise])] = 0.0
-    D.eliminate_zeros()
-    return float(ratio[noise].max())
-
-
-def _noise_ratio(eps: float, tol: float | None) -> float:
-    """The relative noise floor: the precision part of `default_tol` (no size term), never above ``tol``."""
-    rho = math.sqrt(2.0) * 32.0 * eps
-    return rho if tol is None else min(rho, tol)
 
 
 # ---------------------------------------------------------------------------- equilibration
@@ -611,7 +561,6 @@ def decide(D: sp.spmatrix, row_owner: np.ndarray, col_owner: np.ndarray, eps: fl
     m, n = D.shape
     row_owner = np.asarray(row_owner, dtype=np.int64)
     col_owner = np.asarray(col_owner, dtype=np.int64)
-    floored = _noise_floor(D, row_owner, col_owner, _noise_ratio(eps, tol))
     Dt = sp.diags(_edge_scales(D, row_owner) if m else np.zeros(0)) @ D
     Dt = sp.csr_matrix(Dt)
     Dt.eliminate_zeros()
@@ -649,9 +598,6 @@ def decide(D: sp.spmatrix, row_owner: np.ndarray, col_owner: np.ndarray, eps: fl
                                                                       if kept_local.size else [])
     dropped = [p.dropped_ub for _, p in pieces if p.dropped_ub is not None] + ([float(dropped_local.max())]
                                                                                if dropped_local.size else [])
-    if floored:
-        dropped.append(floored)
-        dropped_local = np.r_[dropped_local, floored]
     certified = all(p.certified for _, p in pieces)
     sv = np.sort(np.concatenate([p.sv for _, p in pieces] + [kept_local, dropped_local]))[::-1]
     any_sparse = any(p.sparse for _, p in pieces)
