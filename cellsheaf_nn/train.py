@@ -289,7 +289,7 @@ def _record(hist: History, step: int, wall: float, evaluate: Callable[[Tensor, T
             hist.val_acc.append(vacc)
 
 
-def _evaluator(forward: Callable[[Tensor], Tensor], loss: _losses.Loss):
+def _evaluator(forward: Callable, loss: _losses.Loss):
     def evaluate(X: Tensor, Y: Tensor) -> tuple[float, float | None]:
         """Loss (and accuracy) on ``(X, Y)``; under torch.distributed, on the union of the ranks' data."""
         with torch.no_grad():
@@ -297,7 +297,7 @@ def _evaluator(forward: Callable[[Tensor], Tensor], loss: _losses.Loss):
             stats = {"loss": loss(out, Y).reshape(1).to(out.dtype)}
             if loss.outputs:
                 stats["acc"] = torch.tensor([_losses.accuracy(out, Y)], dtype=out.dtype, device=out.device)
-            stats = distributed.union_mean(stats, len(X))
+            stats = distributed.union_mean(stats, len(Y))
         return float(stats["loss"]), (float(stats["acc"]) if "acc" in stats else None)
     return evaluate
 
@@ -412,6 +412,40 @@ def _parameter_names(info) -> tuple[str, str | None]:
     """``model.named_parameters()`` names of the ``nn.Linear`` behind a weight edge."""
     prefix = f"{info.module}." if info.module else ""
     return prefix + "weight", (prefix + "bias") if info.ones is not None else None
+
+
+Inputs = tuple  # the inputs of a batch, one tensor per input of the network
+
+
+def _take(X: Inputs, idx: Tensor | None) -> Inputs:
+    """The items ``idx`` of every input (all of them for ``None``)."""
+    return X if idx is None else tuple(x[idx] for x in X)
+
+
+def check_inputs(ns, X, Y, loss: _losses.Loss, what: str = "training") -> tuple[Inputs, Tensor]:
+    """`check_data` for every input of a network: ``X`` one tensor (a single-input network) or a tuple with one
+    tensor per input, as ``ns.infer(*X)`` takes them; returns the inputs as a tuple and the targets.
+
+    Examples
+    --------
+    >>> import torch, cellsheaf_nn as csnn
+    >>> from cellsheaf_nn.train import check_inputs
+    >>> ns = csnn.compile(torch.nn.Linear(3, 2).double())
+    >>> X, Y = check_inputs(ns, torch.zeros(4, 3, dtype=torch.float64), torch.zeros(4, 2), csnn.losses.get("mse"))
+    >>> len(X), tuple(X[0].shape)
+    (1, (4, 3))
+    """
+    n = len(ns.inputs)
+    several = isinstance(X, (tuple, list)) and len(X) > 0 and all(isinstance(x, Tensor) for x in X)
+    xs = tuple(X) if several and (n > 1 or len(X) == 1) else (X,)
+    if len(xs) != n:
+        raise ValueError(f"{what} data: the network takes {n} inputs ({', '.join(map(repr, ns.inputs))}), got "
+                         f"{len(xs)}; give a tuple of tensors, one per input, as ns.infer(*inputs) takes them")
+    out = []
+    for name, shape, x in zip(ns.inputs, ns.input_shapes, xs):
+        x, Yt = check_data(x, Y, shape, ns.n_out, ns.dtype, loss, what if n == 1 else f"{what} ({name!r})")
+        out.append(x)
+    return tuple(out), Yt
 
 
 class SheafTrainer:
@@ -564,31 +598,31 @@ class SheafTrainer:
             S.add_edge(e.u, e.v, Fu, e.Fv, name=e.name, weight=e.weight, potential=loss.potential())
         return S, ns.output
 
-    def _boundary(self, X: Tensor, Y: Tensor) -> cs.Boundary:
-        b = self.ns.boundary(X)
+    def _boundary(self, X: Inputs, Y: Tensor) -> cs.Boundary:
+        b = self.ns.boundary(*X)
         return b.fix(self.target, Y, coords=list(range(self.ns.n_out)))
 
-    def _initial_stalks(self, X: Tensor, Y: Tensor) -> Tensor:
+    def _initial_stalks(self, X: Inputs, Y: Tensor) -> Tensor:
         S = self.sheaf
         if self.init == "random":
             g = torch.Generator().manual_seed(self.seed)
             scale = torch.cat([torch.full((S.dim(v),), 1.0 / math.sqrt(max(S.dim(v), 1)), dtype=self.ns.dtype)
                                for v in S.vertices])
-            x0 = (torch.randn(len(X), S.C0, generator=g, dtype=self.ns.dtype) * scale).to(self.ns.device)
+            x0 = (torch.randn(len(Y), S.C0, generator=g, dtype=self.ns.dtype) * scale).to(self.ns.device)
         else:
             fwd = self._forward_state(X)
-            x0 = torch.zeros(len(X), S.C0, dtype=self.ns.dtype, device=self.ns.device)
+            x0 = torch.zeros(len(Y), S.C0, dtype=self.ns.dtype, device=self.ns.device)
             x0[:, : fwd.shape[1]] = fwd
         return self._boundary(X, Y).resolve(S, dtype=self.ns.dtype).fill(x0)
 
-    def _forward_state(self, X: Tensor) -> Tensor:
+    def _forward_state(self, X: Inputs) -> Tensor:
         """The forward pass (with the network's pins, if any) as a cochain of ``ns.pinned_sheaf``, whose
         vertices come first in the training sheaf (propagation, Prop. 3.4)."""
         self.ns.sheaf.invalidate()
-        return self.ns.infer(X, return_state=True)[1].cochain.flat
+        return self.ns.infer(*X, return_state=True)[1].cochain.flat
 
     # ------------------------------------------------------------------ fitting
-    def fit(self, X: Tensor, Y: Tensor, X_val: Tensor | None = None, Y_val: Tensor | None = None,
+    def fit(self, X: Tensor | Inputs, Y: Tensor, X_val: Tensor | Inputs | None = None, Y_val: Tensor | None = None,
             steps: int = 1000, progress: bool = True, callbacks: Sequence[Callback] = (),
             eval_every: int | None = None, record_every: int | None = None) -> History:
         """Run ``steps`` updates on ``(X, Y)``; returns `history` (accumulated across calls).
@@ -597,7 +631,8 @@ class SheafTrainer:
         ----------
         X, Y : Tensor
             Inputs ``(N, *input_shape)`` (or flattened ``(N, n_in)``) in the network's dtype, targets as the
-            loss takes them.
+            loss takes them. A network with several inputs takes a tuple ``X = (X_1, ..., X_k)``, one tensor
+            per input, as ``ns.infer(*X)`` does.
         X_val, Y_val : Tensor, optional
             Validation data, evaluated every ``eval_every`` updates (default: 100 evaluations per call).
         steps : int
@@ -616,25 +651,24 @@ class SheafTrainer:
             smaller ``dt``/``beta``/``lr`` to try.
         """
         ns = self.ns
-        X, Yt = check_data(X, Y, ns.input_shape, ns.n_out, ns.dtype, self.loss)
-        val = check_data(X_val, Y_val, ns.input_shape, ns.n_out, ns.dtype, self.loss, "validation") \
-            if X_val is not None else None
-        if self.mode != "nudged" and (self.stalks is None or not self.warm_start or len(self.stalks) != len(X)):
+        X, Yt = check_inputs(ns, X, Y, self.loss)
+        val = check_inputs(ns, X_val, Y_val, self.loss, "validation") if X_val is not None else None
+        if self.mode != "nudged" and (self.stalks is None or not self.warm_start or len(self.stalks) != len(Yt)):
             self.stalks = self._initial_stalks(X, Yt)
-        self._free = self._boundary(X[:1], Yt[:1]).resolve(self.sheaf).free
+        self._free = self._boundary(_take(X, slice(0, 1)), Yt[:1]).resolve(self.sheaf).free
         if self._anchors is None and self.mode == "joint":
             ref = self.stalks.clone() if self.anchor == "initial" else torch.zeros_like(self.stalks)
             self._anchors = (ref, {k: (W.detach().clone() if self.anchor == "initial" else torch.zeros_like(W))
                                    for k, W in self._tensors().items()})
-        evaluate = _evaluator(lambda x: ns.infer(x), self.loss)
+        evaluate = _evaluator(lambda x: ns.infer(*x), self.loss)
         when = {self.step + s for s in _evaluation_steps(steps, eval_every)}
         bar, t0 = _progress(steps, progress, f"sheaf {self.mode}"), time.perf_counter()
         wall0 = self.history.wall[-1] if self.history.wall else 0.0
         if not self.history.step or self.history.step[-1] != self.step:
             self._evaluate(evaluate, (X, Yt), val, wall0)
         for _ in range(steps):
-            idx = _batch_index(self.step, len(X), self.batch_size, self.seed)
-            xb, yb = (X, Yt) if idx is None else (X[idx], Yt[idx])
+            idx = _batch_index(self.step, len(Yt), self.batch_size, self.seed)
+            xb, yb = (X, Yt) if idx is None else (_take(X, idx), Yt[idx])
             step = self.step + 1
             last_finite = self._snapshot(idx)
             try:
@@ -676,7 +710,7 @@ class SheafTrainer:
         return out
 
     # ------------------------------------------------------------------ one update
-    def _update(self, X: Tensor, Y: Tensor, idx: Tensor | None) -> None:
+    def _update(self, X: Inputs, Y: Tensor, idx: Tensor | None) -> None:
         if self.mode == "joint":
             x = self.stalks if idx is None else self.stalks[idx]
             x = self._joint_step(x, X, Y, idx)
@@ -684,7 +718,7 @@ class SheafTrainer:
             start = None if self.mode == "nudged" else (self.stalks if idx is None else self.stalks[idx])
             x, grads = self._local_directions(X, Y, start)
             self._check_finite(x)
-            grads = distributed.union_mean(grads, len(X))
+            grads = distributed.union_mean(grads, len(Y))
             for name, W in self._tensors().items():
                 W.grad = grads[name]
             self.optimizer.step()
@@ -695,19 +729,19 @@ class SheafTrainer:
         else:
             self.stalks[idx] = x
 
-    def _joint_step(self, x: Tensor, X: Tensor, Y: Tensor, idx: Tensor | None) -> Tensor:
+    def _joint_step(self, x: Tensor, X: Inputs, Y: Tensor, idx: Tensor | None) -> Tensor:
         """One forward-Euler step of the joint dynamics, Eq. (26) / (42) (`cellsheaf.learning`)."""
         ref, map_ref = self._anchors
         x_new = learning.joint_step(
             self.sheaf, x, self._free, alpha=self.alpha,
-            beta=self.beta if self.beta is not None else 1.0 / distributed.union_count(len(X)), dt=self.dt,
+            beta=self.beta if self.beta is not None else 1.0 / distributed.union_count(len(Y)), dt=self.dt,
             lam=self.lam, mu=self.mu, x_anchor=ref if idx is None else ref[idx],
             map_anchors={(k, "u"): map_ref[k] for k in self.weights}, reduce=distributed.all_sum,
             params=self.parameters, param_anchors={k: map_ref[k] for k in self.parameters})
         self.ns.sheaf.invalidate()
         return x_new
 
-    def _local_directions(self, X: Tensor, Y: Tensor, start: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+    def _local_directions(self, X: Inputs, Y: Tensor, start: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
         """Relax the stalks with the current weights and read off every weight edge's local update.
 
         Returns the relaxed stalks and ``{edge: direction}``, each direction scaled as the gradient
@@ -724,7 +758,7 @@ class SheafTrainer:
         b = self._boundary(X, Y)
         if self.mode == "nudged":
             fwd = self._forward_state(X)
-            start = torch.zeros(len(X), self.sheaf.C0, dtype=self.ns.dtype, device=self.ns.device)
+            start = torch.zeros(len(Y), self.sheaf.C0, dtype=self.ns.dtype, device=self.ns.device)
             start[:, : fwd.shape[1]] = fwd
             tol = self.tol if self.tol is not None else 1e-4 * self.gamma
         else:
@@ -734,7 +768,7 @@ class SheafTrainer:
                           max_iter=self.max_iter if self.max_iter is not None else 20,
                           options=NewtonOptions(hold_kinks_at_start=self.mode == "equilibrium"))
         x = res.x.flat
-        scale = self.loss.scale(self.ns.n_out) / len(X) / (self.gamma if self.mode == "nudged" else 1.0)
+        scale = self.loss.scale(self.ns.n_out) / len(Y) / (self.gamma if self.mode == "nudged" else 1.0)
         return x, self._map_gradients(x, scale, at=start if self.mode == "nudged" and self.free_stalks else None)
 
     def _nudge_plan(self):
@@ -744,7 +778,7 @@ class SheafTrainer:
         tensors in its forward pass (then Newton solves for the state)."""
         ns = self.ns
         extra = 1 if self.mode == "nudged" else 0
-        if ns.pins or len(ns.inputs) > 1 or len(self.sheaf.edges) != len(ns.sheaf.edges) + extra:
+        if ns.pins or len(self.sheaf.edges) != len(ns.sheaf.edges) + extra:
             return None
         if self._nudge is None:  # the pattern outlives weight updates: built once
             inputs, ones = ns._fixed_pattern()
@@ -757,10 +791,10 @@ class SheafTrainer:
                                            determined=True, edges=edges)
             except cs.NotDeterminedError:
                 plan = False
-            self._nudge = (plan, ns._neural_slice(ns.input), slice(target.start, target.start + ns.n_out))
+            self._nudge = (plan, [ns._neural_slice(v) for v in ns.inputs], slice(target.start, target.start + ns.n_out))
         return self._nudge if self._nudge[0] else None
 
-    def _clamped_state(self, X: Tensor, Y: Tensor, start: Tensor) -> tuple[Tensor, dict[str, Tensor]] | None:
+    def _clamped_state(self, X: Inputs, Y: Tensor, start: Tensor) -> tuple[Tensor, dict[str, Tensor]] | None:
         """The clamped equilibrium by low-rank Newton steps (`cellsheaf.nudge.low_rank_newton`) from ``start``
         (the last equilibrium of this batch: one step usually suffices), and the local updates there, as
         `_local_directions` returns them; general Newton from there for items it leaves unconverged.
@@ -770,18 +804,19 @@ class SheafTrainer:
             return None
         plan, inputs, target = nudge
         x = start.clone()
-        x[:, inputs], x[:, target] = X.reshape(len(X), -1), Y
+        _write_inputs(x, inputs, X)
+        x[:, target] = Y
         plan._write_constants(x)
         tol = self.tol if self.tol is not None else 1e-6
         max_iter = self.max_iter if self.max_iter is not None else 20
         out, report, _ = cs.nudge.low_rank_newton(self.sheaf, plan, x, tol=tol, max_iter=max_iter)
         if not bool(report["converged"].all()):  # kinks crossed back and forth: Newton's active set, for those items
             idx = torch.nonzero(~report["converged"]).flatten()
-            out[idx] = cs.minimize(self.sheaf, self._boundary(X[idx], Y[idx]), method="newton", x0=out[idx], tol=tol,
-                                   max_iter=max_iter, options=NewtonOptions(hold_kinks_at_start=True)).x.flat
-        return out, self._map_gradients(out, self.loss.scale(self.ns.n_out) / len(X))
+            out[idx] = cs.minimize(self.sheaf, self._boundary(_take(X, idx), Y[idx]), method="newton", x0=out[idx],
+                                   tol=tol, max_iter=max_iter, options=NewtonOptions(hold_kinks_at_start=True)).x.flat
+        return out, self._map_gradients(out, self.loss.scale(self.ns.n_out) / len(Y))
 
-    def _nudged_state(self, X: Tensor, Y: Tensor) -> tuple[Tensor, dict[str, Tensor]] | None:
+    def _nudged_state(self, X: Inputs, Y: Tensor) -> tuple[Tensor, dict[str, Tensor]] | None:
         """The nudged equilibrium by sweeps (`cellsheaf.nudge`) and the local updates there, as
         `_local_directions` returns them: the forward pass, then the linear response to the loss edge
         (and its correction while the gradient changes); Newton from there for a result that is not
@@ -790,8 +825,9 @@ class SheafTrainer:
         if nudge is None:
             return None
         plan, inputs, target = nudge
-        x = torch.empty(len(X), self.sheaf.C0, dtype=X.dtype, device=X.device)
-        x[:, inputs], x[:, target] = X.reshape(len(X), -1), Y
+        x = torch.empty(len(Y), self.sheaf.C0, dtype=Y.dtype, device=Y.device)
+        _write_inputs(x, inputs, X)
+        x[:, target] = Y
         plan.run(x)
         tol = self.tol if self.tol is not None else 1e-4 * self.gamma
         max_iter = self.max_iter if self.max_iter is not None else 20
@@ -802,7 +838,7 @@ class SheafTrainer:
         at = x if self.free_stalks else None
         out, report = cs.nudge.nudged_equilibrium(self.sheaf, plan, x, tol=tol, max_iter=max_iter, at=at,
                                                   params=list(tensors.values()))
-        scale = self.loss.scale(self.ns.n_out) / len(X) / self.gamma
+        scale = self.loss.scale(self.ns.n_out) / len(Y) / self.gamma
         if bool((report["grad_norm"] > tol).any()):  # e.g. a coordinate crossed a ReLU kink
             out = cs.minimize(self.sheaf, self._boundary(X, Y), method="newton", x0=out, tol=tol,
                               max_iter=max_iter).x.flat
@@ -883,8 +919,9 @@ class SheafTrainer:
         self.history.records.append({"step": self.step, "energy": energy, "weight_norm": norm})
 
     # ------------------------------------------------------------------ local gradients
-    def local_gradients(self, X: Tensor, Y: Tensor) -> dict[str, Tensor]:
-        """The local update of every trainable map on ``(X, Y)``, keyed like ``ns.to_module().named_parameters()``.
+    def local_gradients(self, X: Tensor | Inputs, Y: Tensor) -> dict[str, Tensor]:
+        """The local update of every trainable map on ``(X, Y)``, keyed like ``ns.to_module().named_parameters()``
+        (``X`` a tuple of tensors for a network with several inputs, as in `fit`).
 
         Scaled as an estimate of the gradient of the batch-mean loss: in the nudged mode it tends to
         the backprop gradient as ``gamma → 0``. The weights do not change.
@@ -900,19 +937,19 @@ class SheafTrainer:
         (['0.bias', '0.weight', '2.bias', '2.weight'], torch.Size([8, 2]))
         """
         ns = self.ns
-        X, Yt = check_data(X, Y, ns.input_shape, ns.n_out, ns.dtype, self.loss)
+        X, Yt = check_inputs(ns, X, Y, self.loss)
         if self.mode == "joint":
-            if self.stalks is None or len(self.stalks) != len(X):
+            if self.stalks is None or len(self.stalks) != len(Yt):
                 raise RuntimeError("joint mode: local_gradients reads the current stalks; fit() on this batch first")
-            scale = self.loss.scale(ns.n_out) / len(X)
+            scale = self.loss.scale(ns.n_out) / len(Yt)
             grads = self._map_gradients(self.stalks, scale)
         else:
             start = self.stalks if self.mode == "equilibrium" and self.stalks is not None \
-                and len(self.stalks) == len(X) else None
+                and len(self.stalks) == len(Yt) else None
             if self.mode == "equilibrium" and start is None:
                 start = self._initial_stalks(X, Yt)
             grads = self._local_directions(X, Yt, start)[1]
-        grads = distributed.union_mean(grads, len(X))
+        grads = distributed.union_mean(grads, len(Yt))
         out: dict[str, Tensor] = {}
         for edge, G in grads.items():
             if edge in ns.parameters:
@@ -979,6 +1016,12 @@ class SheafTrainer:
             return self.load_state_dict(state)
         except ValueError as err:
             raise CheckpointError(f"checkpoint {path} does not fit this trainer: {err}") from None
+
+
+def _write_inputs(x: Tensor, columns: list[slice], X: Inputs) -> None:
+    """Write every input (flattened) into its columns of the cochains ``x``."""
+    for sl, xi in zip(columns, X):
+        x[:, sl] = xi.reshape(len(xi), -1)
 
 
 _CHECKPOINT_KIND = "cellsheaf_nn.SheafTrainer"

@@ -365,12 +365,12 @@ def test_clamped_fallback_runs_newton_on_the_unconverged_items_only():
     start = trainer.stalks.clone()
     plan, inputs, target = trainer._nudge_plan()
     x = start.clone()
-    x[:, inputs], x[:, target] = X, Y
+    x[:, inputs[0]], x[:, target] = X, Y  # one input: inputs holds its one slice
     plan._write_constants(x)
     first, report, _ = cs.nudge.low_rank_newton(trainer.sheaf, plan, x, tol=1e-9, max_iter=1)
     assert not bool(report["converged"].all())   # the fallback is exercised
-    out, _ = trainer._clamped_state(X, Y, start)
-    want = cs.minimize(trainer.sheaf, trainer._boundary(X, Y), method="newton", x0=first, tol=1e-9, max_iter=1,
+    out, _ = trainer._clamped_state((X,), Y, start)
+    want = cs.minimize(trainer.sheaf, trainer._boundary((X,), Y), method="newton", x0=first, tol=1e-9, max_iter=1,
                        options=cs.gauss_newton.NewtonOptions(hold_kinks_at_start=True)).x.flat
     done = report["converged"]
     torch.testing.assert_close(out[done], first[done], rtol=0, atol=0)

@@ -179,3 +179,57 @@ def test_fit_takes_images_or_flat_inputs_and_names_the_shape():
         trainer.fit(torch.zeros(6, 1, 5, 7, dtype=D), Y, steps=1, progress=False)
     hist = csnn.train_sgd(model, X, Y, loss=loss_name, steps=2, progress=False)  # backprop on images too
     assert len(hist.train_loss) == 3
+
+
+class TwoInputs(nn.Module):
+    """``head(relu(a(x) + b(cat(x, u))))``: two inputs of different sizes, a merge and a ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(3, 5), nn.Linear(5, 5), nn.Linear(5, 2)
+
+    def forward(self, x, u):
+        return self.head(torch.relu(self.a(x) + self.b(torch.cat([x, u], -1))))
+
+
+def _two_input_data(n=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, 3, generator=g, dtype=D), torch.randn(n, 2, generator=g, dtype=D)), \
+        torch.randn(n, 2, generator=g, dtype=D)
+
+
+def test_a_two_input_model_trains_from_tuples_like_backprop():
+    """``fit``/``local_gradients`` take a tuple of inputs as ``ns.infer(*inputs)`` does; the nudged local
+    gradients match backprop, and one SGD step of the sheaf equals one of torch."""
+    torch.manual_seed(0)
+    model = TwoInputs().double()
+    ns = csnn.compile(model, input_shape=[(3,), (2,)])
+    X, Y = _two_input_data()
+    assert torch.allclose(ns.infer(*X), model(*X), atol=1e-12, rtol=0)
+    trainer = csnn.SheafTrainer(ns, mode="nudged", loss="mse", optimizer="sgd", lr=0.1, gamma=1e-8)
+    local = trainer.local_gradients(X, Y)
+    assert trainer._nudge_plan() is not None   # the sweeps' fast path, both inputs written into the cochain
+    reference = ns.to_module()
+    torch.nn.functional.mse_loss(reference(*X), Y).backward()
+    exact = {k: p.grad for k, p in reference.named_parameters()}
+    assert set(local) == set(exact)
+    for k, G in exact.items():
+        assert float((local[k] - G).norm()) <= 1e-5 * float(G.norm()), k
+    torch.optim.SGD(reference.parameters(), lr=0.1).step()
+    trainer.fit(X, Y, steps=1, progress=False, X_val=X, Y_val=Y)
+    for (k, p), q in zip(ns.to_module().named_parameters(), reference.parameters()):
+        assert torch.allclose(p, q, rtol=1e-6, atol=1e-9), k
+    assert len(trainer.history.val_loss) == 2
+
+
+@pytest.mark.parametrize("mode, kw", [("equilibrium", dict(optimizer="adam", lr=0.02, init="forward_pass")),
+                                      ("joint", dict(dt=0.02, batch_size=4))])
+def test_two_inputs_in_the_clamped_modes_and_the_wrong_number_of_inputs(mode, kw):
+    ns = csnn.compile(TwoInputs().double(), input_shape=[(3,), (2,)])
+    X, Y = _two_input_data(8)
+    hist = csnn.SheafTrainer(ns, mode=mode, loss="mse", **kw).fit(X, Y, steps=6, progress=False)
+    assert hist.step[-1] == 6 and hist.train_loss[-1] < hist.train_loss[0]
+    with pytest.raises(ValueError, match=r"takes 2 inputs \('x', 'u'\), got 1"):
+        csnn.SheafTrainer(ns, loss="mse").fit(X[0], Y, steps=1, progress=False)
+    with pytest.raises(ValueError, match=r"training \('u'\) inputs have shape \(8, 3\)"):
+        csnn.SheafTrainer(ns, loss="mse").fit((X[0], X[0]), Y, steps=1, progress=False)
