@@ -145,6 +145,7 @@ class _Vertex:
     layer: int | None = None
     module: str | None = None
     ones: list[int] = field(default_factory=list)  # sizes of ones blocks, in edge order
+    role: str | None = None  # its part in the op that made it, named after the op's output (see Builder.label)
 
 
 @dataclass
@@ -429,15 +430,33 @@ class Builder:
 
         With ``since`` (a value of [`n_vertices`][cellsheaf_nn.builder.Builder.n_vertices]), the unnamed vertices created
         after that point are named after it too: ``"{name}.in"`` for a merge vertex,
-        ``"{name}.{kind}"`` otherwise (numbered ``.in1``, ``.{kind}1``, ... when an op makes several).
+        ``"{name}.{kind}"`` otherwise (numbered ``.in1``, ``.{kind}1``, ... when an op makes several), or
+        ``"{name}.{role}"`` for a vertex given a role by [`label`][cellsheaf_nn.builder.Builder.label].
         """
         self._vertices[value.vertex].name = name
         seen: dict[str, int] = {}
         for v in self._vertices[since if since is not None else len(self._vertices):]:
             if v.name is None:
-                base = f"{name}.in" if v.kind == "merge" else f"{name}.{v.kind}"
+                base = f"{name}.{v.role}" if v.role else f"{name}.in" if v.kind == "merge" else f"{name}.{v.kind}"
                 k = seen[base] = seen.get(base, -1) + 1
                 v.name = base if k == 0 else f"{base}{k}"
+
+    def label(self, value: Value, role: str) -> Value:
+        """Name the part ``value`` plays in the op being compiled (``"in_proj"``, ``"scores"``, ``"softmax"``):
+        when the op's output is named ``name``, this vertex is named ``"{name}.{role}"`` (a vertex already
+        named keeps its name). Returns ``value``.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from cellsheaf_nn.builder import Builder
+        >>> b = Builder(); x = b.input(2); mark = b.n_vertices
+        >>> h = b.label(b.affine(x, torch.eye(2)), "proj"); y = b.affine(h, torch.eye(2))
+        >>> b.name(y, "block", since=mark); b.named(h)
+        'block.proj'
+        """
+        self._vertices[value.vertex].role = role
+        return value
 
     def named(self, value: Value) -> str | None:
         """The name given to the vertex of ``value`` so far (``None`` if not named yet)."""

@@ -472,7 +472,8 @@ class NeuralSheaf:
             Also return the [`NeuralState`][cellsheaf_nn.neural.NeuralState] (values at every vertex, solver report).
         init : {"random", "zeros", "forward_pass"}
             Starting point of the iterative methods: standard normal (``generator``),
-            zeros, or the unpinned forward pass. Default: ``"random"`` for diffusion,
+            zeros, or the unpinned forward pass. The denominators of quotients ``a / b`` start at their
+            forward-pass values in every case (no gradient flow crosses the pole at ``b = 0``). Default: ``"random"`` for diffusion,
             ``"forward_pass"`` for ``newton``/``euler`` and for ``auto`` when pinned.
         tol : gradient-norm tolerance (default ``1e-10`` in float64, ``1e-4`` in float32).
         max_steps : step cap of ``euler``/``diffusion``, iteration cap of ``newton``.
@@ -626,11 +627,30 @@ class NeuralSheaf:
             x0 = torch.randn(B, S.C0, dtype=self.dtype, generator=generator).to(self.device)  # same draw anywhere
         else:
             x0 = torch.zeros(B, S.C0, dtype=self.dtype, device=self.device)
-        if init == "forward_pass":
+        poles = self._denominators()
+        if init == "forward_pass" or len(poles):
             base = self._input_boundary(xs, list(range(self.n_in)))
-            fwd = cs.minimize(self.sheaf, base, method="propagate")
-            x0[:, : self.sheaf.C0] = fwd.x.flat
+            fwd = cs.minimize(self.sheaf, base, method="propagate").x.flat
+            cols = slice(0, self.sheaf.C0) if init == "forward_pass" else poles
+            x0[:, cols] = fwd[:, cols]
         return bnd.resolve(S, dtype=self.dtype).fill(x0)
+
+    def _denominators(self) -> Tensor:
+        """The coordinates of the denominators of quotients ``a / b`` (the ``b`` block of each
+        [`Quotient`][cellsheaf.maps.Quotient] edge's merge vertex) in the 0-cochain.
+
+        A random or zero start takes their forward-pass values: the energy is infinite at ``b = 0``, so a
+        gradient flow (diffusion, Euler) never moves a denominator across zero, and a start on the other side
+        of the pole than the answer would never reach it (nor would ``b = 0`` itself, where ``a / b`` is not
+        defined). Every other coordinate keeps its random (or zero) start.
+        """
+        S, key = self.sheaf, ("neural denominators",)
+        if key not in S._cache:
+            cols = [torch.arange(S.vertex_slice(e.u).start + e.Fu.denominator.start,
+                                 S.vertex_slice(e.u).start + e.Fu.denominator.stop)
+                    for e in map(S.edge, S.edges) if isinstance(e.Fu, cs.maps.Quotient)]
+            S._cache[key] = torch.cat(cols) if cols else torch.zeros(0, dtype=torch.long)
+        return S._cache[key]
 
     # ------------------------------------------------------------------ structure at a point
     def _at(self, x) -> tuple[cs.Sheaf, cs.Boundary, Tensor]:

@@ -677,12 +677,16 @@ _register_all((torch.mean, "mean"), _reduction(True, "mean"))
 # ---------------------------------------------------------------------------- products of two quantities
 
 
-def _pair(b: Builder, x: Value, y: Value, F: M.Map, shape: Sequence[int]) -> Value:
+def _pair(b: Builder, x: Value, y: Value, F: M.Map, shape: Sequence[int], role: str | None = None) -> Value:
     """``f(x, y)`` through a merge vertex ``[x; y]`` and one ``product`` edge with the two-block map ``F``
-    (docs: Architecture, "Skip connections": ``δ_Ω`` stays square and unitriangular)."""
+    (docs: Architecture, "Skip connections": ``δ_Ω`` stays square and unitriangular). With ``role``, the two
+    vertices are labelled ``role`` and ``"{role}.in"`` ([`Builder.label`][cellsheaf_nn.builder.Builder.label])."""
     m = b.concat([x, y], kind="merge")
     out = b.vertex(F.d_out, kind="product", shape=tuple(shape))
     b.edge(m, out, F, kind="product")
+    if role:
+        b.label(m, f"{role}.in")
+        b.label(out, role)
     return out
 
 
@@ -701,8 +705,12 @@ def matmul(b: Builder, x, y) -> Value:
     """``x @ y`` of two network quantities (attention scores, ``att @ v``): a merge vertex and a [`MatMul`][cellsheaf.maps.MatMul] edge."""
     if not (isinstance(x, Value) and isinstance(y, Value)):
         raise UnsupportedOpError("matmul with a constant matrix: use nn.Linear (a constant is not trainable)")
+    return _matmul(b, x, y)
+
+
+def _matmul(b: Builder, x: Value, y: Value, role: str | None = None) -> Value:
     F = M.MatMul(x.shape, y.shape)
-    return _pair(b, x, y, F, F.out_shape)
+    return _pair(b, x, y, F, F.out_shape, role)
 
 
 @register(torch.where)
@@ -734,18 +742,19 @@ def multihead_attention(b: Builder, module: nn.MultiheadAttention, query: Value,
     def project(x: Value, k: int) -> Value:
         T = x.shape[0]
         if (x.vertex, x.shape) not in packed:  # the in-projection holds the whole parameter
-            packed[(x.vertex, x.shape)] = b.affine(x, M.TokenLinear(W, T), _spread(bias, (T, 3 * E), -1),
-                                                   trainable=False, shape=(T, 3 * E), bias_axis=-1)
+            packed[(x.vertex, x.shape)] = b.label(b.affine(x, M.TokenLinear(W, T), _spread(bias, (T, 3 * E), -1),
+                                                           trainable=False, shape=(T, 3 * E), bias_axis=-1),
+                                                  "in_proj")
         z = packed[(x.vertex, x.shape)]
         return _index_op(lambda t: t[..., k * E:(k + 1) * E].reshape(t.shape[0], T, H, d).transpose(1, 2))(b, z)
 
     q, k, v = project(query, 0), project(key, 1), project(value, 2)
     kt = _index_op(lambda t: t.transpose(-2, -1))(b, k)
-    scores = mul(b, matmul(b, q, kt), 1.0 / math.sqrt(d))
-    att = b.activation(scores, M.SoftmaxAlong(scores.shape, -1), kind="act")
-    heads = matmul(b, att, v)  # (H, T, d)
+    scores = b.label(mul(b, _matmul(b, q, kt, "scores"), 1.0 / math.sqrt(d)), "scaled_scores")
+    att = b.label(b.activation(scores, M.SoftmaxAlong(scores.shape, -1), kind="act"), "softmax")
+    heads = _matmul(b, att, v, "weighted_sum")  # (H, T, d)
     T = heads.shape[1]
-    merged = _index_op(lambda t: t.transpose(1, 2).reshape(t.shape[0], T, E))(b, heads)
+    merged = b.label(_index_op(lambda t: t.transpose(1, 2).reshape(t.shape[0], T, E))(b, heads), "heads")
     ob = _spread(b.parameter(module, "out_proj.bias"), (T, E), -1)
     out = b.affine(merged, M.TokenLinear(b.parameter(module, "out_proj.weight"), T), ob, trainable=False,
                    shape=(T, E), bias_axis=-1)

@@ -88,8 +88,22 @@ class Product(_TwoBlocks):
 class Quotient(Product):
     """The elementwise quotient ``a / b`` of two blocks of ``d`` coordinates.
 
-    ``J [u; v] = u / b − a v / b²``, ``Jᵀ w = [w / b; −w a / b²]``.
+    ``J [u; v] = u / b − a v / b²``, ``Jᵀ w = [w / b; −w a / b²]``. The map has a pole at ``b = 0``: the
+    energy of its edge is infinite there, so no gradient flow moves a denominator coordinate across zero
+    ([`denominator`][cellsheaf.maps.Quotient.denominator] says which input coordinates those are).
     """
+
+    @property
+    def denominator(self) -> slice:
+        """The input coordinates of the denominator ``b`` (the second block).
+
+        Examples
+        --------
+        >>> import cellsheaf as cs
+        >>> cs.maps.Quotient(3).denominator
+        slice(3, 6, None)
+        """
+        return slice(self.d, 2 * self.d)
 
     def pair(self, a, b):
         return a / b

@@ -81,6 +81,7 @@ DIFFUSION = {  # the small ones: the heat equation from random starts within a f
     "layernorm_mlp": (lambda: _scaled_norm_mlp(nn.LayerNorm), [(5,)]),
     "cnn_relu_maxpool": (_small_cnn, [(1, 4, 4)]),
     "two_in_two_out": (TwoInTwoOut, [(3,), (2,)]),
+    "gated_quotient_two_in_two_out": ZOO["gated_two_in_two_out"],
 }
 
 
@@ -94,6 +95,23 @@ def test_diffusion_from_a_random_start_reaches_the_forward_pass(name):
     y = ns.infer(*xs, method="diffusion", generator=torch.Generator().manual_seed(3), tol=1e-10, max_steps=20_000)
     with torch.no_grad():
         _close(y, model(*xs), 1e-7)
+
+
+@pytest.mark.parametrize("init", ["random", "zeros"])
+def test_a_quotient_denominator_starts_on_the_side_of_its_pole_where_the_answer_is(init):
+    # the edge energy of a / b is infinite at b = 0: no gradient flow crosses it, so the denominator block of
+    # the merge vertex starts at its forward-pass value; every other coordinate keeps the requested start
+    torch.manual_seed(0)
+    ns = csnn.compile(Gated().double(), input_shape=[(3,), (2,)])
+    xs = _inputs([(3,), (2,)], F64, batch=2)
+    start = ns.infer(*xs, method="diffusion", init=init, max_steps=0, check=False, return_state=True,
+                     generator=torch.Generator().manual_seed(3))[1]
+    answer = ns.infer(*xs, return_state=True)[1]
+    assert torch.equal(start["truediv.in"][:, 4:], answer["truediv.in"][:, 4:])
+    assert bool((answer["truediv.in"][:, 4:] > 1.5).all())
+    want = torch.zeros(2, 4, dtype=F64) if init == "zeros" else None
+    assert torch.equal(start["truediv.in"][:, :4], want) if want is not None else \
+        not torch.allclose(start["truediv.in"][:, :4], answer["truediv.in"][:, :4])
 
 
 @pytest.mark.parametrize("norm", [nn.LayerNorm, nn.RMSNorm])
@@ -262,6 +280,21 @@ def test_shape_ops_are_read_through_not_stored():
     model = nn.Sequential(nn.Linear(4, 6), nn.Unflatten(1, (2, 3)), nn.Flatten()).double()  # a reshape only
     x = torch.randn(5, 4, dtype=F64)
     assert torch.equal(csnn.compile(model).infer(x), model(x).detach())
+
+
+def test_multihead_attention_vertices_are_named_after_their_part():
+    torch.manual_seed(0)
+    block = TransformerBlock(8, 2, mha=True).double().eval()
+    ns = csnn.compile(block, input_shape=(3, 8))
+    parts = [v for v, info in ns.layout.items() if info.module == "att"]
+    assert parts == ["att.0.in_proj", "att.0.scores.in", "att.0.scores", "att.0.scaled_scores", "att.0.softmax",
+                     "att.0.weighted_sum.in", "att.0.weighted_sum", "att.0.heads", "att.0"]
+    x = torch.randn(2, 3, 8, dtype=F64)
+    with torch.no_grad():
+        h = block.n1(x)
+        want = block.att(h, h, h, need_weights=True, average_attn_weights=False)[1]
+    got = ns.infer(x, return_state=True)[1]["att.0.softmax"].reshape(want.shape)
+    assert torch.allclose(got, want, atol=1e-12, rtol=0)
 
 
 def test_supported_ops_grouped_by_kind_with_the_names_users_call():
