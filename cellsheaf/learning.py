@@ -45,6 +45,7 @@ from typing import Callable, Hashable, Mapping
 import torch
 from torch import Tensor
 
+from . import edgewise
 from .boundary import Boundary, ResolvedBoundary
 from .cochain import Cochain, as_flat, check_finite
 from .energy import edge_energies, edge_forces, forces
@@ -164,19 +165,24 @@ class _Gradients:
         self.grads: list[Tensor | None] = [None] * len(tensors)
         self.pending: list[tuple] = []
 
-    def add(self, F, xs: Tensor, force: Tensor) -> None:
-        """The share of map ``F`` (on stalks ``xs``, with ``force = ∂U_e/∂(F x)`` at the state)."""
+    def add(self, F, xs: Tensor, force: Tensor, sign: float = 1.0) -> None:
+        """The share of map ``F`` (on stalks ``xs``, with ``force = sign · ∂U_e/∂(F x)`` at the state: a
+        ``sign`` of −1 takes the force on the other end of a quadratic edge without negating it first)."""
         held = F.tensors()
         if not any(id(t) in self.index for t in held):
             return
         grads = F.parameter_vjp(xs, force)
         if grads is None:
-            self.pending.append((F, xs, force))
+            self.pending.append((F, xs, force if sign > 0 else force.neg()))
             return
         for t, g in zip(held, grads):
             k = self.index.get(id(t))
             if k is not None and g is not None:
-                self.grads[k] = g if self.grads[k] is None else self.grads[k] + g
+                now = self.grads[k]
+                if sign > 0:
+                    self.grads[k] = g if now is None else now + g
+                else:
+                    self.grads[k] = g.neg() if now is None else now - g
 
     def result(self) -> list[Tensor]:
         """The gradients, aligned with the tensors (zeros for one that no map holds)."""
@@ -419,9 +425,6 @@ def _free_of(S, boundary, like: Tensor) -> Tensor:
     return (boundary or Boundary()).resolve(S).free.to(like.device)
 
 
-_EDGEWISE_MAX = 64  # sheaves with at most this many edges take their joint gradients edge by edge
-
-
 def _eq24(F: Linear, force: Tensor, xs: Tensor) -> Tensor:
     """Eq. (24) for one dense map: ``forceᵀ x`` over the batch, masked by the map's ``mask`` (its closed-form
     parameter gradient, [`cellsheaf.maps.Map.parameter_vjp`][cellsheaf.maps.Map.parameter_vjp])."""
@@ -433,36 +436,22 @@ def _edgewise(S, x: Tensor, maps: dict, at: Tensor | None = None, skip=(),
     """``(∇_x E, {map: Eq. 24})`` edge by edge: each edge's maps applied once, its own forces pulled back
     through its own maps and multiplied into its own end stalks (those of ``at`` if given, see
     `edge_gradients`). For sheaves of few, large edges (compiled networks), where the stacked operators
-    (`cellsheaf.operators`) buy nothing. The gradient is left zero on the vertices in ``skip`` (e.g.
-    those with no free coordinate). With ``tensors`` (a `_Gradients`), the local rule of the parameters
-    it holds is accumulated into it from the same forces."""
-    xb = x if x.dim() == 2 else x.unsqueeze(0)
-    src = xb if at is None else _batched(at)
-    g, grads = torch.zeros_like(xb), {}
-    for e in S.edge_items():
-        su, sv = S.vertex_slice(e.u), S.vertex_slice(e.v)
-        gv, gu = edge_forces(S, e.name, xb)
-        if e.v not in skip:
-            g[:, sv] += e.Fv.vjp(xb[:, sv], gv)
-        if e.u not in skip:
-            g[:, su] += e.Fu.vjp(xb[:, su], gu)
-        for side, F, force, sl in (("u", e.Fu, gu, su), ("v", e.Fv, gv, sv)):
-            if (e.name, side) in maps:
-                grads[(e.name, side)] = _eq24(F, force, src[:, sl])
-            if tensors is not None:
-                tensors.add(F, src[:, sl], force)
-    return (g if x.dim() == 2 else g[0]), grads
+    (`cellsheaf.operators`) buy nothing; a compiled plan (`cellsheaf.edgewise`). The gradient is left
+    zero on the vertices in ``skip`` (e.g. those with no free coordinate). With ``tensors`` (a
+    `_Gradients`), the local rule of the parameters it holds is accumulated into it from the same forces."""
+    return edgewise.plan(S, skip).run(x, maps, at, tensors)
 
 
 def _joint_gradients(S, x: Tensor, maps: dict, lam: float, mu: float, x_anchor, map_anchors, reduce=None,
-                     tensors: _Gradients | None = None):
+                     tensors: _Gradients | None = None, skip=()):
     """``(∇_x E + λ(x − x₀), {map: Π_W(∇_F E + μ(F − F₀))})`` sharing one evaluation of the forces (and the
     local rule of the parameters in ``tensors``, accumulated there, when the edges go one by one).
 
     ``reduce`` (a list of tensors -> list of tensors) combines the energy part of the map
-    gradients with other batches before the regularisation is added (data parallelism)."""
-    if len(S.edges) <= _EDGEWISE_MAX:
-        g, grads = _edgewise(S, x, maps, tensors=tensors)
+    gradients with other batches before the regularisation is added (data parallelism). The
+    state gradient may be left zero on the vertices ``skip`` (those with no free coordinate)."""
+    if len(S.edges) <= edgewise.EDGEWISE_MAX:
+        g, grads = _edgewise(S, x, maps, skip=skip, tensors=tensors)
     else:
         gv, gu = forces(S, x)
         g = pullback(S, gv, gu, at=x)
@@ -474,6 +463,19 @@ def _joint_gradients(S, x: Tensor, maps: dict, lam: float, mu: float, x_anchor, 
     if reduce is not None:
         grads = dict(zip(grads, reduce(list(grads.values()))))
     return g, _regularised(S, grads, maps, mu, map_anchors)
+
+
+def _moves(S, free: Tensor, like: Tensor) -> tuple[Tensor, frozenset]:
+    """The mask ``P_Ω`` of the free coordinates ``free`` (on ``like``'s device) and the vertices with no free
+    coordinate; kept while the same index tensor comes back (a trainer's every step)."""
+    cached = edgewise.store(S).get("moves")  # (free, C0, device, (mask, fixed vertices))
+    if cached is not None and cached[0] is free and cached[1:3] == (like.shape[-1], like.device):
+        return cached[3]
+    mask = torch.zeros(S.C0, dtype=torch.bool, device=like.device).index_fill_(0, free, True)
+    moving = mask.cpu().numpy()
+    fixed = frozenset(v for v in S.vertices if not moving[S.vertex_slice(v)].any())
+    edgewise.store(S)["moves"] = (free, S.C0, like.device, (mask, fixed))
+    return mask, fixed
 
 
 def _parameter_gradients(S, x: Tensor, params: Mapping[str, Tensor], mu: float, anchors: Mapping | None,
@@ -545,16 +547,16 @@ def joint_step(
         if not (val >= 0 and math.isfinite(val)):
             raise ValueError(f"joint_step: {name} must be non-negative and finite, got {val}")
     xf = as_flat(S, x)
-    free = _free_of(S, boundary, xf)
+    moves, fixed = _moves(S, _free_of(S, boundary, xf), xf)
     maps = trainable_maps(S)
     tensors = _Gradients(list(params.values())) if params else None
-    g, map_grads = _joint_gradients(S, xf, maps, lam, mu, x_anchor, map_anchors, reduce, tensors)
+    g, map_grads = _joint_gradients(S, xf, maps, lam, mu, x_anchor, map_anchors, reduce, tensors, skip=fixed)
     param_grads = _parameter_gradients(S, xf, params or {}, mu, param_anchors, reduce, tensors)
-    moves = torch.zeros(xf.shape[-1], dtype=torch.bool, device=xf.device).index_fill_(0, free, True)
     x_new = torch.where(moves, torch.add(xf, g, alpha=-dt * alpha), xf)
     with torch.no_grad():
         for k, F in maps.items():
-            F.weight.sub_(map_grads[k].to(F.weight.dtype), alpha=dt * beta)
+            G = map_grads[k]
+            F.weight.sub_(G if G.dtype == F.weight.dtype else G.to(F.weight.dtype), alpha=dt * beta)
         for k, p in (params or {}).items():
             p.sub_(param_grads[k].to(p.dtype), alpha=dt * beta)
     results = {f"the parameter {k!r}": p for k, p in (params or {}).items()}

@@ -725,7 +725,7 @@ class SheafTrainer:
                 W.grad = grads[name]
             self.optimizer.step()
             self._maps_changed()
-        self._check_finite(x)
+            self._check_finite(x)  # joint_step screens its own state and weights
         if self.mode == "nudged" or idx is None:
             self.stalks = x
         else:
