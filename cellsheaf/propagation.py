@@ -542,7 +542,7 @@ class PropagationPlan:
             else:
                 x[:, idx] = self.constant_values.to(dtype=x.dtype, device=x.device)
 
-    def _execute(self, ops, x: Tensor, check: bool) -> Tensor:
+    def _execute(self, ops, x: Tensor, check: bool, watch: list[Tensor] | None = None) -> Tensor:
         i = 0
         try:
             with torch.no_grad():  # in-place writes: no autograd graph (see needs_autograd)
@@ -550,8 +550,10 @@ class PropagationPlan:
                     op()
         except Exception as err:
             raise ValueError(f"{self._names[i]} failed on its input: {err}") from err
-        if check and not math.isfinite(x.sum().item()):
-            self._locate(x)
+        if check:
+            total = x.sum() if watch is None else sum(w.sum() for w in watch)
+            if not math.isfinite(total.item()):
+                self._locate(x)
         return x
 
     def run(self, x: Tensor, check: bool = True) -> Tensor:
@@ -609,13 +611,14 @@ class BoundPlan:
         self.plan = plan
         self.x = torch.empty(batch, plan.S.C0, dtype=dtype, device=device)
         plan._write_constants(self.x)
-        self._held = [tuple(F.tensors()) for F in plan._maps]
+        self._held = [(F, tuple(F.tensors())) for F in plan._maps]
+        self._held = [(F, held) for F, held in self._held if held]  # maps without tensors cannot go stale
         self._ops = [bind(self.x) for bind in plan._binders]
         self._views: dict = {}
 
     def current(self) -> bool:
         """Whether every map still holds the tensors the views were taken of."""
-        return all(a is b for F, held in zip(self.plan._maps, self._held) for a, b in zip(F.tensors(), held))
+        return all(a is b for F, held in self._held for a, b in zip(F.tensors(), held))
 
     def columns(self, cols: slice) -> Tensor:
         """The view ``x[:, cols]`` (taken once)."""
@@ -625,9 +628,14 @@ class BoundPlan:
             v = self._views[key] = self.x[:, cols]
         return v
 
-    def run(self, check: bool = True) -> Tensor:
-        """Run the plan on the buffer (see [`PropagationPlan.run`][cellsheaf.propagation.PropagationPlan.run]); returns the buffer."""
-        return self.plan._execute(self._ops, self.x, check)
+    def run(self, check: bool = True, watch: list[slice] | None = None) -> Tensor:
+        """Run the plan on the buffer (see [`PropagationPlan.run`][cellsheaf.propagation.PropagationPlan.run]); returns the buffer.
+
+        With ``watch`` (column slices, e.g. the outputs a caller copies out) the finiteness check sums
+        only those columns: it then costs what they cost, not a pass over the whole cochain. A
+        non-finite value there still names the vertex or edge where the first one arose.
+        """
+        return self.plan._execute(self._ops, self.x, check, None if watch is None else [self.columns(c) for c in watch])
 
 
 def plan(S, fixed: Tensor, constant: Tensor | None = None, constant_values: Tensor | None = None,

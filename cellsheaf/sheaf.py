@@ -630,10 +630,14 @@ class Sheaf:
     def device(self) -> torch.device:
         """The device of the map tensors (cpu if there are none)."""
         for seg in self._segments:
-            tensors = seg.tensors() if isinstance(seg, EdgeStack) else \
-                [t for e in seg.values() for t in e.Fu.tensors() + e.Fv.tensors()]
-            if tensors:
-                return tensors[0].device
+            if isinstance(seg, EdgeStack):
+                tensors = seg.tensors()
+                if tensors:
+                    return tensors[0].device
+                continue
+            for e in seg.values():  # the first map holding a tensor decides: no list of every tensor
+                for t in e.Fu.tensors() or e.Fv.tensors():
+                    return t.device
         return torch.device("cpu")
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "Sheaf":

@@ -482,6 +482,8 @@ class NeuralSheaf:
         record : record per-edge energies every ``record`` steps (``state.info.extra["trajectory"]``).
         check
             Raise [`ConvergenceError`][cellsheaf_nn.neural.ConvergenceError] if the solver did not converge (else return what it found).
+            By propagation: raise ``ValueError`` naming the edge or input where a non-finite output value
+            arose (one fused reduction over the output; ``check=False`` skips it).
 
         Returns
         -------
@@ -583,7 +585,8 @@ class NeuralSheaf:
         """``infer`` by the compiled forward pass: the input written into a cochain, one run of the plan.
 
         Without ``return_state`` the plan runs on its own buffer for this batch shape (views taken once)
-        and only the output is copied out.
+        and only the output is copied out; ``check`` then tests that output for finiteness (a non-finite
+        value is traced back to the edge or input where it arose), not the whole state.
         """
         ins, outs = self._io_slices
         xb = xs[0]
@@ -591,7 +594,7 @@ class NeuralSheaf:
             bound = compiled.bound(xb.shape[0], xb.dtype, xb.device)
             for sl, xi in zip(ins, xs):
                 bound.columns(sl).copy_(xi)
-            bound.run(check)
+            bound.run(check, watch=outs)  # the check reads what is returned
             return self._structured([bound.columns(sl).clone() for sl in outs], single)
         S = self.sheaf
         x = torch.empty(xb.shape[0], S.C0, dtype=xb.dtype, device=xb.device)
