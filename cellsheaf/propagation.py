@@ -329,7 +329,7 @@ def _determined_part(S, fixed: Tensor) -> list[PropagationStep] | None:
 # ====================================================================== compiled plans
 
 #: elementwise maps with an ``out=`` kernel (one pass, written straight into the cochain)
-_OUT_KERNELS = {ReLU: lambda v, out: torch.clamp_min(v, 0.0, out=out), Sigmoid: torch.sigmoid, Tanh: torch.tanh}
+_OUT_KERNELS = {ReLU: partial(torch.clamp_min, min=0.0), Sigmoid: torch.sigmoid, Tanh: torch.tanh}
 _ACTIVATION_KERNELS = {torch.nn.functional.gelu: torch._C._nn.gelu, torch.nn.functional.silu: torch._C._nn.silu}
 
 
@@ -448,8 +448,12 @@ def _step_binder(s: PropagationStep, const: np.ndarray, values: np.ndarray):
                     Wt = W[:, rest].T
                     if bias is None:
                         return partial(torch.mm, a, Wt, out=o)
-                    if view:
-                        return partial(torch.addmm, bias(W), a, Wt, out=o)
+                    if view:  # b is a strided view of W (its diagonal block): copied out contiguous, then
+                        b, c = bias(W), torch.empty(W.shape[0], dtype=W.dtype, device=W.device)  # broadcast fast
+
+                        def affine() -> None:
+                            torch.addmm(c.copy_(b), a, Wt, out=o)
+                        return affine
                     return lambda: torch.addmm(bias(W), a, Wt, out=o)
 
                 def converted():  # weights in another dtype/device: converted at every run
@@ -551,7 +555,9 @@ class PropagationPlan:
         except Exception as err:
             raise ValueError(f"{self._names[i]} failed on its input: {err}") from err
         if check:
-            total = x.sum() if watch is None else sum(w.sum() for w in watch)
+            total = (x if watch is None else watch[0]).sum()
+            for w in (watch or ())[1:]:
+                total = total + w.sum()
             if not math.isfinite(total.item()):
                 self._locate(x)
         return x

@@ -254,6 +254,9 @@ class NeuralSheaf:
         xs = list(x) if isinstance(x, (tuple, list)) and len(self.inputs) > 1 else [x]
         if len(xs) != len(self.inputs):
             raise ValueError(f"the network takes {len(self.inputs)} inputs ({', '.join(self.inputs)}), got {len(xs)}")
+        if len(self.inputs) == 1 and type(xs[0]) is Tensor and xs[0].dim() == 2 and xs[0].shape[1:] == self.input_shapes[0] \
+                and xs[0].dtype == self.dtype and xs[0].device == self.device:
+            return xs, False  # the common case, (B, n) as the network takes it: nothing to convert
         out, single = [], set()
         for name, shape, xi in zip(self.inputs, self.input_shapes, xs):
             xi = cs.cochain.as_real(xi, f"input {name!r}", finite=False).to(dtype=self.dtype, device=self.device)
@@ -503,9 +506,10 @@ class NeuralSheaf:
         >>> [tuple(y.shape) for y in ns.infer(x.split(3))]  # an iterable of batches streams
         [(3, 1), (1, 1)]
         """
-        for name, value, positive in (("tol", tol, False), ("dt", dt, True), ("alpha", alpha, True)):
-            check_number(value, name, positive=positive, none=name != "alpha")
-        check_number(max_steps, "max_steps", integer=True)
+        for name, value, positive in (("tol", tol, False), ("dt", dt, True), ("alpha", alpha, True),
+                                      ("max_steps", max_steps, False)):
+            if value is not None or name == "alpha":
+                check_number(value, name, positive=positive, integer=name == "max_steps", none=name != "alpha")
         if self._is_stream(inputs):
             return self.infer_batches(inputs[0], method=method, return_state=return_state, init=init, tol=tol,
                                       max_steps=max_steps, alpha=alpha, dt=dt, generator=generator, record=record,
@@ -616,7 +620,7 @@ class NeuralSheaf:
 
     def _structured(self, flats: list[Tensor], single: bool):
         """The outputs ``(B, n_k)`` shaped as the model returns them: a tensor or a tuple of tensors."""
-        ys = [f.reshape(-1, *shape) for f, shape in zip(flats, self.output_shapes)]
+        ys = [f if f.shape[1:] == shape else f.reshape(-1, *shape) for f, shape in zip(flats, self.output_shapes)]
         if single:
             ys = [y[0] for y in ys]
         return tuple(ys) if self._tuple_output else ys[0]
