@@ -117,28 +117,56 @@ def test_structured_and_nonlinear_maps_of_compiled_networks(model, shape):
     torch.testing.assert_close(grad, want)
 
 
+def _autograd_params(S, x, params: dict):
+    """``∇_x E`` and ``∂E/∂θ`` of the tensors ``params`` held by the maps, by autograd of the total energy."""
+    xr = x.clone().requires_grad_(True)
+    for t in params.values():
+        t.requires_grad_(True)
+    try:
+        grads = torch.autograd.grad(edge_energies(S, xr).sum(), [xr, *params.values()])
+    finally:
+        for t in params.values():
+            t.requires_grad_(False)
+    return grads[0], dict(zip(params, grads[1:]))
+
+
+def test_plan_gives_the_local_rule_of_held_tensors():
+    """The tensors a compiled network's maps hold (affine weight edges, the force on their u end being
+    minus the discrepancy) and a map without a closed form (autograd fallback) get ∂E/∂θ from the plan's
+    own forces."""
+    from cellsheaf.learning import _Gradients
+    ns = csnn.compile(torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.LayerNorm(4), torch.nn.ReLU(),
+                                          torch.nn.Linear(4, 1)).double())
+    S, params = ns.sheaf, ns.parameters
+    x = torch.randn(5, S.C0, dtype=F64, generator=torch.Generator().manual_seed(6))
+    acc = _Gradients(list(params.values()))
+    grad, _ = cs.edgewise.plan(S).run(x, tensors=acc)
+    want_g, want = _autograd_params(S, x, params)
+    torch.testing.assert_close(grad, want_g)
+    for k, G in zip(params, acc.result()):
+        torch.testing.assert_close(G, want[k])
+
+
 def test_joint_step_and_diffusion_step_use_the_plan():
-    """The trainer's joint step equals Eq. (26) written out with the stacked operators, and a diffusion step
-    of a compiled network equals the Euler step of the stacked gradient."""
+    """The trainer's joint step (the network's own weights and biases, held by its affine maps) equals
+    Eq. (26) with the gradients by autograd, and a diffusion step of a compiled network equals the Euler
+    step of the stacked gradient."""
     from cellsheaf.energy import gradient
     ns = csnn.compile(csnn.mlp([2, 5, 3, 1], seed=0))
-    S = ns.sheaf.copy()
-    for e in list(S.edges):
-        if str(e).startswith("weight"):
-            cs.learning.set_trainable(S, e, "u")
+    S, params = ns.sheaf, ns.parameters
+    assert params
     g = torch.Generator().manual_seed(5)
     bnd = ns.boundary(torch.randn(4, 2, dtype=F64, generator=g))
     rb = bnd.resolve(S, dtype=F64)
     free = rb.free
     x = rb.fill(torch.randn(4, S.C0, dtype=F64, generator=g))
-    maps = cs.learning.trainable_maps(S)
-    want_g, want_G = _autograd(S, x)
-    before = {k: F.weight.clone() for k, F in maps.items()}
-    x_new = cs.learning.joint_step(S, x, free, alpha=1.0, beta=0.5, dt=0.1)
+    want_g, want_G = _autograd_params(S, x, params)
+    before = {k: t.clone() for k, t in params.items()}
+    x_new = cs.learning.joint_step(S, x, free, alpha=1.0, beta=0.5, dt=0.1, params=params)
     moves = torch.zeros(S.C0, dtype=torch.bool)
     moves[free] = True
     torch.testing.assert_close(x_new, torch.where(moves, x - 0.1 * want_g, x))
-    for k, F in maps.items():
-        torch.testing.assert_close(F.weight, before[k] - 0.05 * want_G[k])
+    for k, t in params.items():
+        torch.testing.assert_close(t, before[k] - 0.05 * want_G[k])
     res = cs.diffuse(S, x_new, boundary=bnd, method="euler", dt=0.01, max_steps=1, tol=0.0)
     torch.testing.assert_close(res.x.flat, x_new - 0.01 * gradient(S, x_new) * moves)
