@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from .energy import _potential
-from .maps import Identity, Linear, ReLU, Select
+from .maps import Affine, Identity, Linear, ReLU, Select
 from .maps.core import Elementwise
 
 __all__ = ["EdgewisePlan", "plan", "EDGEWISE_MAX"]
@@ -84,7 +84,39 @@ def _reader(F, k: int, d: int) -> Callable[[tuple], Tensor]:
                 held[:] = W, W.t()
             return torch.mm(x, held[1]) if W.dtype == x.dtype and W.device == x.device else F.apply(x)
         return linear
+    if _plain_affine(F):
+        n = F.A.d_in
+
+        def affine(v: tuple) -> Tensor:
+            x, W, b = v[k], F.A.weight, F.b
+            if W.dtype != x.dtype or W.device != x.device or b.dtype != x.dtype:
+                return F.apply(x)
+            return torch.addcmul(torch.mm(x[:, :n], W.t()), b, x[:, n:])
+        return affine
     return lambda v: F.apply(v[k])
+
+
+def _plain_affine(F) -> bool:
+    """An affine map in the paper's layout, ``(W | diag b)`` on the stalk ``[x; 1]`` with a dense ``W``."""
+    return isinstance(F, Affine) and F._plain
+
+
+def _sharer(F) -> Callable:
+    """``(acc, xs, force, sign) -> None`` giving the accumulator ``acc`` (`run`'s ``tensors``) the share of ``F``
+    in the local rule of the tensors it holds: for an affine map on ``[x; 1]`` (the paper's ``(W | diag b)``)
+    one product ``forceᵀ[x; 1]`` read off as ``(∂W | diag ∂b)``, else the map's own ``parameter_vjp`` (or
+    autograd) through ``acc.add``."""
+    if not _plain_affine(F):
+        return lambda acc, xs, f, sign: acc.add(F, xs, f, sign)
+    n = F.A.d_in
+
+    def affine(acc, xs: Tensor, f: Tensor, sign: float) -> None:
+        held = (F.b, F.A.weight)
+        if id(held[0]) not in acc.index and id(held[1]) not in acc.index:
+            return
+        G = torch.mm(f.T, xs if xs.dtype == f.dtype else xs.to(f.dtype))
+        acc.take(held, (G.diagonal(n), G[:, :n]), sign)
+    return affine
 
 
 def _puller(F, k: int, d: int, sign: float) -> Callable[[tuple, tuple, Tensor], None]:
@@ -103,6 +135,17 @@ def _puller(F, k: int, d: int, sign: float) -> Callable[[tuple, tuple, Tensor], 
             W = F.weight
             g[k].add_(torch.mm(f, W) if W.dtype == f.dtype and W.device == f.device else F.adjoint(f), alpha=sign)
         return linear
+    if _plain_affine(F):
+        n = F.A.d_in
+
+        def affine(g: tuple, x: tuple, f: Tensor) -> None:
+            W, b = F.A.weight, F.b
+            if W.dtype != f.dtype or W.device != f.device or b.dtype != f.dtype:
+                g[k].add_(F.adjoint(f), alpha=sign)
+                return
+            g[k][:, :n].add_(torch.mm(f, W), alpha=sign)
+            g[k][:, n:].addcmul_(f, b, value=sign)
+        return affine
     if type(F) is ReLU:  # its derivative is the 0/1 pattern x >= 0, multiplied in as it is
         return lambda g, x, f: g[k].addcmul_(x[k] >= 0, f, value=sign)
     if isinstance(F, Elementwise):
@@ -115,7 +158,8 @@ def _puller(F, k: int, d: int, sign: float) -> Callable[[tuple, tuple, Tensor], 
 class _Edge:
     """One edge of a plan: how its two maps are read and pulled back, and its force rule."""
 
-    __slots__ = ("e", "name", "ku", "kv", "read_u", "read_v", "pull_u", "pull_v", "w", "quadratic")
+    __slots__ = ("e", "name", "ku", "kv", "read_u", "read_v", "pull_u", "pull_v", "share_u", "share_v", "w",
+                 "quadratic")
 
     def __init__(self, e, position: dict, dims: list, skip: frozenset):
         self.e, self.name = e, e.name
@@ -126,6 +170,7 @@ class _Edge:
         # with the quadratic potential the force on the u end is minus the force on the v end: pulled back by sign
         self.pull_u = None if e.u in skip else _puller(e.Fu, self.ku, du, -1.0 if self.quadratic else 1.0)
         self.pull_v = None if e.v in skip else _puller(e.Fv, self.kv, dv, 1.0)
+        self.share_u, self.share_v = _sharer(e.Fu), _sharer(e.Fv)
         self.w = float(e.weight)
 
     def forces(self, views: tuple) -> tuple[Tensor, Tensor | None]:
@@ -179,11 +224,11 @@ class EdgewisePlan:
             for side in wanted.get(p.name, ()):
                 grads[(p.name, side)] = _eq24(p.e, side, gv, gu, src[p.kv if side == "v" else p.ku])
             if tensors is not None:
-                tensors.add(p.e.Fv, src[p.kv], gv)
+                p.share_v(tensors, src[p.kv], gv, 1.0)
                 if gu is None:  # the quadratic potential: the force on u is −g_v
-                    tensors.add(p.e.Fu, src[p.ku], gv, -1.0)
+                    p.share_u(tensors, src[p.ku], gv, -1.0)
                 else:
-                    tensors.add(p.e.Fu, src[p.ku], gu)
+                    p.share_u(tensors, src[p.ku], gu, 1.0)
         return (g if x.dim() == 2 else g[0]), grads
 
 

@@ -175,6 +175,10 @@ class _Gradients:
         if grads is None:
             self.pending.append((F, xs, force if sign > 0 else force.neg()))
             return
+        self.take(held, grads, sign)
+
+    def take(self, held, grads, sign: float = 1.0) -> None:
+        """Add ``sign ·`` the gradients ``grads`` of the tensors ``held`` (aligned; ``None``: no share)."""
         for t, g in zip(held, grads):
             k = self.index.get(id(t))
             if k is not None and g is not None:
@@ -201,7 +205,8 @@ class _Gradients:
                 if g is not None:
                     self.grads[k] = g if self.grads[k] is None else self.grads[k] + g
             self.pending = []
-        return [torch.zeros_like(t) if g is None else g.detach().to(t.dtype) for t, g in zip(self.tensors, self.grads)]
+        return [torch.zeros_like(t) if g is None else g if not g.requires_grad and g.dtype == t.dtype
+                else g.detach().to(t.dtype) for t, g in zip(self.tensors, self.grads)]
 
 
 def local_gradients(S, x, params: Mapping | list | None = None, at=None) -> dict | list:
