@@ -204,8 +204,9 @@ class EdgewisePlan:
         """``(∇_x E, {(edge, side): Eq. 24})`` at ``x`` (``(C0,)`` or ``(B, C0)``); see the class notes.
 
         ``tensors``, optional: an accumulator of the local rule of parameter tensors held by the maps (with
-        ``add(F, xs, force, sign)``, as `cellsheaf.learning.local_gradients` keeps one); every map gives it
-        its share from the same forces, ``xs`` its stalk (of ``at`` when given)."""
+        ``add(F, xs, force, sign)``, as
+        [`cellsheaf.learning.local_gradients`][cellsheaf.learning.local_gradients] keeps one); every map
+        gives it its share from the same forces, ``xs`` its stalk (of ``at`` when given)."""
         xb = x if x.dim() == 2 else x.unsqueeze(0)
         views = xb.split(self.dims, 1)
         src = views if at is None else (at if at.dim() == 2 else at.unsqueeze(0)).split(self.dims, 1)
