@@ -55,6 +55,7 @@ import torch
 
 import cellsheaf_nn as csnn
 from cellsheaf_nn import datasets, losses
+from cellsheaf_nn.train import check_inputs
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TASKS = ("paraboloid", "saddle", "circular", "blobs")
@@ -232,8 +233,9 @@ def _sheaf_update(task, depth: str, mode: str, seed: int, X, Y, **kw):
     ns = csnn.compile(csnn.mlp(task.sizes(depth), output=task.output, seed=seed))
     trainer = csnn.SheafTrainer(ns, mode=mode, loss=task.loss, seed=seed, **kw)
     trainer.fit(X, Y, steps=1, progress=False, eval_every=1)
+    Xs = check_inputs(ns, X, Y, trainer.loss)[0]   # the trainer's inputs: a tuple, one tensor per input
     Yt = trainer.loss.target(Y, ns.n_out, ns.dtype)
-    return lambda: trainer._update(X, Yt, None)
+    return lambda: trainer._update(Xs, Yt, None)
 
 
 def speed(reps: int, seed: int) -> list[dict]:

@@ -33,3 +33,13 @@ def test_sync_audit_cases_run():
         iterations = cases["cg (16 right-hand sides, n=400)"]()
     assert iterations > 0 and n[0] > 0
     assert torch.Tensor.item.__name__ == "item"   # the counter unwrapped the methods it wrapped
+
+
+def test_speed_updates_run():
+    bench = _load("bench_train")
+    task = bench.datasets.paraboloid(seed=0)
+    X, Y = task.X_train[:16], task.Y_train[:16]
+    for mode, kw in [("nudged", dict(optimizer="adam", lr=0.02)),
+                     ("equilibrium", dict(optimizer="adam", lr=0.02, init="forward_pass")),
+                     ("joint", dict(alpha=1.0, beta=1 / 16, dt=0.005))]:
+        bench._sheaf_update(task, "1H", mode, 0, X, Y, **kw)()   # one timed update of --speed, as it runs there
