@@ -165,11 +165,17 @@ class _Gradients:
         self.grads: list[Tensor | None] = [None] * len(tensors)
         self.pending: list[tuple] = []
 
-    def add(self, F, xs: Tensor, force: Tensor, sign: float = 1.0) -> None:
-        """The share of map ``F`` (on stalks ``xs``, with ``force = sign · ∂U_e/∂(F x)`` at the state: a
-        ``sign`` of −1 takes the force on the other end of a quadratic edge without negating it first)."""
+    def holds(self, F) -> list[Tensor] | None:
+        """``F.tensors()`` if ``F`` holds one of the tensors, else None."""
         held = F.tensors()
-        if not any(id(t) in self.index for t in held):
+        return held if any(id(t) in self.index for t in held) else None
+
+    def add(self, F, xs: Tensor, force: Tensor, sign: float = 1.0, held: list[Tensor] | None = None) -> None:
+        """The share of map ``F`` (on stalks ``xs``, with ``force = sign · ∂U_e/∂(F x)`` at the state: a
+        ``sign`` of −1 takes the force on the other end of a quadratic edge without negating it first);
+        ``held``: its `holds` when already known (None: asked here)."""
+        held = held or self.holds(F)
+        if held is None:
             return
         grads = F.parameter_vjp(xs, force)
         if grads is None:
@@ -187,6 +193,20 @@ class _Gradients:
                     self.grads[k] = g if now is None else now + g
                 else:
                     self.grads[k] = g.neg() if now is None else now - g
+
+    def over_edges(self, S, forces: Callable[[str], tuple[Tensor, Tensor]], src: Tensor) -> list[Tensor]:
+        """The rule over the edges of ``S`` whose maps hold a tensor (`result`): ``forces(edge) -> (g_v, g_u)``
+        evaluated for those alone, the maps differentiated at the stalks ``src`` (``(B, C0)``)."""
+        for e in S.edge_items():
+            hv, hu = self.holds(e.Fv), self.holds(e.Fu)
+            if hv is None and hu is None:
+                continue
+            gv, gu = forces(e.name)
+            if hv is not None:
+                self.add(e.Fv, src[:, S.vertex_slice(e.v)], gv, held=hv)
+            if hu is not None:
+                self.add(e.Fu, src[:, S.vertex_slice(e.u)], gu, held=hu)
+        return self.result()
 
     def result(self) -> list[Tensor]:
         """The gradients, aligned with the tensors (zeros for one that no map holds)."""
@@ -257,14 +277,8 @@ def local_gradients(S, x, params: Mapping | list | None = None, at=None) -> dict
             raise TypeError(f"local_gradients: parameter {names[k] if names else k!r} is not a floating tensor")
     acc = _Gradients(plist)
     xb, atb = (_batched(as_flat(S, v).detach()) for v in (x, x if at is None else at))
-    for e in S.edge_items():
-        if not any(id(t) in acc.index for t in e.Fu.tensors() + e.Fv.tensors()):
-            continue
-        with torch.no_grad():
-            gv, gu = edge_forces(S, e.name, xb)
-        acc.add(e.Fv, atb[:, S.vertex_slice(e.v)], gv)
-        acc.add(e.Fu, atb[:, S.vertex_slice(e.u)], gu)
-    out = acc.result()
+    with torch.no_grad():
+        out = acc.over_edges(S, lambda name: edge_forces(S, name, xb), atb)
     _check_all({f"the local gradient of parameter {names[k] if names else k!r}": g for k, g in enumerate(out)},
                check_finite)
     return dict(zip(names, out)) if names is not None else out
@@ -410,7 +424,7 @@ def _check_step(t: Tensor, what: str) -> None:
 def _check_all(named: Mapping[str, Tensor], check: Callable[[Tensor, str], None] = _check_step) -> None:
     """``check(t, what)`` for every ``{what: t}``, screened by one reduction (one host read) when all are finite."""
     if not named or (all(t.is_floating_point() for t in named.values())
-                     and math.isfinite(float(sum(t.sum() for t in named.values())))):
+                     and math.isfinite(float(torch.stack([t.sum() for t in named.values()]).sum()))):
         return
     for what, t in named.items():
         check(t, what)

@@ -261,13 +261,7 @@ def _parameter_gradients(S, forces, params: list[Tensor], src: Tensor) -> list[T
     """The local rule of ``params`` (`cellsheaf.learning.local_gradients`), the forces from `_forces_at`."""
     from .learning import _Gradients
 
-    rule = _Gradients(params)
-    for e in S.edge_items():
-        if any(id(t) in rule.index for t in e.Fu.tensors() + e.Fv.tensors()):
-            gv, gu = forces(e.name)
-            rule.add(e.Fv, src[:, S.vertex_slice(e.v)], gv)
-            rule.add(e.Fu, src[:, S.vertex_slice(e.u)], gu)
-    return rule.result()
+    return _Gradients(params).over_edges(S, forces, src)
 
 
 def free_gradient(S, x: Tensor, free: Tensor) -> Tensor:

@@ -712,6 +712,7 @@ class SheafTrainer:
         return out
 
     # ------------------------------------------------------------------ one update
+    @torch.no_grad()  # the maps hold the module's parameters: no autograd graph of the sweeps and local rules
     def _update(self, X: Inputs, Y: Tensor, idx: Tensor | None) -> None:
         if self.mode == "joint":
             x = self.stalks if idx is None else self.stalks[idx]
@@ -719,13 +720,13 @@ class SheafTrainer:
         else:
             start = None if self.mode == "nudged" else (self.stalks if idx is None else self.stalks[idx])
             x, grads = self._local_directions(X, Y, start)
-            self._check_finite(x)
+            self._check_finite(x, tensors=False)  # the tensors were screened after the last step
             grads = distributed.union_mean(grads, len(Y))
             for name, W in self._tensors().items():
                 W.grad = grads[name]
             self.optimizer.step()
             self._maps_changed()
-            self._check_finite(x)  # joint_step screens its own state and weights
+            self._check_finite(x, state=False)  # joint_step screens its own state and weights
         if self.mode == "nudged" or idx is None:
             self.stalks = x
         else:
@@ -864,9 +865,11 @@ class SheafTrainer:
         self.sheaf.invalidate()
         self.ns.sheaf.invalidate()
 
-    def _check_finite(self, x: Tensor) -> None:
-        screen = x.sum() + sum(W.sum() for W in self._tensors().values())
-        if math.isfinite(screen.item()):  # one reduction and one sync; the search below names the culprit
+    def _check_finite(self, x: Tensor, state: bool = True, tensors: bool = True) -> None:
+        """Raise `DivergenceError` naming the first non-finite tensor (weights first, then the stalks ``x``);
+        the screen reads only the stalks (``state``) and/or the learned tensors (``tensors``)."""
+        screen = ([x.sum()] if state else []) + ([W.sum() for W in self._tensors().values()] if tensors else [])
+        if not screen or math.isfinite(float(torch.stack(screen).sum())):  # one sync; the search names the culprit
             return
         bad = [name for name, W in self._tensors().items() if not bool(torch.isfinite(W).all())]
         if bad:

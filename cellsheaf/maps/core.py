@@ -232,7 +232,7 @@ class Linear(Map):
     def parameter_vjp(self, x, w):
         if self.sparse:
             return None
-        G = w.reshape(-1, self.d_out).T @ x.reshape(-1, self.d_in).to(w.dtype)
+        G = w.reshape(-1, self.d_out).T @ (x if x.dtype == w.dtype else x.to(w.dtype)).reshape(-1, self.d_in)
         return [G if self.mask is None else G * self.mask.to(dtype=G.dtype, device=G.device)]
 
     def coo(self):
@@ -779,9 +779,11 @@ class Structured(Map):
             return self
         return type(self)(**params, **moved, **inner)
 
-    def tensors(self):
-        params, tensors, maps = self.state()
-        return [t for t in tensors.values() if t is not None] + [t for m in maps.values() for t in m.tensors()]
+    def tensors(self):  # read off the attributes directly: the local rule asks every map once per update
+        out = [t for t in (getattr(self, k) for k in self._tensors) if t is not None]
+        for k in self._maps:
+            out += getattr(self, k).tensors()
+        return out
 
     def __eq__(self, other):
         if type(self) is not type(other):
