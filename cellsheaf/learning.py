@@ -577,7 +577,8 @@ def joint_step(
             G = map_grads[k]
             F.weight.sub_(G if G.dtype == F.weight.dtype else G.to(F.weight.dtype), alpha=dt * beta)
         for k, p in (params or {}).items():
-            p.sub_(param_grads[k].to(p.dtype), alpha=dt * beta)
+            G = param_grads[k]
+            p.sub_(G if G.dtype == p.dtype else G.to(p.dtype), alpha=dt * beta)
     results = {f"the parameter {k!r}": p for k, p in (params or {}).items()}
     results.update({f"the trainable map F{side} of edge {name!r}": F.weight for (name, side), F in maps.items()})
     _check_all({**results, "the state": x_new})

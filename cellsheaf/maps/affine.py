@@ -192,7 +192,8 @@ class Affine(Structured):
         (``wᵀ x`` for a dense ``A``: one matrix product) and ``Σ w ⊙ ones`` summed down to the bias's shape.
         ``None`` with a ``center`` or an ``A`` without a closed form."""
         if self._plain:  # Eq. 24 for W̄: one product wᵀ[x; 1], read off as (∂W | diag ∂b)
-            G = w.reshape(-1, self.d_out).T @ _like(x, w).reshape(-1, self.d_in)
+            x = _like(x, w)
+            G = w.T @ x if w.dim() == x.dim() == 2 else w.reshape(-1, self.d_out).T @ x.reshape(-1, self.d_in)
             return [G.diagonal(self.A.d_in), G[:, :self.A.d_in]]
         inner = self.A.parameter_vjp(self._neural(x), w)
         if inner is None or self.center is not None:
