@@ -414,7 +414,7 @@ def _parameter_names(info) -> tuple[str, str | None]:
     return prefix + "weight", (prefix + "bias") if info.ones is not None else None
 
 
-Inputs = tuple  # the inputs of a batch, one tensor per input of the network
+Inputs = tuple[Tensor, ...]  # the inputs of a batch, one tensor per input of the network
 
 
 def _take(X: Inputs, idx: Tensor | None) -> Inputs:
