@@ -259,7 +259,7 @@ def _linear_terms(b: Builder, terms: list[tuple[Any, float]], what: str) -> Valu
 def _broadcasts(t: Tensor, shape: tuple[int, ...]) -> bool:
     """Whether ``t`` broadcasts to one sample of ``shape`` (as torch broadcasts it against ``(B, *shape)``)."""
     try:
-        M.Scale(t, shape)
+        M.Diagonal(t, shape)
     except ValueError:
         return False
     return True
@@ -297,7 +297,7 @@ def linear(b: Builder, module: nn.Linear, x: Value) -> Value:
 @register(nn.BatchNorm2d, prefix="bn")
 def batchnorm(b: Builder, module: nn.BatchNorm1d | nn.BatchNorm2d, x: Value) -> Value:
     """Eval-mode batch norm over channels (axis 0 of ``(C,)``, ``(C, L)`` or ``(C, H, W)``):
-    ``y = γ ⊙ (x − mean)/√(var + ε) + β``, one fixed affine edge ([`cellsheaf.maps.Scale`][cellsheaf.maps.Scale] centred at the
+    ``y = γ ⊙ (x − mean)/√(var + ε) + β``, one fixed affine edge ([`cellsheaf.maps.Diagonal`][cellsheaf.maps.Diagonal] centred at the
     running mean) holding the learned ``γ`` and ``β``; the running statistics stay constants."""
     if module.running_mean is None:
         raise UnsupportedOpError(f"{type(module).__name__} without running statistics (track_running_stats=False) "
@@ -305,7 +305,7 @@ def batchnorm(b: Builder, module: nn.BatchNorm1d | nn.BatchNorm2d, x: Value) -> 
     r = torch.rsqrt(module.running_var + module.eps)
     gamma = b.parameter(module, "weight") if module.affine else None
     beta = b.parameter(module, "bias") if module.affine else None
-    A = M.Scale(torch.ones_like(r) if gamma is None else gamma, x.shape, axis=0, factor=r)
+    A = M.Diagonal(torch.ones_like(r) if gamma is None else gamma, x.shape, axis=0, factor=r)
     return b.affine(x, A, _spread(torch.zeros_like(r) if beta is None else beta, x.shape, 0), kind="affine",
                     trainable=False, shape=x.shape, bias_axis=0, center=_spread(module.running_mean, x.shape, 0))
 
@@ -417,17 +417,10 @@ def mul(b: Builder, x, y) -> Value:
     v, c = (x, y) if isinstance(x, Value) else (y, x)
     if isinstance(c, Param):  # a learned scale or gate: a diagonal map holding the parameter itself
         p = c.tensor
-        if p.dim() == 1 and p.numel() == v.dim and len(v.shape) == 1:
-            return b.affine(v, M.Diagonal(b.use(c)), kind="scale", trainable=False, shape=v.shape)
-        try:
-            fits = torch.broadcast_shapes(p.shape, (1, *v.shape)) == (1, *v.shape)
-        except RuntimeError:
-            fits = False
-        if not fits:
+        if not _broadcasts(p, v.shape):
             raise UnsupportedOpError(f"a learned parameter {c.name!r} of shape {tuple(p.shape)} multiplying a "
                                      f"quantity of per-sample shape {v.shape}: it must broadcast to one sample")
-        shape = v.shape if p.dim() <= len(v.shape) else (1, *v.shape)  # same size: the batch axis is 1
-        return b.affine(v, M.Diagonal(b.use(c), shape=shape), kind="scale", trainable=False, shape=v.shape)
+        return b.affine(v, M.Diagonal(b.use(c), shape=v.shape), kind="scale", trainable=False, shape=v.shape)
     return b.affine(v, M.Diagonal(_constant(c, v, "mul").to(b.dtype)), kind="scale", trainable=False, shape=v.shape)
 
 

@@ -26,7 +26,7 @@ tensor([3.5000, 5.5000])
 
 from .core import (Compose, Diagonal, Elementwise, Function, HStack, Identity, LeakyReLU, Linear, Map, ReLU, Structured,
                    Scaled, Select, Sigmoid, Softmax, Tanh, VStack, as_map)
-from .affine import Affine, Scale
+from .affine import Affine
 from .convolution import (AdaptiveAvgPool, AdaptiveAvgPool1d, AdaptiveAvgPool2d, AvgPool, AvgPool1d, AvgPool2d, Conv,
                           Conv1d, Conv2d, TokenLinear, permutation)
 from .elementwise import ACTIVATIONS, Activation, activation
@@ -38,7 +38,7 @@ from .reduction import Reduce
 __all__ = [
     "Map", "Linear", "Identity", "Scaled", "Select", "Diagonal", "HStack", "VStack",
     "Compose", "Elementwise", "ReLU", "LeakyReLU", "Sigmoid", "Tanh", "Softmax",
-    "Function", "as_map", "Structured", "Affine", "Scale",
+    "Function", "as_map", "Structured", "Affine",
     "Conv", "Conv1d", "Conv2d", "AvgPool", "AvgPool1d", "AvgPool2d", "AdaptiveAvgPool", "AdaptiveAvgPool1d",
     "AdaptiveAvgPool2d", "TokenLinear", "permutation",
     "Activation", "ACTIVATIONS", "activation", "ShapedMap", "LayerNorm", "RMSNorm", "GroupNorm", "SoftmaxAlong",

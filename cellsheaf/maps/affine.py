@@ -26,30 +26,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .core import Linear, Structured, _DiagonalForm, _as_tensor, as_map
+from .core import Linear, Structured, _as_tensor, _broadcast_view, as_map
 
-__all__ = ["Affine", "Scale"]
+__all__ = ["Affine"]
 
 
 def _like(t: Tensor, x: Tensor) -> Tensor:
     """``t`` in the dtype and on the device of ``x`` (itself when it already is)."""
     return t if (t.dtype, t.device) == (x.dtype, x.device) else t.to(dtype=x.dtype, device=x.device)
-
-
-def _broadcast_view(t: Tensor, shape: tuple[int, ...], axis: int | None) -> tuple[int, ...] | None:
-    """The view of ``t`` that broadcasts to the per-sample ``shape``: one value per entry of ``axis`` for a
-    1-d ``t`` that fits it, else torch's rule (trailing axes aligned, leading ones dropped); None if none."""
-    if axis is not None and t.dim() == 1 and -len(shape) <= axis < len(shape) and t.numel() == shape[axis]:
-        view = [1] * len(shape)
-        view[axis] = -1
-        return tuple(view)
-    view = tuple(t.shape)
-    while len(view) > len(shape) and view[0] == 1:
-        view = view[1:]
-    try:
-        return view if torch.broadcast_shapes(view, shape) == tuple(shape) else None
-    except RuntimeError:
-        return None
 
 
 class Affine(Structured):
@@ -232,69 +216,3 @@ class Affine(Structured):
         b = self.bias().detach().double().cpu().numpy()
         k = np.nonzero(b)[0]
         return np.concatenate([r, k]), np.concatenate([c, self.ones + k]), np.concatenate([v, b[k]])
-
-
-class Scale(_DiagonalForm, Structured):
-    """``x ↦ w ⊙ x`` with a weight ``w`` broadcast over the per-sample ``shape`` (times a constant ``factor``):
-    a learned scalar (0-d or one value), a per-channel scale along ``axis``, or any tensor that broadcasts to
-    ``shape`` as torch broadcasts (trailing axes). A `torch.nn.Parameter` weight stays the tensor that learns.
-
-    Parameters
-    ----------
-    weight : tensor
-    shape : per-sample shape of the stalk (default ``weight.shape``)
-    axis : int, optional
-        A 1-d ``weight`` runs along this axis of ``shape`` (a BatchNorm2d scale on ``(C, H, W)``: ``axis=0``).
-    factor : tensor broadcastable like ``weight``, optional
-        A constant multiplied in (an eval-mode batch norm's ``1/√(var + ε)``).
-
-    Examples
-    --------
-    >>> import torch, cellsheaf as cs
-    >>> s = torch.nn.Parameter(torch.tensor(3.0))                  # a learned scalar
-    >>> cs.maps.Scale(s, (2,)).apply(torch.tensor([1.0, 2.0])).detach()
-    tensor([3., 6.])
-    >>> cs.maps.Scale(torch.tensor([1.0, 10.0]), (2, 2), axis=0).diagonal()
-    tensor([ 1.,  1., 10., 10.])
-    """
-
-    _params = ("shape", "axis")
-    _tensors = ("weight", "factor")
-
-    def __init__(self, weight, shape: tuple[int, ...] | None = None, axis: int | None = None, factor=None):
-        self.weight = _as_tensor(weight, "weight")
-        self.shape = tuple(int(k) for k in (self.weight.shape if shape is None else shape))
-        self.axis = None if axis is None else int(axis)
-        self.factor = None if factor is None else _as_tensor(factor, "factor")
-        self.d_in = self.d_out = math.prod(self.shape)
-        self._view = self._broadcast(self.weight, "weight")
-        self._factor_view = None if self.factor is None else self._broadcast(self.factor, "factor")
-
-    def _broadcast(self, t: Tensor, what: str) -> tuple[int, ...]:
-        """The view of ``t`` that broadcasts to ``shape``; a ValueError names ``what`` when there is none."""
-        view = _broadcast_view(t, self.shape, self.axis)
-        if view is None:
-            raise ValueError(f"Scale: the {what} of shape {tuple(t.shape)} does not broadcast to the stalk shape "
-                             f"{self.shape}" + (f" along axis {self.axis}" if self.axis is not None else ""))
-        return view
-
-    def _scaled(self, x: Tensor, power: int = 1) -> Tensor:
-        w = _like(self.weight, x).reshape(self._view)
-        if self.factor is not None:
-            w = w * _like(self.factor, x).reshape(self._factor_view)
-        xb = x.reshape(-1, *self.shape)
-        return (xb * (w if power == 1 else w ** power)).reshape(x.shape)
-
-    def diagonal(self, like: Tensor | None = None) -> Tensor:
-        """The diagonal ``(d,)`` of the map."""
-        one = torch.ones(self.d_in, dtype=self.weight.dtype if like is None else like.dtype,
-                         device=self.weight.device if like is None else like.device)
-        return self._scaled(one)
-
-    def apply(self, x):
-        return self._scaled(x)
-
-    adjoint = apply
-
-    def squared_vjp(self, x, d):
-        return self._scaled(d, power=2)

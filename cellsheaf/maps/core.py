@@ -361,46 +361,73 @@ def _strided(idx: Tensor, shape: tuple[int, ...]):
     return (shape, offset, tuple(strides)) if torch.equal(want, grid) else None
 
 
-class _DiagonalForm:
-    """``matrix()`` and ``coo()`` of a map given by its ``diagonal()``."""
+def _broadcast_view(t: Tensor, shape: tuple[int, ...], axis: int | None) -> tuple[int, ...] | None:
+    """The view of ``t`` that broadcasts to the per-sample ``shape``: one value per entry of ``axis`` for a
+    1-d ``t`` that fits it, else torch's rule (trailing axes aligned, leading ones dropped); None if none."""
+    if axis is not None and t.dim() == 1 and -len(shape) <= axis < len(shape) and t.numel() == shape[axis]:
+        view = [1] * len(shape)
+        view[axis] = -1
+        return tuple(view)
+    view = tuple(t.shape)
+    while len(view) > len(shape) and view[0] == 1:
+        view = view[1:]
+    try:
+        return view if torch.broadcast_shapes(view, shape) == tuple(shape) else None
+    except RuntimeError:
+        return None
 
-    def matrix(self):
-        return torch.diag(self.diagonal())
 
-    def coo(self):
-        v = self.diagonal().detach().double().cpu().numpy()
-        r = np.nonzero(v)[0]
-        return r, r, v[r]
+class Diagonal(Map):
+    """A diagonal map ``x -> v ⊙ x``: a per-coordinate scale.
 
+    Parameters
+    ----------
+    v : tensor
+        The scale. Without ``shape``, the diagonal itself (flattened).
+    shape : per-sample shape of the stalk, optional
+        The map acts on stalks holding ``shape`` flattened and ``v`` broadcasts to it as torch broadcasts
+        (trailing axes aligned, leading ones dropped: a scalar, a per-channel ``(C, 1, 1)`` tensor).
+    axis : int, optional
+        With ``shape``, a 1-d ``v`` runs along this axis (a BatchNorm2d scale on ``(C, H, W)``: ``axis=0``).
+    factor : tensor, optional
+        A constant multiplied in, broadcast like ``v`` (an eval-mode batch norm's ``1/√(var + ε)``).
 
-class Diagonal(_DiagonalForm, Map):
-    """A diagonal map ``x -> v * x``.
-
-    With ``shape``, ``v`` broadcasts to ``shape`` (a scalar, a per-channel ``(C, 1, 1)`` vector) and the map
-    acts on stalks holding ``shape`` flattened; ``v`` itself is kept (a learned parameter stays the tensor
-    the map holds).
+    ``v`` itself is kept: a `torch.nn.Parameter` stays the tensor that learns.
 
     Examples
     --------
     >>> import torch, cellsheaf as cs
     >>> cs.maps.Diagonal(torch.tensor(2.0), shape=(3,)).apply(torch.ones(3))
     tensor([2., 2., 2.])
+    >>> cs.maps.Diagonal(torch.tensor([1.0, 10.0]), shape=(2, 2), axis=0, factor=torch.tensor(0.5)).diagonal()
+    tensor([0.5000, 0.5000, 5.0000, 5.0000])
     """
 
-    def __init__(self, v, shape: Sequence[int] | None = None):
+    def __init__(self, v, shape: Sequence[int] | None = None, axis: int | None = None, factor=None):
         v = _as_tensor(v, "diagonal")
         self.shape = None if shape is None else tuple(int(s) for s in shape)
-        if self.shape is None:
-            self.v = v if v.dim() == 1 else v.reshape(-1)  # keep a 1-d parameter itself, not a view of it
-        elif v.dim() > len(self.shape) or torch.broadcast_shapes(v.shape, self.shape) != self.shape:
-            raise ValueError(f"Diagonal: v of shape {tuple(v.shape)} does not broadcast to {self.shape}")
-        else:
-            self.v = v
-        self.d_in = self.d_out = self.v.numel() if self.shape is None else math.prod(self.shape)
+        self.axis = None if axis is None else int(axis)
+        self.v = v if shape is not None or v.dim() == 1 else v.reshape(-1)  # keep a 1-d parameter itself
+        self._shape = self.shape if self.shape is not None else (self.v.numel(),)
+        self.factor = None if factor is None else _as_tensor(factor, "factor")
+        self._view = self._broadcast(self.v, "v")
+        self._factor_view = None if self.factor is None else self._broadcast(self.factor, "factor")
+        self.d_in = self.d_out = math.prod(self._shape)
+
+    def _broadcast(self, t: Tensor, what: str) -> tuple[int, ...]:
+        """The view of ``t`` that broadcasts to the stalk shape; a ValueError names ``what`` when there is none."""
+        view = _broadcast_view(t, self._shape, self.axis)
+        if view is None:
+            raise ValueError(f"Diagonal: {what} of shape {tuple(t.shape)} does not broadcast to the stalk shape "
+                             f"{self._shape}" + (f" along axis {self.axis}" if self.axis is not None else ""))
+        return view
 
     def diagonal(self) -> Tensor:
         """The diagonal, ``(d,)``."""
-        return self.v if self.shape is None else self.v.expand(self.shape).reshape(-1)
+        w = self.v.reshape(self._view).expand(self._shape)
+        if self.factor is not None:
+            w = w * self.factor.to(w.dtype).reshape(self._factor_view)
+        return w.reshape(-1)
 
     def apply(self, x):
         return x * self.diagonal().to(dtype=x.dtype, device=x.device)
@@ -410,12 +437,29 @@ class Diagonal(_DiagonalForm, Map):
     def squared_vjp(self, x, d):
         return d * self.diagonal().to(dtype=d.dtype, device=d.device) ** 2
 
+    def matrix(self):
+        return torch.diag(self.diagonal())
+
+    def coo(self):
+        v = self.diagonal().detach().double().cpu().numpy()
+        r = np.nonzero(v)[0]
+        return r, r, v[r]
+
     def to(self, dtype=None, device=None):
-        v = self.v.to(dtype=dtype or self.v.dtype, device=device or self.v.device)
-        return self if v is self.v else Diagonal(v, self.shape)
+        moved = [None if t is None else t.to(dtype=dtype or t.dtype, device=device or t.device)
+                 for t in (self.v, self.factor)]
+        if moved[0] is self.v and moved[1] is self.factor:
+            return self
+        return Diagonal(moved[0], self.shape, self.axis, moved[1])
 
     def tensors(self):
-        return [self.v]
+        return [self.v] if self.factor is None else [self.v, self.factor]
+
+    def __eq__(self, other):
+        return type(other) is Diagonal and self.d_in == other.d_in and \
+            torch.equal(self.diagonal().detach().double().cpu(), other.diagonal().detach().double().cpu())
+
+    __hash__ = Map.__hash__
 
 
 class _Blocks(Map):

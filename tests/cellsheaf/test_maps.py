@@ -12,7 +12,7 @@ g = torch.Generator().manual_seed(0)
 
 
 def rand(*shape):
-    return torch.randn(*shape, generator=g, dtype=F64)
+    return torch.randn(shape, generator=g, dtype=F64)
 
 
 LINEAR = {
@@ -24,6 +24,8 @@ LINEAR = {
     "scaled": lambda: M.Scaled(-2.5, 4),
     "select": lambda: M.Select([3, 0, 1], 4),
     "diagonal": lambda: M.Diagonal(rand(4)),
+    "diagonal_per_channel": lambda: M.Diagonal(rand(2), shape=(2, 2), axis=0, factor=rand(2, 1)),
+    "diagonal_broadcast": lambda: M.Diagonal(rand(1, 1, 2), shape=(2, 2)),
     "hstack": lambda: M.HStack([rand(3, 1), M.Select([0, 2, 1], 3)]),
     "vstack": lambda: M.VStack([M.Select([1], 4), rand(2, 4)]),
     "compose": lambda: M.Compose(rand(3, 2), M.Select([0, 2], 4)),
@@ -113,6 +115,22 @@ def test_structured_maps_never_densify():
     assert M.Linear(rand(2, 2).to_sparse()).sparse
 
 
+@pytest.mark.parametrize("v_shape, shape, axis", [((), (3, 2), None), ((3,), (3, 2), 0), ((2,), (3, 2), None),
+                                                   ((3, 1), (3, 2), None), ((1, 1, 2), (3, 2), None)])
+def test_diagonal_broadcasts_as_torch(v_shape, shape, axis):
+    """``Diagonal(v, shape, axis, factor)`` is ``x * v * factor`` broadcast over one sample, keeping ``v`` itself."""
+    v, f = torch.nn.Parameter(rand(*v_shape)), rand(*v_shape)
+    D = M.Diagonal(v, shape=shape, axis=axis, factor=f)
+    view = (-1, 1) if axis == 0 else v_shape
+    x = rand(5, *shape)
+    want = x * v.reshape(view) * f.reshape(view)
+    torch.testing.assert_close(D.apply(x.reshape(5, -1)), want.reshape(5, -1))
+    assert D.parameters() == [v] and D.tensors()[1] is f
+    assert D.to(torch.float32).apply(x.reshape(5, -1).float()).dtype == torch.float32
+    with pytest.raises(ValueError, match=r"Diagonal: v of shape \(4,\) does not broadcast to the stalk shape"):
+        M.Diagonal(rand(4), shape=shape, axis=axis)
+
+
 def test_equality():
     A = rand(2, 3)
     assert M.Linear(A) == M.Linear(A.clone())
@@ -121,6 +139,7 @@ def test_equality():
     assert M.ReLU(2) == M.ReLU(2) and M.LeakyReLU(2, 0.1) != M.LeakyReLU(2, 0.2)
     assert M.Compose(M.ReLU(2), A) == M.Compose(M.ReLU(2), A.clone())
     assert M.Linear(A) != M.Select([0, 1], 3)
+    assert M.Diagonal(torch.tensor(2.0), shape=(2,)) == M.Diagonal([2.0, 2.0]) != M.Diagonal([2.0, 1.0])
 
 
 def test_trainable_and_mask():
