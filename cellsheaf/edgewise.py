@@ -101,24 +101,6 @@ def _plain_affine(F) -> bool:
     return isinstance(F, Affine) and F._plain
 
 
-def _sharer(F) -> Callable:
-    """``(acc, xs, force, sign) -> None`` giving the accumulator ``acc`` (`run`'s ``tensors``) the share of ``F``
-    in the local rule of the tensors it holds: for an affine map on ``[x; 1]`` (the paper's ``(W | diag b)``)
-    one product ``forceᵀ[x; 1]`` read off as ``(∂W | diag ∂b)``, else the map's own ``parameter_vjp`` (or
-    autograd) through ``acc.add``."""
-    if not _plain_affine(F):
-        return lambda acc, xs, f, sign: acc.add(F, xs, f, sign)
-    n = F.A.d_in
-
-    def affine(acc, xs: Tensor, f: Tensor, sign: float) -> None:
-        held = (F.b, F.A.weight)
-        if id(held[0]) not in acc.index and id(held[1]) not in acc.index:
-            return
-        G = torch.mm(f.T, xs if xs.dtype == f.dtype else xs.to(f.dtype))
-        acc.take(held, (G.diagonal(n), G[:, :n]), sign)
-    return affine
-
-
 def _puller(F, k: int, d: int, sign: float) -> Callable[[tuple, tuple, Tensor], None]:
     """``(g, x, force) -> None`` adding ``sign · F'(x[k])ᵀ force`` into ``g[k]`` in place (``g``, ``x``: the
     stalks of the gradient and of the state)."""
@@ -133,7 +115,10 @@ def _puller(F, k: int, d: int, sign: float) -> Callable[[tuple, tuple, Tensor], 
     if _dense(F):
         def linear(g: tuple, x: tuple, f: Tensor) -> None:
             W = F.weight
-            g[k].add_(torch.mm(f, W) if W.dtype == f.dtype and W.device == f.device else F.adjoint(f), alpha=sign)
+            if W.dtype == f.dtype and W.device == f.device:
+                g[k].addmm_(f, W, alpha=sign)
+            else:
+                g[k].add_(F.adjoint(f), alpha=sign)
         return linear
     if _plain_affine(F):
         n = F.A.d_in
@@ -143,7 +128,7 @@ def _puller(F, k: int, d: int, sign: float) -> Callable[[tuple, tuple, Tensor], 
             if W.dtype != f.dtype or W.device != f.device or b.dtype != f.dtype:
                 g[k].add_(F.adjoint(f), alpha=sign)
                 return
-            g[k][:, :n].add_(torch.mm(f, W), alpha=sign)
+            g[k][:, :n].addmm_(f, W, alpha=sign)
             g[k][:, n:].addcmul_(f, b, value=sign)
         return affine
     if type(F) is ReLU:  # its derivative is the 0/1 pattern x >= 0, multiplied in as it is
@@ -155,11 +140,28 @@ def _puller(F, k: int, d: int, sign: float) -> Callable[[tuple, tuple, Tensor], 
     return lambda g, x, f: g[k].add_(F.vjp(x[k], f), alpha=sign)
 
 
+def _discrepancy(e, ku: int, kv: int) -> Callable[[tuple], Tensor] | None:
+    """``views -> F_v x_v − F_u x_u`` in one ``addmm`` and one ``addcmul_`` for a weight edge: ``F_v`` reads a view
+    of its stalk (an identity or a selection of consecutive coordinates) and ``F_u`` is an affine map
+    ``(W | diag b)`` on ``[x; 1]``; None for any other edge (its maps are read one by one)."""
+    Fu, Fv = e.Fu, e.Fv
+    a = 0 if isinstance(Fv, Identity) else _consecutive(Fv) if isinstance(Fv, Select) else None
+    if a is None or not _plain_affine(Fu):
+        return None
+    stop, n = a + Fv.d_out, Fu.A.d_in
+
+    def difference(v: tuple) -> Tensor:
+        xv, xu, W, b = v[kv][:, a:stop], v[ku], Fu.A.weight, Fu.b
+        if (W.dtype, W.device, b.dtype) != (xu.dtype, xu.device, xu.dtype):
+            return torch.sub(xv, Fu.apply(xu))
+        return torch.addmm(xv, xu[:, :n], W.t(), alpha=-1).addcmul_(b, xu[:, n:], value=-1)
+    return difference
+
+
 class _Edge:
     """One edge of a plan: how its two maps are read and pulled back, and its force rule."""
 
-    __slots__ = ("e", "name", "ku", "kv", "read_u", "read_v", "pull_u", "pull_v", "share_u", "share_v", "w",
-                 "quadratic")
+    __slots__ = ("e", "name", "ku", "kv", "read_u", "read_v", "pull_u", "pull_v", "w", "quadratic", "difference")
 
     def __init__(self, e, position: dict, dims: list, skip: frozenset):
         self.e, self.name = e, e.name
@@ -167,14 +169,17 @@ class _Edge:
         du, dv = dims[self.ku], dims[self.kv]
         self.read_u, self.read_v = _reader(e.Fu, self.ku, du), _reader(e.Fv, self.kv, dv)
         self.quadratic = e.potential is None or e.potential.quadratic
+        self.difference = _discrepancy(e, self.ku, self.kv) if self.quadratic else None
         # with the quadratic potential the force on the u end is minus the force on the v end: pulled back by sign
         self.pull_u = None if e.u in skip else _puller(e.Fu, self.ku, du, -1.0 if self.quadratic else 1.0)
         self.pull_v = None if e.v in skip else _puller(e.Fv, self.kv, dv, 1.0)
-        self.share_u, self.share_v = _sharer(e.Fu), _sharer(e.Fv)
         self.w = float(e.weight)
 
     def forces(self, views: tuple) -> tuple[Tensor, Tensor | None]:
         """``(g_v, g_u)`` at the stalks ``views``; ``g_u`` is ``None`` for the quadratic potential (it is ``−g_v``)."""
+        if self.difference is not None:
+            gv = self.difference(views)
+            return (gv if self.w == 1.0 else gv.mul_(self.w)), None
         av, au = self.read_v(views), self.read_u(views)
         if self.quadratic:
             gv = torch.sub(av, au)
@@ -200,17 +205,19 @@ class EdgewisePlan:
         self.edges = [_Edge(e, position, self.dims, skip) for e in S.edge_items()]
         self.pulls = any(p.pull_u is not None or p.pull_v is not None for p in self.edges)
 
-    def run(self, x: Tensor, maps=(), at: Tensor | None = None, tensors=None) -> tuple[Tensor, dict]:
+    def run(self, x: Tensor, maps=(), at: Tensor | None = None, tensors=None,
+            out: Tensor | None = None) -> tuple[Tensor, dict]:
         """``(∇_x E, {(edge, side): Eq. 24})`` at ``x`` (``(C0,)`` or ``(B, C0)``); see the class notes.
 
         ``tensors``, optional: an accumulator of the local rule of parameter tensors held by the maps (with
         ``add(F, xs, force, sign)``, as
         [`cellsheaf.learning.local_gradients`][cellsheaf.learning.local_gradients] keeps one); every map
-        gives it its share from the same forces, ``xs`` its stalk (of ``at`` when given)."""
+        gives it its share from the same forces, ``xs`` its stalk (of ``at`` when given). ``out``, optional: a
+        ``(B, C0)`` tensor to write the gradient into (a buffer reused from call to call)."""
         xb = x if x.dim() == 2 else x.unsqueeze(0)
         views = xb.split(self.dims, 1)
         src = views if at is None else (at if at.dim() == 2 else at.unsqueeze(0)).split(self.dims, 1)
-        g = torch.zeros_like(xb)
+        g = torch.zeros_like(xb) if out is None else out.zero_()
         gviews = g.split(self.dims, 1) if self.pulls else ()
         wanted: dict = {}
         for name, side in maps:
@@ -224,12 +231,12 @@ class EdgewisePlan:
                 p.pull_u(gviews, views, gv if gu is None else gu)
             for side in wanted.get(p.name, ()):
                 grads[(p.name, side)] = _eq24(p.e, side, gv, gu, src[p.kv if side == "v" else p.ku])
-            if tensors is not None:
-                p.share_v(tensors, src[p.kv], gv, 1.0)
+            if tensors is not None:  # each map's closed-form parameter_vjp (one product for a dense or affine map)
+                tensors.add(p.e.Fv, src[p.kv], gv)
                 if gu is None:  # the quadratic potential: the force on u is −g_v
-                    p.share_u(tensors, src[p.ku], gv, -1.0)
+                    tensors.add(p.e.Fu, src[p.ku], gv, -1.0)
                 else:
-                    p.share_u(tensors, src[p.ku], gu, 1.0)
+                    tensors.add(p.e.Fu, src[p.ku], gu)
         return (g if x.dim() == 2 else g[0]), grads
 
 

@@ -186,7 +186,9 @@ def transposed_sweep(x: Tensor, steps: list[PropagationStep], r: Tensor, live=No
     coordinates, and with ``overwrite=True`` it is used as the work space. ``live`` (one bool per
     step, e.g. [`PropagationPlan.reads_free`][cellsheaf.propagation.PropagationPlan]) says which steps' sources hold
     free coordinates; the others skip their adjoint (it would only reach fixed coordinates) and,
-    in `forward_sweep`, their Jacobian product (zero there).
+    in `forward_sweep`, their Jacobian product (zero there). A step whose map reads fixed columns through a
+    part of its own (`PropagationStep.reduced`: an affine map's ones block) takes the product of its free part
+    alone.
     """
     k = r.shape[0] // max(x.shape[0], 1)
     acc, ys = (r if overwrite else r.clone()), []
@@ -196,7 +198,8 @@ def transposed_sweep(x: Tensor, steps: list[PropagationStep], r: Tensor, live=No
         y = y / s.scale.to(dtype=x.dtype, device=x.device) if s.scale is not None else y
         y = -y if s.side == "u" else y
         if live is None or live[i]:
-            acc[:, s.source] += (1 if s.side == "v" else -1) * s.F.vjp(_tiled(s.F, x[:, s.source], k), y)
+            F, src = (s.F, s.source) if s.reduced is None else s.reduced
+            acc[:, src].add_(F.vjp(_tiled(F, x[:, src], k), y), alpha=1 if s.side == "v" else -1)
         ys.append(y)
     return ys[::-1]
 
@@ -206,16 +209,19 @@ def _tiled(F, xs: Tensor, k: int) -> Tensor:
     return xs if k == 1 or F.linear else xs.repeat(k, 1)
 
 
-def forward_sweep(x: Tensor, steps: list[PropagationStep], q: list[Tensor], live=None) -> Tensor:
+def forward_sweep(x: Tensor, steps: list[PropagationStep], q: list[Tensor], live=None,
+                  out: Tensor | None = None) -> Tensor:
     """Solve ``J_Ω z = q`` (``q`` per step, edge space) by forward substitution along ``steps`` at ``x``;
-    ``z`` vanishes on the fixed coordinates. ``live`` as in `transposed_sweep`."""
+    ``z`` vanishes on the fixed coordinates. ``live`` as in `transposed_sweep`; ``out``: a tensor of ``z``'s
+    shape to write ``z`` into (a reused buffer), default a new one."""
     rows = q[0].shape[0] if q else x.shape[0]
     k = rows // max(x.shape[0], 1)
-    z = x.new_zeros(rows, x.shape[1])
+    z = x.new_zeros(rows, x.shape[1]) if out is None else out.zero_()
     for i, (s, y) in enumerate(zip(steps, q)):
         t = y if s.side == "v" else -y
         if live is None or live[i]:
-            t = t + s.F.jvp(_tiled(s.F, x[:, s.source], k), z[:, s.source])
+            F, src = (s.F, s.source) if s.reduced is None else s.reduced
+            t = t + F.jvp(_tiled(F, x[:, src], k), z[:, src])
         z[:, _where(s, x)] = t / s.scale.to(dtype=x.dtype, device=x.device) if s.scale is not None else t
     return z
 

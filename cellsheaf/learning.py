@@ -40,6 +40,7 @@ Examples
 from __future__ import annotations
 
 import math
+import threading
 from typing import Callable, Hashable, Mapping
 
 import torch
@@ -451,26 +452,28 @@ def _eq24(F: Linear, force: Tensor, xs: Tensor) -> Tensor:
 
 
 def _edgewise(S, x: Tensor, maps: dict, at: Tensor | None = None, skip=(),
-              tensors: _Gradients | None = None) -> tuple[Tensor, dict]:
+              tensors: _Gradients | None = None, out: Tensor | None = None) -> tuple[Tensor, dict]:
     """``(∇_x E, {map: Eq. 24})`` edge by edge: each edge's maps applied once, its own forces pulled back
     through its own maps and multiplied into its own end stalks (those of ``at`` if given, see
     `edge_gradients`). For sheaves of few, large edges (compiled networks), where the stacked operators
     (`cellsheaf.operators`) buy nothing; a compiled plan (`cellsheaf.edgewise`). The gradient is left
     zero on the vertices in ``skip`` (e.g. those with no free coordinate). With ``tensors`` (a
-    `_Gradients`), the local rule of the parameters it holds is accumulated into it from the same forces."""
-    return edgewise.plan(S, skip).run(x, maps, at, tensors)
+    `_Gradients`), the local rule of the parameters it holds is accumulated into it from the same forces;
+    ``out``: where to write the gradient (a reused buffer)."""
+    return edgewise.plan(S, skip).run(x, maps, at, tensors, out)
 
 
 def _joint_gradients(S, x: Tensor, maps: dict, lam: float, mu: float, x_anchor, map_anchors, reduce=None,
-                     tensors: _Gradients | None = None, skip=()):
+                     tensors: _Gradients | None = None, skip=(), out: Tensor | None = None):
     """``(∇_x E + λ(x − x₀), {map: Π_W(∇_F E + μ(F − F₀))})`` sharing one evaluation of the forces (and the
     local rule of the parameters in ``tensors``, accumulated there, when the edges go one by one).
 
     ``reduce`` (a list of tensors -> list of tensors) combines the energy part of the map
     gradients with other batches before the regularisation is added (data parallelism). The
-    state gradient may be left zero on the vertices ``skip`` (those with no free coordinate)."""
+    state gradient may be left zero on the vertices ``skip`` (those with no free coordinate); ``out``: a
+    buffer the edge-by-edge pass may write it into."""
     if len(S.edges) <= edgewise.EDGEWISE_MAX:
-        g, grads = _edgewise(S, x, maps, skip=skip, tensors=tensors)
+        g, grads = _edgewise(S, x, maps, skip=skip, tensors=tensors, out=out)
     else:
         gv, gu = forces(S, x)
         g = pullback(S, gv, gu, at=x)
@@ -482,6 +485,19 @@ def _joint_gradients(S, x: Tensor, maps: dict, lam: float, mu: float, x_anchor, 
     if reduce is not None:
         grads = dict(zip(grads, reduce(list(grads.values()))))
     return g, _regularised(S, grads, maps, mu, map_anchors)
+
+
+def _buffer(S, name: str, like: Tensor) -> Tensor:
+    """A work tensor shaped like ``like`` kept for ``S`` across calls (one per thread; its contents are
+    undefined): a fresh state-sized tensor would fault its pages in on every step."""
+    key = (name, tuple(like.shape), like.dtype, like.device, threading.get_ident())
+    bufs = edgewise.store(S).setdefault("buffers", {})
+    buf = bufs.get(key)
+    if buf is None:
+        if len(bufs) >= 16:
+            bufs.clear()
+        buf = bufs[key] = torch.empty_like(like)
+    return buf
 
 
 def _moves(S, free: Tensor, like: Tensor) -> tuple[Tensor, frozenset]:
@@ -526,6 +542,7 @@ def joint_step(
     reduce: Callable[[list[Tensor]], list[Tensor]] | None = None,
     params: Mapping[str, Tensor] | None = None,
     param_anchors: Mapping[str, Tensor] | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """One forward-Euler step of the joint dynamics Eq. (26) (Eq. (42) with ``lam``, ``mu``).
 
@@ -550,6 +567,9 @@ def joint_step(
         Parameters held by the maps (conv kernels, norm weights, tied matrices, scalars: `map_parameters`)
         that move with rate ``beta`` by their local gradients (`local_gradients`, summed over the edges
         sharing each), regularised by ``mu`` towards ``param_anchors`` (default 0).
+    out : tensor like ``x``, optional
+        Where to write the new state (default: a new tensor), e.g. one of two buffers a trainer alternates
+        between (a fresh state-sized tensor costs its page faults on every step). It must not be ``x``.
 
     Examples
     --------
@@ -569,9 +589,11 @@ def joint_step(
     moves, fixed = _moves(S, _free_of(S, boundary, xf), xf)
     maps = trainable_maps(S)
     tensors = _Gradients(list(params.values())) if params else None
-    g, map_grads = _joint_gradients(S, xf, maps, lam, mu, x_anchor, map_anchors, reduce, tensors, skip=fixed)
+    work = _buffer(S, "joint:g", xf) if xf.dim() == 2 else None
+    g, map_grads = _joint_gradients(S, xf, maps, lam, mu, x_anchor, map_anchors, reduce, tensors, skip=fixed,
+                                    out=work)
     param_grads = _parameter_gradients(S, xf, params or {}, mu, param_anchors, reduce, tensors)
-    x_new = torch.where(moves, torch.add(xf, g, alpha=-dt * alpha), xf)
+    x_new = torch.where(moves, torch.add(xf, g, alpha=-dt * alpha, out=g if g is work else None), xf, out=out)
     with torch.no_grad():
         for k, F in maps.items():
             G = map_grads[k]

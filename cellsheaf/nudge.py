@@ -53,13 +53,14 @@ from __future__ import annotations
 
 import math
 import threading
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from .energy import edge_forces
 from .gauss_newton import _tiled, _where, forward_sweep, transposed_sweep
-from .propagation import PropagationPlan
+from .propagation import PropagationPlan, _as_index, _runs
 
 __all__ = ["rest_gradient", "nudged_equilibrium", "free_gradient", "low_rank_newton"]
 
@@ -87,7 +88,7 @@ def rest_gradient(S, x: Tensor, edges) -> Tensor:
 
 def nudged_equilibrium(S, plan: PropagationPlan, x: Tensor, tol: float = 1e-10, max_iter: int = 10,
                        verify: bool = True, maps=None, at: Tensor | None = None,
-                       params: list[Tensor] | None = None) -> tuple[Tensor, dict]:
+                       params: list[Tensor] | None = None, out: Tensor | None = None) -> tuple[Tensor, dict]:
     """The equilibrium of ``S`` near the propagation ``x`` of its determined part (see the module notes).
 
     Parameters
@@ -118,36 +119,43 @@ def nudged_equilibrium(S, plan: PropagationPlan, x: Tensor, tol: float = 1e-10, 
         Also return the local rule of these tensors held by the maps
         ([`cellsheaf.learning.local_gradients`][cellsheaf.learning.local_gradients]) at the result, in
         ``report["param_grads"]`` (aligned with ``params``), its forces taken as for ``maps``.
+    out : tensor ``(B, C0)``, optional
+        Where to write the result (default: a new tensor), e.g. a buffer a trainer reuses from update to
+        update (a fresh cochain-sized tensor costs its page faults on every call). It must not be ``x``.
 
     Returns
     -------
-    x : tensor ``(B, C0)``, the nudged equilibrium (a new tensor).
+    x : tensor ``(B, C0)``, the nudged equilibrium (a new tensor, or ``out``).
     report : dict with ``iterations``, ``grad_norm`` (``(B,)``), ``converged`` (``(B,)`` bool), and
         ``grads`` (``{(edge, side): tensor}``) for ``maps``, ``param_grads`` for ``params``.
         When the iteration stops contracting (a rest too stiff for the fixed point) the best
         iterate is returned, not converged: continue with Newton from it.
     """
     used = {s.edge for s in plan.steps}
-    rest = [name for name in S.edges if name not in used]
-    fidx = plan.free.to(x.device)
-    cols, ends = _rest_layout(S, plan, rest)
-    cols = cols.to(x.device)  # the free coordinates the rest's gradient reaches
-    g0 = gk = rest_gradient(S, x, rest)[:, cols]
-    live = [r and not end for r, end in zip(plan.reads_free, ends)]
+    lay = _rest_layout(S, plan, [name for name in S.edges if name not in used])
+    cols = lay.cols if isinstance(lay.cols, slice) else lay.cols.to(x.device)  # the free coordinates R reaches
+    g0 = gk = _rest_gradient(S, x, lay)
     xk, ys, k = x, None, 0
     grad_norm = gk.norm(dim=-1)
     worst = float("inf")
+    B, C0 = x.shape
+    # the iterates and the sweeps' work space alternate between two buffers each, so that the best iterate and
+    # its sweep values survive a rejected one; the first iterate goes straight into ``out``
+    result = x.new_empty(x.shape) if out is None else out
     for k in range(1, max_iter + 1):
-        r = x.new_zeros(x.shape)
+        side = (k - 1) % 2
+        r = _workspace(plan, f"nudge:r{side}", B * C0, x).view(B, C0).zero_()
         r[:, cols] = gk
-        y = transposed_sweep(x, plan.steps, r, live, overwrite=True)
-        x_new = forward_sweep(x, plan.steps, [v / S.edge(s.edge).weight for s, v in zip(plan.steps, y)],
-                              live).neg_().add_(x)
-        for s, end in zip(plan.steps, ends):  # nothing reads a terminal step's targets: propagate them exactly
+        y = transposed_sweep(x, plan.steps, r, lay.live, overwrite=True)
+        x_new = result if side == 0 else _workspace(plan, "nudge:x1", B * C0, x).view(B, C0)
+        z = forward_sweep(x, plan.steps, [v / S.edge(s.edge).weight for s, v in zip(plan.steps, y)], lay.live,
+                          out=x_new)
+        torch.sub(x, z, out=x_new)
+        for s, end in zip(plan.steps, lay.ends):  # nothing reads a terminal step's targets: propagate them exactly
             if end:
                 t = s.F.apply(x_new[:, s.source])
                 x_new[:, _where(s, x)] = t / s.scale.to(dtype=x.dtype, device=x.device) if s.scale is not None else t
-        g_new = rest_gradient(S, x_new, rest)[:, cols]
+        g_new = _rest_gradient(S, x_new, lay)
         norm = (g_new - gk).norm(dim=-1)
         peak = float(norm.max()) if norm.numel() else 0.0
         if not peak < worst:  # not contracting (the rest is too stiff): keep the best iterate
@@ -160,15 +168,15 @@ def nudged_equilibrium(S, plan: PropagationPlan, x: Tensor, tol: float = 1e-10, 
     if ys is None:
         if verify:
             free = x.new_zeros(S.C0)
-            free[fidx] = 1.0
+            free[plan.free.to(x.device)] = 1.0
             grad_norm = free_gradient(S, xk, free).norm(dim=-1)
     elif verify or maps:
-        res = x.new_zeros(x.shape) if verify else None
+        res = _workspace(plan, "nudge:res", B * C0, x).view(B, C0).zero_() if verify else None
         if verify:
             res[:, cols] = gk - g0  # the rest's gradient moved since the last sweep
-        exact = _nonlinear_steps(S, plan, ends, x, xk, ys, res)
+        exact = _nonlinear_steps(S, plan, lay.ends, x, xk, ys, res)
         if verify:
-            grad_norm = res[:, fidx].norm(dim=-1)
+            grad_norm = _norm_over(res, lay.free_runs)
     report = {"iterations": k, "grad_norm": grad_norm, "converged": grad_norm <= tol}
     if maps is not None or params is not None:
         forces = _forces_at(S, plan, xk, ys, exact)
@@ -177,14 +185,29 @@ def nudged_equilibrium(S, plan: PropagationPlan, x: Tensor, tol: float = 1e-10, 
             report["grads"] = _local_gradients(S, forces, maps, src)
         if params is not None:
             report["param_grads"] = _parameter_gradients(S, forces, params, src)
+    if xk is not result:  # the input (no iterate taken) or the second buffer: the result is a tensor of its own
+        xk = result.copy_(xk)
     return xk, report
 
 
-def _rest_layout(S, plan: PropagationPlan, rest) -> tuple[Tensor, list[bool]]:
-    """``(cols, ends)`` for the rest ``rest`` (edge names): ``cols`` the free coordinates (sorted) on its edges'
-    vertices; ``ends`` one bool per step: whether no step reads its targets and no edge of ``rest`` touches them
-    (e.g. a softmax output beside a loss that reads the logits). A terminal step's adjoint vanishes, and
-    propagating it exactly leaves it no discord: the sweeps skip it. Cached on the plan per ``rest``."""
+@dataclass(frozen=True)
+class _RestLayout:
+    """How the rest ``R`` meets the free coordinates (see `_rest_layout`)."""
+
+    cols: slice | Tensor          # the free coordinates on the vertices of R's edges, sorted
+    ends: list[bool]              # per step: a terminal step (propagated exactly, skipped by the sweeps)
+    live: list[bool]              # per step: the sweeps take its Jacobian product
+    pieces: list[tuple]           # (edge, side, vertex slice, its free columns, their positions in cols)
+    free_runs: list[slice]        # the plan's free coordinates as runs of consecutive columns
+
+
+def _rest_layout(S, plan: PropagationPlan, rest) -> _RestLayout:
+    """The layout of the rest ``rest`` (edge names): ``cols`` the free coordinates (sorted) on its edges'
+    vertices, and for each end of each edge of ``rest`` with free coordinates its columns and their positions
+    in ``cols`` (so that ``∇E_R`` is computed on ``cols`` alone, `_rest_gradient`); ``ends`` one bool per step:
+    whether no step reads its targets and no edge of ``rest`` touches them (e.g. a softmax output beside a
+    loss that reads the logits). A terminal step's adjoint vanishes, and propagating it exactly leaves it no
+    discord: the sweeps skip it. Cached on the plan per ``rest``."""
     cache = plan.__dict__.setdefault("_rest_layout", {})
     key = tuple(rest)
     if key not in cache:
@@ -199,8 +222,45 @@ def _rest_layout(S, plan: PropagationPlan, rest) -> tuple[Tensor, list[bool]]:
         for s in plan.steps:
             read[s.source] = True
         ends = [not bool(read[s.span if s.span is not None else s.targets.cpu()].any()) for s in plan.steps]
-        cache[key] = (torch.nonzero(touched & free).flatten(), ends)
+        cols = torch.nonzero(touched & free).flatten()
+        pieces = []
+        for name in rest:
+            e = S.edge(name)
+            for side, w in (("v", e.v), ("u", e.u)):
+                sl = S.vertex_slice(w)
+                local = torch.nonzero(free[sl]).flatten()
+                if len(local):
+                    pos = torch.searchsorted(cols, local + sl.start)
+                    pieces.append((name, side, sl, _as_index(local), _as_index(pos)))
+        cache[key] = _RestLayout(_as_index(cols), ends, [r and not end for r, end in zip(plan.reads_free, ends)],
+                                 pieces, _runs(plan.free.cpu()))
     return cache[key]
+
+
+def _norm_over(x: Tensor, runs: list[slice]) -> Tensor:
+    """The norm of each row of ``x`` over the columns ``runs`` (no gather of the columns)."""
+    if len(runs) == 1:
+        return torch.linalg.vector_norm(x[:, runs[0]], dim=-1)
+    if not runs:
+        return x.new_zeros(x.shape[0])
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x[:, r], dim=-1) for r in runs]), dim=0)
+
+
+def _rest_gradient(S, x: Tensor, lay: _RestLayout) -> Tensor:
+    """``∇E_R(x)`` on the free columns ``lay.cols`` alone (``(B, len(cols))``): `rest_gradient` without a pass
+    over the whole cochain."""
+    n = lay.cols.stop - lay.cols.start if isinstance(lay.cols, slice) else len(lay.cols)
+    g = x.new_zeros(x.shape[0], n)
+    forces = {}
+    for name, side, sl, local, pos in lay.pieces:
+        if name not in forces:
+            forces[name] = edge_forces(S, name, x)
+        e = S.edge(name)
+        F, p = (e.Fv, forces[name][0]) if side == "v" else (e.Fu, forces[name][1])
+        t = F.vjp(x[:, sl], p)
+        g[:, pos if isinstance(pos, slice) else pos.to(x.device)] += t[:, local if isinstance(local, slice)
+                                                                        else local.to(x.device)]
+    return g
 
 
 def _linear(e) -> bool:

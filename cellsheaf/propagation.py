@@ -75,6 +75,9 @@ class PropagationStep:
     source: slice
     span: slice | None = None  # ``targets`` as a slice when they are consecutive (a cheaper write)
     split: Tensor | None = None  # boundary columns of the source, for a dense linear F (see _apply)
+    # ``(G, cols)``: F's derivative on the free columns of its source, read through G on ``x[:, cols]``
+    # (`Map.free_part`: an affine map's linear part on its neural block); the sweeps use it
+    reduced: tuple | None = None
 
 
 def _as_index(cols: Tensor) -> slice | Tensor:
@@ -84,12 +87,30 @@ def _as_index(cols: Tensor) -> slice | Tensor:
     return cols
 
 
+def _runs(idx: Tensor) -> list[slice]:
+    """Sorted indices as runs of consecutive ones (slices)."""
+    if not len(idx):
+        return []
+    bounds = [0] + (torch.nonzero(idx[1:] - idx[:-1] != 1).flatten() + 1).tolist() + [len(idx)]
+    return [slice(int(idx[a]), int(idx[b - 1]) + 1) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
 def _split(F: Map, source: slice, is_fixed: np.ndarray) -> Tensor | None:
     """The boundary columns (within its source stalk) of a dense linear ``F``, or None."""
     if not (isinstance(F, Linear) and not F.sparse):
         return None
     cols = np.nonzero(is_fixed[source])[0]
     return torch.as_tensor(cols, dtype=torch.long) if len(cols) else None
+
+
+def _reduced(F: Map, source: slice, is_fixed: np.ndarray) -> tuple | None:
+    """``(G, cols)`` for a step whose map ``F`` reads fixed columns of its source through a part of its own
+    (`Map.free_part`), with ``cols`` the cochain columns of ``G``'s input; None otherwise."""
+    part = F.free_part(is_fixed[source])
+    if part is None:
+        return None
+    G, local = part
+    return G, slice(source.start + local.start, source.start + local.stop)
 
 
 def _apply(s: PropagationStep, xs: Tensor) -> Tensor:
@@ -186,8 +207,10 @@ def _order(S, fixed: Tensor, names) -> tuple[list[PropagationStep], np.ndarray, 
             scale = None if np.all(scales == 1.0) else torch.as_tensor(scales)
             consecutive = len(targets) and bool(np.all(np.diff(targets) == 1))
             span = slice(int(targets[0]), int(targets[0]) + len(targets)) if consecutive else None
+            source = S.vertex_slice(other)
             steps.append(PropagationStep(name, side, torch.as_tensor(targets, dtype=torch.long), scale, other_F,
-                                         S.vertex_slice(other), span, _split(other_F, S.vertex_slice(other), is_fixed)))
+                                         source, span, _split(other_F, source, is_fixed),
+                                         _reduced(other_F, source, is_fixed)))
             used.add(name)
             if unknown_count[own] == 0:
                 queue.extend(incident[own])
@@ -529,6 +552,9 @@ class PropagationPlan:
         self._tensors = [t for F in self._maps for t in F.tensors()]
         v = self.constant_values
         self._fill = float(v[0]) if len(v) and bool((v == v[0]).all()) else None
+        # one value in a few runs of consecutive columns: a fill of each (an index_fill_ across columns is slow)
+        runs = _runs(self.constant)
+        self._fill_runs = runs if self._fill is not None and len(runs) <= 8 else None
         self.inexact = [s for s in self.steps if s.scale is not None]
         self.reads_free = [bool(mask[s.source].any()) for s in self.steps]
         self.fixed_vertices = {v for v in S.vertices if not bool(mask[S.vertex_slice(v)].any())}
@@ -539,7 +565,10 @@ class PropagationPlan:
         return torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in self._tensors))
 
     def _write_constants(self, x: Tensor) -> None:
-        if len(self.constant):
+        if self._fill_runs is not None:
+            for run in self._fill_runs:
+                x[:, run].fill_(self._fill)
+        elif len(self.constant):
             idx = self.constant if self.constant.device == x.device else self.constant.to(x.device)
             if self._fill is not None:
                 x.index_fill_(1, idx, self._fill)

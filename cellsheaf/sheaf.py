@@ -417,8 +417,10 @@ class Sheaf:
         self._touch(structure=False)
 
     def invalidate(self) -> None:
-        """Drop cached operators; call it after changing map tensors in place."""
-        self._touch()
+        """Drop cached operators; call it after changing map tensors in place. The layout (stalk dims,
+        offsets, names) does not depend on the maps and is kept."""
+        self._version += 1
+        self._cache.clear()
 
     def _touch(self, structure: bool = True) -> None:
         """Drop caches: all of them, or (``structure=False``) those that depend on map values."""

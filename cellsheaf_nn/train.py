@@ -568,6 +568,7 @@ class SheafTrainer:
         self._free: Tensor | None = None  # free coordinates of the training sheaf (the same for every batch)
         self._anchors: tuple[Tensor, dict[str, Tensor]] | None = None
         self._nudge: tuple | None = None  # (plan of the network part, input columns, target columns)
+        self._buffers: tuple | None = None  # (key, [cochain buffers]) of `_work`
 
     # ------------------------------------------------------------------ the training sheaf
     def _training_sheaf(self):
@@ -740,7 +741,8 @@ class SheafTrainer:
             beta=self.beta if self.beta is not None else 1.0 / distributed.union_count(len(Y)), dt=self.dt,
             lam=self.lam, mu=self.mu, x_anchor=ref if idx is None else ref[idx],
             map_anchors={(k, "u"): map_ref[k] for k in self.weights}, reduce=distributed.all_sum,
-            params=self.parameters, param_anchors={k: map_ref[k] for k in self.parameters})
+            params=self.parameters, param_anchors={k: map_ref[k] for k in self.parameters},
+            out=self._next_stalks(len(x), x) if idx is None else None)
         self.ns.sheaf.invalidate()
         return x_new
 
@@ -828,7 +830,7 @@ class SheafTrainer:
         if nudge is None:
             return None
         plan, inputs, target = nudge
-        x = torch.empty(len(Y), self.sheaf.C0, dtype=Y.dtype, device=Y.device)
+        x, result = self._work(len(Y), Y)[0], self._next_stalks(len(Y), Y)
         _write_inputs(x, inputs, X)
         x[:, target] = Y
         plan.run(x)
@@ -840,13 +842,29 @@ class SheafTrainer:
         tensors = self._tensors()
         at = x if self.free_stalks else None
         out, report = cs.nudge.nudged_equilibrium(self.sheaf, plan, x, tol=tol, max_iter=max_iter, at=at,
-                                                  params=list(tensors.values()))
+                                                  params=list(tensors.values()), out=result)
         scale = self.loss.scale(self.ns.n_out) / len(Y) / self.gamma
         if bool((report["grad_norm"] > tol).any()):  # e.g. a coordinate crossed a ReLU kink
             out = cs.minimize(self.sheaf, self._boundary(X, Y), method="newton", x0=out, tol=tol,
                               max_iter=max_iter).x.flat
             return out, self._map_gradients(out, scale, at=at)
         return out, {name: scale * G for name, G in zip(tensors, report["param_grads"])}
+
+    def _work(self, batch: int, like: Tensor) -> list[Tensor]:
+        """Three cochain buffers ``(batch, C0)`` kept from update to update (a fresh cochain-sized tensor costs its
+        page faults on every update): the nudged mode's free state, and two that the new `stalks` alternate
+        between (`_next_stalks`)."""
+        key = (batch, like.dtype, like.device)
+        if self._buffers is None or self._buffers[0] != key:
+            self._buffers = (key, [torch.empty(batch, self.sheaf.C0, dtype=like.dtype, device=like.device)
+                                   for _ in range(3)])
+        return self._buffers[1]
+
+    def _next_stalks(self, batch: int, like: Tensor) -> Tensor:
+        """The state buffer that does not hold `stalks`: the last update's stalks stay intact while the next
+        update writes its own (a failed update restores them)."""
+        a, b = self._work(batch, like)[1:]
+        return a if a is not self.stalks else b
 
     def _map_gradients(self, x: Tensor, scale: float, at: Tensor | None = None) -> dict[str, Tensor]:
         """``scale ·`` the local rule at stalks ``x`` of every tensor the maps hold (`_tensors`: module

@@ -173,12 +173,10 @@ class Affine(Structured):
 
     def parameter_vjp(self, x, w):
         """``[∂/∂b, ∂/∂A's tensors]`` of ``⟨w, A·x + b ⊙ ones⟩``: ``A``'s own closed form on the neural block
-        (``wᵀ x`` for a dense ``A``: one matrix product) and ``Σ w ⊙ ones`` summed down to the bias's shape.
+        (``wᵀ x`` for a dense ``A``: one matrix product on the neural block alone, as backprop's weight
+        gradient) and ``Σ w ⊙ ones`` summed down to the bias's shape (one elementwise product and a sum,
+        not a product with the ones block's ``d_out`` columns).
         ``None`` with a ``center`` or an ``A`` without a closed form."""
-        if self._plain:  # Eq. 24 for W̄: one product wᵀ[x; 1], read off as (∂W | diag ∂b)
-            x = _like(x, w)
-            G = w.T @ x if w.dim() == x.dim() == 2 else w.reshape(-1, self.d_out).T @ x.reshape(-1, self.d_in)
-            return [G.diagonal(self.A.d_in), G[:, :self.A.d_in]]
         inner = self.A.parameter_vjp(self._neural(x), w)
         if inner is None or self.center is not None:
             return None
@@ -189,6 +187,14 @@ class Affine(Structured):
             view = _broadcast_view(self.b, self.shape, self.axis)
             gb = gb.reshape(self.shape).sum_to_size([self.b.numel() if k == -1 else k for k in view])
         return [gb.reshape(self.b.shape)] + inner
+
+    def free_part(self, fixed):
+        """``(A, neural block)`` when every coordinate of the stalk outside the neural block is fixed (the ones
+        block: the map's derivative on the free coordinates is ``A``'s)."""
+        n = self.A.d_in
+        if n == self.d_in or not bool(np.all(fixed[n:])):
+            return None
+        return self.A, slice(0, n)
 
     def squared_vjp(self, x, d):
         z = self.A.squared_vjp(self._neural(x), d)

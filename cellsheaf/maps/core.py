@@ -123,6 +123,24 @@ class Map:
         """
         return [] if not self.tensors() else None
 
+    def free_part(self, fixed: np.ndarray) -> tuple["Map", slice] | None:
+        """``(G, cols)`` when the derivative of the map with respect to the coordinates that are not
+        ``fixed`` (a boolean mask over its stalk) is that of ``G`` on the consecutive coordinates ``cols``
+        of the stalk, and nothing else reads them: the sweeps along a propagation order
+        ([`cellsheaf.gauss_newton.transposed_sweep`][cellsheaf.gauss_newton.transposed_sweep]) then apply
+        ``G`` alone (an affine map ``(A | diag b)`` with its ones block fixed: ``A`` on the neural block).
+        ``None`` (the default): the whole map.
+
+        Examples
+        --------
+        >>> import numpy as np, torch, cellsheaf as cs
+        >>> F = cs.maps.Affine(torch.eye(2), torch.ones(2))           # stalk [x_1, x_2, 1, 1]
+        >>> G, cols = F.free_part(np.array([False, False, True, True]))
+        >>> G is F.A, cols
+        (True, slice(0, 2, None))
+        """
+        return None
+
     def coo(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Nonzero entries ``(rows, cols, values)`` of a linear map (numpy, float64)."""
         M = self.matrix().detach().double().cpu().numpy()
@@ -319,8 +337,14 @@ class Select(Map):
             raise IndexError(f"Select indices must lie in [0, {d_in}), got {idx.tolist()}")
         self.indices, self.d_in, self.d_out = idx, int(d_in), int(idx.numel())
         self._grid = _strided(idx, tuple(shape)) if shape is not None else None
+        first = int(idx[0]) if len(idx) else 0
+        # a run of consecutive coordinates: its adjoint writes a slice (an index_add along the last axis is slow)
+        self._run = slice(first, first + len(idx)) if torch.equal(idx, torch.arange(first, first + len(idx))) \
+            else None
 
     def apply(self, x):
+        if self._run is not None:
+            return x[..., self._run]
         if self._grid is not None and x.dim() >= 1 and x.stride(-1) == 1:  # a strided view, copied once
             shape, offset, strides = self._grid
             lead = x.shape[:-1]
@@ -330,6 +354,9 @@ class Select(Map):
 
     def adjoint(self, y):
         out = y.new_zeros(*y.shape[:-1], self.d_in)
+        if self._run is not None:
+            out[..., self._run] = y
+            return out
         return out.index_add(-1, self.indices.to(y.device), y)
 
     def squared_vjp(self, x, d):
@@ -649,6 +676,11 @@ class ReLU(Elementwise):
 
     def derivative(self, x):
         return (x >= 0).to(x.dtype)
+
+    def jvp(self, x, v):
+        return v * (x >= 0)  # the 0/1 pattern multiplied in as it is (no conversion to x's dtype)
+
+    vjp = jvp
 
 
 class LeakyReLU(Elementwise):
