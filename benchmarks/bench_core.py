@@ -3,7 +3,7 @@
 A random sheaf with 100 000 vertices (stalk dim 3) and 300 000 edges with random 3×3 maps
 (``--quick``: 10 000 and 30 000), built with ``Sheaf.from_arrays``. Every row prints medians over
 repeats and the ratio to its baseline measured in the same process (the machine may be loaded:
-ratios, not absolute times, are the figures to quote). Rows, one function each (``ROWS``):
+ratios, not absolute times, are the figures to quote; a row and its baseline are timed alternately). Rows, one function each (``ROWS``):
 
 - ``build``: ``from_arrays`` (time, bytes held per edge) vs an ``add_edge`` loop on a slice of the edges;
 - ``assembly``: ``S.laplacian(format="scipy")`` from scratch vs a vectorised numpy/scipy build of ``δᵀδ``;
@@ -60,6 +60,18 @@ def timed(fn, repeats: int) -> tuple[float, object]:
         out = fn()
         times.append(CLOCK() - t0)
     return statistics.median(times), out
+
+
+def timed_pair(fn, base, repeats: int) -> tuple[tuple[float, object], tuple[float, object]]:
+    """`timed` for ``fn`` and its baseline ``base``, run alternately (a load that comes and goes on a shared
+    machine then hits both alike): the median time and last result of each."""
+    times, outs = ([], []), [None, None]
+    for _ in range(repeats):
+        for k, f in enumerate((fn, base)):
+            t0 = CLOCK()
+            outs[k] = f()
+            times[k].append(CLOCK() - t0)
+    return (statistics.median(times[0]), outs[0]), (statistics.median(times[1]), outs[1])
 
 
 def random_data(n: int, m: int, d: int, seed: int = 0):
@@ -164,8 +176,7 @@ def row_assembly(ctx: Context) -> None:
         S._cache.clear()  # plan, coboundary and L from scratch
         return S.laplacian(format="scipy")
 
-    t_base, Lb = timed(lambda: scipy_laplacian(ctx.n, ctx.d, index, Fu, Fv), r)
-    t_ours, L = timed(ours, r)
+    (t_ours, L), (t_base, Lb) = timed_pair(ours, lambda: scipy_laplacian(ctx.n, ctx.d, index, Fu, Fv), r)
     diff = abs(L - Lb).max() / abs(Lb).max()
     print(f"assembly: S.laplacian(format='scipy') {t_ours:7.3f} s | vectorised scipy δᵀδ {t_base:7.3f} s | "
           f"ratio {t_ours / t_base:.2f} (target <= 1.2) | {L.nnz} nnz, max rel diff {diff:.1e}")
@@ -180,8 +191,7 @@ def row_lx(ctx: Context) -> None:
         XT = X.T.contiguous()
         Lcsr = torch_csr(L, dtype)
         apply_laplacian(S, X)  # warm: plan, blocks, CSR structure
-        t_mf, Y = timed(lambda: apply_laplacian(S, X), r)
-        t_csr, Z = timed(lambda: torch.sparse.mm(Lcsr, XT), r)
+        (t_mf, Y), (t_csr, Z) = timed_pair(lambda: apply_laplacian(S, X), lambda: torch.sparse.mm(Lcsr, XT), r)
         err = float((Y - Z.T).abs().max() / Z.abs().max())
         line = (f"lx [{str(dtype).removeprefix('torch.')}] B={ctx.args.batch}: apply_laplacian {1e3 * t_mf:8.2f} ms | "
                 f"torch CSR {1e3 * t_csr:8.2f} ms | ratio {t_mf / t_csr:5.2f} (target <= 1.2) | max rel diff {err:.1e}")
@@ -358,27 +368,30 @@ def row_eigenpairs(ctx: Context) -> None:
 def bench_cg(S: cs.Sheaf, batch: int, repeats: int, iters: int = 50) -> None:
     """``cellsheaf.linalg.cg`` on ``(L + I)`` with ``batch`` columns against scipy's CG column by column.
 
-    Both run exactly ``iters`` iterations (tolerance 0) with the same CSR matrix (torch CSR for
-    cellsheaf, scipy CSR for scipy); target: time per iteration <= 1.2x scipy's per column x columns.
+    Both run exactly ``iters`` iterations (tolerance 0) with the same CSR matrix (torch CSR given to
+    cellsheaf's CG as the matrix, scipy CSR for scipy), timed alternately (`timed_pair`); target: time per
+    iteration <= 1.2x scipy's per column x columns. The route cellsheaf's CG takes is printed
+    (`cellsheaf.linalg.by_columns`).
     """
     import scipy.sparse as sp
     import scipy.sparse.linalg as spla
 
-    from cellsheaf.linalg import cg
+    from cellsheaf.linalg import by_columns, cg
     from cellsheaf.operators import to_torch_sparse
 
     A = (S.laplacian(format="scipy") + sp.identity(S.C0, format="csr")).tocsr()
     At = to_torch_sparse(A, torch.float64, layout=torch.sparse_csr)
     dinv = torch.as_tensor(1.0 / A.diagonal())
     B = torch.randn(batch, S.C0, dtype=torch.float64)
-    with torch.no_grad():
-        t_cs, (_, info) = timed(lambda: cg(lambda w: (At @ w.T).T, B, precond=dinv, tol=0.0, maxiter=iters,
-                                           restarts=0), repeats)
     M = sp.diags(1.0 / A.diagonal())
     b0 = B[0].numpy()
-    t_sp, _ = timed(lambda: spla.cg(A, b0, rtol=0.0, atol=0.0, maxiter=iters, M=M), repeats)
+    with torch.no_grad():
+        (t_cs, (_, info)), (t_sp, _) = timed_pair(
+            lambda: cg(At, B, precond=dinv, tol=0.0, maxiter=iters, restarts=0),
+            lambda: spla.cg(A, b0, rtol=0.0, atol=0.0, maxiter=iters, M=M), repeats)
+        route = "column by column, sparse matrix-vector products" if by_columns(At, B) else "all columns at once"
     per_cs, per_sp = t_cs / info.iterations, t_sp / iters
-    print(f"CG per iteration (B={batch}): cellsheaf {1e3 * per_cs:8.3f} ms | scipy per column x B "
+    print(f"CG per iteration (B={batch}, {route}): cellsheaf {1e3 * per_cs:8.3f} ms | scipy per column x B "
           f"{1e3 * per_sp * batch:8.3f} ms | ratio {per_cs / (per_sp * batch):5.2f}x (target <= 1.2x)")
 
 

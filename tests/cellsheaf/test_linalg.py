@@ -109,3 +109,87 @@ def test_block_jacobi_inverts_the_diagonal_blocks(owner):
 def test_block_jacobi_refuses_an_indefinite_block():
     A = sp.csr_matrix(np.diag([1.0, -1.0, 2.0]))
     assert block_jacobi(A, np.array([0, 0, 1])) is None
+
+
+def as_csr(A: torch.Tensor) -> torch.Tensor:
+    return A.to_sparse_csr()
+
+
+@pytest.mark.parametrize("layout", ["dense", "csr", "coo"])
+@pytest.mark.parametrize("columns", [False, True])
+def test_a_matrix_operator_matches_solve(monkeypatch, layout, columns):
+    """``A`` given as the matrix (dense, CSR, COO) solves as the callable does; ``columns``: a tiny
+    `COLUMN_BYTES` sends the CSR batch down the column-by-column route (sparse matrix-vector products)."""
+    import cellsheaf.linalg as la
+
+    if columns:
+        monkeypatch.setattr(la, "COLUMN_BYTES", 0)
+    A = spd(40, 5)
+    M = {"dense": A, "csr": as_csr(A), "coo": A.to_sparse()}[layout]
+    b = torch.randn(5, 40, dtype=torch.float64)
+    x0 = torch.randn(5, 40, dtype=torch.float64)
+    with torch.no_grad():
+        assert la.by_columns(M, b) == (columns and layout == "csr")
+        x, info = cg(M, b, precond=1.0 / torch.diagonal(A), x0=x0, tol=1e-13)
+        xr, ref = cg(lambda v: v @ A, b, precond=1.0 / torch.diagonal(A), x0=x0, tol=1e-13)
+    assert info.converged and info.residual <= 1e-13
+    torch.testing.assert_close(x, torch.linalg.solve(A, b.T).T, rtol=0, atol=1e-10)
+    assert abs(info.iterations - ref.iterations) <= 2  # the most any column took (products round differently)
+
+
+def test_the_column_route_reports_the_worst_column(monkeypatch):
+    import cellsheaf.linalg as la
+
+    monkeypatch.setattr(la, "COLUMN_BYTES", 0)
+    A = spd(50, 1, cond=1e8)
+    b = torch.randn(3, 50, dtype=torch.float64)
+    with torch.no_grad():
+        x, info = cg(as_csr(A), b, maxiter=3)
+        _, ref = cg(lambda v: v @ A, b, maxiter=3)
+    assert not info.converged and info.iterations == 3 and "tol" in info.message
+    assert info.residual == pytest.approx(ref.residual, rel=1e-10)
+    _, info = cg(as_csr(torch.diag(torch.tensor([1.0, -1.0, 2.0], dtype=torch.float64))),
+                 torch.ones(2, 3, dtype=torch.float64))
+    assert not info.converged and "positive definite" in info.message
+
+
+def test_route_choice():
+    """Column by column only for a CPU CSR matrix, a batch above `COLUMN_BYTES`, and grad mode off (autograd
+    then differentiates through the batched products)."""
+    import cellsheaf.linalg as la
+
+    A = as_csr(spd(4, 0))
+    n = la.COLUMN_BYTES // 8 // 2 + 1  # two float64 rows exceed the bound
+    big, one = torch.zeros(2, n, dtype=torch.float64), torch.zeros(1, n, dtype=torch.float64)
+    with torch.no_grad():
+        assert la.by_columns(A, big) and not la.by_columns(A, one)
+        assert not la.by_columns(A.to_dense(), big) and not la.by_columns(A, big[:, :8])
+    assert not la.by_columns(A, big)
+
+
+def test_the_sparse_products_are_exact_and_written_into_the_workspace():
+    """The CSR product reads 32-bit indices and writes into the solve's workspace (``out``) when one is given."""
+    from cellsheaf.linalg import _index32, _product
+
+    A = spd(30, 2)
+    S = as_csr(A)
+    assert _index32(S).col_indices().dtype == torch.int32
+    w = torch.randn(1, 30, dtype=torch.float64)
+    out = torch.empty(1, 30, dtype=torch.float64)
+    with torch.no_grad():
+        y = _product(S)(w, out)
+        assert y.data_ptr() == out.data_ptr()
+        torch.testing.assert_close(y, w @ A, rtol=1e-14, atol=1e-13)
+        W = torch.randn(3, 30, dtype=torch.float64)
+        torch.testing.assert_close(_product(S)(W, None), W @ A, rtol=1e-14, atol=1e-13)
+        out3 = torch.empty(3, 30, dtype=torch.float64)
+        assert _product(A)(W, out3).data_ptr() == out3.data_ptr()
+
+
+def test_autograd_through_a_csr_matrix_operator():
+    A = spd(8, 3)
+    b = torch.randn(2, 8, dtype=torch.float64, requires_grad=True)
+    x, _ = cg(as_csr(A), b, tol=1e-14)
+    g = torch.randn(2, 8, dtype=torch.float64)
+    grad, = torch.autograd.grad((x * g).sum(), b)
+    torch.testing.assert_close(grad, torch.linalg.solve(A, g.T).T, rtol=0, atol=1e-8)

@@ -92,6 +92,40 @@ def test_fused_laplacian_in_chunks(monkeypatch):
         np.testing.assert_allclose(ops.apply_laplacian(S, x).numpy(), x.numpy() @ dense_laplacian(S), atol=1e-10)
 
 
+@pytest.mark.parametrize("maps", ["dense", "mixed"])
+@pytest.mark.parametrize("normalized", [False, True])
+def test_laplacian_through_the_transposition_workspace(monkeypatch, maps, normalized):
+    """A batch transposed into the sheaf's kept workspace (every size here: `_WORKSPACE_MIN` = 0; slabs of a
+    few columns) gives the dense result; results of two calls do not share memory with it or each other, and
+    a batch that requires grad is not copied into it (autograd reaches ``x``)."""
+    monkeypatch.setattr(ops, "_WORKSPACE_MIN", 0)
+    monkeypatch.setattr(ops, "_TRANSPOSE_CHUNK", 24)
+    S = build_random_sheaf(5, n_vertices=9, n_edges=20, maps=maps, weights=True)
+    L = ops.laplacian(S, normalized=normalized, format="dense").numpy()
+    x1, x2 = random_point(S, 1, 4), random_point(S, 2, 4)
+    y1 = ops.apply_laplacian(S, x1, normalized=normalized)
+    y2 = ops.apply_laplacian(S, x2, normalized=normalized)
+    np.testing.assert_allclose(y1.numpy(), x1.numpy() @ L, atol=1e-10)
+    np.testing.assert_allclose(y2.numpy(), x2.numpy() @ L, atol=1e-10)
+    held = [v for k, v in S._cache.items() if isinstance(k, tuple) and k[0] == "columns"]
+    assert held and all(not np.shares_memory(y.numpy(), h.numpy()) for y in (y1, y2) for h in held)
+    x = x1.clone().requires_grad_()
+    g, = torch.autograd.grad(ops.apply_laplacian(S, x, normalized=normalized).sum(), x)
+    np.testing.assert_allclose(g.numpy(), np.ones_like(x1.numpy()) @ L.T, atol=1e-10)
+
+
+def test_weighted_laplacian_is_the_weighted_product():
+    """``L = δᵀ W δ`` assembled with ``W`` folded into the columns of ``δᵀ`` (random weights) equals the
+    dense product, and a unit-weight sheaf's ``L`` is ``δᵀδ`` bit for bit."""
+    S = build_random_sheaf(3, n_vertices=8, n_edges=16, maps="dense", weights=True)
+    D = dense_coboundary(S)
+    W = np.diag(ops.edge_weights(S, torch.float64).numpy())
+    np.testing.assert_allclose(S.laplacian(format="scipy").toarray(), D.T @ W @ D, atol=1e-12)
+    T = build_random_sheaf(3, n_vertices=8, n_edges=16, maps="dense", weights=False)
+    delta = T.coboundary(format="scipy")
+    assert (T.laplacian(format="scipy") != (delta.T @ delta).tocsr()).nnz == 0
+
+
 def test_grouped_and_single_edges_agree():
     # large maps (d_e·(d_u+d_v) > 1024) are applied edge by edge, small ones in groups
     rng = np.random.default_rng(0)
