@@ -158,12 +158,15 @@ class _Gradients:
     """The local rule accumulated over edges for a list of tensors: each map that holds one adds its
     closed-form parameter gradient ([`cellsheaf.maps.Map.parameter_vjp`][cellsheaf.maps.Map.parameter_vjp]:
     one matrix product for a dense or affine map), or, for a map without one, ``⟨force, F(x)⟩`` to a
-    sum differentiated by autograd once at the end (`result`)."""
+    sum differentiated by autograd once at the end (`result`). Each gradient is kept with a sign
+    (``signs[k] · grads[k]``), so the force on the other end of a quadratic edge costs no negation until
+    one is asked for (`result`; `signed` leaves the signs to the caller, e.g. folded into a step size)."""
 
     def __init__(self, tensors: list[Tensor]):
         self.tensors = tensors
         self.index = {id(t): k for k, t in enumerate(tensors)}
         self.grads: list[Tensor | None] = [None] * len(tensors)
+        self.signs: list[float] = [1.0] * len(tensors)
         self.pending: list[tuple] = []
 
     def holds(self, F) -> list[Tensor] | None:
@@ -190,27 +193,31 @@ class _Gradients:
             k = self.index.get(id(t))
             if k is not None and g is not None:
                 now = self.grads[k]
-                if sign > 0:
-                    self.grads[k] = g if now is None else now + g
-                else:
-                    self.grads[k] = g.neg() if now is None else now - g
+                if now is None:
+                    self.grads[k], self.signs[k] = g, sign
+                else:  # s·now + sign·g = s·(now ± g)
+                    self.grads[k] = now + g if sign == self.signs[k] else now - g
 
-    def over_edges(self, S, forces: Callable[[str], tuple[Tensor, Tensor]], src: Tensor) -> list[Tensor]:
+    def over_edges(self, S, forces: Callable[[str], tuple[Tensor | None, Tensor]], src: Tensor) -> list[Tensor]:
         """The rule over the edges of ``S`` whose maps hold a tensor (`result`): ``forces(edge) -> (g_v, g_u)``
-        evaluated for those alone, the maps differentiated at the stalks ``src`` (``(B, C0)``)."""
+        evaluated for those alone (``g_v`` None: it is ``−g_u``), the maps differentiated at the stalks ``src``
+        (``(B, C0)``)."""
         for e in S.edge_items():
             hv, hu = self.holds(e.Fv), self.holds(e.Fu)
             if hv is None and hu is None:
                 continue
             gv, gu = forces(e.name)
             if hv is not None:
-                self.add(e.Fv, src[:, S.vertex_slice(e.v)], gv, held=hv)
+                if gv is None:
+                    self.add(e.Fv, src[:, S.vertex_slice(e.v)], gu, -1.0, held=hv)
+                else:
+                    self.add(e.Fv, src[:, S.vertex_slice(e.v)], gv, held=hv)
             if hu is not None:
                 self.add(e.Fu, src[:, S.vertex_slice(e.u)], gu, held=hu)
         return self.result()
 
-    def result(self) -> list[Tensor]:
-        """The gradients, aligned with the tensors (zeros for one that no map holds)."""
+    def signed(self) -> tuple[list[Tensor], list[float]]:
+        """``(grads, signs)``: the gradients are ``signs[k] · grads[k]`` (zeros for a tensor no map holds)."""
         if self.pending:
             switched = [t for t in self.tensors if not t.requires_grad]
             try:
@@ -222,12 +229,15 @@ class _Gradients:
             finally:
                 for t in switched:
                     t.requires_grad_(False)
-            for k, g in enumerate(auto):
-                if g is not None:
-                    self.grads[k] = g if self.grads[k] is None else self.grads[k] + g
+            self.take(self.tensors, auto)
             self.pending = []
-        return [torch.zeros_like(t) if g is None else g if not g.requires_grad and g.dtype == t.dtype
-                else g.detach().to(t.dtype) for t, g in zip(self.tensors, self.grads)]
+        return ([torch.zeros_like(t) if g is None else g if not g.requires_grad and g.dtype == t.dtype
+                 else g.detach().to(t.dtype) for t, g in zip(self.tensors, self.grads)], list(self.signs))
+
+    def result(self) -> list[Tensor]:
+        """The gradients, aligned with the tensors (zeros for one that no map holds)."""
+        grads, signs = self.signed()
+        return [g if s > 0 else g.neg() for g, s in zip(grads, signs)]
 
 
 def local_gradients(S, x, params: Mapping | list | None = None, at=None) -> dict | list:
@@ -500,6 +510,17 @@ def _buffer(S, name: str, like: Tensor) -> Tensor:
     return buf
 
 
+def _rates(S, moves: Tensor, rate: float, like: Tensor) -> Tensor:
+    """``rate`` on the coordinates ``moves`` (the mask of `_moves`) and 0 on the others, in ``like``'s dtype:
+    the Euler step ``x + rate·P_Ω g`` is one ``addcmul``. Kept while the same mask and rate come back."""
+    cached = edgewise.store(S).get("rates")
+    if cached is not None and cached[0] is moves and cached[1] == (rate, like.dtype):
+        return cached[2]
+    out = torch.zeros(moves.shape, dtype=like.dtype, device=moves.device).masked_fill_(moves, rate)
+    edgewise.store(S)["rates"] = (moves, (rate, like.dtype), out)
+    return out
+
+
 def _moves(S, free: Tensor, like: Tensor) -> tuple[Tensor, frozenset]:
     """The mask ``P_Ω`` of the free coordinates ``free`` (on ``like``'s device) and the vertices with no free
     coordinate; kept while the same index tensor comes back (a trainer's every step)."""
@@ -514,18 +535,25 @@ def _moves(S, free: Tensor, like: Tensor) -> tuple[Tensor, frozenset]:
 
 
 def _parameter_gradients(S, x: Tensor, params: Mapping[str, Tensor], mu: float, anchors: Mapping | None,
-                         reduce=None, tensors: _Gradients | None = None) -> dict[str, Tensor]:
+                         reduce=None, tensors: _Gradients | None = None) -> tuple[dict[str, Tensor], list[float]]:
     """`local_gradients` of ``params`` at ``x`` (or those accumulated in ``tensors`` from the same pass),
-    combined by ``reduce``, plus ``μ(θ − θ₀)``."""
+    combined by ``reduce`` (a sum over processes: linear, so the signs pass through it), plus ``μ(θ − θ₀)``:
+    ``(grads, signs)``, the gradients being ``signs[k] · grads[k]``."""
     if not params:
-        return {}
-    grads = local_gradients(S, x, params) if tensors is None else dict(zip(params, tensors.result()))
+        return {}, []
+    if tensors is None:
+        values, signs = list(local_gradients(S, x, params).values()), [1.0] * len(params)
+    else:
+        values, signs = tensors.signed()
     if reduce is not None:
-        grads = dict(zip(grads, reduce(list(grads.values()))))
+        values = reduce(values)
+    grads = dict(zip(params, values))
     if mu:
         ref = anchors or {}
-        grads = {k: G + mu * (params[k].detach() - (ref[k].to(G.dtype) if k in ref else 0.0)) for k, G in grads.items()}
-    return grads
+        grads = {k: (G if s > 0 else G.neg()) + mu * (params[k].detach() - (ref[k].to(G.dtype) if k in ref else 0.0))
+                 for (k, G), s in zip(grads.items(), signs)}
+        signs = [1.0] * len(signs)
+    return grads, signs
 
 
 def joint_step(
@@ -592,15 +620,15 @@ def joint_step(
     work = _buffer(S, "joint:g", xf) if xf.dim() == 2 else None
     g, map_grads = _joint_gradients(S, xf, maps, lam, mu, x_anchor, map_anchors, reduce, tensors, skip=fixed,
                                     out=work)
-    param_grads = _parameter_gradients(S, xf, params or {}, mu, param_anchors, reduce, tensors)
-    x_new = torch.where(moves, torch.add(xf, g, alpha=-dt * alpha, out=g if g is work else None), xf, out=out)
+    param_grads, signs = _parameter_gradients(S, xf, params or {}, mu, param_anchors, reduce, tensors)
+    x_new = torch.addcmul(xf, g, _rates(S, moves, -dt * alpha, xf), out=out)  # −dt α on the free coordinates, 0 else
     with torch.no_grad():
         for k, F in maps.items():
             G = map_grads[k]
             F.weight.sub_(G if G.dtype == F.weight.dtype else G.to(F.weight.dtype), alpha=dt * beta)
-        for k, p in (params or {}).items():
+        for (k, p), sign in zip((params or {}).items(), signs):
             G = param_grads[k]
-            p.sub_(G if G.dtype == p.dtype else G.to(p.dtype), alpha=dt * beta)
+            p.sub_(G if G.dtype == p.dtype else G.to(p.dtype), alpha=sign * dt * beta)
     results = {f"the parameter {k!r}": p for k, p in (params or {}).items()}
     results.update({f"the trainable map F{side} of edge {name!r}": F.weight for (name, side), F in maps.items()})
     _check_all({**results, "the state": x_new})

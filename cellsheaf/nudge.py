@@ -292,14 +292,15 @@ def _nonlinear_steps(S, plan: PropagationPlan, ends: list[bool], x: Tensor, xk: 
 
 def _forces_at(S, plan: PropagationPlan, xk: Tensor, ys, exact: dict):
     """``forces(edge) -> (g_v, g_u)`` at the nudged state ``xk``: an edge of ``D`` with linear maps has the force
-    ``(−y, y)`` of its step (``y`` from the transposed sweep), the others their forces at ``xk``."""
+    ``(−y, y)`` of its step (``y`` from the transposed sweep; ``g_v`` is then None, meaning ``−g_u``, as
+    `cellsheaf.learning._Gradients.over_edges` reads it), the others their forces at ``xk``."""
     swept = {s.edge: y for s, y in zip(plan.steps, ys)} if ys is not None else {}
 
-    def forces(name) -> tuple[Tensor, Tensor]:
+    def forces(name) -> tuple[Tensor | None, Tensor]:
         if name in exact:
             return exact[name]
         if name in swept and _linear(S.edge(name)):
-            return -swept[name], swept[name]
+            return None, swept[name]
         return edge_forces(S, name, xk)
     return forces
 
@@ -313,7 +314,8 @@ def _local_gradients(S, forces, maps, src: Tensor) -> dict:
         e = S.edge(name)
         gv, gu = forces(name)
         F, sl = (e.Fu, S.vertex_slice(e.u)) if side == "u" else (e.Fv, S.vertex_slice(e.v))
-        grads[(name, side)] = _eq24(F, gu if side == "u" else gv, src[:, sl])
+        G = _eq24(F, gu if side == "u" or gv is None else gv, src[:, sl])
+        grads[(name, side)] = G.neg() if side == "v" and gv is None else G
     return grads
 
 

@@ -182,11 +182,12 @@ class Affine(Structured):
             return None
         if self.b is None:
             return inner
-        gb = (w * x[..., self.block]).reshape(-1, self.d_out).sum(0)
+        wb = w * x[..., self.block]
+        gb = wb.sum(0) if wb.dim() == 2 else wb.reshape(-1, self.d_out).sum(0)
         if self.b.numel() != self.d_out:
             view = _broadcast_view(self.b, self.shape, self.axis)
             gb = gb.reshape(self.shape).sum_to_size([self.b.numel() if k == -1 else k for k in view])
-        return [gb.reshape(self.b.shape)] + inner
+        return [gb if gb.shape == self.b.shape else gb.reshape(self.b.shape)] + inner
 
     def free_part(self, fixed):
         """``(A, neural block)`` when every coordinate of the stalk outside the neural block is fixed (the ones

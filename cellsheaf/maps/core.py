@@ -250,7 +250,8 @@ class Linear(Map):
     def parameter_vjp(self, x, w):
         if self.sparse:
             return None
-        G = w.reshape(-1, self.d_out).T @ (x if x.dtype == w.dtype else x.to(w.dtype)).reshape(-1, self.d_in)
+        x = x if x.dtype == w.dtype else x.to(w.dtype)
+        G = torch.mm(w.T, x) if w.dim() == x.dim() == 2 else w.reshape(-1, self.d_out).T @ x.reshape(-1, self.d_in)
         return [G if self.mask is None else G * self.mask.to(dtype=G.dtype, device=G.device)]
 
     def coo(self):
