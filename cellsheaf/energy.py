@@ -139,10 +139,10 @@ def edge_forces(S, name, x: Tensor) -> tuple[Tensor, Tensor]:
     e = S.edge(name)
     av, au = e.Fv.apply(x[:, S.vertex_slice(e.v)]), e.Fu.apply(x[:, S.vertex_slice(e.u)])
     if e.potential is None or e.potential.quadratic:
-        gv = e.weight * (av - au)
+        gv = av - au if e.weight == 1.0 else e.weight * (av - au)
         return gv, -gv
     pv, pu = _potential(e, "pair_grad", av, au)
-    return e.weight * pv, e.weight * pu
+    return (pv, pu) if e.weight == 1.0 else (e.weight * pv, e.weight * pu)
 
 
 def forces(S, x, check: bool = True) -> tuple[Tensor, Tensor]:

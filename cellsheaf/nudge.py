@@ -148,7 +148,7 @@ def nudged_equilibrium(S, plan: PropagationPlan, x: Tensor, tol: float = 1e-10, 
         r[:, cols] = gk
         y = transposed_sweep(x, plan.steps, r, lay.live, overwrite=True)
         x_new = result if side == 0 else _workspace(plan, "nudge:x1", B * C0, x).view(B, C0)
-        z = forward_sweep(x, plan.steps, [v / S.edge(s.edge).weight for s, v in zip(plan.steps, y)], lay.live,
+        z = forward_sweep(x, plan.steps, [v if w == 1.0 else v / w for v, w in zip(y, lay.weights)], lay.live,
                           out=x_new)
         torch.sub(x, z, out=x_new)
         for s, end in zip(plan.steps, lay.ends):  # nothing reads a terminal step's targets: propagate them exactly
@@ -199,6 +199,7 @@ class _RestLayout:
     live: list[bool]              # per step: the sweeps take its Jacobian product
     pieces: list[tuple]           # (edge, side, vertex slice, its free columns, their positions in cols)
     free_runs: list[slice]        # the plan's free coordinates as runs of consecutive columns
+    weights: list[float]          # per step: its edge's weight
 
 
 def _rest_layout(S, plan: PropagationPlan, rest) -> _RestLayout:
@@ -233,7 +234,7 @@ def _rest_layout(S, plan: PropagationPlan, rest) -> _RestLayout:
                     pos = torch.searchsorted(cols, local + sl.start)
                     pieces.append((name, side, sl, _as_index(local), _as_index(pos)))
         cache[key] = _RestLayout(_as_index(cols), ends, [r and not end for r, end in zip(plan.reads_free, ends)],
-                                 pieces, _runs(plan.free.cpu()))
+                                 pieces, _runs(plan.free.cpu()), [float(S.edge(s.edge).weight) for s in plan.steps])
     return cache[key]
 
 
@@ -281,12 +282,12 @@ def _nonlinear_steps(S, plan: PropagationPlan, ends: list[bool], x: Tensor, xk: 
         gv, gu = out[s.edge] = edge_forces(S, s.edge, xk)
         if res is None:
             continue
-        for F, w, g, model in ((e.Fv, e.v, gv, -y), (e.Fu, e.u, gu, y)):
+        for F, w, g, sign in ((e.Fv, e.v, gv, -1), (e.Fu, e.u, gu, 1)):  # the model's force is sign · y
             if w in plan.fixed_vertices:
                 continue
             sl = S.vertex_slice(w)
-            res[:, sl] += F.vjp(xk[:, sl], g - model) if F.linear else \
-                F.vjp(xk[:, sl], g) - F.vjp(x[:, sl], model)
+            res[:, sl] += F.vjp(xk[:, sl], torch.sub(g, y, alpha=sign)) if F.linear else \
+                torch.sub(F.vjp(xk[:, sl], g), F.vjp(x[:, sl], y), alpha=sign)
     return out
 
 

@@ -448,6 +448,13 @@ class CrossEntropy(Potential):
 
     def pair_grad(self, a_v, a_u):
         z, y = self._split(a_v, a_u)
+        if self.activation == "softmax" and z.shape[-1]:
+            # one normalisation for both ends, by elementwise kernels (torch's softmax and log-softmax are
+            # slower on the short rows of a network's output); equal to them to rounding
+            shifted = z - z.amax(-1, keepdim=True)
+            e = torch.exp(shifted)
+            total = e.sum(-1, keepdim=True)
+            return self._join(e / total * y.sum(-1, keepdim=True) - y, torch.log(total) - shifted)
         if self.activation == "softmax":
             return self._join(torch.softmax(z, -1) * y.sum(-1, keepdim=True) - y, -torch.log_softmax(z, -1))
         if self.activation == "sigmoid":
