@@ -218,10 +218,19 @@ def forward_sweep(x: Tensor, steps: list[PropagationStep], q: list[Tensor], live
     k = rows // max(x.shape[0], 1)
     z = x.new_zeros(rows, x.shape[1]) if out is None else out.zero_()
     for i, (s, y) in enumerate(zip(steps, q)):
-        t = y if s.side == "v" else -y
+        jvp = None
         if live is None or live[i]:
             F, src = (s.F, s.source) if s.reduced is None else s.reduced
-            t = t + F.jvp(_tiled(F, x[:, src], k), z[:, src])
+            jvp = F.jvp(_tiled(F, x[:, src], k), z[:, src])
+        if s.scale is None and s.span is not None:  # written into z's columns directly
+            target = z[:, s.span]
+            if jvp is None:
+                target.copy_(y) if s.side == "v" else torch.neg(y, out=target)
+            else:
+                torch.add(jvp, y, alpha=1 if s.side == "v" else -1, out=target)
+            continue
+        t = y if s.side == "v" else -y
+        t = t if jvp is None else t + jvp
         z[:, _where(s, x)] = t / s.scale.to(dtype=x.dtype, device=x.device) if s.scale is not None else t
     return z
 

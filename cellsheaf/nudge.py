@@ -239,18 +239,25 @@ def _rest_layout(S, plan: PropagationPlan, rest) -> _RestLayout:
 
 
 def _norm_over(x: Tensor, runs: list[slice]) -> Tensor:
-    """The norm of each row of ``x`` over the columns ``runs`` (no gather of the columns)."""
-    if len(runs) == 1:
-        return torch.linalg.vector_norm(x[:, runs[0]], dim=-1)
+    """The norm of each row of the work tensor ``x`` over the columns ``runs`` (no gather of the columns): the
+    gaps between the runs are zeroed (``x`` is overwritten there) and the span from the first to the last
+    run is measured at once."""
     if not runs:
         return x.new_zeros(x.shape[0])
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x[:, r], dim=-1) for r in runs]), dim=0)
+    for a, b in zip(runs[:-1], runs[1:]):
+        x[:, a.stop:b.start] = 0.0
+    return torch.linalg.vector_norm(x[:, runs[0].start:runs[-1].stop], dim=-1)
 
 
 def _rest_gradient(S, x: Tensor, lay: _RestLayout) -> Tensor:
     """``∇E_R(x)`` on the free columns ``lay.cols`` alone (``(B, len(cols))``): `rest_gradient` without a pass
     over the whole cochain."""
     n = lay.cols.stop - lay.cols.start if isinstance(lay.cols, slice) else len(lay.cols)
+    if len(lay.pieces) == 1 and lay.pieces[0][3] == slice(0, n) == lay.pieces[0][4]:  # one end holds every column
+        name, side, sl, _, _ = lay.pieces[0]
+        e, (pv, pu) = S.edge(name), edge_forces(S, name, x)
+        t = e.Fv.vjp(x[:, sl], pv) if side == "v" else e.Fu.vjp(x[:, sl], pu)
+        return t if t.shape[-1] == n else t[:, :n]
     g = x.new_zeros(x.shape[0], n)
     forces = {}
     for name, side, sl, local, pos in lay.pieces:

@@ -721,13 +721,14 @@ class SheafTrainer:
         else:
             start = None if self.mode == "nudged" else (self.stalks if idx is None else self.stalks[idx])
             x, grads = self._local_directions(X, Y, start)
-            self._check_finite(x, tensors=False)  # the tensors were screened after the last step
             grads = distributed.union_mean(grads, len(Y))
             for name, W in self._tensors().items():
                 W.grad = grads[name]
             self.optimizer.step()
             self._maps_changed()
-            self._check_finite(x, state=False)  # joint_step screens its own state and weights
+            # one screen of the stalks and the stepped tensors (one host read; joint_step screens its own): a
+            # non-finite state gives non-finite gradients, and `fit` restores the weights and the optimizer
+            self._check_finite(x)
         if self.mode == "nudged" or idx is None:
             self.stalks = x
         else:
