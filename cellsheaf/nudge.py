@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -62,7 +63,7 @@ from .energy import edge_forces
 from .gauss_newton import _tiled, _where, forward_sweep, transposed_sweep
 from .propagation import PropagationPlan, _as_index, _runs
 
-__all__ = ["rest_gradient", "nudged_equilibrium", "free_gradient", "low_rank_newton"]
+__all__ = ["rest_gradient", "nudged_equilibrium", "free_gradient", "low_rank_newton", "clamped_equilibrium"]
 
 
 def rest_gradient(S, x: Tensor, edges) -> Tensor:
@@ -341,16 +342,17 @@ def free_gradient(S, x: Tensor, free: Tensor) -> Tensor:
     return _edgewise(S, x, {})[0] * free
 
 
-def _rest_rows(S, x: Tensor, rest, free: Tensor) -> tuple[list, int, Tensor]:
-    """The rest's Jacobian and curvature at ``x``: ``(pieces, k, C)``.
+def _rest_rows(S, x: Tensor, rest, free: Tensor) -> tuple[list, int, Tensor, Callable]:
+    """The rest's Jacobian and potential at ``x``: ``(pieces, k, s0, derivatives)``.
 
     The ``k`` rows of ``J_R`` (the derivative of each rest edge's argument — its discrepancy, or
     both expressed values for a two-argument potential — on the free coordinates, ``free`` a 0/1
     mask) as ``pieces``: ``(j, sl, values)`` adds ``values`` (``(d, B, len(sl))``) to rows ``j .. j + d``
-    on the columns ``sl`` (a vertex's). ``C`` (``(B, k, k)``) is the weighted curvature of the
-    potentials in those arguments, block diagonal over the edges.
+    on the columns ``sl`` (a vertex's). ``s0`` (``(B, k)``) holds those arguments at ``x``, and
+    ``derivatives(s)`` returns the weighted gradient ``(B, k)`` and curvature ``(B, k, k)`` (block diagonal
+    over the edges) of the rest's potentials at arguments ``s`` (the other ends held at ``x``).
     """
-    B, pieces, blocks, k = x.shape[0], [], [], 0
+    B, pieces, parts, k = x.shape[0], [], [], 0
     for name in rest:
         e = S.edge(name)
         su, sv = S.vertex_slice(e.u), S.vertex_slice(e.v)
@@ -367,26 +369,48 @@ def _rest_rows(S, x: Tensor, rest, free: Tensor) -> tuple[list, int, Tensor]:
             for side, F, sl, sign in (("v", e.Fv, sv, 1.0), ("u", e.Fu, su, -1.0)):
                 if live[side]:
                     pieces.append((k, sl, pulled(F, sl, sign)))
+            parts.append((e, None, av - au, basis))
             k += d
-            if e.potential is None or e.potential.quadratic:
-                blocks.append(e.weight * torch.eye(d, dtype=x.dtype, device=x.device).expand(B, d, d))
-            else:
-                h = e.potential.curvature((av - au).repeat(d, 1), basis)  # column j: ∇²U e_j
-                blocks.append(e.weight * h.reshape(d, B, d).permute(1, 2, 0))
             continue
         halves = [side for side in ("v", "u") if live[side]]
-        zero = torch.zeros_like(basis)
-        cols = []
         for side in halves:
             pieces.append((k, sv, pulled(e.Fv, sv)) if side == "v" else (k, su, pulled(e.Fu, su)))
             k += d
-            hv, hu = e.potential.pair_curvature(av.repeat(d, 1), au.repeat(d, 1), *((basis, zero) if side == "v"
-                                                                                    else (zero, basis)))
-            cols.append(torch.cat([h.reshape(d, B, d) for side2, h in (("v", hv), ("u", hu)) if side2 in halves], -1))
-        blocks.append(e.weight * torch.cat(cols, 0).permute(1, 2, 0))
-    if not blocks:
-        return [], 0, x.new_zeros(B, 0, 0)
-    return pieces, k, _block_diagonal(blocks)
+        parts.append((e, (halves, av, au), torch.cat([av if side == "v" else au for side in halves], -1), basis))
+    if not parts:
+        return [], 0, x.new_zeros(B, 0), lambda s: (x.new_zeros(B, 0), x.new_zeros(B, 0, 0))
+    s0 = parts[0][2] if len(parts) == 1 else torch.cat([part[2] for part in parts], -1)
+
+    def derivatives(s: Tensor) -> tuple[Tensor, Tensor]:
+        grads, blocks, at = [], [], 0
+        for e, pair, s_e, basis in parts:
+            n = s_e.shape[-1]
+            r, at = s[:, at:at + n], at + n
+            d = e.dim
+            if pair is None:
+                if e.potential is None or e.potential.quadratic:
+                    grads.append(e.weight * r)
+                    blocks.append(e.weight * torch.eye(d, dtype=x.dtype, device=x.device).expand(B, d, d))
+                    continue
+                grads.append(e.weight * e.potential.grad(r))
+                h = e.potential.curvature(r.repeat(d, 1), basis)  # column j: ∇²U e_j
+                blocks.append(e.weight * h.reshape(d, B, d).permute(1, 2, 0))
+                continue
+            halves, av, au = pair
+            ends = dict(zip(halves, r.split(d, -1)))
+            av, au = ends.get("v", av), ends.get("u", au)
+            gv, gu = e.potential.pair_grad(av, au)
+            grads.append(e.weight * torch.cat([gv if side == "v" else gu for side in halves], -1))
+            zero = torch.zeros_like(basis)
+            cols = []
+            for side in halves:
+                hv, hu = e.potential.pair_curvature(av.repeat(d, 1), au.repeat(d, 1),
+                                                    *((basis, zero) if side == "v" else (zero, basis)))
+                cols.append(torch.cat([h.reshape(d, B, d) for side2, h in (("v", hv), ("u", hu))
+                                       if side2 in halves], -1))
+            blocks.append(e.weight * torch.cat(cols, 0).permute(1, 2, 0))
+        return (grads[0] if len(grads) == 1 else torch.cat(grads, -1)), _block_diagonal(blocks)
+    return pieces, k, s0, derivatives
 
 
 def _workspace(plan: PropagationPlan, name: str, numel: int, like: Tensor) -> Tensor:
@@ -477,8 +501,7 @@ def low_rank_newton(S, plan: PropagationPlan, x: Tensor, tol: float = 1e-10, max
     fidx = plan.free.to(x.device)
     free = torch.zeros(S.C0, dtype=x.dtype, device=x.device)
     free[fidx] = 1.0
-    winv = torch.cat([torch.full((s.span.stop - s.span.start if s.span is not None else len(s.targets),),
-                                 1.0 / S.edge(s.edge).weight, dtype=x.dtype, device=x.device) for s in plan.steps])
+    winv = _inverse_weights(S, plan, x)
     B, n = x.shape[0], fidx.numel()
     points = _kink_points(S, plan.free)
     kinks = ~torch.isnan(points.to(x.dtype)).all(-1).to(x.device)
@@ -543,35 +566,206 @@ def low_rank_newton(S, plan: PropagationPlan, x: Tensor, tol: float = 1e-10, max
     return x, {"iterations": it, "grad_norm": measure, "converged": measure <= tol, "on_kinks": held.sum(-1)}, grads
 
 
+def clamped_equilibrium(S, plan: PropagationPlan, x: Tensor, tol: float = 1e-10,
+                        max_iter: int = 10) -> tuple[Tensor, dict]:
+    """The equilibrium of a determined part plus a rest of low rank by exact steps to the minimum of the
+    current activation region (module notes).
+
+    Inside one activation region (piecewise-linear maps with their pattern fixed) the energy is
+    ``½ pᵀWp + U(s_lin + Yᵀp)`` in the determined part's discrepancies ``p``, with ``U`` the rest's
+    potential and ``s`` its ``k`` arguments, so its minimum is ``p = −W⁻¹Yλ``, ``λ = ∇U(s)``, where
+    ``s + M∇U(s) = s_lin`` with ``M = YᵀW⁻¹Y`` (``k × k`` per item). A step is one pass over the
+    edges (the gradient, which also measures stationarity), one transposed sweep with ``1 + k``
+    right-hand sides per item (the Gram matrix of `low_rank_newton` without its held columns), Newton
+    iterations on that ``k``-dimensional equation per item (one for a quadratic rest) and one forward
+    sweep. A step whose activation pattern holds lands on the equilibrium (to rounding): from a warm
+    start (the last equilibrium, weights changed a little) one step, and one more per change of the
+    pattern. An item whose gradient norm a step does not lower goes back and stops, not converged
+    (a zigzag across a switching surface, Note 5.1: continue with `low_rank_newton`, which holds
+    coordinates on kinks).
+
+    Parameters
+    ----------
+    S : Sheaf
+    plan : PropagationPlan
+        Of the determined part (as for `low_rank_newton`); every other edge of ``S`` is the rest.
+    x : tensor ``(B, C0)``
+        The start, its fixed coordinates set (not changed).
+    tol : float
+        Stop when every item's free gradient norm is ``<= tol``.
+    max_iter : int
+        Steps at most.
+
+    Returns
+    -------
+    x : the result (a new tensor) ; report : ``iterations``, ``grad_norm`` (``(B,)``, the free gradient
+    norm at the result), ``converged`` (``(B,)`` bool).
+
+    Examples
+    --------
+    >>> import torch, cellsheaf as cs
+    >>> I = torch.eye(1, dtype=torch.float64)
+    >>> S = cs.Sheaf(); S.add_vertex("x", 1); S.add_vertex("h", 1); S.add_vertex("y", 1)
+    >>> _ = S.add_edge("x", "h", 2 * I, I, name="in")
+    >>> _ = S.add_edge("h", "y", 3 * I, I, name="out")           # y clamped: a stiff rest of rank 1
+    >>> p = cs.propagation.plan(S, torch.tensor([0, 2]), edges=["in"])
+    >>> x = torch.tensor([[1.0, 0.0, 1.0]], dtype=torch.float64)
+    >>> out, report = cs.nudge.clamped_equilibrium(S, p, x)
+    >>> round(out[0, 1].item(), 12), report["iterations"], bool(report["converged"])
+    (0.5, 1, True)
+    """
+    from .gauss_newton import _below, _kink_points, _nearest_kink, _stationarity
+    from .learning import _edgewise
+
+    used = {s.edge for s in plan.steps}
+    rest = [name for name in S.edges if name not in used]
+    fidx = plan.free.to(x.device)
+    free = torch.zeros(S.C0, dtype=x.dtype, device=x.device)
+    free[fidx] = 1.0
+    winv = _inverse_weights(S, plan, x)
+    points = _kink_points(S, plan.free)
+    kinks = ~torch.isnan(points.to(x.dtype)).all(-1).to(x.device)
+    x = x.clone()
+    held = kinks & (x[:, fidx] == _nearest_kink(x[:, fidx], points))  # the last equilibrium's active set
+    stalled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    grad = lambda y: _edgewise(S, y, {}, skip=plan.fixed_vertices)[0]  # noqa: E731
+    prev, it = None, 0
+    while True:
+        gf = grad(x)[:, fidx]
+        norm = gf.masked_fill(held, 0.0).norm(dim=-1)
+        if prev is not None:  # an item whose step kept its active set must have lowered its gradient
+            x0, g0, n0, moved = prev
+            worse = moved & ~(norm < n0)  # also NaN: that item goes back and stops
+            if bool(worse.any()):
+                x, gf, norm = torch.where(worse[:, None], x0, x), torch.where(worse[:, None], g0, gf), \
+                    torch.where(worse, n0, norm)
+                stalled |= worse
+        measure = norm
+        if bool(held.any()) and bool((norm <= tol).any()):  # at the kinks: both one-sided derivatives
+            measure, leave, left = _stationarity(S, x, fidx, gf, held, points, tol, grad)
+            go = leave & ((norm <= tol) & ~stalled).unsqueeze(-1)
+            if bool(go.any()):  # a one-sided derivative pushes a held coordinate off: let it go to that side
+                held = held & ~go
+                xf = x[:, fidx]
+                ck = _nearest_kink(xf, points)
+                x[:, fidx] = torch.where(go & left, _below(ck), torch.where(go, ck, xf))
+                gf = grad(x)[:, fidx]
+                norm = gf.masked_fill(held, 0.0).norm(dim=-1)
+                measure = torch.where(go.any(-1), torch.full_like(measure, math.inf), measure)
+        active = (measure > tol) & ~stalled
+        if it == max_iter or not bool(active.any()):
+            break
+        it += 1
+        before, start = x[:, fidx] >= _nearest_kink(x[:, fidx], points), (x, gf, norm)
+        if bool(active.all()):
+            x = x + _region_step(S, plan, x, gf, held, fidx, free, winv, rest, tol)
+        else:  # only the items still moving take the step (the sweeps' cost is per item)
+            idx = torch.nonzero(active).flatten()
+            x = x.index_add(0, idx, _region_step(S, plan, x[idx], gf[idx], held[idx], fidx, free, winv, rest, tol))
+        # a coordinate that crossed its kink left the region: it stops on the kink, held (the active set grows)
+        xf = x[:, fidx]
+        c = _nearest_kink(xf, points)
+        crossed = kinks & ((xf >= c) != before) & active[:, None] & ~held
+        if bool(crossed.any()):
+            held = held | crossed
+            x[:, fidx] = torch.where(crossed, c, xf)
+        prev = (*start, active & ~crossed.any(-1))
+    norm = measure
+    return x, {"iterations": it, "grad_norm": norm, "converged": norm <= tol}
+
+
+def _inverse_weights(S, plan: PropagationPlan, x: Tensor) -> Tensor:
+    """``W⁻¹`` of the determined part on its edge space (``(n_e,)``, in step order)."""
+    return torch.cat([torch.full((s.span.stop - s.span.start if s.span is not None else len(s.targets),),
+                                 1.0 / S.edge(s.edge).weight, dtype=x.dtype, device=x.device) for s in plan.steps])
+
+
+def _region_step(S, plan, x: Tensor, gf: Tensor, held: Tensor, fidx: Tensor, free: Tensor, winv: Tensor, rest,
+                 tol: float) -> Tensor:
+    """The step (``(B, C0)``) of `clamped_equilibrium` at ``x``: to the minimum of its activation region with
+    the ``held`` coordinates kept (on their kinks).
+
+    With ``u = W r_D + Y g₀`` (``r_D`` the determined part's discrepancies, ``g₀ = ∇U(s₀)``) the first
+    column of `_sweep`, the region's rest arguments at zero discrepancy are ``s_lin = s₀ − Γ[Y, u] + M g₀``.
+    The held coordinates (columns ``H``) enter by multipliers ``ν``: eliminating them leaves the same
+    ``k``-dimensional equation ``s + M̃λ = s̃_lin``, ``λ = ∇U(s)``, with the Schur complement
+    ``M̃ = M − Γ[Y, H] Γ[H, H]⁻¹ Γ[H, Y]`` and ``s̃_lin = s_lin + Γ[Y, H] Γ[H, H]⁻¹ (Γ[H, u] − Γ[H, Y] g₀)``;
+    then ``ν = Γ[H, H]⁻¹ (Γ[H, Y](g₀ − λ) − Γ[H, u])`` and the step is
+    ``J_Ω⁻¹ W⁻¹ (−u + Y (g₀ − λ) − H ν)``."""
+    B = x.shape[0]
+    pieces, k, s0, derivatives = _rest_rows(S, x, rest, free)
+    m = int(held.sum(-1).max()) if held.numel() else 0
+    r = 1 + k + m
+    Zs, Gam = _sweep(S, plan, x, gf, held, fidx, winv, pieces, k, m)
+    iy, ih = slice(1, 1 + k), slice(1 + k, r)
+    c = x.new_empty(B, r)
+    c[:, 0] = -1.0
+    g0, H = derivatives(s0)
+    M = Gam[:, iy, iy]
+    s_lin = s0 - Gam[:, iy, 0] + (M @ g0.unsqueeze(-1)).squeeze(-1)
+    if m:
+        pad = (torch.arange(m, device=x.device)[None, :] >= held.sum(-1, keepdim=True)).to(x.dtype)
+        K = Gam[:, ih, ih] + torch.diag_embed(pad)  # padding rows: ν = 0
+        KH = torch.linalg.solve(K, Gam[:, ih, :])  # Γ[H, H]⁻¹ Γ[H, :]
+        M = M - Gam[:, iy, ih] @ KH[:, :, iy]
+        s_lin = s_lin + (Gam[:, iy, ih] @ (KH[:, :, 0] - (KH[:, :, iy] @ g0.unsqueeze(-1)).squeeze(-1)).unsqueeze(-1)
+                         ).squeeze(-1)
+    dg = g0 - _rest_multipliers(M, s_lin, s0, g0, H, derivatives, 1e-2 * tol) if k else g0
+    c[:, iy] = dg
+    if m:
+        c[:, ih] = KH[:, :, 0] - (KH[:, :, iy] @ dg.unsqueeze(-1)).squeeze(-1)  # −ν
+    step = _combine(plan, x, Zs, c, winv)
+    if m:
+        sf = step[:, fidx]
+        step[:, fidx] = sf.masked_fill(held, 0.0)  # exactly on the kink (the constraint holds to rounding)
+    return step
+
+
+def _rest_multipliers(M: Tensor, s_lin: Tensor, s: Tensor, g: Tensor, H: Tensor, derivatives,
+                      tol: float, max_iter: int = 50) -> Tensor:
+    """``λ = ∇U(s)`` (``(B, k)``) at the solution of ``F(s) = s + M ∇U(s) − s_lin = 0``, per item: Newton steps
+    ``(I + M ∇²U) ds = −F``, an item's step halved until ``‖F‖`` falls; stops when every ``‖F‖ <= tol``
+    or no item's residual falls any more (the rest's curvature model is not its Hessian: a kink)."""
+    eye = torch.eye(M.shape[-1], dtype=M.dtype, device=M.device)
+    F = s + (M @ g.unsqueeze(-1)).squeeze(-1) - s_lin
+    f = F.norm(dim=-1)
+    t = torch.ones_like(f)
+    ds = None
+    for _ in range(max_iter):
+        moving = (f > tol) & (t >= 2.0 ** -20)
+        if not bool(moving.any()):
+            break
+        if ds is None:
+            ds = torch.linalg.solve(eye + M @ H, -F.unsqueeze(-1)).squeeze(-1)
+        s_new = s + t[:, None] * ds
+        g_new, H_new = derivatives(s_new)
+        F_new = s_new + (M @ g_new.unsqueeze(-1)).squeeze(-1) - s_lin
+        f_new = F_new.norm(dim=-1)
+        better = moving & (f_new < f)
+        s, g, H, F, f = (torch.where(better[:, None], s_new, s), torch.where(better[:, None], g_new, g),
+                         torch.where(better[:, None, None], H_new, H), torch.where(better[:, None], F_new, F),
+                         torch.where(better, f_new, f))
+        t = torch.where(better, torch.ones_like(t), t / 2)
+        if bool(better.any()):
+            ds = None  # a new Newton direction where an item moved (recomputed for all: one batched solve)
+    return g
+
+
 def _step(S, plan, x: Tensor, gf: Tensor, held: Tensor, fidx: Tensor, free: Tensor, winv: Tensor, rest) -> Tensor:
     """The Gauss–Newton step (``(B, C0)``) of `low_rank_newton` at ``x``, the ``held`` coordinates kept.
 
     In the edge coordinates ``q`` of the determined part: ``A = W + Y C Yᵀ`` is inverted by
     Woodbury in the rest's ``k`` dimensions, the held coordinates (rows ``H = J_Ω⁻ᵀ e_i``) enter by
     their Lagrange multipliers, ``q = −A⁻¹(u + Hλ)`` with ``HᵀA⁻¹H λ = −HᵀA⁻¹u``. Every vector
-    involved lies in the span of ``Z = [u | Y | H]`` (one transposed sweep with ``1 + k + m``
-    right-hand sides), so the algebra runs on the per-item Gram matrix ``Γ = Zᵀ W⁻¹ Z``
-    (``(1 + k + m)²``, one batched product) and ``q = W⁻¹ Z c`` for coefficients ``c``.
+    involved lies in the span of ``Z = [u | Y | H]`` (`_sweep`), so the algebra runs on the per-item
+    Gram matrix ``Γ = Zᵀ W⁻¹ Z`` and ``q = W⁻¹ Z c`` for coefficients ``c``.
     """
     B = x.shape[0]
-    pieces, k, C = _rest_rows(S, x, rest, free)
+    pieces, k, s0, derivatives = _rest_rows(S, x, rest, free)
+    C = derivatives(s0)[1]
     m = int(held.sum(-1).max()) if held.numel() else 0
     r = 1 + k + m
-    rhs = _workspace(plan, "rhs", r * B * S.C0, x).view(r, B, S.C0).zero_()
-    rhs[0, :, fidx] = gf.masked_fill(held, 0.0)
-    for j, sl, values in pieces:
-        rhs[1 + j:1 + j + values.shape[0], :, sl] += values
-    if m:
-        rank = held.cumsum(-1) - 1  # the j-th held coordinate of an item is its row j
-        b_idx, i_idx = torch.nonzero(held, as_tuple=True)
-        rhs[1 + k + rank[b_idx, i_idx], b_idx, fidx[i_idx]] = 1.0
-    ys = transposed_sweep(x, plan.steps, rhs.view(r * B, S.C0), plan.reads_free, overwrite=True)
-    n_e = sum(y.shape[-1] for y in ys)
-    Zs = torch.cat(ys, -1, out=_workspace(plan, "Z", r * B * n_e, x).view(r * B, n_e)).view(r, B, n_e)
-    Z = _workspace(plan, "Zt", r * B * n_e, x).view(B, r, n_e)
-    root = winv.sqrt()
-    torch.mul(Zs.transpose(0, 1), root, out=Z)  # (B, r, n_e): W^{-1/2} [u | Y | H] per item
-    Gam = Z @ Z.transpose(1, 2)  # Zᵀ W⁻¹ Z (B, r, r)
+    Zs, Gam = _sweep(S, plan, x, gf, held, fidx, winv, pieces, k, m)
     iu, iy, ih = slice(0, 1), slice(1, 1 + k), slice(1 + k, r)
     if k:
         eye = torch.eye(k, dtype=x.dtype, device=x.device)
@@ -591,10 +785,40 @@ def _step(S, plan, x: Tensor, gf: Tensor, held: Tensor, fidx: Tensor, free: Tens
         c[:, ih] = -lam
     if k:
         c[:, iy] = -(beta @ c)  # A⁻¹ (Z c) = W⁻¹ (Z c − Y β c)
-    q = torch.mul(Zs, c.squeeze(-1).T.unsqueeze(-1), out=Z.view(r, B, n_e)).sum(0).mul_(winv)  # W⁻¹ Z c (B, n_e)
-    sizes = [y.shape[-1] for y in ys]
-    step = forward_sweep(x, plan.steps, list(q.split(sizes, -1)), plan.reads_free)
+    step = _combine(plan, x, Zs, c.squeeze(-1), winv)
     if m:
         sf = step[:, fidx]
         step[:, fidx] = sf.masked_fill(held, 0.0)  # exactly on the kink (the constraint holds to rounding)
     return step
+
+
+def _sweep(S, plan, x: Tensor, gf: Tensor, held: Tensor | None, fidx: Tensor, winv: Tensor, pieces, k: int,
+           m: int) -> tuple[Tensor, Tensor]:
+    """``(Z, Γ)``: ``Z = J_Ω⁻ᵀ [u | Y | H]`` (``(1 + k + m, B, n_e)``, edge space, one transposed sweep with
+    ``1 + k + m`` right-hand sides per item: the free gradient ``gf``, the rest's ``k`` rows ``pieces``
+    and the ``m`` held coordinates of ``held``) and its per-item Gram matrix ``Γ = Zᵀ W⁻¹ Z``
+    (``(B, r, r)``, one batched product), in work buffers kept on the plan."""
+    B = x.shape[0]
+    r = 1 + k + m
+    rhs = _workspace(plan, "rhs", r * B * S.C0, x).view(r, B, S.C0).zero_()
+    rhs[0, :, fidx] = gf.masked_fill(held, 0.0) if m else gf
+    for j, sl, values in pieces:
+        rhs[1 + j:1 + j + values.shape[0], :, sl] += values
+    if m:
+        rank = held.cumsum(-1) - 1  # the j-th held coordinate of an item is its row j
+        b_idx, i_idx = torch.nonzero(held, as_tuple=True)
+        rhs[1 + k + rank[b_idx, i_idx], b_idx, fidx[i_idx]] = 1.0
+    ys = transposed_sweep(x, plan.steps, rhs.view(r * B, S.C0), plan.reads_free, overwrite=True)
+    n_e = sum(y.shape[-1] for y in ys)
+    Zs = torch.cat(ys, -1, out=_workspace(plan, "Z", r * B * n_e, x).view(r * B, n_e)).view(r, B, n_e)
+    Z = _workspace(plan, "Zt", r * B * n_e, x).view(B, r, n_e)
+    torch.mul(Zs.transpose(0, 1), winv.sqrt(), out=Z)  # (B, r, n_e): W^{-1/2} [u | Y | H] per item
+    return Zs, Z @ Z.transpose(1, 2)
+
+
+def _combine(plan, x: Tensor, Zs: Tensor, c: Tensor, winv: Tensor) -> Tensor:
+    """The state step ``J_Ω⁻¹ W⁻¹ Z c`` (``(B, C0)``) for per-item coefficients ``c`` (``(B, r)``): one forward sweep."""
+    r, B, n_e = Zs.shape
+    q = torch.mul(Zs, c.T.unsqueeze(-1), out=_workspace(plan, "Zt", r * B * n_e, x).view(r, B, n_e)).sum(0)
+    sizes = [s.span.stop - s.span.start if s.span is not None else len(s.targets) for s in plan.steps]
+    return forward_sweep(x, plan.steps, list(q.mul_(winv).split(sizes, -1)), plan.reads_free)

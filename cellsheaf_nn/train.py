@@ -815,9 +815,12 @@ class SheafTrainer:
         plan._write_constants(x)
         tol = self.tol if self.tol is not None else 1e-6
         max_iter = self.max_iter if self.max_iter is not None else 20
-        out, report, _ = cs.nudge.low_rank_newton(self.sheaf, plan, x, tol=tol, max_iter=max_iter)
-        if not bool(report["converged"].all()):  # kinks crossed back and forth: Newton's active set, for those items
-            idx = torch.nonzero(~report["converged"]).flatten()
+        out, report = cs.nudge.clamped_equilibrium(self.sheaf, plan, x, tol=tol, max_iter=max_iter)
+        idx = torch.nonzero(~report["converged"]).flatten()
+        if idx.numel():  # a zigzag across a switching surface: low-rank Newton holds kinks, for those items
+            out[idx], report, _ = cs.nudge.low_rank_newton(self.sheaf, plan, out[idx], tol=tol, max_iter=max_iter)
+            idx = idx[~report["converged"]]
+        if idx.numel():  # kinks crossed back and forth: Newton's active set, for those items
             out[idx] = cs.minimize(self.sheaf, self._boundary(_take(X, idx), Y[idx]), method="newton", x0=out[idx],
                                    tol=tol, max_iter=max_iter, options=NewtonOptions(hold_kinks_at_start=True)).x.flat
         return out, self._map_gradients(out, self.loss.scale(self.ns.n_out) / len(Y))

@@ -292,3 +292,57 @@ def test_parameter_gradients_of_the_sweeps_are_the_local_rule():
     want = cs.learning.local_gradients(S, out, params)
     for got, w in zip(report["param_grads"], want):
         torch.testing.assert_close(got, w, rtol=1e-7, atol=1e-13)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.lists(st.integers(1, 5), min_size=3, max_size=4), st.integers(0, 10_000),
+       st.sampled_from(["quadratic", "huber", "ce"]))
+def test_clamped_equilibrium_is_stationary_and_agrees_with_newton(widths, seed, kind):
+    """Region steps reach a stationary point of the clamped energy (one-sided at kinks), from the forward pass
+    (ReLU patterns change on the way); where Newton's equilibrium is smooth, they find the same one."""
+    S, fixed, const, rest = clamped_sheaf(widths, seed, kind)
+    g = torch.Generator().manual_seed(seed + 3)
+    B = 6
+    p = cs.propagation.plan(S, fixed, const, torch.ones(len(const), dtype=F64),
+                            edges=[n for n in S.edges if n not in rest])
+    x = torch.zeros(B, S.C0, dtype=F64)
+    x[:, : widths[0]] = torch.randn(B, widths[0], generator=g, dtype=F64)
+    target = S.vertex_slice("t" if kind == "ce" else f"z{len(widths) - 1}")
+    y = torch.randn(B, widths[-1], generator=g, dtype=F64)
+    x[:, target] = torch.softmax(y, -1) if kind == "ce" else y
+    p.run(x)
+    fast, report = cs.nudge.clamped_equilibrium(S, p, x, tol=1e-10, max_iter=30)
+    assert torch.equal(fast[:, fixed], x[:, fixed])
+    grad = gradient(S, fast)[:, p.free]
+    ok = report["converged"]
+    kink = (fast[:, p.free] == 0) & torch.isin(p.free, torch.cat([torch.arange(S.vertex_slice(v).start,
+                                                                             S.vertex_slice(v).stop)
+                                                                for v in S.vertices if v.startswith("z")]))
+    smooth = ok & ~kink.any(-1)
+    assert bool((grad[smooth].norm(dim=-1) <= 1e-9).all())
+    assert bool((report["grad_norm"][ok] <= 1e-10).all())
+    ref = cs.minimize(S, _boundary_of(S, x, fixed), method="newton", x0=x, tol=1e-11)
+    if kind != "huber":
+        both = smooth & (ref.extra["on_kinks"] == 0) & ref.converged
+        same = both & ((fast[:, p.free] - ref.x.flat[:, p.free]).abs().amax(-1) < 1e-6)
+        assert bool(same.any()) or not bool(both.any())
+
+
+def test_clamped_equilibrium_one_step_is_the_dense_solve():
+    """Linear maps and a quadratic clamp: one region step is the exact minimiser (a dense least-squares solve)."""
+    g = torch.Generator().manual_seed(1)
+    A1, A2 = torch.randn(3, 2, generator=g, dtype=F64), torch.randn(2, 3, generator=g, dtype=F64)
+    S = cs.Sheaf()
+    for v, d in (("x", 2), ("h", 3), ("y", 2)):
+        S.add_vertex(v, d)
+    S.add_edge("x", "h", A1, torch.eye(3, dtype=F64), name="in")
+    S.add_edge("h", "y", A2, torch.eye(2, dtype=F64), name="out", weight=2.5)
+    p = cs.propagation.plan(S, torch.tensor([0, 1, 5, 6]), edges=["in"])
+    x = torch.zeros(4, S.C0, dtype=F64)
+    x[:, :2], x[:, 5:] = torch.randn(4, 2, generator=g, dtype=F64), torch.randn(4, 2, generator=g, dtype=F64)
+    x[:, 2:5] = torch.randn(4, 3, generator=g, dtype=F64)  # any start: the model is exact
+    out, report = cs.nudge.clamped_equilibrium(S, p, x, tol=1e-12)
+    M = torch.eye(3, dtype=F64) + 2.5 * A2.T @ A2
+    h = torch.linalg.solve(M, (x[:, :2] @ A1.T + 2.5 * x[:, 5:] @ A2).T).T
+    torch.testing.assert_close(out[:, 2:5], h, rtol=1e-12, atol=1e-12)
+    assert report["iterations"] == 1 and bool(report["converged"].all())

@@ -354,8 +354,8 @@ def test_fit_data_at_the_public_boundary():
 
 
 def test_clamped_fallback_runs_newton_on_the_unconverged_items_only():
-    """Items the low-rank steps leave unconverged (here: a cap of one step) go to general Newton alone; the
-    result is Newton's from the same point on the whole batch."""
+    """Items the region steps leave unconverged (here: a cap of one step) go to low-rank Newton alone, and those
+    it leaves unconverged to general Newton alone: the result is each solver's from the same point."""
     task = datasets.blobs(seed=0, n_train=40)
     ns = csnn.compile(mlp(task.sizes("1H"), output="softmax", seed=1))
     trainer = SheafTrainer(ns, mode="equilibrium", loss="ce", optimizer="sgd", lr=0.01, init="forward_pass",
@@ -367,11 +367,16 @@ def test_clamped_fallback_runs_newton_on_the_unconverged_items_only():
     x = start.clone()
     x[:, inputs[0]], x[:, target] = X, Y  # one input: inputs holds its one slice
     plan._write_constants(x)
-    first, report, _ = cs.nudge.low_rank_newton(trainer.sheaf, plan, x, tol=1e-9, max_iter=1)
+    first, report = cs.nudge.clamped_equilibrium(trainer.sheaf, plan, x, tol=1e-9, max_iter=1)
     assert not bool(report["converged"].all())   # the fallback is exercised
+    idx = torch.nonzero(~report["converged"]).flatten()
+    second, report2, _ = cs.nudge.low_rank_newton(trainer.sheaf, plan, first[idx], tol=1e-9, max_iter=1)
     out, _ = trainer._clamped_state((X,), Y, start)
-    want = cs.minimize(trainer.sheaf, trainer._boundary((X,), Y), method="newton", x0=first, tol=1e-9, max_iter=1,
+    torch.testing.assert_close(out[report["converged"]], first[report["converged"]], rtol=0, atol=0)
+    torch.testing.assert_close(out[idx[report2["converged"]]], second[report2["converged"]], rtol=0, atol=0)
+    last = idx[~report2["converged"]]
+    assert last.numel()
+    want = cs.minimize(trainer.sheaf, trainer._boundary((X[last],), Y[last]), method="newton",
+                       x0=second[~report2["converged"]], tol=1e-9, max_iter=1,
                        options=cs.gauss_newton.NewtonOptions(hold_kinks_at_start=True)).x.flat
-    done = report["converged"]
-    torch.testing.assert_close(out[done], first[done], rtol=0, atol=0)
-    torch.testing.assert_close(out[~done], want[~done], rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(out[last], want, rtol=1e-8, atol=1e-10)
