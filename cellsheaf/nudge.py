@@ -401,16 +401,34 @@ def _rest_rows(S, x: Tensor, rest, free: Tensor) -> tuple[list, int, Tensor, Cal
             av, au = ends.get("v", av), ends.get("u", au)
             gv, gu = e.potential.pair_grad(av, au)
             grads.append(e.weight * torch.cat([gv if side == "v" else gu for side in halves], -1))
-            zero = torch.zeros_like(basis)
-            cols = []
-            for side in halves:
-                hv, hu = e.potential.pair_curvature(av.repeat(d, 1), au.repeat(d, 1),
-                                                    *((basis, zero) if side == "v" else (zero, basis)))
-                cols.append(torch.cat([h.reshape(d, B, d) for side2, h in (("v", hv), ("u", hu))
-                                       if side2 in halves], -1))
-            blocks.append(e.weight * torch.cat(cols, 0).permute(1, 2, 0))
+            h = _prediction_hessian(e.potential, av, au, halves)
+            if h is None:
+                zero = torch.zeros_like(basis)
+                cols = []
+                for side in halves:
+                    hv, hu = e.potential.pair_curvature(av.repeat(d, 1), au.repeat(d, 1),
+                                                        *((basis, zero) if side == "v" else (zero, basis)))
+                    cols.append(torch.cat([h.reshape(d, B, d) for side2, h in (("v", hv), ("u", hu))
+                                           if side2 in halves], -1))
+                h = torch.cat(cols, 0).permute(1, 2, 0)
+            blocks.append(e.weight * h)
         return (grads[0] if len(grads) == 1 else torch.cat(grads, -1)), _block_diagonal(blocks)
     return pieces, k, s0, derivatives
+
+
+def _prediction_hessian(potential, av: Tensor, au: Tensor, halves: list[str]) -> Tensor | None:
+    """The Hessian (``(B, d, d)``) of a cross-entropy on logits in its prediction alone (the target end held),
+    in closed form: ``Σy (diag p − p pᵀ)`` for softmax, ``diag σ(1 − σ)`` for sigmoid; ``None`` otherwise."""
+    from .potentials import CrossEntropy
+
+    if not isinstance(potential, CrossEntropy) or potential.activation is None or halves != [potential.prediction]:
+        return None
+    z, y = potential._split(av, au)
+    if potential.activation == "sigmoid":
+        s = torch.sigmoid(z)
+        return torch.diag_embed(s * (1 - s))
+    p = torch.softmax(z, -1)
+    return y.sum(-1)[:, None, None] * (torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2))
 
 
 def _workspace(plan: PropagationPlan, name: str, numel: int, like: Tensor) -> Tensor:
@@ -614,7 +632,7 @@ def clamped_equilibrium(S, plan: PropagationPlan, x: Tensor, tol: float = 1e-10,
     >>> round(out[0, 1].item(), 12), report["iterations"], bool(report["converged"])
     (0.5, 1, True)
     """
-    from .gauss_newton import _below, _kink_points, _nearest_kink, _stationarity
+    from .gauss_newton import _below, _kink_points, _nearest_kink
     from .learning import _edgewise
 
     used = {s.edge for s in plan.steps}
@@ -642,7 +660,7 @@ def clamped_equilibrium(S, plan: PropagationPlan, x: Tensor, tol: float = 1e-10,
                 stalled |= worse
         measure = norm
         if bool(held.any()) and bool((norm <= tol).any()):  # at the kinks: both one-sided derivatives
-            measure, leave, left = _stationarity(S, x, fidx, gf, held, points, tol, grad)
+            measure, leave, left = _held_stationarity(S, x, fidx, gf, held, points, tol)
             go = leave & ((norm <= tol) & ~stalled).unsqueeze(-1)
             if bool(go.any()):  # a one-sided derivative pushes a held coordinate off: let it go to that side
                 held = held & ~go
@@ -672,6 +690,42 @@ def clamped_equilibrium(S, plan: PropagationPlan, x: Tensor, tol: float = 1e-10,
         prev = (*start, active & ~crossed.any(-1))
     norm = measure
     return x, {"iterations": it, "grad_norm": norm, "converged": norm <= tol}
+
+
+def _held_stationarity(S, x: Tensor, fidx: Tensor, gf: Tensor, held: Tensor, points: Tensor,
+                       tol: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(measure, leave, left)`` as `cellsheaf.gauss_newton._stationarity`, for coordinates ``held`` exactly on
+    their kinks: ``gf`` holds the right derivatives there (the selection rule), and the left ones differ only by
+    the maps with kinks, whose edges' forces are the same on both sides (the maps are continuous), so they
+    come from those maps' pullbacks at the point just left of the kinks, without a pass over the edges."""
+    from .gauss_newton import _below, _nearest_kink
+
+    xf = x[:, fidx]
+    x_left = x.clone()
+    x_left[:, fidx] = torch.where(held, _below(_nearest_kink(xf, points)), xf)
+    jump = torch.zeros_like(x)
+    for name, side in _kinked_maps(S):
+        e = S.edge(name)
+        gv, gu = edge_forces(S, name, x)
+        F, sl, f = (e.Fu, S.vertex_slice(e.u), gu) if side == "u" else (e.Fv, S.vertex_slice(e.v), gv)
+        jump[:, sl] += F.vjp(x_left[:, sl], f) - F.vjp(x[:, sl], f)
+    g_left = gf + jump[:, fidx]
+    d = torch.where(g_left > 0, g_left, torch.where(gf < 0, gf, torch.zeros_like(gf))).masked_fill(~held, 0.0)
+    leave = held & (d.abs() > 0.1 * tol)
+    return (gf.masked_fill(held, 0.0).square().sum(-1) + d.square().sum(-1)).sqrt(), leave, leave & (g_left > 0)
+
+
+def _kinked_maps(S) -> list[tuple[str, str]]:
+    """``(edge, side)`` of the maps with kinks (those `cellsheaf.gauss_newton._kink_points` reads)."""
+    from .maps import Compose, Elementwise
+
+    out = []
+    for e in S.edge_items():
+        for F, side in ((e.Fu, "u"), (e.Fv, "v")):
+            inner = F.outer if isinstance(F, Compose) else F
+            if isinstance(inner, Elementwise) and inner.kinks:
+                out.append((e.name, side))
+    return out
 
 
 def _inverse_weights(S, plan: PropagationPlan, x: Tensor) -> Tensor:

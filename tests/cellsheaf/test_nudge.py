@@ -346,3 +346,48 @@ def test_clamped_equilibrium_one_step_is_the_dense_solve():
     h = torch.linalg.solve(M, (x[:, :2] @ A1.T + 2.5 * x[:, 5:] @ A2).T).T
     torch.testing.assert_close(out[:, 2:5], h, rtol=1e-12, atol=1e-12)
     assert report["iterations"] == 1 and bool(report["converged"].all())
+
+
+@pytest.mark.parametrize("activation", ["softmax", "sigmoid"])
+def test_cross_entropy_hessian_in_closed_form(activation):
+    """The rest's curvature of a cross-entropy on logits (target end held) equals its curvature model applied to
+    each basis vector."""
+    from cellsheaf.nudge import _prediction_hessian
+
+    g = torch.Generator().manual_seed(0)
+    U = cs.potentials.CrossEntropy(activation)
+    z, y = torch.randn(5, 4, generator=g, dtype=F64), torch.rand(5, 4, generator=g, dtype=F64)
+    h = _prediction_hessian(U, y, z, ["u"])
+    for j in range(4):
+        e = torch.zeros_like(z)
+        e[:, j] = 1.0
+        torch.testing.assert_close(h[:, :, j], U.pair_curvature(y, z, torch.zeros_like(y), e)[1])
+    assert _prediction_hessian(U, y, z, ["v", "u"]) is None and _prediction_hessian(cs.potentials.Huber(), y, z,
+                                                                                    ["u"]) is None
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_held_stationarity_equals_the_two_sided_evaluation(seed):
+    """At coordinates held exactly on their ReLU kinks, the one-sided derivatives from the kinked maps alone give
+    the measure, the coordinates to let go and their sides of the evaluation at both sides of the kinks."""
+    from cellsheaf.gauss_newton import _kink_points, _stationarity
+    from cellsheaf.nudge import _held_stationarity
+
+    S, fixed, const, rest = clamped_sheaf([3, 5, 4, 2], seed, "quadratic")
+    g = torch.Generator().manual_seed(seed)
+    p = cs.propagation.plan(S, fixed, const, torch.ones(len(const), dtype=F64),
+                            edges=[n for n in S.edges if n not in rest])
+    x = torch.zeros(7, S.C0, dtype=F64)
+    x[:, :3] = torch.randn(7, 3, generator=g, dtype=F64)
+    x[:, S.vertex_slice("z3")] = torch.randn(7, 2, generator=g, dtype=F64)
+    p.run(x)
+    x[:, p.free] += 0.3 * torch.randn(7, p.free.numel(), generator=g, dtype=F64)
+    points = _kink_points(S, p.free)
+    on = ~torch.isnan(points).all(-1) & (torch.rand(7, p.free.numel(), generator=g) < 0.5)
+    xf = x[:, p.free]
+    x[:, p.free] = torch.where(on, torch.zeros_like(xf), xf)
+    gf = gradient(S, x)[:, p.free]
+    want = _stationarity(S, x, p.free, gf, on, points, 1e-8)
+    got = _held_stationarity(S, x, p.free, gf, on, points, 1e-8)
+    torch.testing.assert_close(got[0], want[0])
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2]) and bool(got[1].any())
