@@ -341,7 +341,7 @@ def _no_boundary(S, rb, u: Tensor, dtype, allow_nonunique: bool) -> Cochain:
 
 def _assemble(S, rb, omega: Tensor, u: Tensor) -> Tensor:
     """The full cochain with ``omega`` on the free and ``u`` on the fixed coordinates (out of place)."""
-    batch = torch.broadcast_shapes(omega.shape[:-1], u.shape[:-1])
+    batch = np.broadcast_shapes(tuple(omega.shape[:-1]), tuple(u.shape[:-1]))  # torch's imports sympy on first use
     idx = torch.cat([rb.free, rb.fixed])
     vals = torch.cat([omega.expand(*batch, -1), u.to(omega.dtype).expand(*batch, -1)], -1)
     return vals.new_zeros(*batch, S.C0).index_copy(-1, idx, vals)
