@@ -434,11 +434,22 @@ def _check_step(t: Tensor, what: str) -> None:
 
 def _check_all(named: Mapping[str, Tensor], check: Callable[[Tensor, str], None] = _check_step) -> None:
     """``check(t, what)`` for every ``{what: t}``, screened by one reduction (one host read) when all are finite."""
-    if not named or (all(t.is_floating_point() for t in named.values())
-                     and math.isfinite(float(torch.stack([t.sum() for t in named.values()]).sum()))):
+    if not named or _all_finite(list(named.values())):
         return
     for what, t in named.items():
         check(t, what)
+
+
+def _all_finite(tensors: list[Tensor]) -> bool:
+    """Whether a screen finds every tensor finite, with one host read: the sum of the first (the state) and
+    of the others concatenated (the learned tensors, small). A sum that overflows fails the screen: the
+    caller then checks tensor by tensor."""
+    if not all(t.is_floating_point() for t in tensors):
+        return False
+    total = tensors[0].sum()
+    if len(tensors) > 1:
+        total = total + torch.cat([t.reshape(-1) for t in tensors[1:]]).sum()
+    return math.isfinite(float(total))
 
 
 def _maps_changed(S, maps: dict[MapKey, Linear]) -> None:
@@ -629,9 +640,10 @@ def joint_step(
         for (k, p), sign in zip((params or {}).items(), signs):
             G = param_grads[k]
             p.sub_(G if G.dtype == p.dtype else G.to(p.dtype), alpha=sign * dt * beta)
-    results = {f"the parameter {k!r}": p for k, p in (params or {}).items()}
-    results.update({f"the trainable map F{side} of edge {name!r}": F.weight for (name, side), F in maps.items()})
-    _check_all({**results, "the state": x_new})
+    if not _all_finite([x_new, *(F.weight for F in maps.values()), *(params or {}).values()]):
+        results = {f"the parameter {k!r}": p for k, p in (params or {}).items()}
+        results.update({f"the trainable map F{side} of edge {name!r}": F.weight for (name, side), F in maps.items()})
+        _check_all({**results, "the state": x_new})
     S.invalidate()
     return x_new
 
