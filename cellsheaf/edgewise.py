@@ -152,7 +152,7 @@ def _discrepancy(e, ku: int, kv: int) -> Callable[[tuple], Tensor] | None:
 
     def difference(v: tuple) -> Tensor:
         xv, xu, W, b = v[kv][:, a:stop], v[ku], Fu.A.weight, Fu.b
-        if (W.dtype, W.device, b.dtype) != (xu.dtype, xu.device, xu.dtype):
+        if W.dtype is not xu.dtype or b.dtype is not xu.dtype or W.device != xu.device:
             return torch.sub(xv, Fu.apply(xu))
         return torch.addmm(xv, xu[:, :n], W.t(), alpha=-1).addcmul_(b, xu[:, n:], value=-1)
     return difference
@@ -215,10 +215,11 @@ class EdgewisePlan:
         gives it its share from the same forces, ``xs`` its stalk (of ``at`` when given). ``out``, optional: a
         ``(B, C0)`` tensor to write the gradient into (a buffer reused from call to call)."""
         xb = x if x.dim() == 2 else x.unsqueeze(0)
-        views = xb.split(self.dims, 1)
-        src = views if at is None else (at if at.dim() == 2 else at.unsqueeze(0)).split(self.dims, 1)
+        views = torch.split_with_sizes(xb, self.dims, 1)
+        atb = None if at is None else at if at.dim() == 2 else at.unsqueeze(0)
+        src = views if atb is None else torch.split_with_sizes(atb, self.dims, 1)
         g = torch.zeros_like(xb) if out is None else out.zero_()
-        gviews = g.split(self.dims, 1) if self.pulls else ()
+        gviews = torch.split_with_sizes(g, self.dims, 1) if self.pulls else ()
         wanted: dict = {}
         for name, side in maps:
             wanted.setdefault(name, []).append(side)
