@@ -20,7 +20,7 @@ from .cohomology import Cohomology, RelativeCohomology, cohomology, global_secti
 from .diffusion import diffuse, stable_step
 from .energy import discord, energy
 from .harmonic import NonUniqueError, harmonic_extension
-from . import edgewise, gauss_newton, learning, nudge, propagation
+from . import edgewise, gauss_newton, learning, nudge, propagation, ties
 from .minimize import minimize
 from .penalty import Penalties, Penalty, reluctance, soft_pin
 from .propagation import NotDeterminedError
@@ -38,7 +38,7 @@ __all__ = [
     "constant_sheaf",
     "diffuse", "stable_step",
     "minimize", "soft_pin", "reluctance", "Penalty", "Penalties", "NotDeterminedError",
-    "edgewise", "gauss_newton", "learning", "nudge", "propagation",
+    "edgewise", "gauss_newton", "learning", "nudge", "propagation", "ties",
     "Cohomology", "RelativeCohomology", "cohomology", "global_sections", "relative_cohomology",
     "edge_laplacian", "HodgeDecomposition", "hodge_decomposition", "PairCohomology", "pair_cohomology", "SheafMorphism",
     "pushforward",

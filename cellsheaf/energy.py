@@ -123,9 +123,11 @@ def discord(S, x) -> dict[Hashable, Tensor]:
     return {name: E[..., k] for k, name in enumerate(S.edges)}
 
 
-def edge_forces(S, name, x: Tensor) -> tuple[Tensor, Tensor]:
+def edge_forces(S, name, x: Tensor, maps=None) -> tuple[Tensor, Tensor]:
     """``(∂E_e/∂a_v, ∂E_e/∂a_u)`` of one edge at a batch ``x`` (``(B, C0)``): its own weighted potential
     gradient, from its own discord only (the slice of [`forces`][cellsheaf.energy.forces] for that edge, without a pass over the others).
+    ``maps`` (``(F_v, F_u)``) replaces the edge's maps (e.g. a max pooling with the ties of a reference point
+    broken, `cellsheaf.maps.MaxPool.tie_broken`).
 
     Examples
     --------
@@ -137,7 +139,8 @@ def edge_forces(S, name, x: Tensor) -> tuple[Tensor, Tensor]:
     (tensor([[4.]]), tensor([[-4.]]))
     """
     e = S.edge(name)
-    av, au = e.Fv.apply(x[:, S.vertex_slice(e.v)]), e.Fu.apply(x[:, S.vertex_slice(e.u)])
+    Fv, Fu = maps or (e.Fv, e.Fu)
+    av, au = Fv.apply(x[:, S.vertex_slice(e.v)]), Fu.apply(x[:, S.vertex_slice(e.u)])
     if e.potential is None or e.potential.quadratic:
         gv = av - au if e.weight == 1.0 else e.weight * (av - au)
         return gv, -gv

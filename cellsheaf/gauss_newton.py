@@ -60,6 +60,7 @@ from .maps import Compose, Elementwise
 from .operators import _plan, apply_coboundary_jvp, edge_weights, expressed, pullback
 from .propagation import PropagationStep, _determined_part
 from .syncs import check_every
+from .ties import Ties
 
 __all__ = ["GaussNewton", "newton", "determined_solve", "transposed_sweep", "forward_sweep"]
 
@@ -326,15 +327,38 @@ def _nearest_kink(xf: Tensor, points: Tensor) -> Tensor:
     return k.nan_to_num(0.0).expand(*xf.shape, k.shape[1]).gather(-1, dist.argmin(-1, keepdim=True)).squeeze(-1)
 
 
+def _hold_switching(ties: Ties, before: Tensor, after: Tensor, tied: Tensor, flips: Tensor, allowed: Tensor):
+    """Hold the ties of the windows whose selection switched on two steps running (a zigzag across ``x_i = x_j``).
+
+    ``before``/``after``: the free coordinates around the step (``(B, n)``); ``tied``/``flips``: the tie state
+    and the windows' switch counts (``(B, W)``); ``allowed`` (``(B,)``): items that may still hold. Returns
+    ``(tied, flips, newly)``, ``newly`` the windows that began to hold a tie (``(B, W)``).
+    """
+    if ties.empty:
+        return tied, flips, flips.bool()
+    s0, s1 = ties.selection(before), ties.selection(after)
+    flips = torch.where(s0 != s1, flips + 1, torch.zeros_like(flips))
+    newly = (flips >= 2) & allowed.unsqueeze(-1)
+    K = tied.shape[-1]
+    pair = torch.nn.functional.one_hot(s0, K).bool() | torch.nn.functional.one_hot(s1, K).bool()
+    return tied | (newly.unsqueeze(-1) & pair), flips, newly
+
+
 def _below(c: Tensor) -> Tensor:
     """The number just left of each kink ``c`` (``-tiny`` for a kink at 0, as the selection rule sees it)."""
     tiny = torch.finfo(c.dtype).tiny
     return torch.where(c == 0, torch.full_like(c, -tiny), torch.nextafter(c, torch.full_like(c, -math.inf)))
 
 
+def _above(c: Tensor) -> Tensor:
+    """The number just right of each ``c`` (``tiny`` for 0), where a max-pool window selects that input alone."""
+    return -_below(-c)
+
+
 def _stationarity(S, x: Tensor, free: Tensor, g: Tensor, held: Tensor, points: Tensor,
-                  tol: float, grad=None) -> tuple[Tensor, Tensor, Tensor]:
-    """Stationarity at the kinks per item, which coordinates should leave their kink, and to which side.
+                  tol: float, grad=None, ties: Ties | None = None,
+                  tied: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Stationarity at the kinks and max-pool ties per item, which coordinates should leave them, and to which side.
 
     ``g`` is the gradient with the fast selection rule (the right derivative at a
     kink). Every kink coordinate on its kink (the nearest of its map's ``points``) — held
@@ -345,31 +369,53 @@ def _stationarity(S, x: Tensor, free: Tensor, g: Tensor, held: Tensor, points: T
     ``g_R < 0`` (moving right does), else 0. The measure is the norm of these and of
     the smooth components, so it vanishes only where no coordinate direction at a kink
     descends (a local minimum along each kink coordinate, not merely a Clarke point:
-    at a concave kink both sides descend). Returns ``(measure, leave, left)``, ``leave``
-    marking on-kink coordinates whose contribution exceeds ``tol / 10`` and ``left``
-    those that should leave to the left. ``grad`` (``x -> ∇E(x)``, ``(B, C0)``) evaluates the one-sided
+    at a concave kink both sides descend). With ``ties`` (`cellsheaf.ties.Ties`), every tie of a
+    max-pool window — held in ``tied`` (``(B, W, K)``), or its members within `_kink_band` of the
+    window's maximum — is checked likewise from the gradients at the tie and with its selected input
+    just below it: each member moving alone up or down, and the tie moving together
+    (`cellsheaf.ties.Ties.violations`). Returns ``(measure, leave, left)``, ``leave``
+    marking on-kink and tied coordinates whose contribution exceeds ``tol / 10`` and ``left``
+    those that should leave to the left (below). ``grad`` (``x -> ∇E(x)``, ``(B, C0)``) evaluates the one-sided
     gradients (default: the stacked operators, unchecked: `newton` tests finiteness itself).
 
-    No host reads: when the sheaf has kink coordinates both one-sided gradients are evaluated,
-    in one batched call (at a point with no coordinate on a kink they are ``g`` itself and change
+    No host reads: when the sheaf has kink coordinates or ties both one-sided gradients are evaluated,
+    in one batched call (at a point with no coordinate on a kink or tie they are ``g`` itself and change
     nothing).
     """
     grad = grad or (lambda y: pullback(S, *forces(S, y, check=False), at=y))
-    if not points.shape[1]:  # no kink coordinate at all
+    ties = None if ties is None or ties.empty else ties
+    if not points.shape[1] and ties is None:  # no kink coordinate and no tie at all
         return g.norm(dim=-1), held, held
     xf = x[:, free]
     c = _nearest_kink(xf, points)
     on = held | (~torch.isnan(points).all(-1) & ((xf - c).abs() <= _kink_band(xf)))
-    smooth = g.masked_fill(on, 0.0)
-    sides = torch.cat([_set_free(x.clone(), free, on, c), _set_free(x.clone(), free, on, _below(c))])
-    g_right, g_left = grad(sides)[:, free].split(x.shape[0])  # both one-sided gradients in one evaluation
+    right, below = _set_free(x.clone(), free, on, c), _set_free(x.clone(), free, on, _below(c))
+    if ties is not None:
+        tie = ties.active(tied) | ties.near(xf, _kink_band(xf))
+        at = ties.snap(xf.clone(), tie)
+        right[:, free] = torch.where(on, right[:, free], at)
+        lead = ties.coordinates(ties.leaders(tie))
+        below[:, free] = torch.where(on, below[:, free], torch.where(lead, _below(at), at))
+    g_right, g_left = grad(torch.cat([right, below]))[:, free].split(x.shape[0])  # one evaluation for both
     d = torch.where(g_left > 0, g_left, torch.where(g_right < 0, g_right, torch.zeros_like(g))).masked_fill(~on, 0.0)
-    leave = on & (d.abs() > 0.1 * tol)
-    return (smooth.square().sum(-1) + d.square().sum(-1)).sqrt(), leave, leave & (g_left > 0)
+    leave, left = on & (d.abs() > 0.1 * tol), g_left > 0
+    parts = [g.masked_fill(on, 0.0), d]  # the smooth components and the kinks'
+    if ties is not None:
+        d_tie, down, along = ties.violations(g_right, g_left, tie)
+        members = ties.coordinates(tie)
+        parts = [parts[0].masked_fill(members, 0.0), d, d_tie, along]
+        leave = leave | (members & (d_tie.abs() > 0.1 * tol))
+        left = torch.where(members, down, left)
+    return sum(p.square().sum(-1) for p in parts).sqrt(), leave, leave & left
 
 
-def _direction(S, xa: Tensor, free: Tensor, ga: Tensor, held: Tensor, mu: Tensor, steps, opt: NewtonOptions):
+def _direction(S, xa: Tensor, free: Tensor, ga: Tensor, held: Tensor, mu: Tensor, steps, opt: NewtonOptions,
+               ties: Ties, tied: Tensor):
     """Damped Gauss–Newton direction on the coordinates not held at kinks, by preconditioned CG.
+
+    The held max-pool ties ``tied`` move together: the model, its damping and the preconditioner are
+    projected onto ``x_i = x_j`` (`cellsheaf.ties.Ties.project`; the damping and the Jacobi diagonal
+    take the tie's mean), so CG stays on that subspace and the direction keeps every tie exact.
 
     The preconditioner is the exact inverse ``(J_Ωᵀ W J_Ω)⁻¹`` of the model's determined part ``steps``
     when the sheaf has one and the rest is softer (two triangular sweeps, `GaussNewton.determined_solve`;
@@ -378,7 +424,10 @@ def _direction(S, xa: Tensor, free: Tensor, ga: Tensor, held: Tensor, mu: Tensor
     reads are CG's convergence tests.
     """
     model = GaussNewton(S, xa)
-    diag = model.diagonal()[:, free]
+
+    def onto(v: Tensor) -> Tensor:
+        return ties.project(v, tied)
+    diag = onto(model.diagonal()[:, free])
     scale = diag.mean(-1, keepdim=True).clamp_min(torch.finfo(xa.dtype).tiny)
     damp = mu.unsqueeze(-1) * (diag + scale)
     precond_diag = (diag + damp).masked_fill(held, 1.0)
@@ -386,18 +435,19 @@ def _direction(S, xa: Tensor, free: Tensor, ga: Tensor, held: Tensor, mu: Tensor
     def apply(p: Tensor) -> Tensor:
         full = xa.new_zeros(xa.shape)
         full[:, free] = p.masked_fill(held, 0.0)
-        return torch.where(held, p, model.matvec(full)[:, free] + damp * p)
+        return torch.where(held, p, onto(model.matvec(full)[:, free]) + damp * p)
 
     def precond(r: Tensor) -> Tensor:
         if steps is None:
             return r / precond_diag
         full = xa.new_zeros(xa.shape)
         full[:, free] = r.masked_fill(held, 0.0)
-        return torch.where(held, r, model.determined_solve(steps, full)[:, free])
+        return torch.where(held, r, onto(model.determined_solve(steps, full)[:, free]))
 
     eta = torch.clamp(ga.norm(dim=-1), max=0.1).min().clamp_min(1e-14)  # stays on the device
     p, info = cg(apply, -ga, precond=precond, tol=eta,
                  maxiter=opt.cg_maxiter or max(2 * free.numel(), 50))
+    p = onto(p)
     bad = ~((ga * p).sum(-1) < 0) | ~torch.isfinite(p).all(-1)
     p = torch.where(bad.unsqueeze(-1), -ga / precond_diag, p)  # not a descent direction: the scaled gradient
     return p, precond_diag, info.iterations
@@ -425,7 +475,7 @@ def _set_free(x: Tensor, free: Tensor, mask: Tensor, value: Tensor) -> Tensor:
 
 
 def _descent_step(S, xa: Tensor, free: Tensor, Ea: Tensor, ga: Tensor, held: Tensor, mu: Tensor, steps,
-                  opt: NewtonOptions):
+                  opt: NewtonOptions, ties: Ties, tied: Tensor):
     """One damped Newton step with line search, and its safeguards.
 
     The plain gradient step (it leaves the kinks of non-smooth potentials, where
@@ -433,9 +483,10 @@ def _descent_step(S, xa: Tensor, free: Tensor, Ea: Tensor, ga: Tensor, held: Ten
     step short (accepted below ``t = ¼``, or not at all), the Jacobi-scaled gradient
     step are kept instead when they lower the energy visibly more. The three line searches
     run together (`_line_searches`); the choice is made on the device. Returns
-    ``(x_new, E_new, t, accepted, cg_iterations)``.
+    ``(x_new, E_new, t, accepted, cg_iterations)``. Every direction moves the held ties together
+    (``ga`` is projected onto them).
     """
-    p, precond_diag, its = _direction(S, xa, free, ga, held, mu, steps, opt)
+    p, precond_diag, its = _direction(S, xa, free, ga, held, mu, steps, opt, ties, tied)
     (t, acc, x_new, E_new), (_, acc_g, x_g, E_g), (_, acc_s, x_s, E_s) = \
         _line_searches(S, xa, free, Ea, ga, [p, -ga, -ga / precond_diag], opt)
     x_new, E_new = torch.where(acc.unsqueeze(-1), x_new, xa), torch.where(acc, E_new, Ea)
@@ -483,10 +534,14 @@ def newton(S, x: Tensor, free: Tensor, tol: float, max_iter: int = 100,
     kinks = ~torch.isnan(points).all(-1)
     at = _nearest_kink(x[:, free], points).clone()  # the kink each held coordinate is held at
     held = kinks & (x[:, free] == at) if opt.hold_kinks_at_start else torch.zeros(B, n, dtype=torch.bool, device=dev)
+    ties = Ties.of(S, free, kinks)
+    # the max-pool ties held (B, W, K): at the start the exact ones of a warm start
+    tied = ties.near(x[:, free], x.new_zeros(B, 1)) if opt.hold_kinks_at_start else ties.none(B)
     flips = torch.zeros(B, n, dtype=torch.long, device=dev)
+    tie_flips = torch.zeros(B, ties.windows.shape[0], dtype=torch.long, device=dev)
     releases = torch.zeros(B, dtype=torch.long, device=dev)
     E, g = _free_gradient(S, x, free, check=False)
-    measure = _stationarity(S, x, free, g, held, points, tol)[0]
+    measure = _stationarity(S, x, free, g, held, points, tol, ties=ties, tied=tied)[0]
     finite = _finite(E, g) & ~torch.isnan(measure)
     dirty = torch.zeros(B, dtype=torch.bool, device=dev)  # values to recompute after a kink event
     mu = torch.full((B,), opt.damping, dtype=x.dtype, device=dev)
@@ -502,14 +557,15 @@ def newton(S, x: Tensor, free: Tensor, tol: float, max_iter: int = 100,
             flags = torch.cat([(measure > tol) & ~stalled, dirty, ~finite]).tolist()
             if any(flags[2 * B:]):  # raise the error of the first non-finite value, naming its edge
                 _, g_chk = _free_gradient(S, x, free)
-                _stationarity(S, x, free, g_chk, held, points, tol, lambda y: pullback(S, *forces(S, y), at=y))
+                _stationarity(S, x, free, g_chk, held, points, tol, lambda y: pullback(S, *forces(S, y), at=y),
+                              ties, tied)
                 finite = torch.ones_like(finite)  # nothing raised: the values stay as they are (not converged)
             waiting = [i for i in range(B) if flags[B + i]]
             if not waiting:
                 break
             idx = torch.tensor(waiting, device=dev)
             E[idx], g[idx] = _free_gradient(S, x[idx], free, check=False)
-            measure[idx] = _stationarity(S, x[idx], free, g[idx], held[idx], points, tol)[0]
+            measure[idx] = _stationarity(S, x[idx], free, g[idx], held[idx], points, tol, ties=ties, tied=tied[idx])[0]
             best[idx], best_g[idx] = E[idx], measure[idx]
             finite[idx] = _finite(E[idx], g[idx]) & ~torch.isnan(measure[idx])
             dirty.zero_()
@@ -522,9 +578,9 @@ def newton(S, x: Tensor, free: Tensor, tol: float, max_iter: int = 100,
         if it == 0:
             steps = _preconditioner_steps(S, free, opt)
         it += 1
-        xa, Ea, mua, ha = x[act], E[act], mu[act], held[act]
-        ga = g[act].masked_fill(ha, 0.0)
-        x_new, E_new, t, accepted, its = _descent_step(S, xa, free, Ea, ga, ha, mua, steps, opt)
+        xa, Ea, mua, ha, ta = x[act], E[act], mu[act], held[act], tied[act]
+        ga = ties.project(g[act], ta).masked_fill(ha, 0.0)
+        x_new, E_new, t, accepted, its = _descent_step(S, xa, free, Ea, ga, ha, mua, steps, opt, ties, ta)
         cg_its += its
         mua = torch.where(accepted & (t == 1.0), mua / 10, mua * 10).clamp(opt.damping * 1e-4, opt.max_damping)
         # a kink coordinate that crossed its kink on two steps running is zigzagging across a switching surface:
@@ -535,20 +591,31 @@ def newton(S, x: Tensor, free: Tensor, tol: float, max_iter: int = 100,
         newly = (fa >= 2) & ~ha & (releases[act] < opt.max_releases).unsqueeze(-1)
         ha, ata = ha | newly, torch.where(newly, c, at[act])
         x_new = _set_free(x_new, free, ha, ata)
+        # likewise a max-pool window whose selection switched on two steps running: hold the tie of the two
+        ta, tfa, tie_newly = _hold_switching(ties, xa[:, free], x_new[:, free], ta, tie_flips[act],
+                                             releases[act] < opt.max_releases)
+        if not ties.empty:
+            x_new[:, free] = ties.snap(x_new[:, free], ta)
         E_act, g_act = _free_gradient(S, x_new, free, check=False)
-        m_act, leave, left = _stationarity(S, x_new, free, g_act, ha, points, tol)
-        # let go of held coordinates that a one-sided derivative pushes off the kink, once the rest has settled
-        smooth = g_act.masked_fill(ha, 0.0).norm(dim=-1)
+        m_act, leave, left = _stationarity(S, x_new, free, g_act, ha, points, tol, ties=ties, tied=ta)
+        # let go of held coordinates (and ties) that a one-sided derivative pushes off, once the rest has settled
+        smooth = ties.project(g_act, ta).masked_fill(ha, 0.0).norm(dim=-1)
         go = leave & (smooth <= torch.clamp(0.1 * m_act, min=tol)).unsqueeze(-1)
         releases[act] += go.any(-1).long()
         ha = ha & ~go
-        # leaving to the left: just past the kink, where the selection rule sees that side (that item's
-        # energy, gradient and stationarity are recomputed at the next read)
-        push = go & left
-        x_new = _set_free(x_new, free, push, _below(_nearest_kink(x_new[:, free], points)))
+        if not ties.empty:
+            ta = ta & ~ties.windows_of(go).unsqueeze(-1)
+        # leaving a kink to the left: just past it, where the selection rule sees that side; leaving a tie: just
+        # below or above it, so that the window selects accordingly (that item's energy, gradient and
+        # stationarity are recomputed at the next read)
+        push = go & (left | ties.members)
+        xf = x_new[:, free]
+        x_new = _set_free(x_new, free, push, torch.where(
+            ties.members, torch.where(left, _below(xf), _above(xf)), _below(_nearest_kink(xf, points))))
         x[act], E[act], g[act], mu[act], held[act], flips[act] = x_new, E_act, g_act, mua, ha, fa.masked_fill(newly, 0)
+        tie_flips[act] = tfa.masked_fill(tie_newly, 0)
         measure[act] = m_act
-        changed = newly.any(-1) | go.any(-1)
+        changed = newly.any(-1) | go.any(-1) | tie_newly.any(-1)
         improved = (E_act < best[act] - _noise(best[act], x_new)) | (m_act < 0.5 * best_g[act]) | changed
         best[act] = torch.where(changed, E_act, torch.minimum(best[act], E_act))
         best_g[act] = torch.where(changed, m_act, torch.minimum(best_g[act], m_act))
@@ -559,15 +626,24 @@ def newton(S, x: Tensor, free: Tensor, tol: float, max_iter: int = 100,
         near = kinks & ~ha & ((x_new[:, free] - c).abs() <= _kink_band(x_new[:, free])) & \
             (stuck & (releases[act] < opt.max_releases)).unsqueeze(-1)
         at[act] = torch.where(near, c, ata)
-        x[act] = _set_free(x_new, free, near, c)
+        x_new = _set_free(x_new, free, near, c)
         held[act] = ha | near
-        since_best[act] = torch.where(near.any(-1), 0, since_best[act])
-        dirty[act] = push.any(-1) | near.any(-1)
+        # and the max-pool windows whose maximum is (nearly) shared
+        tie_near = ties.near(x_new[:, free], _kink_band(x_new[:, free])) & \
+            (stuck & (releases[act] < opt.max_releases))[:, None, None] & ~ties.active(ta)
+        if not ties.empty:
+            ta = ta | tie_near
+            x_new[:, free] = ties.snap(x_new[:, free], ta)
+        x[act], tied[act] = x_new, ta
+        new_ties = tie_near.flatten(1).any(-1)
+        since_best[act] = torch.where(near.any(-1) | new_ties, 0, since_best[act])
+        dirty[act] = push.any(-1) | near.any(-1) | new_ties
         finite[act] = _finite(E_act, g_act) & ~torch.isnan(m_act)
         stalled[act] = (since_best[act] >= opt.stall_iterations) | (~accepted & (mua >= opt.max_damping))
     converged = measure <= tol
     report = {"converged": converged, "iterations": it, "energy": E, "grad_norm": measure,
-              "cg_iterations": cg_its, "stalled": stalled & ~converged, "on_kinks": held.sum(-1)}
+              "cg_iterations": cg_its, "stalled": stalled & ~converged, "on_kinks": held.sum(-1),
+              "on_ties": ties.active(tied).any(-1).sum(-1)}
     if every:
         report["trajectory"] = {"step": torch.tensor(trace_steps), "edge_energy": torch.stack(trace)}
     return x, report

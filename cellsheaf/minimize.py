@@ -148,10 +148,11 @@ def minimize(
         ``x`` (a Cochain, batched when the boundary or ``x0`` is), ``method`` (the one
         that ran), ``converged``, ``iterations``, ``energy``, ``residual``/``grad_norm``
         (largest free-gradient norm over the batch; for ``"newton"`` the Clarke
-        stationarity, which also certifies equilibria on ReLU switching surfaces) and
-        ``message``; ``extra`` holds per-item ``converged`` and ``grad_norm``, why
+        stationarity, which also certifies equilibria on ReLU switching surfaces and max-pool
+        ties) and ``message``; ``extra`` holds per-item ``converged`` and ``grad_norm``, why
         ``"auto"`` chose its method and, for ``"newton"``, ``on_kinks`` (coordinates
-        resting on ReLU kinks per item), ``stalled`` and ``cg_iterations``.
+        resting on ReLU kinks per item), ``on_ties`` (max-pool windows resting on a tie of
+        their inputs per item, `cellsheaf.ties`), ``stalled`` and ``cg_iterations``.
 
     Examples
     --------
@@ -210,7 +211,8 @@ def minimize(
             residuals = compiled.residuals(out)
         return _verify_propagation(S, out if x.dim() == 2 else out[0], rb.free, tol, why, residuals)
     out, report = newton(S, xb, rb.free, tol, 100 if max_iter is None else max_iter, options, record=record)
-    extra = {"cg_iterations": report["cg_iterations"], "stalled": report["stalled"], "on_kinks": report["on_kinks"]}
+    extra = {"cg_iterations": report["cg_iterations"], "stalled": report["stalled"], "on_kinks": report["on_kinks"],
+             "on_ties": report["on_ties"]}
     if record:
         extra["trajectory"] = report["trajectory"]
     one = (lambda t: t) if x.dim() == 2 else (lambda t: t[0])
@@ -222,6 +224,11 @@ def minimize(
                        "coordinates held at z = 0 where a ≠ relu(z) is possible, so the point is stationary in the "
                        "Clarke sense (grad_norm measures the distance of 0 to the Clarke subdifferential), not a "
                        "global section")
+    ties = report["on_ties"][report["converged"]]
+    if res.converged and bool((ties > 0).any()):
+        res.message = ((res.message + "; " if res.message else "converged; ") +
+                       f"{int((ties > 0).sum())} item(s) rest on max-pool ties (inputs of a window held equal to "
+                       "its maximum: stationary in the Clarke sense on the tie)")
     return res
 
 
@@ -233,8 +240,8 @@ def _newton_message(report: dict, tol: float) -> str:
     if bool(report["stalled"].any()):
         return (f"{n} item(s) not converged: Newton stopped decreasing the energy with a stationarity measure up "
                 f"to {worst:.3g} > tol {tol:.3g}. The point is likely near a kink of a non-smooth potential (L1) "
-                "or a switching surface of a piecewise-linear map other than a coordinate ReLU (Note 5.1), not a "
-                "smooth stationary point")
+                "or a switching surface of a piecewise-linear map other than a coordinate kink or a max-pool tie "
+                "of free inputs (Note 5.1), not a smooth stationary point")
     return f"{n} item(s) not converged after {report['iterations']} Newton steps: gradient norm {worst:.3g} > tol"
 
 

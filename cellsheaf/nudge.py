@@ -61,6 +61,7 @@ from torch import Tensor
 
 from .energy import edge_forces
 from .gauss_newton import _tiled, _where, forward_sweep, transposed_sweep
+from .maps import MaxPool
 from .propagation import PropagationPlan, _as_index, _runs
 
 __all__ = ["rest_gradient", "nudged_equilibrium", "free_gradient", "low_rank_newton", "clamped_equilibrium"]
@@ -287,16 +288,23 @@ def _nonlinear_steps(S, plan: PropagationPlan, ends: list[bool], x: Tensor, xk: 
         e = S.edge(s.edge)
         if _linear(e) or end:
             continue
-        gv, gu = out[s.edge] = edge_forces(S, s.edge, xk)
+        Fv, Fu = _as_swept(e.Fv, x[:, S.vertex_slice(e.v)]), _as_swept(e.Fu, x[:, S.vertex_slice(e.u)])
+        gv, gu = out[s.edge] = edge_forces(S, s.edge, xk, maps=(Fv, Fu))
         if res is None:
             continue
-        for F, w, g, sign in ((e.Fv, e.v, gv, -1), (e.Fu, e.u, gu, 1)):  # the model's force is sign · y
+        for F, w, g, sign in ((Fv, e.v, gv, -1), (Fu, e.u, gu, 1)):  # the model's force is sign · y
             if w in plan.fixed_vertices:
                 continue
             sl = S.vertex_slice(w)
             res[:, sl] += F.vjp(xk[:, sl], torch.sub(g, y, alpha=sign)) if F.linear else \
                 torch.sub(F.vjp(xk[:, sl], g), F.vjp(x[:, sl], y), alpha=sign)
     return out
+
+
+def _as_swept(F, ref: Tensor):
+    """``F`` as the sweeps linearised it at the free state ``ref``: a max pooling with the ties of ``ref`` broken as
+    torch breaks them (`cellsheaf.maps.MaxPool.tie_broken`; backprop's subgradient), any other map itself."""
+    return F.tie_broken(ref) if isinstance(F, MaxPool) else F
 
 
 def _forces_at(S, plan: PropagationPlan, xk: Tensor, ys, exact: dict):

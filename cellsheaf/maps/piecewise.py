@@ -27,17 +27,47 @@ import torch.nn.functional as fn
 from torch import Tensor
 
 from .convolution import _tuple
-from .core import Select, Structured
+from .core import Map, Select, Structured
 
 __all__ = ["MaxPool", "MaxPool1d", "MaxPool2d"]
 
 _POOL = {1: fn.max_pool1d, 2: fn.max_pool2d, 3: fn.max_pool3d}
 
 
-class MaxPool(Structured):
-    """N-d max pooling (as `torch.nn.MaxPool2d`, ``ceil_mode=False``) on a stalk holding ``in_shape``."""
+class _Selection:
+    """The local maps of a map whose Jacobian at ``x`` copies one input per output, ``indices(x)``."""
 
     linear = False
+    d_in: int
+    d_out: int
+
+    def indices(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def jvp(self, x, v):
+        return v.gather(-1, self.indices(x).expand(*v.shape[:-1], self.d_out))
+
+    def vjp(self, x, w):
+        idx = self.indices(x).expand(*w.shape[:-1], self.d_out)
+        return w.new_zeros(*w.shape[:-1], self.d_in).scatter_add(-1, idx, w)
+
+    def squared_vjp(self, x, d):
+        return self.vjp(x, d)
+
+    def jacobian(self, x):
+        idx = self.indices(x)
+        J = x.new_zeros(*idx.shape, self.d_in)
+        return J.scatter_(-1, idx.unsqueeze(-1), 1.0)
+
+    def linearize(self, x=None):
+        if x is None or x.dim() != 1:
+            raise ValueError(f"{type(self).__name__}.linearize needs one point of shape ({self.d_in},)")
+        return Select(self.indices(x), self.d_in)
+
+
+class MaxPool(_Selection, Structured):
+    """N-d max pooling (as `torch.nn.MaxPool2d`, ``ceil_mode=False``) on a stalk holding ``in_shape``."""
+
     _params = ("kernel", "in_shape", "stride", "padding", "dilation")
     ndim: int | None = None
 
@@ -76,25 +106,67 @@ class MaxPool(Structured):
         channel = torch.arange(self.in_shape[0], device=x.device).view(1, -1, *([1] * len(self.kernel)))
         return (idx + channel * plane).reshape(*x.shape[:-1], self.d_out)
 
-    def jvp(self, x, v):
-        return v.gather(-1, self.indices(x).expand(*v.shape[:-1], self.d_out))
+    def windows(self) -> Tensor:
+        """``(d_out, K)``: the stalk coordinates of each output's window (``K = Π kernel``), in the order
+        torch scans them (a tie selects the first maximum); ``-1`` for padding.
 
-    def vjp(self, x, w):
-        idx = self.indices(x).expand(*w.shape[:-1], self.d_out)
-        return w.new_zeros(*w.shape[:-1], self.d_in).scatter_add(-1, idx, w)
+        Examples
+        --------
+        >>> import cellsheaf as cs
+        >>> cs.maps.MaxPool1d(2, in_shape=(1, 5), padding=1).windows()
+        tensor([[-1,  0],
+                [ 1,  2],
+                [ 3,  4]])
+        """
+        idx = torch.arange(self.d_in).reshape(self.in_shape)
+        idx = fn.pad(idx, [p for q in reversed(self.padding) for p in (q, q)], value=-1)
+        for axis, (k, s, d) in enumerate(zip(self.kernel, self.stride, self.dilation), start=1):
+            idx = idx.unfold(axis, d * (k - 1) + 1, s)[..., ::d]  # the window along this axis, appended last
+        return idx.reshape(self.d_out, -1)
 
-    def squared_vjp(self, x, d):
-        return self.vjp(x, d)
+    def tie_broken(self, ref: Tensor) -> Map:
+        """This pooling with the ties of the points ``ref`` (``(B, d_in)``) broken as torch breaks them: in each
+        window the inputs equal to its maximum at ``ref`` that torch does not select are left out. It acts on
+        batches of ``B`` points aligned with ``ref``, is this map near ``ref`` wherever ``ref`` has no tie, and
+        its Jacobian at ``ref`` is torch's (the subgradient backprop uses) also where it has one.
 
-    def jacobian(self, x):
-        idx = self.indices(x)
-        J = x.new_zeros(*idx.shape, self.d_in)
-        return J.scatter_(-1, idx.unsqueeze(-1), 1.0)
+        Examples
+        --------
+        >>> import torch, cellsheaf as cs
+        >>> P = cs.maps.MaxPool1d(2, in_shape=(1, 2))
+        >>> ref = torch.zeros(1, 2)                     # a tie: torch selects the first input
+        >>> x = torch.tensor([[-1.0, 0.0]])
+        >>> P.apply(x), P.tie_broken(ref).apply(x)      # the second input is left out
+        (tensor([[0.]]), tensor([[-1.]]))
+        """
+        return _TieBroken(self, ref)
 
-    def linearize(self, x=None):
-        if x is None or x.dim() != 1:
-            raise ValueError(f"{type(self).__name__}.linearize needs one point of shape ({self.d_in},)")
-        return Select(self.indices(x), self.d_in)
+
+class _TieBroken(_Selection, Map):
+    """`MaxPool.tie_broken`: max pooling over the windows with the inputs ``left_out`` (``(B, d_out, K)``)."""
+
+    def __init__(self, pool: MaxPool, ref: Tensor):
+        self.d_in, self.d_out = pool.d_in, pool.d_out
+        self.windows = pool.windows().to(ref.device)
+        self._flat = torch.where(self.windows >= 0, self.windows, self.d_in).reshape(-1)
+        v = self._gather(ref)
+        first = v.argmax(-1, keepdim=True)
+        others = torch.arange(v.shape[-1], device=ref.device) != first
+        self.left_out = (self.windows < 0) | ((v == v.amax(-1, keepdim=True)) & others)
+
+    def _gather(self, x: Tensor) -> Tensor:
+        padded = torch.cat([x, x.new_full((*x.shape[:-1], 1), -math.inf)], -1)
+        return padded[..., self._flat].view(*x.shape[:-1], *self.windows.shape)
+
+    def _scores(self, x: Tensor) -> Tensor:
+        return self._gather(x).masked_fill(self.left_out, -math.inf)
+
+    def apply(self, x):
+        return self._scores(x).amax(-1)
+
+    def indices(self, x: Tensor) -> Tensor:
+        k = self._scores(x).argmax(-1, keepdim=True)
+        return self.windows.expand(*k.shape[:-1], -1).gather(-1, k).squeeze(-1)
 
 
 class MaxPool1d(MaxPool):

@@ -204,6 +204,92 @@ def test_clamp_a_class_at_the_cnn_output_and_complete_the_input():
     assert torch.allclose(model(completed).detach()[0], target, atol=1e-8)
 
 
+def _clamped_completion(model, shape, seed: int, batch: int = 2):
+    """Clamp the output of ``model`` to the class coordinates ``model(x_class)`` of random inputs, free the input,
+    start from other random inputs; returns ``(state, completed input, output, target)``."""
+    ns = csnn.compile(model, input_shape=shape)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        target = model(torch.randn(batch, *shape, generator=g, dtype=F64))
+    ns.free_input()
+    ns.clamp(ns.output, target)
+    _, state = ns.infer(torch.randn(batch, *shape, generator=g, dtype=F64), method="newton", return_state=True,
+                        check=False)
+    return state, state[ns.input].reshape(batch, *shape), state[ns.output], target
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.Tanh])
+def test_clamp_a_class_through_a_max_pool_cnn_and_complete_the_input(act):
+    # LeNet-style (Conv2d, activation, MaxPool2d, AvgPool2d, flatten, Linear): the completion rests on max-pool
+    # ties (windows whose inputs are held equal to their maximum), certified stationary, and is a global section:
+    # zero discord on every edge, so the network maps the completed input to the clamped class coordinates
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), act(), nn.MaxPool2d(2), nn.AvgPool2d(2), nn.Flatten(),
+                          nn.Linear(8, 3)).double()
+    state, completed, y, target = _clamped_completion(model, (1, 8, 8), seed=0)
+    assert state.info.converged and state.info.residual <= 1e-10
+    assert bool((state.info.extra["on_ties"] > 0).any())
+    assert torch.equal(y, target)
+    assert float(state.info.energy.max()) <= 1e-18
+    with torch.no_grad():
+        assert torch.allclose(model(completed), target, atol=1e-8, rtol=0)
+
+
+@st.composite
+def max_pool_cnns(draw):
+    c_mid, k, pad = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(0, 1))
+    size = draw(st.integers(max(k, 4), 6))
+    act = draw(st.sampled_from([nn.ReLU, nn.Tanh]))
+    torch.manual_seed(draw(st.integers(0, 2**16)))
+    body = nn.Sequential(nn.Conv2d(1, c_mid, k, 1, pad), act(), nn.MaxPool2d(2)).double()
+    n = body(torch.zeros(1, 1, size, size, dtype=F64)).numel()
+    return nn.Sequential(body, nn.Flatten(), nn.Linear(n, 3)).double(), (1, size, size), draw(st.integers(0, 99))
+
+
+@settings(max_examples=6, deadline=None, derandomize=True)
+@given(max_pool_cnns())
+def test_clamped_max_pool_cnns_converge_to_certified_completions(case):
+    # every item converges (a stationary point, ties and kinks certified); where it is a global section (zero
+    # discord) the network maps the completed input to the clamp, and where it is not the energy says so
+    model, shape, seed = case
+    state, completed, y, target = _clamped_completion(model, shape, seed)
+    assert bool(state.info.extra["converged"].all()), state.info.message
+    assert torch.equal(y, target)
+    with torch.no_grad():
+        err = (model(completed) - target).abs().amax(-1)
+    section = state.info.energy <= 1e-20
+    assert bool((err[section] <= 1e-8).all()) and bool((err[~section] > 0).all())
+
+
+def test_nudged_max_pool_cnn_takes_the_fast_path_with_backprops_gradients(monkeypatch):
+    # dead windows (every input 0 after the ReLU) and a constant image (equal conv outputs) tie max pools at the
+    # free state; the sweeps keep torch's selection there (its subgradient), so the nudged state needs no Newton
+    # and its local gradients are backprop's
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(3, 4, 3, padding=1),
+                          nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(16, 5)).double()
+    with torch.no_grad():
+        model[0].bias.fill_(-0.3)
+    ns = csnn.compile(model, input_shape=(1, 8, 8))
+    X = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=F64)
+    X[0] = 0.5
+    with torch.no_grad():
+        h = torch.relu(model[0](X))
+        assert bool((h[0, :, 2:4, 2:4] == h[0, :, 2:3, 2:3]).all()) and bool((F.max_pool2d(h, 2) == 0).any())
+
+    def no_newton(*args, **kwargs):
+        raise AssertionError("the nudged state fell back to Newton")
+    monkeypatch.setattr(cs, "minimize", no_newton)
+    trainer = csnn.SheafTrainer(ns, mode="nudged", loss="ce", gamma=1e-7)
+    Y = torch.arange(6) % 5
+    local = trainer.local_gradients(X, Y)
+    module = ns.to_module()
+    trainer.loss(module(X), Y).backward()
+    for name, p in module.named_parameters():
+        assert float(F.cosine_similarity(local[name].flatten(), p.grad.flatten(), dim=0)) > 0.999, name
+        assert float((local[name] - p.grad).norm()) <= 1e-3 * float(p.grad.norm()), name
+
+
 def test_max_pool_ties_select_as_torch_does():
     # windows with equal maxima (all zero after a ReLU, repeated values): the selection is torch's, so the
     # compiled map's vjp is torch's gradient and inference is exact
