@@ -19,8 +19,8 @@ Medians of per-pair ratios of interleaved runs in one process, timed in thread C
 (robust to a loaded machine). Targets: nudged
 ≤ 2×, equilibrium ≤ 5×, joint ≤ 1×, diffusion ≤ 1×.
 
-``--cnn``: a small CNN (Conv2d 1→8, ReLU, AvgPool2d, Conv2d 8→16, ReLU, AvgPool2d,
-Linear 64→10 logits, cross-entropy) on scikit-learn's digits as 1×8×8 images,
+``--cnn``: a small CNN (Conv2d 1→8, ReLU, MaxPool2d, Conv2d 8→16, ReLU, MaxPool2d,
+Linear 64→10 logits, cross-entropy; ``--pool avg`` for AvgPool2d) on scikit-learn's digits as 1×8×8 images,
 trained from the same initialisation by the nudged mode and by backprop with the
 same optimizer (Adam, lr 0.01), minibatches (128, the same order) and number of
 steps (600): test accuracy of both and their difference (target: within 0.5 points). The nudged
@@ -170,20 +170,21 @@ def collapse(quick: bool, seed: int) -> list[dict]:
     return rows
 
 
-def small_cnn(seed: int) -> torch.nn.Module:
-    """The ``--cnn`` model: two convolutions with ReLU and average pooling, a Linear head (logits)."""
+def small_cnn(seed: int, pool: str = "max") -> torch.nn.Module:
+    """The ``--cnn`` model: two convolutions with ReLU and max (or average) pooling, a Linear head (logits)."""
     from torch import nn
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
-                         nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
+    P = nn.MaxPool2d if pool == "max" else nn.AvgPool2d
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), P(2),
+                         nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), P(2),
                          nn.Flatten(), nn.Linear(64, 10)).double()
 
 
-def cnn_digits(seed: int, steps: int = 600, batch_size: int = 128, lr: float = 0.01) -> dict:
+def cnn_digits(seed: int, steps: int = 600, batch_size: int = 128, lr: float = 0.01, pool: str = "max") -> dict:
     """Nudged training of `small_cnn` on digits images against backprop (see the module notes)."""
     task = datasets.digits(seed=seed)
     X, X_test = task.X_train.reshape(-1, 1, 8, 8), task.X_test.reshape(-1, 1, 8, 8)
-    model = small_cnn(seed)
+    model = small_cnn(seed, pool)
     ns = csnn.compile(model, input_shape=(1, 8, 8))
     t0 = time.thread_time()
     csnn.train_sgd(model, X, task.Y_train, loss="ce", optimizer="adam", lr=lr, steps=steps, batch_size=batch_size,
@@ -195,9 +196,9 @@ def cnn_digits(seed: int, steps: int = 600, batch_size: int = 128, lr: float = 0
     t2 = time.thread_time()
     with torch.no_grad():
         backprop, nudged = losses.accuracy(model(X_test), task.Y_test), losses.accuracy(ns.infer(X_test), task.Y_test)
-    row = dict(steps=steps, batch_size=batch_size, backprop_acc=backprop, nudged_acc=nudged,
+    row = dict(pool=pool, steps=steps, batch_size=batch_size, backprop_acc=backprop, nudged_acc=nudged,
                difference_points=100 * (nudged - backprop), backprop_s=t1 - t0, nudged_s=t2 - t1)
-    print(f"digits CNN (1x8x8), {steps} Adam steps of {batch_size}: backprop test acc {backprop:.4f} "
+    print(f"digits CNN (1x8x8, {pool} pooling), {steps} Adam steps of {batch_size}: backprop test acc {backprop:.4f} "
           f"({t1 - t0:.1f} s), nudged {nudged:.4f} ({t2 - t1:.1f} s), difference {row['difference_points']:+.2f} "
           f"points — target within 0.5: {'met' if abs(row['difference_points']) <= 0.5 else 'NOT met'}", flush=True)
     return row
@@ -348,6 +349,7 @@ def main(argv=None) -> None:
     p.add_argument("--skip", nargs="*", default=[], choices=["digits", "collapse"])
     p.add_argument("--speed", action="store_true", help="only the cost of one update against a backprop step")
     p.add_argument("--cnn", action="store_true", help="only a small CNN on digits images: nudged vs backprop")
+    p.add_argument("--pool", choices=["max", "avg"], default="max", help="the --cnn model's pooling (default max)")
     p.add_argument("--reps", type=int, default=50, help="interleaved repetitions of each --speed measurement")
     p.add_argument("--budget", type=float, default=0.1, help="wall time of each local mode, as a fraction of the "
                    "joint run's (default 0.1, the target)")
@@ -360,7 +362,7 @@ def main(argv=None) -> None:
         speed(args.reps, args.seed)
         return
     if args.cnn:
-        cnn_digits(args.seed)
+        cnn_digits(args.seed, pool=args.pool)
         return
     stem = "bench_train_quick" if args.quick else "bench_train"
     results["table1"] = []

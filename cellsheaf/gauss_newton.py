@@ -370,8 +370,8 @@ def _stationarity(S, x: Tensor, free: Tensor, g: Tensor, held: Tensor, points: T
     the smooth components, so it vanishes only where no coordinate direction at a kink
     descends (a local minimum along each kink coordinate, not merely a Clarke point:
     at a concave kink both sides descend). With ``ties`` (`cellsheaf.ties.Ties`), every tie of a
-    max-pool window — held in ``tied`` (``(B, W, K)``), or its members within `_kink_band` of the
-    window's maximum — is checked likewise from the gradients at the tie and with its selected input
+    max-pool window — held in ``tied`` (``(B, W, K)``), or exact (a near tie that is not exact is a smooth
+    point: its gradient is ``g``) — is checked likewise from the gradients at the tie and with its selected input
     just below it: each member moving alone up or down, and the tie moving together
     (`cellsheaf.ties.Ties.violations`). Returns ``(measure, leave, left)``, ``leave``
     marking on-kink and tied coordinates whose contribution exceeds ``tol / 10`` and ``left``
@@ -390,12 +390,10 @@ def _stationarity(S, x: Tensor, free: Tensor, g: Tensor, held: Tensor, points: T
     c = _nearest_kink(xf, points)
     on = held | (~torch.isnan(points).all(-1) & ((xf - c).abs() <= _kink_band(xf)))
     right, below = _set_free(x.clone(), free, on, c), _set_free(x.clone(), free, on, _below(c))
-    if ties is not None:
-        tie = ties.active(tied) | ties.near(xf, _kink_band(xf))
-        at = ties.snap(xf.clone(), tie)
-        right[:, free] = torch.where(on, right[:, free], at)
+    if ties is not None:  # the held ties and the exact ones (a tie not held that is not exact is smooth there)
+        tie = ties.active(tied) | ties.near(xf, xf.new_zeros(xf.shape[0], 1))
         lead = ties.coordinates(ties.leaders(tie))
-        below[:, free] = torch.where(on, below[:, free], torch.where(lead, _below(at), at))
+        below[:, free] = torch.where(lead, _below(xf), below[:, free])
     g_right, g_left = grad(torch.cat([right, below]))[:, free].split(x.shape[0])  # one evaluation for both
     d = torch.where(g_left > 0, g_left, torch.where(g_right < 0, g_right, torch.zeros_like(g))).masked_fill(~on, 0.0)
     leave, left = on & (d.abs() > 0.1 * tol), g_left > 0
