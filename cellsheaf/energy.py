@@ -127,7 +127,7 @@ def edge_forces(S, name, x: Tensor, maps=None) -> tuple[Tensor, Tensor]:
     """``(∂E_e/∂a_v, ∂E_e/∂a_u)`` of one edge at a batch ``x`` (``(B, C0)``): its own weighted potential
     gradient, from its own discord only (the slice of [`forces`][cellsheaf.energy.forces] for that edge, without a pass over the others).
     ``maps`` (``(F_v, F_u)``) replaces the edge's maps (e.g. a max pooling with the ties of a reference point
-    broken, `cellsheaf.maps.MaxPool.tie_broken`).
+    broken, [`cellsheaf.maps.MaxPool.tie_broken`][cellsheaf.maps.MaxPool.tie_broken]).
 
     Examples
     --------

@@ -152,7 +152,7 @@ def minimize(
         ties) and ``message``; ``extra`` holds per-item ``converged`` and ``grad_norm``, why
         ``"auto"`` chose its method and, for ``"newton"``, ``on_kinks`` (coordinates
         resting on ReLU kinks per item), ``on_ties`` (max-pool windows resting on a tie of
-        their inputs per item, `cellsheaf.ties`), ``stalled`` and ``cg_iterations``.
+        their inputs per item, [`cellsheaf.ties`][cellsheaf.ties]), ``stalled`` and ``cg_iterations``.
 
     Examples
     --------

@@ -62,8 +62,8 @@ class Ties:
 
     @classmethod
     def of(cls, S, free: Tensor, kinked: Tensor | None = None) -> "Ties":
-        """The windows of every `cellsheaf.maps.MaxPool` edge map of ``S`` whose inputs are all free
-        (``free``: the free coordinates, sorted), each read by that window only and, with ``kinked``
+        """The windows of every [`cellsheaf.maps.MaxPool`][cellsheaf.maps.MaxPool] edge map of ``S`` whose
+        inputs are all free (``free``: the free coordinates, sorted), each read by that window only and, with ``kinked``
         (``(n_free,)`` bool), none on an elementwise kink (cached on the sheaf)."""
         from .maps import MaxPool
 
