@@ -464,10 +464,10 @@ class SheafTrainer:
         ``"joint"``: the paper's joint dynamics Eq. (26) (Eq. (42) with ``lam``/``mu``), forward Euler with
         step ``dt``: stalks and weights move together, the output clamped to the targets.
         ``"equilibrium"``: before each weight update the stalks relax to equilibrium with the current
-        weights (output clamped; low-rank Newton steps from the batch's last equilibrium,
-        [`cellsheaf.nudge.low_rank_newton`][cellsheaf.nudge.low_rank_newton], and general Newton,
-        [`cellsheaf.minimize`][cellsheaf.minimize.minimize], for items they leave unconverged or for networks
-        with pins): the ``α ≫ β`` limit of
+        weights (output clamped; steps to the minimum of the current activation region from the batch's
+        last equilibrium, [`cellsheaf.nudge.clamped_equilibrium`][cellsheaf.nudge.clamped_equilibrium], then
+        low-rank and general Newton, [`cellsheaf.minimize`][cellsheaf.minimize.minimize], for items they leave
+        unconverged, and general Newton for networks with pins): the ``α ≫ β`` limit of
         Sec. 5.3. ``"nudged"``: the output is pulled toward the target by a loss edge of small weight
         ``gamma``; the local update divided by ``gamma`` tends to the gradient of the loss as
         ``gamma → 0`` (the equilibrium-propagation argument: at the free equilibrium every edge has zero
@@ -801,10 +801,10 @@ class SheafTrainer:
         return self._nudge if self._nudge[0] else None
 
     def _clamped_state(self, X: Inputs, Y: Tensor, start: Tensor) -> tuple[Tensor, dict[str, Tensor]] | None:
-        """The clamped equilibrium by low-rank Newton steps (`cellsheaf.nudge.low_rank_newton`) from ``start``
-        (the last equilibrium of this batch: one step usually suffices), and the local updates there, as
-        `_local_directions` returns them; general Newton from there for items it leaves unconverged.
-        ``None`` when the fast path does not apply."""
+        """The clamped equilibrium by region steps (`cellsheaf.nudge.clamped_equilibrium`) from ``start`` (the
+        last equilibrium of this batch: one to four steps), and the local updates there, as `_local_directions`
+        returns them; low-rank Newton (`cellsheaf.nudge.low_rank_newton`), then general Newton, from there for
+        items they leave unconverged. ``None`` when the fast path does not apply."""
         nudge = self._nudge_plan()
         if nudge is None:
             return None
