@@ -94,8 +94,9 @@ def run_sheaf(task, depth: str, mode: str, steps: int, seed: int, budget: float 
     ns = csnn.compile(csnn.mlp(task.sizes(depth), output=task.output, seed=seed))
     trainer = csnn.SheafTrainer(ns, mode=mode, loss=task.loss, seed=seed, **kw)
     t0 = time.perf_counter()
-    # stop when the next 10 updates would overrun the budget
-    stop = [] if budget is None else [lambda step, hist, tr: (time.perf_counter() - t0) * (step + 10) / step > budget]
+    # stop when the next 10 updates would overrun the budget, less a 3 % margin for the last updates' jitter
+    stop = [] if budget is None else \
+        [lambda step, hist, tr: (time.perf_counter() - t0) * (step + 10) / step > 0.97 * budget]
     try:
         trainer.fit(task.X_train, task.Y_train, steps=steps, progress=False,
                     eval_every=steps if budget is None else 10, callbacks=stop)

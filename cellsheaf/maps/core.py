@@ -400,8 +400,8 @@ def _broadcast_view(t: Tensor, shape: tuple[int, ...], axis: int | None) -> tupl
     while len(view) > len(shape) and view[0] == 1:
         view = view[1:]
     try:
-        return view if torch.broadcast_shapes(view, shape) == tuple(shape) else None
-    except RuntimeError:
+        return view if np.broadcast_shapes(view, tuple(shape)) == tuple(shape) else None  # torch's imports sympy
+    except ValueError:
         return None
 
 

@@ -138,8 +138,8 @@ class MatMul(_TwoBlocks):
         if len(sa) < 2 or len(sb) < 2 or sa[-1] != sb[-2]:
             raise ValueError(f"MatMul: blocks of shapes {sa} @ {sb} do not multiply (need (..., m, k) @ (..., k, n))")
         try:
-            lead = torch.broadcast_shapes(sa[:-2], sb[:-2])
-        except RuntimeError as err:
+            lead = np.broadcast_shapes(sa[:-2], sb[:-2])  # torch's imports sympy on its first call (seconds)
+        except ValueError as err:
             raise ValueError(f"MatMul: the leading axes of {sa} and {sb} do not broadcast") from err
         super().__init__(sa, sb, (*lead, sa[-2], sb[-1]))
         rank = max(len(sa), len(sb))  # pad the per-sample shapes to one rank: the batch axis must not broadcast
