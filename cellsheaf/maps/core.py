@@ -408,6 +408,8 @@ def _broadcast_view(t: Tensor, shape: tuple[int, ...], axis: int | None) -> tupl
 class Diagonal(Map):
     """A diagonal map ``x -> v ⊙ x``: a per-coordinate scale.
 
+    ``v`` itself is kept: a `torch.nn.Parameter` stays the tensor that learns.
+
     Parameters
     ----------
     v : tensor
@@ -419,8 +421,6 @@ class Diagonal(Map):
         With ``shape``, a 1-d ``v`` runs along this axis (a BatchNorm2d scale on ``(C, H, W)``: ``axis=0``).
     factor : tensor, optional
         A constant multiplied in, broadcast like ``v`` (an eval-mode batch norm's ``1/√(var + ε)``).
-
-    ``v`` itself is kept: a `torch.nn.Parameter` stays the tensor that learns.
 
     Examples
     --------
