@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -178,15 +180,20 @@ def bench_pinned(quick: bool) -> None:
                   f"gap {gap:.2e}")
 
 
-def bench_zoo(quick: bool) -> None:
-    print("== 5. the model zoo: infer vs torch forward, B = 256, float64 ==")
+def zoo_models() -> list[tuple[str, nn.Module, tuple[int, ...]]]:
+    """The zoo's benchmark models (from the tests, found from this file's place in the repository)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from tests.cellsheaf_nn.zoo import LeNet, ResCNN, TransformerBlock, randomise_batchnorm
 
     torch.manual_seed(0)
-    rows = [("LeNet CNN, 1x28x28", LeNet(), (1, 28, 28)),
+    return [("LeNet CNN, 1x28x28", LeNet(), (1, 28, 28)),
             ("residual CNN 3 blocks x 16 ch, 16x16", randomise_batchnorm(ResCNN(16, 3)), (3, 16, 16)),
             ("transformer block T=32, D=64", TransformerBlock(64, 4), (32, 64))]
-    for name, model, shape in rows:
+
+
+def bench_zoo(quick: bool) -> None:
+    print("== 5. the model zoo: infer vs torch forward, B = 256, float64 ==")
+    for name, model, shape in zoo_models():
         model = model.double().eval()
         ns = csnn.compile(model, input_shape=shape)
         x = torch.randn(256, *shape, dtype=F64)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -43,3 +46,15 @@ def test_speed_updates_run():
                      ("equilibrium", dict(optimizer="adam", lr=0.02, init="forward_pass")),
                      ("joint", dict(alpha=1.0, beta=1 / 16, dt=0.005))]:
         bench._sheaf_update(task, "1H", mode, 0, X, Y, **kw)()   # one timed update of --speed, as it runs there
+
+
+def test_infer_zoo_models_load_from_outside_the_repository(tmp_path):
+    # `python benchmarks/bench_infer.py` puts benchmarks/ on the path, not the repository: the zoo still loads
+    code = (f"import runpy; m = runpy.run_path({str(ROOT / 'benchmarks' / 'bench_infer.py')!r}); "
+            "print([name for name, _, _ in m['zoo_models']()])")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p and Path(p).resolve() != ROOT and "site-packages" in p)
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "LeNet CNN" in res.stdout
