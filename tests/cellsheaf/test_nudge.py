@@ -201,23 +201,28 @@ def clamped_sheaf(widths, seed, kind):
     return S, torch.cat([fixed, torch.arange(t.start, t.stop)]).sort().values, const, [last]
 
 
-@settings(max_examples=20, deadline=None)
-@given(st.lists(st.integers(1, 5), min_size=3, max_size=4), st.integers(0, 10_000),
-       st.sampled_from(["quadratic", "huber", "ce"]))
-def test_low_rank_newton_finds_the_clamped_equilibrium(widths, seed, kind):
-    """A hard-clamped output (a rest as stiff as the network): the same equilibrium as Newton's, stationary."""
+def _clamped_problem(widths, seed, kind, B=6):
+    """A clamped network (`clamped_sheaf`), the plan of its determined part and a batch at its forward pass."""
     S, fixed, const, rest = clamped_sheaf(widths, seed, kind)
     g = torch.Generator().manual_seed(seed + 3)
-    B = 6
     p = cs.propagation.plan(S, fixed, const, torch.ones(len(const), dtype=F64),
                             edges=[n for n in S.edges if n not in rest])
-    assert {s.edge for s in p.steps} == set(S.edges) - set(rest)
     x = torch.zeros(B, S.C0, dtype=F64)
     x[:, : widths[0]] = torch.randn(B, widths[0], generator=g, dtype=F64)
     target = S.vertex_slice("t" if kind == "ce" else f"z{len(widths) - 1}")
     y = torch.randn(B, widths[-1], generator=g, dtype=F64)
     x[:, target] = torch.softmax(y, -1) if kind == "ce" else y
     p.run(x)
+    return S, fixed, rest, p, x
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.lists(st.integers(1, 5), min_size=3, max_size=4), st.integers(0, 10_000),
+       st.sampled_from(["quadratic", "huber", "ce"]))
+def test_low_rank_newton_finds_the_clamped_equilibrium(widths, seed, kind):
+    """A hard-clamped output (a rest as stiff as the network): the same equilibrium as Newton's, stationary."""
+    S, fixed, rest, p, x = _clamped_problem(widths, seed, kind)
+    assert {s.edge for s in p.steps} == set(S.edges) - set(rest)
     fast, report, _ = cs.nudge.low_rank_newton(S, p, x, tol=1e-11, max_iter=30)
     assert torch.equal(fast[:, fixed], x[:, fixed])
     ref = cs.minimize(S, _boundary_of(S, x, fixed), method="newton", x0=x, tol=1e-11)
@@ -302,17 +307,7 @@ def test_parameter_gradients_of_the_sweeps_are_the_local_rule():
 def test_clamped_equilibrium_is_stationary_and_agrees_with_newton(widths, seed, kind):
     """Region steps reach a stationary point of the clamped energy (one-sided at kinks), from the forward pass
     (ReLU patterns change on the way); where Newton's equilibrium is smooth, they find the same one."""
-    S, fixed, const, rest = clamped_sheaf(widths, seed, kind)
-    g = torch.Generator().manual_seed(seed + 3)
-    B = 6
-    p = cs.propagation.plan(S, fixed, const, torch.ones(len(const), dtype=F64),
-                            edges=[n for n in S.edges if n not in rest])
-    x = torch.zeros(B, S.C0, dtype=F64)
-    x[:, : widths[0]] = torch.randn(B, widths[0], generator=g, dtype=F64)
-    target = S.vertex_slice("t" if kind == "ce" else f"z{len(widths) - 1}")
-    y = torch.randn(B, widths[-1], generator=g, dtype=F64)
-    x[:, target] = torch.softmax(y, -1) if kind == "ce" else y
-    p.run(x)
+    S, fixed, rest, p, x = _clamped_problem(widths, seed, kind)
     fast, report = cs.nudge.clamped_equilibrium(S, p, x, tol=1e-10, max_iter=30)
     assert torch.equal(fast[:, fixed], x[:, fixed])
     grad = gradient(S, fast)[:, p.free]
